@@ -1,0 +1,5 @@
+"""flax-inpaint: JAX/Flax Stable Diffusion inpainting, the maintained home of diffusers' Flax pipelines."""
+from flax_inpaint.runtime import Runtime
+
+__version__ = "0.1.0"
+__all__ = ["Runtime"]

@@ -1,0 +1,494 @@
+"""Reading diffusers/transformers checkpoint folders and converting them to Flax params, checked.
+
+Conversion is mechanical because Flax module names mirror the PyTorch attribute names:
+
+  torch key                                   Flax path
+  down_blocks.0.resnets.1.conv1.weight   ->   down_blocks_0/resnets_1/conv1/kernel   (OIHW -> HWIO)
+  ...to_q.weight                         ->   .../to_q/kernel                        (out,in -> in,out)
+  ...norm1.weight                        ->   .../norm1/scale
+
+Each model may first canonicalise legacy key names (`torch_rename`). Every source tensor must be
+used, every target leaf filled and every shape must match, otherwise one error lists them all.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Dict, Mapping, Optional, Sequence, Tuple
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+from flax_inpaint.runtime import Runtime
+
+Params = Dict[str, Any]
+FLAX_WEIGHTS = "diffusion_flax_model.msgpack"
+_FLAX_WEIGHTS_ALIASES = (FLAX_WEIGHTS, "flax_model.msgpack")
+_CACHE_ENV = "FLAX_INPAINT_CACHE"
+
+# Names of list-valued submodules: torch `name.3` <-> Flax `name_3`.
+LIST_MODULES = frozenset(
+    {
+        "down_blocks", "up_blocks", "resnets", "attentions", "transformer_blocks", "downsamplers",
+        "upsamplers", "to_out", "net", "layers", "blocks", "controlnet_down_blocks",
+    }
+)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder or file is missing, corrupt, or does not fit the model."""
+
+
+# ----------------------------------------------------------------------------- safetensors I/O
+
+_ST_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+    "BOOL": np.bool_, "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
+}
+
+
+def read_safetensors(path: os.PathLike) -> Dict[str, np.ndarray]:
+    """Read a .safetensors file into numpy arrays (bf16 included), validating its layout."""
+    path = Path(path)
+    size = path.stat().st_size
+    fix = f"The file is corrupt or truncated; download or save {path.name} again."
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise CheckpointError(f"{path}: too short to be a safetensors file. {fix}")
+        n = int.from_bytes(raw, "little")
+        if n > size - 8:
+            raise CheckpointError(f"{path}: header length {n} exceeds file size {size}. {fix}")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{path}: unreadable header ({e}). {fix}") from None
+    header.pop("__metadata__", None)
+    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n) if size > 8 + n else np.zeros(0, np.uint8)
+    out = {}
+    for name, info in header.items():
+        try:
+            dtype = np.dtype(_ST_DTYPES[info["dtype"]])
+            begin, end = info["data_offsets"]
+            shape = tuple(info["shape"])
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: malformed entry for tensor {name!r}. {fix}") from None
+        if end > data.size or end - begin != int(np.prod(shape)) * dtype.itemsize:
+            raise CheckpointError(
+                f"{path}: tensor {name!r} ({info['dtype']}{list(shape)}) lies outside the data "
+                f"section ({data.size} bytes). {fix}"
+            )
+        out[name] = np.array(data[begin:end].view(dtype).reshape(shape))
+    return out
+
+
+def write_bytes_atomic(path: os.PathLike, payload: bytes) -> None:
+    """Write `payload` to `path` so that readers see either the old file or the complete new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_safetensors_atomic(path: os.PathLike, tensors: Mapping[str, np.ndarray]) -> None:
+    from safetensors.numpy import save
+
+    arrays = {
+        k: np.ascontiguousarray(v.astype(np.float32) if v.dtype == ml_dtypes.bfloat16 else v)
+        for k, v in tensors.items()
+    }
+    write_bytes_atomic(path, save(arrays))
+
+
+# ----------------------------------------------------------------------------- folder resolution
+
+def resolve_folder(
+    path: os.PathLike | str,
+    subfolder: Optional[str] = None,
+    local_files_only: bool = False,
+    revision: Optional[str] = None,
+) -> Path:
+    """A local folder as is; otherwise a hub repo id through `huggingface_hub.snapshot_download`."""
+    p = Path(path)
+    if not p.exists():
+        if os.path.isabs(str(path)) or str(path).startswith(".") or str(path).count("/") != 1:
+            raise CheckpointError(f"Checkpoint folder {str(path)!r} does not exist.")
+        from huggingface_hub import snapshot_download
+
+        try:
+            p = Path(
+                snapshot_download(str(path), revision=revision, local_files_only=local_files_only)
+            )
+        except Exception as e:  # network, auth, or not in the local hub cache
+            raise CheckpointError(
+                f"{str(path)!r} is not a local folder and could not be fetched from the hub "
+                f"(local_files_only={local_files_only}): {e}"
+            ) from e
+    if subfolder:
+        p = p / subfolder
+    if not p.is_dir():
+        raise CheckpointError(f"Checkpoint folder {str(p)!r} does not exist.")
+    return p
+
+
+def read_config(folder: Path, name: str = "config.json") -> Dict[str, Any]:
+    f = folder / name
+    if not f.is_file():
+        raise CheckpointError(f"{folder} has no {name}; is this a diffusers/transformers model folder?")
+    try:
+        return json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{f} is not valid JSON: {e}") from None
+
+
+def _variant(filename: str, variant: Optional[str]) -> str:
+    if not variant:
+        return filename
+    parts = filename.split(".")
+    return ".".join(parts[:-1] + [variant, parts[-1]])
+
+
+def find_weight_files(folder: Path, stems: Sequence[str], variant: Optional[str] = None) -> list[Path]:
+    """The PyTorch weight files of `folder`, safetensors first, sharded checkpoints included."""
+    for ext in ("safetensors", "bin", "pt", "ckpt"):
+        for stem in stems:
+            single = folder / _variant(f"{stem}.{ext}", variant)
+            if single.is_file():
+                return [single]
+            index = folder / _variant(f"{stem}.{ext}.index.json", variant)
+            if index.is_file():
+                try:
+                    weight_map = json.loads(index.read_text())["weight_map"]
+                except (json.JSONDecodeError, KeyError) as e:
+                    raise CheckpointError(f"{index} is not a valid shard index: {e}") from None
+                shards = [folder / s for s in sorted(set(weight_map.values()))]
+                missing = [s.name for s in shards if not s.is_file()]
+                if missing:
+                    raise CheckpointError(f"{index} names missing shard files: {missing}")
+                return shards
+    wanted = [_variant(f"{s}.safetensors", variant) for s in stems]
+    raise CheckpointError(
+        f"No weights in {folder}: expected one of {wanted} (or .bin/.pt, or a sharded index)"
+        + (f" for variant={variant!r}" if variant else "")
+        + "."
+    )
+
+
+def read_state_dict(files: Sequence[Path]) -> Dict[str, np.ndarray]:
+    state: Dict[str, np.ndarray] = {}
+    for f in files:
+        if f.suffix == ".safetensors":
+            state.update(read_safetensors(f))
+            continue
+        try:
+            import torch
+        except ImportError:
+            raise CheckpointError(
+                f"{f.name} is a pickled PyTorch file; install torch to read it, or convert the "
+                "checkpoint to safetensors."
+            ) from None
+        try:
+            sd = torch.load(f, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise CheckpointError(
+                f"{f}: cannot be read safely with torch.load(weights_only=True) ({e}). "
+                "Re-save it as safetensors."
+            ) from e
+        sd = sd.get("state_dict", sd)
+        state.update({k: v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy() for k, v in sd.items()})
+    return state
+
+
+# ----------------------------------------------------------------------------- conversion
+
+def _flax_path(torch_key: str) -> Tuple[str, ...]:
+    parts = torch_key.split(".")
+    out: list[str] = []
+    for p in parts:
+        if p.isdigit() and out:
+            out[-1] = f"{out[-1]}_{p}"
+        else:
+            out.append(p)
+    return tuple(out)
+
+
+def _torch_key(path: Tuple[str, ...]) -> str:
+    parts = []
+    for p in path:
+        m = re.fullmatch(r"(.+)_(\d+)", p)
+        parts.append(f"{m[1]}.{m[2]}" if m and m[1] in LIST_MODULES else p)
+    leaf = {"kernel": "weight", "scale": "weight", "embedding": "weight"}.get(parts[-1], parts[-1])
+    return ".".join(parts[:-1] + [leaf])
+
+
+def _to_flax(value: np.ndarray, leaf: str, target_shape: Tuple[int, ...]) -> np.ndarray:
+    """The named transform that maps a torch tensor onto a Flax leaf (only kernels change layout)."""
+    if leaf != "kernel":
+        return value
+    if value.ndim == 4 and len(target_shape) == 4:  # conv: OIHW -> HWIO
+        return value.transpose(2, 3, 1, 0)
+    if value.ndim == 4 and len(target_shape) == 2 and value.shape[2:] == (1, 1):  # 1x1 conv -> dense
+        return value[:, :, 0, 0].T
+    if value.ndim == 2 and len(target_shape) == 4:  # linear -> 1x1 conv
+        return value.T[None, None]
+    return value.T  # linear: (out, in) -> (in, out)
+
+
+def convert_state_dict(
+    state: Mapping[str, np.ndarray],
+    target: Mapping[Tuple[str, ...], Any],
+    rename: Callable[[str], Optional[str]] = lambda k: k,
+) -> Params:
+    """Map a PyTorch state dict onto the Flax leaves in `target` (flat path -> ShapeDtypeStruct).
+
+    `rename` canonicalises a torch key (return None to drop a known-unused buffer). Raises
+    CheckpointError listing unused source keys, unfilled targets and shape mismatches.
+    """
+    filled: Dict[Tuple[str, ...], np.ndarray] = {}
+    unused, mismatched = [], []
+    for key, value in state.items():
+        canon = rename(key)
+        if canon is None:
+            continue
+        base = _flax_path(canon)
+        if base[-1] == "weight":
+            candidates = [base[:-1] + (leaf,) for leaf in ("kernel", "scale", "embedding")]
+        else:
+            candidates = [base]
+        path = next((c for c in candidates if c in target), None)
+        if path is None:
+            unused.append(key)
+            continue
+        shape = tuple(target[path].shape)
+        arr = _to_flax(np.asarray(value), path[-1], shape)
+        if arr.shape != shape:
+            mismatched.append(f"{key} {list(value.shape)} -> {'/'.join(path)} expects {list(shape)}")
+            continue
+        filled[path] = arr
+    missing = sorted("/".join(p) for p in target if p not in filled)
+    if unused or missing or mismatched:
+        lines = ["The checkpoint does not match the model configuration:"]
+        for title, items in (
+            ("shape mismatches", mismatched),
+            ("checkpoint tensors with no place in the model", sorted(unused)),
+            ("model parameters missing from the checkpoint", missing),
+        ):
+            if items:
+                shown = items[:20] + ([f"... and {len(items) - 20} more"] if len(items) > 20 else [])
+                lines.append(f"  {title} ({len(items)}):\n    " + "\n    ".join(shown))
+        lines.append("Check that config.json belongs to these weights.")
+        raise CheckpointError("\n".join(lines))
+    return flax.traverse_util.unflatten_dict(filled)
+
+
+def to_torch_state_dict(params: Params) -> Dict[str, np.ndarray]:
+    """Inverse of `convert_state_dict`: Flax params -> PyTorch (diffusers-named) tensors."""
+    out = {}
+    for path, value in flax.traverse_util.flatten_dict(flax.core.unfreeze(params)).items():
+        value = np.asarray(value)
+        if path[-1] == "kernel":
+            value = value.transpose(3, 2, 0, 1) if value.ndim == 4 else value.T
+        out[_torch_key(path)] = value
+    return out
+
+
+# ----------------------------------------------------------------------------- model mixin
+
+def _fingerprint(files: Sequence[Path], extra: str) -> str:
+    h = hashlib.sha256(extra.encode())
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:32]
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get(_CACHE_ENV, Path.home() / ".cache" / "flax_inpaint"))
+
+
+class PretrainedMixin:
+    """`from_config` / `from_pretrained` / `init_weights` / `save_pretrained` for our linen models.
+
+    A model class declares:
+      torch_class: the diffusers/transformers class name written to config.json.
+      weight_stems: file stems of its PyTorch weights (e.g. "diffusion_pytorch_model").
+      ignored_config_keys: config keys that do not change the computation.
+      fixed_config: architecture keys we do not implement, with the values we accept.
+      dummy_inputs(): example inputs for `init`.
+      torch_rename(key): canonical torch key, or None for a buffer to skip.
+    """
+
+    torch_class: ClassVar[str] = ""
+    weight_stems: ClassVar[Tuple[str, ...]] = ("diffusion_pytorch_model",)
+    ignored_config_keys: ClassVar[frozenset] = frozenset()
+    fixed_config: ClassVar[Mapping[str, Tuple[Any, ...]]] = {}
+    _always_ignored = frozenset(
+        {"_class_name", "_diffusers_version", "_name_or_path", "_use_default_values",
+         "transformers_version", "architectures", "torch_dtype", "dtype"}
+    )
+
+    # -- config ---------------------------------------------------------------------------------
+    @classmethod
+    def config_fields(cls) -> Tuple[str, ...]:
+        return tuple(
+            f.name for f in dataclasses.fields(cls) if f.name not in ("runtime", "parent", "name")
+        )
+
+    @property
+    def config(self) -> Dict[str, Any]:
+        return {k: getattr(self, k) for k in self.config_fields()}
+
+    @classmethod
+    def from_config(
+        cls, config: Mapping[str, Any], runtime: Optional[Runtime] = None, **runtime_kwargs
+    ):
+        """Build the module from a diffusers/transformers config dict, validating its keys."""
+        fields = set(cls.config_fields())
+        kwargs, unknown, unsupported = {}, [], []
+        for key, value in config.items():
+            if key in fields:
+                kwargs[key] = tuple(value) if isinstance(value, list) else value
+            elif key in cls.fixed_config:
+                if value not in cls.fixed_config[key]:
+                    unsupported.append(f"{key}={value!r} (supported: {cls.fixed_config[key]})")
+            elif key not in cls.ignored_config_keys and key not in cls._always_ignored:
+                unknown.append(key)
+        if unsupported:
+            raise ValueError(
+                f"{cls.__name__} does not implement these config values, which change the "
+                f"architecture: {', '.join(unsupported)}."
+            )
+        if unknown:
+            warnings.warn(f"{cls.__name__}: ignoring unknown config keys {sorted(unknown)}.")
+        runtime = runtime or Runtime(**runtime_kwargs)
+        return cls(**kwargs, runtime=runtime)
+
+    @classmethod
+    def torch_rename(cls, key: str) -> Optional[str]:
+        return key
+
+    def dummy_inputs(self) -> Tuple[Any, ...]:
+        raise NotImplementedError
+
+    # -- params ---------------------------------------------------------------------------------
+    def init_weights(self, rng: jax.Array) -> Params:
+        """Randomly initialised params (on the default device), in runtime.param_dtype."""
+        return jax.jit(lambda r: self.init(r, *self.dummy_inputs())["params"])(rng)
+
+    def param_shapes(self) -> Dict[Tuple[str, ...], jax.ShapeDtypeStruct]:
+        shapes = jax.eval_shape(lambda r: self.init(r, *self.dummy_inputs())["params"], jax.random.key(0))
+        return flax.traverse_util.flatten_dict(flax.core.unfreeze(shapes))
+
+    def convert_torch_state_dict(self, state: Mapping[str, np.ndarray]) -> Params:
+        return convert_state_dict(state, self.param_shapes(), self.torch_rename)
+
+    def _check_tree(self, params: Params, source: str) -> Params:
+        shapes = self.param_shapes()
+        flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params))
+        bad = sorted(
+            "/".join(p) for p in set(shapes) ^ set(flat)
+        ) + sorted(
+            f"{'/'.join(p)} {list(flat[p].shape)} != {list(shapes[p].shape)}"
+            for p in set(shapes) & set(flat)
+            if tuple(flat[p].shape) != tuple(shapes[p].shape)
+        )
+        if bad:
+            raise CheckpointError(
+                f"{source} does not fit {type(self).__name__} with this config: "
+                + ", ".join(bad[:20])
+            )
+        return params
+
+    def _cast(self, params: Params) -> Params:
+        dt = self.runtime.param_dtype
+        return jax.tree_util.tree_map(
+            lambda x: jnp.asarray(x, dt) if jnp.issubdtype(np.asarray(x).dtype, np.floating) else jnp.asarray(x),
+            params,
+        )
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: os.PathLike | str,
+        subfolder: Optional[str] = None,
+        dtype: Any = jnp.float32,
+        param_dtype: Any = jnp.float32,
+        attention: str = "auto",
+        variant: Optional[str] = None,
+        cache_dir: Optional[os.PathLike] = None,
+        use_cache: bool = True,
+        local_files_only: bool = False,
+        revision: Optional[str] = None,
+    ):
+        """Load `(model, params)` from a local diffusers/transformers folder (or a hub repo id).
+
+        Flax weights saved by `save_pretrained` load directly. PyTorch weights (safetensors first;
+        .bin/.pt only through `torch.load(weights_only=True)`) are converted, and the converted
+        params are cached as msgpack under `cache_dir` ($FLAX_INPAINT_CACHE, default
+        ~/.cache/flax_inpaint) so the next load skips conversion.
+        """
+        folder = resolve_folder(path, subfolder, local_files_only, revision)
+        model = cls.from_config(
+            read_config(folder), Runtime(dtype=dtype, param_dtype=param_dtype, attention=attention)
+        )
+        for name in _FLAX_WEIGHTS_ALIASES:
+            if (folder / name).is_file():
+                return model, model._cast(model._load_msgpack(folder / name))
+        files = find_weight_files(folder, cls.weight_stems, variant)
+        cache = None
+        if use_cache:
+            key = _fingerprint(files, f"{cls.__name__}|{json.dumps(model.config, default=str)}")
+            cache = Path(cache_dir or default_cache_dir()) / f"{cls.__name__}-{key}.msgpack"
+            if cache.is_file():
+                try:
+                    return model, model._cast(model._load_msgpack(cache))
+                except CheckpointError:
+                    cache.unlink(missing_ok=True)  # stale or damaged cache entry: rebuild it
+        params = model.convert_torch_state_dict(read_state_dict(files))
+        if cache is not None:
+            write_bytes_atomic(cache, flax.serialization.msgpack_serialize(params))
+        return model, model._cast(params)
+
+    def _load_msgpack(self, file: Path) -> Params:
+        try:
+            params = flax.serialization.msgpack_restore(file.read_bytes())
+        except Exception as e:
+            raise CheckpointError(f"{file}: corrupt msgpack params ({e}); delete it and reload.") from e
+        return self._check_tree(params, str(file))
+
+    def save_pretrained(self, folder: os.PathLike, params: Params, pytorch_format: bool = False) -> None:
+        """Write config.json and the params as msgpack (and, optionally, diffusers safetensors).
+
+        Every file is written atomically. `pytorch_format=True` also writes
+        `<stem>.safetensors` with diffusers/transformers names, loadable by PyTorch.
+        """
+        folder = Path(folder)
+        params = self._check_tree(jax.device_get(params), "params")
+        config = {"_class_name": self.torch_class, **self.config}
+        if self.weight_stems[0] == "model":  # transformers-style folder
+            config = {"architectures": [self.torch_class], **self.config}
+        write_bytes_atomic(folder / "config.json", json.dumps(config, indent=2, default=list).encode())
+        write_bytes_atomic(folder / FLAX_WEIGHTS, flax.serialization.msgpack_serialize(flax.core.unfreeze(params)))
+        if pytorch_format:
+            write_safetensors_atomic(
+                folder / f"{self.weight_stems[0]}.safetensors", to_torch_state_dict(params)
+            )

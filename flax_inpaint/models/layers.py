@@ -1,0 +1,162 @@
+"""Building blocks shared by the UNet, VAE and ControlNet (NHWC inside).
+
+Submodule names mirror diffusers' PyTorch attribute names (`conv1`, `time_emb_proj`, `to_q`,
+`to_out_0`, ...), so checkpoint conversion is a mechanical rename: a torch key
+`resnets.0.conv1.weight` becomes the Flax path `resnets_0/conv1/kernel`.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from flax_inpaint.runtime import Runtime, attention
+
+ACTIVATIONS = {
+    "silu": nn.silu,
+    "swish": nn.silu,
+    "gelu": lambda x: nn.gelu(x, approximate=False),
+    "gelu_tanh": lambda x: nn.gelu(x, approximate=True),
+    "quick_gelu": lambda x: x * nn.sigmoid(1.702 * x),
+    "relu": nn.relu,
+    "mish": lambda x: x * jnp.tanh(nn.softplus(x)),
+}
+
+
+def get_activation(name: str):
+    """The activation called `name` in diffusers/transformers configs."""
+    try:
+        return ACTIVATIONS[name]
+    except KeyError:
+        raise ValueError(
+            f"Unsupported activation {name!r}; supported: {sorted(ACTIVATIONS)}."
+        ) from None
+
+
+def conv(features: int, runtime: Runtime, kernel: int = 3, stride: int = 1, padding=None, name=None):
+    """A 2D convolution (HWIO kernel) with PyTorch's symmetric padding default of kernel // 2."""
+    if padding is None:
+        padding = kernel // 2
+    if isinstance(padding, int):
+        padding = ((padding, padding), (padding, padding))
+    return nn.Conv(
+        features,
+        (kernel, kernel),
+        strides=(stride, stride),
+        padding=padding,
+        dtype=runtime.dtype,
+        param_dtype=runtime.param_dtype,
+        name=name,
+    )
+
+
+def dense(features: int, runtime: Runtime, use_bias: bool = True, name=None):
+    return nn.Dense(
+        features, use_bias=use_bias, dtype=runtime.dtype, param_dtype=runtime.param_dtype, name=name
+    )
+
+
+def group_norm(groups: int, eps: float, runtime: Runtime, name=None):
+    """GroupNorm over the channel (last) axis; statistics are reduced in float32."""
+    return nn.GroupNorm(
+        num_groups=groups,
+        epsilon=eps,
+        dtype=runtime.dtype,
+        param_dtype=runtime.param_dtype,
+        name=name,
+    )
+
+
+class ResnetBlock2D(nn.Module):
+    """diffusers' ResnetBlock2D (default time-embedding norm): GN-act-conv, + time, GN-act-conv, skip."""
+
+    out_channels: int
+    runtime: Runtime
+    groups: int = 32
+    eps: float = 1e-6
+    act_fn: str = "silu"
+    output_scale_factor: float = 1.0
+    use_time_emb: bool = True
+
+    @nn.compact
+    def __call__(self, x: jax.Array, temb: Optional[jax.Array] = None) -> jax.Array:
+        rt, act = self.runtime, get_activation(self.act_fn)
+        h = act(group_norm(self.groups, self.eps, rt, name="norm1")(x))
+        h = conv(self.out_channels, rt, name="conv1")(h)
+        if self.use_time_emb:
+            t = dense(self.out_channels, rt, name="time_emb_proj")(act(temb))
+            h = h + t[:, None, None, :]
+        h = act(group_norm(self.groups, self.eps, rt, name="norm2")(h))
+        h = conv(self.out_channels, rt, name="conv2")(h)
+        if x.shape[-1] != self.out_channels:
+            x = conv(self.out_channels, rt, kernel=1, name="conv_shortcut")(x)
+        return (x + h) / self.output_scale_factor if self.output_scale_factor != 1.0 else x + h
+
+
+class Downsample2D(nn.Module):
+    """Stride-2 3x3 conv. `padding=0` is the VAE encoder's variant: pad right/bottom by one first."""
+
+    out_channels: int
+    runtime: Runtime
+    padding: int = 1
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.padding == 0:
+            x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
+        return conv(self.out_channels, self.runtime, stride=2, padding=self.padding, name="conv")(x)
+
+
+class Upsample2D(nn.Module):
+    """Nearest-neighbour 2x upsampling followed by a 3x3 conv."""
+
+    out_channels: int
+    runtime: Runtime
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+        return conv(self.out_channels, self.runtime, name="conv")(x)
+
+
+class Attention(nn.Module):
+    """diffusers' `Attention` processor: q/k/v projections, multi-head attention, output projection.
+
+    Works on [batch, tokens, channels]. With `norm_groups` set, it is the VAE's spatial self-attention
+    (GroupNorm first, residual added, output divided by `rescale_output_factor`), which also accepts
+    NHWC input.
+    """
+
+    heads: int
+    dim_head: int
+    runtime: Runtime
+    qkv_bias: bool = False
+    norm_groups: Optional[int] = None
+    norm_eps: float = 1e-6
+    rescale_output_factor: float = 1.0
+
+    @nn.compact
+    def __call__(self, x: jax.Array, context: Optional[jax.Array] = None) -> jax.Array:
+        rt = self.runtime
+        shape = x.shape
+        residual = x
+        if self.norm_groups is not None:
+            x = group_norm(self.norm_groups, self.norm_eps, rt, name="group_norm")(x)
+        if x.ndim == 4:
+            x = x.reshape(shape[0], -1, shape[-1])
+        context = x if context is None else context
+        inner = self.heads * self.dim_head
+
+        def heads(y):
+            return y.reshape(y.shape[0], y.shape[1], self.heads, self.dim_head)
+
+        q = heads(dense(inner, rt, self.qkv_bias, name="to_q")(x))
+        k = heads(dense(inner, rt, self.qkv_bias, name="to_k")(context))
+        v = heads(dense(inner, rt, self.qkv_bias, name="to_v")(context))
+        out = attention(q, k, v, rt).reshape(x.shape[0], x.shape[1], inner)
+        out = dense(shape[-1], rt, name="to_out_0")(out).reshape(shape)
+        if self.norm_groups is not None:
+            out = (out + residual) / self.rescale_output_factor
+        return out
