@@ -1,0 +1,210 @@
+"""The generic checkpoint machinery: file discovery, safe reading, checked conversion, msgpack cache."""
+import json
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from diffusers.models.resnet import ResnetBlock2D as TorchResnet
+from safetensors.torch import save_file
+
+from flax_inpaint.models import checkpoint as ckpt
+from flax_inpaint.models.checkpoint import CheckpointError, PretrainedMixin
+from flax_inpaint.models.layers import ResnetBlock2D
+from flax_inpaint.runtime import Runtime
+
+
+class TinyNet(nn.Module, PretrainedMixin):
+    """A one-block model named like a diffusers module, to exercise the loader alone."""
+
+    in_channels: int = 4
+    out_channels: int = 8
+    runtime: Runtime = Runtime()
+
+    torch_class = "TinyNet"
+    ignored_config_keys = frozenset({"harmless"})
+    fixed_config = {"mode": ("plain",)}
+
+    def dummy_inputs(self):
+        return jnp.zeros((1, 8, 8, self.in_channels)), jnp.zeros((1, 16))
+
+    @nn.compact
+    def __call__(self, x, temb):
+        return ResnetBlock2D(self.out_channels, self.runtime, groups=4, name="block")(x, temb)
+
+
+def torch_twin():
+    torch.manual_seed(0)
+    return TorchResnet(in_channels=4, out_channels=8, temb_channels=16, groups=4, eps=1e-6).eval()
+
+
+def state(model):
+    return {f"block.{k}": v.contiguous() for k, v in model.state_dict().items()}
+
+
+def write_folder(path, tensors, name="diffusion_pytorch_model.safetensors", config=None):
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(config or {"in_channels": 4, "out_channels": 8}))
+    save_file(tensors, str(path / name))
+    return path
+
+
+def reference_output(model, x, temb):
+    with torch.no_grad():
+        out = model(torch.tensor(x).permute(0, 3, 1, 2), torch.tensor(temb))
+    return out.permute(0, 2, 3, 1).numpy()
+
+
+@pytest.fixture
+def inputs():
+    rng = np.random.default_rng(0)
+    return rng.standard_normal((2, 8, 8, 4), np.float32), rng.standard_normal((2, 16), np.float32)
+
+
+def test_load_matches_torch_and_round_trips(tmp_path, inputs):
+    tm = torch_twin()
+    folder = write_folder(tmp_path / "m", state(tm))
+    model, params = TinyNet.from_pretrained(folder)
+    out = model.apply({"params": params}, *inputs)
+    np.testing.assert_allclose(out, reference_output(tm, *inputs), atol=1e-5)
+
+    back = ckpt.to_torch_state_dict(params)
+    ref = {k: v.numpy() for k, v in state(tm).items()}
+    assert set(back) == set(ref)
+    for k in ref:
+        np.testing.assert_array_equal(back[k], ref[k])
+
+
+def test_sharded_and_variant_files(tmp_path, inputs):
+    tm = torch_twin()
+    sd = state(tm)
+    keys = sorted(sd)
+    half = len(keys) // 2
+    folder = tmp_path / "sharded"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({}))
+    shards = {"a-00001-of-00002.safetensors": keys[:half], "a-00002-of-00002.safetensors": keys[half:]}
+    for name, ks in shards.items():
+        save_file({k: sd[k] for k in ks}, str(folder / name))
+    index = {"weight_map": {k: n for n, ks in shards.items() for k in ks}}
+    (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index))
+    model, params = TinyNet.from_pretrained(folder)
+    np.testing.assert_allclose(
+        model.apply({"params": params}, *inputs), reference_output(tm, *inputs), atol=1e-5
+    )
+
+    fp16 = write_folder(
+        tmp_path / "fp16",
+        {k: v.half() for k, v in sd.items()},
+        name="diffusion_pytorch_model.fp16.safetensors",
+    )
+    with pytest.raises(CheckpointError, match="variant"):
+        TinyNet.from_pretrained(fp16)
+    model, params = TinyNet.from_pretrained(fp16, variant="fp16")
+    assert jax.tree_util.tree_leaves(params)[0].dtype == jnp.float32
+    np.testing.assert_allclose(
+        model.apply({"params": params}, *inputs), reference_output(tm, *inputs), atol=2e-2
+    )
+
+
+def test_bfloat16_safetensors_and_param_dtype(tmp_path, inputs):
+    sd = {k: v.to(torch.bfloat16) for k, v in state(torch_twin()).items()}
+    folder = write_folder(tmp_path / "bf16", sd)
+    _, params = TinyNet.from_pretrained(folder, param_dtype=jnp.bfloat16, dtype=jnp.bfloat16)
+    leaf = params["block"]["conv1"]["kernel"]
+    assert leaf.dtype == jnp.bfloat16
+    ref = sd["block.conv1.weight"].float().numpy().transpose(2, 3, 1, 0)
+    np.testing.assert_array_equal(np.asarray(leaf, np.float32), ref)
+
+
+def test_pickled_bin_loads_with_weights_only(tmp_path, inputs):
+    tm = torch_twin()
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    torch.save(state(tm), folder / "diffusion_pytorch_model.bin")
+    model, params = TinyNet.from_pretrained(folder)
+    np.testing.assert_allclose(
+        model.apply({"params": params}, *inputs), reference_output(tm, *inputs), atol=1e-5
+    )
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    torch.save({"x": Evil()}, folder / "diffusion_pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="weights_only=True"):
+        TinyNet.from_pretrained(folder, use_cache=False)
+
+
+def test_second_load_uses_msgpack_cache(tmp_path, monkeypatch):
+    folder = write_folder(tmp_path / "m", state(torch_twin()))
+    _, first = TinyNet.from_pretrained(folder)
+    calls = []
+    monkeypatch.setattr(ckpt, "read_state_dict", lambda files: calls.append(files))
+    _, second = TinyNet.from_pretrained(folder)
+    assert calls == []
+    jax.tree_util.tree_map(np.testing.assert_array_equal, first, second)
+
+
+def test_save_pretrained_is_loaded_directly(tmp_path, inputs):
+    model, params = TinyNet.from_pretrained(write_folder(tmp_path / "m", state(torch_twin())))
+    model.save_pretrained(tmp_path / "saved", params, pytorch_format=True)
+    assert sorted(p.name for p in (tmp_path / "saved").iterdir()) == [
+        "config.json", ckpt.FLAX_WEIGHTS, "diffusion_pytorch_model.safetensors",
+    ]
+    again, p2 = TinyNet.from_pretrained(tmp_path / "saved")
+    jax.tree_util.tree_map(np.testing.assert_array_equal, params, p2)
+    (tmp_path / "saved" / ckpt.FLAX_WEIGHTS).unlink()  # now converted from the safetensors copy
+    _, p3 = TinyNet.from_pretrained(tmp_path / "saved")
+    jax.tree_util.tree_map(np.testing.assert_array_equal, params, p3)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "header", "empty"])
+def test_corrupt_safetensors_raise(tmp_path, damage):
+    folder = write_folder(tmp_path / "m", state(torch_twin()))
+    f = folder / "diffusion_pytorch_model.safetensors"
+    raw = f.read_bytes()
+    f.write_bytes({"truncate": raw[: len(raw) // 2], "header": raw[:8] + b"{not json" + raw[17:],
+                   "empty": b""}[damage])
+    with pytest.raises(CheckpointError, match="corrupt or truncated|too short"):
+        TinyNet.from_pretrained(folder)
+
+
+def test_mismatched_checkpoint_lists_every_problem(tmp_path):
+    sd = state(torch_twin())
+    sd["block.conv2.weight"] = torch.zeros(8, 8, 1, 1)
+    sd["block.extra.weight"] = torch.zeros(3)
+    del sd["block.norm1.bias"]
+    with pytest.raises(CheckpointError) as err:
+        TinyNet.from_pretrained(write_folder(tmp_path / "m", sd))
+    msg = str(err.value)
+    assert "block.conv2.weight [8, 8, 1, 1]" in msg and "expects [3, 3, 8, 8]" in msg
+    assert "block.extra.weight" in msg
+    assert "block/norm1/bias" in msg
+
+
+def test_config_validation(tmp_path):
+    assert TinyNet.from_config({"in_channels": 4, "harmless": 1, "mode": "plain"}).in_channels == 4
+    with pytest.raises(ValueError, match="mode='fancy'"):
+        TinyNet.from_config({"mode": "fancy"})
+    with pytest.warns(UserWarning, match="surprise"):
+        TinyNet.from_config({"surprise": 3})
+
+
+def test_missing_folder_and_weights(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        TinyNet.from_pretrained(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="config.json"):
+        TinyNet.from_pretrained(tmp_path / "empty")
+    (tmp_path / "empty" / "config.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="No weights"):
+        TinyNet.from_pretrained(tmp_path / "empty")
+
+
+def test_hub_id_respects_local_files_only():
+    with pytest.raises(CheckpointError, match="local_files_only=True"):
+        TinyNet.from_pretrained("nobody/not-a-model", local_files_only=True)
