@@ -1,0 +1,404 @@
+"""What every scheduler shares: the config mixin, the noise schedule, timestep spacing, x0/eps conversion.
+
+Contract (the pipeline's sampling loop relies on it):
+
+* A scheduler *instance* is a frozen dataclass of its diffusers config fields: immutable and hashable,
+  so it can be a static argument of `jax.jit`. All array data lives in a separate *state* pytree.
+* `state = sched.create_state()`; `state = sched.set_timesteps(state, num_inference_steps, shape)` is
+  Python-static in both arguments (the shape sizes the fixed history buffers of multistep solvers).
+* Every state is a `flax.struct` dataclass whose float fields are fp32 and which holds at least
+    timesteps:        [num_iterations] the model-evaluation timesteps in loop order,
+    step_index:       int32 scalar, the loop iteration the next `step` performs,
+    init_noise_sigma: fp32 scalar, the std of the initial noise.
+* `step(state, model_output, t, sample, key=None, ...)` reads everything it needs from `state.step_index`
+  (never searches the timesteps), so the loop below runs inside one `jax.lax.fori_loop` under `jit`:
+
+      def body(i, carry):
+          x, state = carry
+          t = state.timesteps[i]
+          eps = model(sched.scale_model_input(state, x, t), t)
+          out = sched.step(state, eps, t, x, key=jax.random.fold_in(key, i))
+          return out.prev_sample, out.state
+
+      x, state = jax.lax.fori_loop(begin_index, len(state.timesteps), body, (x, state))
+
+* Strength (img2img / inpaint): `state = sched.set_begin_index(state, begin_index)` with
+  `begin_index = begin_index_for_strength(num_inference_steps, strength, sched.order)`; the loop then
+  runs iterations `begin_index .. len(state.timesteps) - 1`, like diffusers' `get_timesteps`.
+* `step` computes in fp32 whatever the dtype of `model_output` / `sample` (bf16 alphas round to 1) and
+  returns `prev_sample` in the dtype of `sample`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, ClassVar, Dict, Mapping, Optional, Tuple
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
+SCHEDULER_CONFIG_NAME = "scheduler_config.json"
+
+# Keys of a diffusers config that describe the file, not the scheduler.
+_META_KEYS = frozenset({"_class_name", "_diffusers_version", "_name_or_path", "_use_default_values"})
+
+
+@flax.struct.dataclass
+class SchedulerOutput:
+    """Result of `step`: the next sample, the advanced state, and (where computed) the x0 estimate."""
+
+    prev_sample: jax.Array
+    state: Any
+    pred_original_sample: Optional[jax.Array] = None
+
+
+# ----------------------------------------------------------------------------- config mixin
+
+class SchedulerMixin:
+    """Config handling for frozen-dataclass schedulers.
+
+    Subclasses are `@dataclasses.dataclass(frozen=True)` whose fields are exactly the diffusers config
+    keys they implement (with diffusers' defaults) and set:
+      diffusers_class: the diffusers class name written as `_class_name` by `save_pretrained`.
+      order: 1, or 2 for solvers that evaluate the model twice per step (diffusers' `order`).
+      unsupported_config: {key: accepted values} for diffusers options of this scheduler that change the
+        algorithm but are not implemented; any other value raises instead of being silently ignored.
+    Subclasses extend `_validate` (call `super()._validate()`) for their own options.
+    """
+
+    diffusers_class: ClassVar[str] = ""
+    order: ClassVar[int] = 1
+    unsupported_config: ClassVar[Mapping[str, Tuple[Any, ...]]] = {}
+
+    def __post_init__(self):
+        # Lists in configs (trained_betas) become tuples so the instance stays hashable.
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, (list, np.ndarray)):
+                object.__setattr__(self, f.name, tuple(np.asarray(value).ravel().tolist()))
+        self._validate()
+
+    # -- validation -----------------------------------------------------------------------------
+    def _validate(self) -> None:
+        name = type(self).__name__
+
+        def check(key: str, allowed: Tuple[Any, ...]):
+            if hasattr(self, key) and getattr(self, key) not in allowed:
+                raise ValueError(
+                    f"{name}: {key}={getattr(self, key)!r} is not supported; "
+                    f"use one of {', '.join(repr(a) for a in allowed)}."
+                )
+
+        check("beta_schedule", BETA_SCHEDULES)
+        check("prediction_type", PREDICTION_TYPES)
+        check("timestep_spacing", TIMESTEP_SPACINGS)
+        n = getattr(self, "num_train_timesteps", 1)
+        if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"{name}: num_train_timesteps={n!r} must be a positive integer.")
+        offset = getattr(self, "steps_offset", 0)
+        if not isinstance(offset, (int, np.integer)) or isinstance(offset, bool) or offset < 0:
+            raise ValueError(f"{name}: steps_offset={offset!r} must be a non-negative integer.")
+        betas = getattr(self, "trained_betas", None)
+        if betas is not None:
+            if len(betas) != n:
+                raise ValueError(
+                    f"{name}: trained_betas has {len(betas)} values but num_train_timesteps={n}."
+                )
+            if not all(0.0 <= b < 1.0 for b in betas):
+                raise ValueError(f"{name}: trained_betas must all lie in [0, 1).")
+        elif hasattr(self, "beta_start") and hasattr(self, "beta_end"):
+            if not (0.0 <= self.beta_start < 1.0 and 0.0 <= self.beta_end < 1.0):
+                raise ValueError(
+                    f"{name}: beta_start={self.beta_start!r} and beta_end={self.beta_end!r} "
+                    "must lie in [0, 1)."
+                )
+        if getattr(self, "clip_sample_range", 1.0) <= 0:
+            raise ValueError(f"{name}: clip_sample_range={self.clip_sample_range!r} must be > 0.")
+        if hasattr(self, "dynamic_thresholding_ratio") and not 0.0 < self.dynamic_thresholding_ratio <= 1.0:
+            raise ValueError(
+                f"{name}: dynamic_thresholding_ratio={self.dynamic_thresholding_ratio!r} must lie in (0, 1]."
+            )
+        for key, accepted in self.unsupported_config.items():
+            if getattr(self, key, accepted[0]) not in accepted:
+                raise ValueError(
+                    f"{name}: {key}={getattr(self, key)!r} is not implemented; supported: {accepted}."
+                )
+
+    # -- config I/O -----------------------------------------------------------------------------
+    @classmethod
+    def config_fields(cls) -> Tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @property
+    def config(self) -> Dict[str, Any]:
+        """This scheduler's config as a diffusers-style dict (tuples written as lists)."""
+        out = {}
+        for k in self.config_fields():
+            v = getattr(self, k)
+            out[k] = list(v) if isinstance(v, tuple) else v
+        return out
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any], **overrides):
+        """Build from a diffusers scheduler config dict (of this or any other scheduler class).
+
+        Keys this scheduler does not have (other schedulers' options, `_class_name`, ...) are ignored,
+        like diffusers' `from_config` does when swapping schedulers; `overrides` win over `config`.
+        Values are validated: a bad value raises ValueError naming the key.
+        """
+        if not isinstance(config, Mapping):
+            raise TypeError(f"{cls.__name__}.from_config expects a dict, got {type(config).__name__}.")
+        fields = set(cls.config_fields())
+        bad = sorted(set(overrides) - fields)
+        if bad:
+            raise TypeError(f"{cls.__name__} has no config fields {bad}; it has {sorted(fields)}.")
+        merged = {**dict(config), **overrides}
+        kwargs = {k: v for k, v in merged.items() if k in fields and k not in _META_KEYS}
+        # diffusers writes null for unset optional values whose default is not None (rare); keep ours.
+        defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in kwargs.items() if v is not None or defaults.get(k) is None}
+        return cls(**kwargs)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: os.PathLike | str,
+        subfolder: Optional[str] = "scheduler",
+        local_files_only: bool = False,
+        revision: Optional[str] = None,
+        **overrides,
+    ):
+        """Load `scheduler_config.json` from a diffusers model folder (or a hub repo id).
+
+        `path` may be the pipeline folder (with `subfolder="scheduler"`) or the scheduler folder itself
+        (then the subfolder is skipped when it does not exist).
+        """
+        from flax_inpaint.models.checkpoint import CheckpointError, read_config
+
+        folder = Path(path)
+        if not folder.exists():
+            if os.path.isabs(str(path)) or str(path).startswith(".") or str(path).count("/") != 1:
+                raise CheckpointError(f"Scheduler folder {str(path)!r} does not exist.")
+            from huggingface_hub import hf_hub_download
+
+            try:  # only the small JSON file, not the whole repository
+                file = hf_hub_download(
+                    str(path), SCHEDULER_CONFIG_NAME, subfolder=subfolder or None,
+                    revision=revision, local_files_only=local_files_only,
+                )
+            except Exception as e:  # network, auth, or not in the local hub cache
+                raise CheckpointError(
+                    f"{str(path)!r} is not a local folder and its {subfolder}/{SCHEDULER_CONFIG_NAME} could "
+                    f"not be fetched from the hub (local_files_only={local_files_only}): {e}"
+                ) from e
+            folder = Path(file).parent
+        elif subfolder and (folder / subfolder).is_dir():
+            folder = folder / subfolder
+        elif not (folder / SCHEDULER_CONFIG_NAME).is_file():
+            raise CheckpointError(
+                f"{folder} has neither a {subfolder}/{SCHEDULER_CONFIG_NAME} nor a {SCHEDULER_CONFIG_NAME}."
+            )
+        return cls.from_config(read_config(folder, SCHEDULER_CONFIG_NAME), **overrides)
+
+    def save_pretrained(self, folder: os.PathLike | str) -> Path:
+        """Write `scheduler_config.json` (loadable by diffusers' `from_pretrained`)."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        payload = {"_class_name": self.diffusers_class or type(self).__name__.replace("Flax", "")}
+        payload.update(self.config)
+        path = folder / SCHEDULER_CONFIG_NAME
+        path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+        return path
+
+    # -- strength -------------------------------------------------------------------------------
+    def set_begin_index(self, state, begin_index):
+        """Start the loop at iteration `begin_index` (img2img strength); `state.timesteps[begin_index:]` run."""
+        if isinstance(begin_index, (int, np.integer)):
+            n = state.timesteps.shape[0]
+            if not 0 <= begin_index <= n:
+                raise ValueError(f"begin_index={begin_index} must lie in [0, {n}] (the number of iterations).")
+        return state.replace(step_index=jnp.asarray(begin_index, jnp.int32))
+
+
+def begin_index_for_strength(num_inference_steps: int, strength: float, order: int = 1) -> int:
+    """diffusers' img2img `get_timesteps`: the first loop iteration run for `strength` in [0, 1]."""
+    if not 0.0 <= strength <= 1.0:
+        raise ValueError(f"strength={strength!r} must lie in [0, 1].")
+    init_timestep = min(int(num_inference_steps * strength), num_inference_steps)
+    t_start = max(num_inference_steps - init_timestep, 0)
+    return t_start * order
+
+
+# ----------------------------------------------------------------------------- noise schedule
+
+def betas_for_alpha_bar(num_diffusion_timesteps: int, max_beta: float = 0.999) -> np.ndarray:
+    """The squaredcos_cap_v2 (cosine) schedule of Nichol & Dhariwal, as diffusers computes it."""
+
+    def alpha_bar(t):
+        return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+
+    betas = [
+        min(1 - alpha_bar((i + 1) / num_diffusion_timesteps) / alpha_bar(i / num_diffusion_timesteps), max_beta)
+        for i in range(num_diffusion_timesteps)
+    ]
+    return np.asarray(betas, np.float32)
+
+
+def _cumprod_f32(x: np.ndarray) -> np.ndarray:
+    # torch's CPU cumprod accumulates float32 in float64 and rounds each output: bit-identical this way.
+    return np.cumprod(x.astype(np.float64)).astype(np.float32)
+
+
+def rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
+    """Rescale betas to zero terminal SNR (Lin et al. 2023, Algorithm 1), in fp32 like diffusers."""
+    alphas = np.float32(1.0) - betas.astype(np.float32)
+    alphas_bar_sqrt = np.sqrt(_cumprod_f32(alphas))
+    a0, aT = alphas_bar_sqrt[0], alphas_bar_sqrt[-1]
+    alphas_bar_sqrt = (alphas_bar_sqrt - aT) * (a0 / (a0 - aT))
+    alphas_bar = alphas_bar_sqrt**2
+    alphas = np.concatenate([alphas_bar[:1], alphas_bar[1:] / alphas_bar[:-1]])
+    return (np.float32(1.0) - alphas).astype(np.float32)
+
+
+def make_betas(config) -> np.ndarray:
+    """fp32 betas [num_train_timesteps] from a scheduler's config fields.
+
+    linspace is taken in float64 and rounded once, so values may differ from torch's float32
+    `linspace` (whose rounding depends on the CPU's vector width) by one ulp.
+    """
+    n = config.num_train_timesteps
+    trained = getattr(config, "trained_betas", None)
+    if trained is not None:
+        betas = np.asarray(trained, np.float32)
+    elif config.beta_schedule == "linear":
+        betas = np.linspace(config.beta_start, config.beta_end, n, dtype=np.float64).astype(np.float32)
+    elif config.beta_schedule == "scaled_linear":
+        lin = np.linspace(
+            float(np.float32(config.beta_start**0.5)), float(np.float32(config.beta_end**0.5)), n, dtype=np.float64
+        ).astype(np.float32)
+        betas = lin**2
+    elif config.beta_schedule == "squaredcos_cap_v2":
+        betas = betas_for_alpha_bar(n)
+    else:
+        raise ValueError(f"beta_schedule={config.beta_schedule!r} is not supported; use one of {BETA_SCHEDULES}.")
+    if getattr(config, "rescale_betas_zero_snr", False):
+        betas = rescale_zero_terminal_snr(betas)
+    return betas.astype(np.float32)
+
+
+def make_alphas_cumprod(config) -> np.ndarray:
+    """fp32 alphas_cumprod [num_train_timesteps] (bar-alpha_t = prod_{s<=t} (1 - beta_s))."""
+    return _cumprod_f32(np.float32(1.0) - make_betas(config))
+
+
+# ----------------------------------------------------------------------------- timesteps
+
+def check_num_inference_steps(num_inference_steps, num_train_timesteps: int) -> int:
+    """Validate a Python step count: 1 <= num_inference_steps <= num_train_timesteps."""
+    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, (int, np.integer)):
+        raise ValueError(
+            f"num_inference_steps must be a Python int (it fixes array shapes), got {num_inference_steps!r}."
+        )
+    if not 1 <= num_inference_steps <= num_train_timesteps:
+        raise ValueError(
+            f"num_inference_steps={num_inference_steps} must lie in [1, num_train_timesteps="
+            f"{num_train_timesteps}]: the model was trained on {num_train_timesteps} timesteps."
+        )
+    return int(num_inference_steps)
+
+
+def inference_timesteps(
+    num_train_timesteps: int,
+    num_inference_steps: int,
+    spacing: str,
+    steps_offset: int = 0,
+    round_linspace: bool = True,
+) -> np.ndarray:
+    """Descending inference timesteps as DDIM/DDPM/Euler/LMS compute them (Table 2 of Lin et al. 2023).
+
+    leading:  arange(n) * (T // n) + steps_offset       (e.g. T=1000, n=4: 750 500 250 0)
+    trailing: round(arange(T, 0, -T / n)) - 1             (999 749 499 249)
+    linspace: linspace(0, T - 1, n), rounded unless `round_linspace=False` (Euler/LMS keep floats).
+    Returns int64, or float64 for unrounded linspace.
+    """
+    n = check_num_inference_steps(num_inference_steps, num_train_timesteps)
+    if spacing == "linspace":
+        ts = np.linspace(0, num_train_timesteps - 1, n)[::-1]
+        return ts.round().astype(np.int64) if round_linspace else ts.copy()
+    if spacing == "leading":
+        step_ratio = num_train_timesteps // n
+        return (np.arange(0, n) * step_ratio).round()[::-1].astype(np.int64) + steps_offset
+    if spacing == "trailing":
+        step_ratio = num_train_timesteps / n
+        return np.round(np.arange(num_train_timesteps, 0, -step_ratio)).astype(np.int64) - 1
+    raise ValueError(f"timestep_spacing={spacing!r} is not supported; use one of {TIMESTEP_SPACINGS}.")
+
+
+# ----------------------------------------------------------------------------- step helpers
+
+def broadcast_to_sample(x: jax.Array, sample: jax.Array) -> jax.Array:
+    """Reshape a scalar or per-batch [B] array so it broadcasts against `sample` [B, ...]."""
+    x = jnp.asarray(x)
+    if x.ndim == 0:
+        return x
+    return x.reshape(x.shape + (1,) * (sample.ndim - x.ndim))
+
+
+def to_x0_eps(
+    model_output: jax.Array, sample: jax.Array, alpha_t, sigma_t, prediction_type: str
+) -> Tuple[jax.Array, jax.Array]:
+    """(x0, eps) from a model output for x_t = alpha_t * x0 + sigma_t * eps (variance-preserving form).
+
+    alpha_t = sqrt(alphas_cumprod[t]), sigma_t = sqrt(1 - alphas_cumprod[t]).
+      epsilon:      eps = out,                           x0 = (x_t - sigma_t * eps) / alpha_t
+      sample:       x0 = out,                            eps = (x_t - alpha_t * x0) / sigma_t
+      v_prediction: x0 = alpha_t x_t - sigma_t v,        eps = alpha_t v + sigma_t x_t
+    """
+    if prediction_type == "epsilon":
+        return (sample - sigma_t * model_output) / alpha_t, model_output
+    if prediction_type == "sample":
+        return model_output, (sample - alpha_t * model_output) / sigma_t
+    if prediction_type == "v_prediction":
+        return alpha_t * sample - sigma_t * model_output, alpha_t * model_output + sigma_t * sample
+    raise ValueError(f"prediction_type={prediction_type!r} is not supported; use one of {PREDICTION_TYPES}.")
+
+
+def threshold_sample(x0: jax.Array, ratio: float, max_value: float) -> jax.Array:
+    """Dynamic thresholding (Imagen, Saharia et al. 2022) per batch element, like diffusers.
+
+    s = clip(quantile(|x0|, ratio), 1, max_value); x0 <- clip(x0, -s, s) / s.
+    """
+    flat = x0.reshape(x0.shape[0], -1)
+    s = jnp.quantile(jnp.abs(flat), ratio, axis=1, method="linear")
+    s = jnp.clip(s, 1.0, max_value)[:, None]
+    return (jnp.clip(flat, -s, s) / s).reshape(x0.shape)
+
+
+def clip_or_threshold(x0: jax.Array, config) -> jax.Array:
+    """Apply the config's `thresholding` (if set) or else `clip_sample` to an x0 estimate."""
+    if getattr(config, "thresholding", False):
+        return threshold_sample(x0, config.dynamic_thresholding_ratio, config.sample_max_value)
+    if getattr(config, "clip_sample", False):
+        return jnp.clip(x0, -config.clip_sample_range, config.clip_sample_range)
+    return x0
+
+
+def add_noise_vp(alphas_cumprod: jax.Array, original: jax.Array, noise: jax.Array, timesteps) -> jax.Array:
+    """Forward process x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps for integer `timesteps` (scalar or [B])."""
+    abar = jnp.asarray(alphas_cumprod, jnp.float32)[jnp.asarray(timesteps, jnp.int32)]
+    abar = broadcast_to_sample(abar, original)
+    out = jnp.sqrt(abar) * original.astype(jnp.float32) + jnp.sqrt(1.0 - abar) * noise.astype(jnp.float32)
+    return out.astype(original.dtype)
+
+
+def as_f32(*arrays):
+    """Cast arrays to fp32 (the schedulers' compute dtype)."""
+    return tuple(jnp.asarray(a, jnp.float32) for a in arrays)
