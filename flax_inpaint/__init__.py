@@ -1,5 +1,6 @@
 """flax-inpaint: JAX/Flax Stable Diffusion inpainting, the maintained home of diffusers' Flax pipelines."""
+from flax_inpaint.models.clip import FlaxCLIPTextModel
 from flax_inpaint.runtime import Runtime
 
 __version__ = "0.1.0"
-__all__ = ["Runtime"]
+__all__ = ["FlaxCLIPTextModel", "Runtime"]

@@ -1,4 +1,5 @@
 """Flax model families: UNet, VAE, CLIP text encoder (and later ControlNet, safety checker)."""
 from flax_inpaint.models.checkpoint import CheckpointError
+from flax_inpaint.models.clip import FlaxCLIPTextModel, FlaxCLIPTextModelOutput
 
-__all__ = ["CheckpointError"]
+__all__ = ["CheckpointError", "FlaxCLIPTextModel", "FlaxCLIPTextModelOutput"]

@@ -486,6 +486,8 @@ class PretrainedMixin:
         config = {"_class_name": self.torch_class, **self.config}
         if self.weight_stems[0] == "model":  # transformers-style folder
             config = {"architectures": [self.torch_class], **self.config}
+            if "model_type" in self.fixed_config:  # transformers' Auto* classes dispatch on it
+                config["model_type"] = self.fixed_config["model_type"][0]
         write_bytes_atomic(folder / "config.json", json.dumps(config, indent=2, default=list).encode())
         write_bytes_atomic(folder / FLAX_WEIGHTS, flax.serialization.msgpack_serialize(flax.core.unfreeze(params)))
         if pytorch_format:

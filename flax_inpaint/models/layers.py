@@ -69,6 +69,11 @@ def group_norm(groups: int, eps: float, runtime: Runtime, name=None):
     )
 
 
+def layer_norm(eps: float, runtime: Runtime, name=None):
+    """torch.nn.LayerNorm over the last axis; statistics are reduced in float32."""
+    return nn.LayerNorm(epsilon=eps, dtype=runtime.dtype, param_dtype=runtime.param_dtype, name=name)
+
+
 class ResnetBlock2D(nn.Module):
     """diffusers' ResnetBlock2D (default time-embedding norm): GN-act-conv, + time, GN-act-conv, skip."""
 

@@ -1,0 +1,296 @@
+"""CLIP transformer encoders in Flax: the text tower used as Stable Diffusion's text encoder.
+
+Mirrors transformers' PyTorch `CLIPTextModel` (transformers v5 ships no Flax) so its checkpoints
+convert mechanically: the Flax path `text_model/encoder/layers_3/self_attn/q_proj/kernel` is the torch
+key `text_model.encoder.layers.3.self_attn.q_proj.weight` (transposed). transformers v5 saves the same
+keys without the `text_model.` prefix; both load, and we save with the prefix, which every
+transformers version reads.
+
+The encoder blocks (`CLIPAttention`, `CLIPMLP`, `CLIPEncoderLayer`, `CLIPEncoder`) are shared by the
+text and vision towers; they take one `CLIPEncoderConfig` instead of a keyword per setting.
+
+SD1 uses the OpenAI ViT-L/14 text tower (`hidden_act="quick_gelu"`), SD2 the OpenCLIP ViT-H one
+(`"gelu"`). Pipelines with `clip_skip` take `hidden_states[-(clip_skip + 1)]` and apply the final
+layer norm to it:
+
+    out = te.apply({"params": p}, ids, output_hidden_states=True)
+    h = te.apply({"params": p}, out.hidden_states[-(clip_skip + 1)], method=te.final_layer_norm)
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional, Tuple
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from flax_inpaint.models.checkpoint import PretrainedMixin
+from flax_inpaint.models.layers import dense, get_activation, layer_norm
+from flax_inpaint.runtime import Runtime, attention
+
+# Keys that transformers' `PretrainedConfig` has written into config.json over the versions (older
+# releases dumped every generic attribute, e.g. generation defaults and label maps). None of them
+# changes what the encoder computes.
+TRANSFORMERS_GENERIC_CONFIG_KEYS = frozenset(
+    {
+        "add_cross_attention", "bad_words_ids", "begin_suppress_tokens", "chunk_size_feed_forward",
+        "cross_attention_hidden_size", "decoder_start_token_id", "diversity_penalty", "do_sample",
+        "early_stopping", "encoder_no_repeat_ngram_size", "exponential_decay_length_penalty",
+        "finetuning_task", "forced_bos_token_id", "forced_eos_token_id", "id2label", "is_decoder",
+        "is_encoder_decoder", "label2id", "length_penalty", "max_length", "min_length",
+        "no_repeat_ngram_size", "num_beam_groups", "num_beams", "num_return_sequences",
+        "output_attentions", "output_hidden_states", "output_scores", "prefix", "problem_type",
+        "pruned_heads", "remove_invalid_values", "repetition_penalty", "return_dict",
+        "return_dict_in_generate", "sep_token_id", "suppress_tokens", "task_specific_params",
+        "temperature", "tf_legacy_loss", "tie_encoder_decoder", "tie_word_embeddings",
+        "tokenizer_class", "top_k", "top_p", "torchscript", "typical_p", "use_bfloat16",
+        "_attn_implementation_autoset", "use_cache",
+    }
+)
+# Training-time settings of CLIP configs: dropout is off at inference, initialisers are unused.
+_CLIP_TRAINING_KEYS = frozenset({"attention_dropout", "dropout", "initializer_range", "initializer_factor"})
+
+
+@dataclasses.dataclass(frozen=True)
+class CLIPEncoderConfig:
+    """The architecture of a CLIP transformer encoder, shared by the text and vision towers."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_attention_heads: int
+    num_hidden_layers: int
+    hidden_act: str
+    layer_norm_eps: float
+
+    def __post_init__(self):
+        get_activation(self.hidden_act)  # raises on an unsupported name
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size={self.hidden_size} is not a multiple of "
+                f"num_attention_heads={self.num_attention_heads}."
+            )
+
+
+class CLIPAttention(nn.Module):
+    """Multi-head self-attention with q/k/v/out projections (all with bias), scale head_dim**-0.5."""
+
+    config: CLIPEncoderConfig
+    runtime: Runtime
+    causal: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array, mask: Optional[jax.Array] = None) -> jax.Array:
+        """x: [batch, length, hidden]; mask: bool, broadcastable to [batch, heads, length, length]."""
+        cfg, rt = self.config, self.runtime
+        b, n, d = x.shape
+        heads = cfg.num_attention_heads
+
+        def split(name):
+            return dense(d, rt, name=name)(x).reshape(b, n, heads, d // heads)
+
+        q, k, v = split("q_proj"), split("k_proj"), split("v_proj")
+        out = attention(q, k, v, rt, is_causal=self.causal, mask=mask).reshape(b, n, d)
+        return dense(d, rt, name="out_proj")(out)
+
+
+class CLIPMLP(nn.Module):
+    config: CLIPEncoderConfig
+    runtime: Runtime
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg, rt = self.config, self.runtime
+        h = get_activation(cfg.hidden_act)(dense(cfg.intermediate_size, rt, name="fc1")(x))
+        return dense(cfg.hidden_size, rt, name="fc2")(h)
+
+
+class CLIPEncoderLayer(nn.Module):
+    """Pre-norm transformer block: x + attn(ln1(x)), then x + mlp(ln2(x))."""
+
+    config: CLIPEncoderConfig
+    runtime: Runtime
+    causal: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array, mask: Optional[jax.Array] = None) -> jax.Array:
+        cfg, rt = self.config, self.runtime
+        h = layer_norm(cfg.layer_norm_eps, rt, name="layer_norm1")(x)
+        x = x + CLIPAttention(cfg, rt, self.causal, name="self_attn")(h, mask)
+        h = layer_norm(cfg.layer_norm_eps, rt, name="layer_norm2")(x)
+        return x + CLIPMLP(cfg, rt, name="mlp")(h)
+
+
+class CLIPEncoder(nn.Module):
+    """`num_hidden_layers` encoder layers, named `layers_N` like torch's `layers.N`."""
+
+    config: CLIPEncoderConfig
+    runtime: Runtime
+    causal: bool = False
+
+    @nn.compact
+    def __call__(
+        self, x: jax.Array, mask: Optional[jax.Array] = None
+    ) -> Tuple[jax.Array, Tuple[jax.Array, ...]]:
+        """Returns the last layer's output and all hidden states: the input, then each layer's output."""
+        states = [x]
+        for i in range(self.config.num_hidden_layers):
+            x = CLIPEncoderLayer(self.config, self.runtime, self.causal, name=f"layers_{i}")(x, mask)
+            states.append(x)
+        return x, tuple(states)
+
+
+class CLIPTextEmbeddings(nn.Module):
+    vocab_size: int
+    max_position_embeddings: int
+    hidden_size: int
+    runtime: Runtime
+
+    @nn.compact
+    def __call__(self, input_ids: jax.Array) -> jax.Array:
+        rt = self.runtime
+        length = input_ids.shape[-1]
+        if length > self.max_position_embeddings:
+            raise ValueError(
+                f"input_ids has {length} tokens; this text encoder takes at most "
+                f"max_position_embeddings={self.max_position_embeddings}."
+            )
+
+        def embed(num, name):
+            return nn.Embed(num, self.hidden_size, dtype=rt.dtype, param_dtype=rt.param_dtype, name=name)
+
+        tokens = embed(self.vocab_size, "token_embedding")(input_ids)
+        positions = embed(self.max_position_embeddings, "position_embedding")(jnp.arange(length))
+        return tokens + positions[None]
+
+
+class CLIPTextTransformer(nn.Module):
+    """transformers' CLIPTextTransformer: embeddings, causal encoder, final layer norm."""
+
+    config: CLIPEncoderConfig
+    vocab_size: int
+    max_position_embeddings: int
+    runtime: Runtime
+
+    def setup(self):
+        cfg, rt = self.config, self.runtime
+        self.embeddings = CLIPTextEmbeddings(
+            self.vocab_size, self.max_position_embeddings, cfg.hidden_size, rt
+        )
+        self.encoder = CLIPEncoder(cfg, rt, causal=True)
+        self.final_layer_norm = layer_norm(cfg.layer_norm_eps, rt)
+
+    def __call__(self, input_ids: jax.Array, attention_mask: Optional[jax.Array] = None):
+        mask = None
+        if attention_mask is not None:
+            if attention_mask.shape != input_ids.shape:
+                raise ValueError(
+                    f"attention_mask has shape {attention_mask.shape}; expected input_ids' shape "
+                    f"{input_ids.shape}."
+                )
+            mask = attention_mask.astype(bool)[:, None, None, :]  # padded keys are never attended
+        last, states = self.encoder(self.embeddings(input_ids), mask)
+        return self.final_layer_norm(last), states
+
+
+@flax.struct.dataclass
+class FlaxCLIPTextModelOutput:
+    """last_hidden_state: [batch, length, hidden], after the final layer norm.
+    pooler_output: [batch, hidden], last_hidden_state at each sequence's end-of-text token.
+    hidden_states: with `output_hidden_states=True`, num_hidden_layers + 1 arrays [batch, length,
+      hidden]: the embeddings, then each layer's output (the last one before the final layer norm).
+    """
+
+    last_hidden_state: jax.Array
+    pooler_output: jax.Array
+    hidden_states: Optional[Tuple[jax.Array, ...]] = None
+
+
+class FlaxCLIPTextModel(PretrainedMixin, nn.Module):
+    """transformers' `CLIPTextModel` in Flax; fields are the `CLIPTextConfig` keys.
+
+    `te.apply({"params": p}, input_ids, attention_mask=None, output_hidden_states=False,
+    return_dict=True)` -> FlaxCLIPTextModelOutput (or a tuple with `return_dict=False`).
+    `attention_mask` ([batch, length], 1 = token, 0 = padding) is combined with the causal mask.
+    With left padding, the padded positions before the first token can attend to nothing; their
+    outputs are meaningless (and differ from transformers'); every real token matches.
+    """
+
+    vocab_size: int = 49408
+    hidden_size: int = 512
+    intermediate_size: int = 2048
+    projection_dim: Optional[int] = 512  # used only by CLIPTextModelWithProjection; kept for config
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 8
+    max_position_embeddings: int = 77
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+    pad_token_id: Optional[int] = 1
+    bos_token_id: Optional[int] = 49406
+    eos_token_id: int = 49407
+    runtime: Runtime = Runtime()
+
+    torch_class = "CLIPTextModel"
+    weight_stems = ("model", "pytorch_model")
+    ignored_config_keys = _CLIP_TRAINING_KEYS | TRANSFORMERS_GENERIC_CONFIG_KEYS
+    fixed_config = {"model_type": ("clip_text_model",)}
+
+    def __post_init__(self):
+        if not isinstance(self.eos_token_id, int):
+            raise ValueError(
+                f"eos_token_id={self.eos_token_id!r}: pooling needs a single integer token id."
+            )
+        self.encoder_config()  # validates hidden_act and the head split now, not at first apply
+        super().__post_init__()
+
+    def encoder_config(self) -> CLIPEncoderConfig:
+        return CLIPEncoderConfig(
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_attention_heads=self.num_attention_heads,
+            num_hidden_layers=self.num_hidden_layers,
+            hidden_act=self.hidden_act,
+            layer_norm_eps=self.layer_norm_eps,
+        )
+
+    def setup(self):
+        self.text_model = CLIPTextTransformer(
+            self.encoder_config(), self.vocab_size, self.max_position_embeddings, self.runtime
+        )
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        attention_mask: Optional[jax.Array] = None,
+        output_hidden_states: bool = False,
+        return_dict: bool = True,
+    ):
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must be [batch, length]; got shape {input_ids.shape}.")
+        last, states = self.text_model(input_ids, attention_mask)
+        if self.eos_token_id == 2:
+            # Configs written before transformers PR #24773 carry eos_token_id=2; for them the
+            # end-of-text token is the largest id in the sequence (what transformers keeps doing).
+            eos_pos = jnp.argmax(input_ids, axis=-1)
+        else:  # the first end-of-text token (padding may reuse the same id)
+            eos_pos = jnp.argmax(input_ids == self.eos_token_id, axis=-1)
+        pooled = jnp.take_along_axis(last, eos_pos[:, None, None], axis=1)[:, 0]
+        hidden_states = states if output_hidden_states else None
+        if not return_dict:
+            return (last, pooled) + ((hidden_states,) if output_hidden_states else ())
+        return FlaxCLIPTextModelOutput(last, pooled, hidden_states)
+
+    def final_layer_norm(self, hidden_states: jax.Array) -> jax.Array:
+        """The final layer norm alone, for `clip_skip`: `te.apply(v, h, method=te.final_layer_norm)`."""
+        return self.text_model.final_layer_norm(hidden_states)
+
+    def dummy_inputs(self) -> Tuple[Any, ...]:
+        return (jnp.zeros((1, min(8, self.max_position_embeddings)), jnp.int32),)
+
+    @classmethod
+    def torch_rename(cls, key: str) -> Optional[str]:
+        """transformers v5 keys lack the `text_model.` prefix; `position_ids` is a constant buffer."""
+        if key.endswith("embeddings.position_ids"):
+            return None
+        return key if key.startswith("text_model.") else f"text_model.{key}"
