@@ -1,5 +1,19 @@
 """Flax model families: UNet, VAE, CLIP text encoder (and later ControlNet, safety checker)."""
 from flax_inpaint.models.checkpoint import CheckpointError
 from flax_inpaint.models.clip import FlaxCLIPTextModel, FlaxCLIPTextModelOutput
+from flax_inpaint.models.vae import (
+    FlaxAutoencoderKL,
+    FlaxAutoencoderKLOutput,
+    FlaxDecoderOutput,
+    FlaxDiagonalGaussianDistribution,
+)
 
-__all__ = ["CheckpointError", "FlaxCLIPTextModel", "FlaxCLIPTextModelOutput"]
+__all__ = [
+    "CheckpointError",
+    "FlaxAutoencoderKL",
+    "FlaxAutoencoderKLOutput",
+    "FlaxCLIPTextModel",
+    "FlaxCLIPTextModelOutput",
+    "FlaxDecoderOutput",
+    "FlaxDiagonalGaussianDistribution",
+]

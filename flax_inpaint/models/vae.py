@@ -1,0 +1,363 @@
+"""The KL autoencoder (diffusers `AutoencoderKL`) in Flax: images <-> latents.
+
+NCHW at the boundary (what diffusers pipelines pass around), NHWC inside. Submodules carry the PyTorch
+attribute names, so `encoder.down_blocks.0.resnets.1.conv1.weight` lands on
+`encoder/down_blocks_0/resnets_1/conv1/kernel` through the shared checked converter.
+
+    vae, params = FlaxAutoencoderKL.from_pretrained("path/to/vae")
+    posterior = vae.apply({"params": params}, images, method=vae.encode).latent_dist
+    latents = posterior.sample(key) * vae.scaling_factor
+    images = vae.apply({"params": params}, latents / vae.scaling_factor, method=vae.decode).sample
+"""
+from __future__ import annotations
+
+import re
+from typing import Optional, Tuple, Union
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from flax_inpaint.models.checkpoint import PretrainedMixin
+from flax_inpaint.models.layers import (
+    Attention,
+    Downsample2D,
+    ResnetBlock2D,
+    Upsample2D,
+    conv,
+    get_activation,
+    group_norm,
+)
+from flax_inpaint.runtime import Runtime
+
+_EPS = 1e-6  # every GroupNorm of diffusers' VAE uses this epsilon
+
+# Attention names of checkpoints saved before diffusers 0.14 (`_from_deprecated_attn_block`).
+_LEGACY_ATTENTION = re.compile(
+    r"^((?:encoder|decoder)\.mid_block\.attentions\.\d+)\.(query|key|value|proj_attn)\.(weight|bias)$"
+)
+_LEGACY_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+@flax.struct.dataclass
+class FlaxDiagonalGaussianDistribution:
+    """The posterior q(z|x) = N(mean, exp(logvar)), every array NCHW.
+
+    `logvar` is clipped to [-30, 20] as in diffusers, so `std` and `var` neither underflow to 0 nor
+    overflow. With `deterministic=True` the distribution collapses onto its mean (std = var = 0).
+    """
+
+    mean: jax.Array  # [B, latent_channels, h, w]
+    logvar: jax.Array  # [B, latent_channels, h, w], clipped
+    deterministic: bool = flax.struct.field(pytree_node=False, default=False)
+
+    @classmethod
+    def from_moments(cls, moments: jax.Array, deterministic: bool = False):
+        """Split the encoder's [B, 2 * latent_channels, h, w] output into mean and log-variance."""
+        mean, logvar = jnp.split(moments, 2, axis=1)
+        return cls(mean, jnp.clip(logvar, -30.0, 20.0), deterministic)
+
+    @property
+    def std(self) -> jax.Array:
+        return jnp.zeros_like(self.mean) if self.deterministic else jnp.exp(0.5 * self.logvar)
+
+    @property
+    def var(self) -> jax.Array:
+        return jnp.zeros_like(self.mean) if self.deterministic else jnp.exp(self.logvar)
+
+    def sample(self, key: jax.Array) -> jax.Array:
+        """mean + std * eps. eps is drawn in float32 then cast, so bf16 and fp32 models given the
+        same key add the same noise."""
+        eps = jax.random.normal(key, self.mean.shape, jnp.float32).astype(self.mean.dtype)
+        return self.mean + self.std * eps
+
+    def mode(self) -> jax.Array:
+        return self.mean
+
+    def kl(self, other: Optional["FlaxDiagonalGaussianDistribution"] = None) -> jax.Array:
+        """KL(self || other) per sample, [B]; `other` defaults to the standard normal."""
+        if self.deterministic:
+            return jnp.zeros(self.mean.shape[:1], self.mean.dtype)
+        if other is None:
+            terms = jnp.square(self.mean) + self.var - 1.0 - self.logvar
+        else:
+            terms = (
+                jnp.square(self.mean - other.mean) / other.var
+                + self.var / other.var
+                - 1.0
+                - self.logvar
+                + other.logvar
+            )
+        return 0.5 * jnp.sum(terms, axis=(1, 2, 3))
+
+    def nll(self, sample: jax.Array, axis: Tuple[int, ...] = (1, 2, 3)) -> jax.Array:
+        """Negative log-likelihood of `sample`, summed over `axis`."""
+        if self.deterministic:
+            return jnp.zeros(self.mean.shape[:1], self.mean.dtype)
+        log_two_pi = jnp.log(2.0 * jnp.pi)
+        return 0.5 * jnp.sum(
+            log_two_pi + self.logvar + jnp.square(sample - self.mean) / self.var, axis=axis
+        )
+
+
+@flax.struct.dataclass
+class FlaxAutoencoderKLOutput:
+    latent_dist: FlaxDiagonalGaussianDistribution
+
+
+@flax.struct.dataclass
+class FlaxDecoderOutput:
+    sample: jax.Array  # [B, out_channels, H, W]
+
+
+# ----------------------------------------------------------------------------- blocks (NHWC)
+
+
+def _resnet(out_channels: int, groups: int, act_fn: str, runtime: Runtime, name: str) -> ResnetBlock2D:
+    return ResnetBlock2D(
+        out_channels, runtime, groups=groups, eps=_EPS, act_fn=act_fn, use_time_emb=False, name=name
+    )
+
+
+class DownEncoderBlock2D(nn.Module):
+    out_channels: int
+    num_layers: int
+    add_downsample: bool
+    groups: int
+    act_fn: str
+    runtime: Runtime
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        for i in range(self.num_layers):
+            x = _resnet(self.out_channels, self.groups, self.act_fn, self.runtime, f"resnets_{i}")(x)
+        if self.add_downsample:
+            x = Downsample2D(self.out_channels, self.runtime, padding=0, name="downsamplers_0")(x)
+        return x
+
+
+class UpDecoderBlock2D(nn.Module):
+    out_channels: int
+    num_layers: int
+    add_upsample: bool
+    groups: int
+    act_fn: str
+    runtime: Runtime
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        for i in range(self.num_layers):
+            x = _resnet(self.out_channels, self.groups, self.act_fn, self.runtime, f"resnets_{i}")(x)
+        if self.add_upsample:
+            x = Upsample2D(self.out_channels, self.runtime, name="upsamplers_0")(x)
+        return x
+
+
+class UNetMidBlock2D(nn.Module):
+    """resnet, [single-head spatial self-attention], resnet, at constant width."""
+
+    channels: int
+    add_attention: bool
+    groups: int
+    act_fn: str
+    runtime: Runtime
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = _resnet(self.channels, self.groups, self.act_fn, self.runtime, "resnets_0")(x)
+        if self.add_attention:
+            # diffusers: heads = channels // attention_head_dim with attention_head_dim = channels.
+            x = Attention(
+                heads=1, dim_head=self.channels, runtime=self.runtime, qkv_bias=True,
+                norm_groups=self.groups, norm_eps=_EPS, name="attentions_0",
+            )(x)
+        return _resnet(self.channels, self.groups, self.act_fn, self.runtime, "resnets_1")(x)
+
+
+class Encoder(nn.Module):
+    """conv_in, DownEncoderBlock2D per width (all but the last halve H and W), mid block, out."""
+
+    block_out_channels: Tuple[int, ...]
+    layers_per_block: int
+    out_channels: int  # 2 * latent_channels: mean and log-variance
+    mid_block_add_attention: bool
+    groups: int
+    act_fn: str
+    runtime: Runtime
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        rt, chans = self.runtime, self.block_out_channels
+        shared = dict(groups=self.groups, act_fn=self.act_fn, runtime=rt)
+        x = conv(chans[0], rt, name="conv_in")(x)
+        for i, c in enumerate(chans):
+            x = DownEncoderBlock2D(
+                c, self.layers_per_block, i < len(chans) - 1, **shared, name=f"down_blocks_{i}"
+            )(x)
+        x = UNetMidBlock2D(chans[-1], self.mid_block_add_attention, **shared, name="mid_block")(x)
+        # diffusers' conv_act is nn.SiLU() whatever act_fn says.
+        x = nn.silu(group_norm(self.groups, _EPS, rt, name="conv_norm_out")(x))
+        return conv(self.out_channels, rt, name="conv_out")(x)
+
+
+class Decoder(nn.Module):
+    """conv_in, mid block, UpDecoderBlock2D per width in reverse (all but the last double H and W),
+    out; each up block has one resnet more than the encoder's blocks."""
+
+    block_out_channels: Tuple[int, ...]
+    layers_per_block: int
+    out_channels: int
+    mid_block_add_attention: bool
+    groups: int
+    act_fn: str
+    runtime: Runtime
+
+    @nn.compact
+    def __call__(self, z: jax.Array) -> jax.Array:
+        rt, chans = self.runtime, tuple(reversed(self.block_out_channels))
+        shared = dict(groups=self.groups, act_fn=self.act_fn, runtime=rt)
+        x = conv(chans[0], rt, name="conv_in")(z)
+        x = UNetMidBlock2D(chans[0], self.mid_block_add_attention, **shared, name="mid_block")(x)
+        for i, c in enumerate(chans):
+            x = UpDecoderBlock2D(
+                c, self.layers_per_block + 1, i < len(chans) - 1, **shared, name=f"up_blocks_{i}"
+            )(x)
+        x = nn.silu(group_norm(self.groups, _EPS, rt, name="conv_norm_out")(x))
+        return conv(self.out_channels, rt, name="conv_out")(x)
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+def _nchw_to_nhwc(x: jax.Array) -> jax.Array:
+    return jnp.transpose(x, (0, 2, 3, 1))
+
+
+def _nhwc_to_nchw(x: jax.Array) -> jax.Array:
+    return jnp.transpose(x, (0, 3, 1, 2))
+
+
+def _check_nchw(x: jax.Array, channels: int, what: str) -> None:
+    if x.ndim != 4 or x.shape[1] != channels:
+        hint = " (it looks NHWC; transpose it to NCHW)" if x.ndim == 4 and x.shape[-1] == channels else ""
+        raise ValueError(
+            f"{what} must be NCHW [batch, {channels}, height, width]; got shape {tuple(x.shape)}{hint}."
+        )
+
+
+class FlaxAutoencoderKL(nn.Module, PretrainedMixin):
+    """diffusers' `AutoencoderKL`; fields are its config.json keys.
+
+    `scaling_factor` is not applied here (as in diffusers): pipelines multiply latents by it after
+    encoding and divide before decoding. `force_upcast` is kept for pipelines that run the VAE in
+    float32 when the rest runs in half precision; the model itself ignores it.
+    """
+
+    in_channels: int = 3
+    out_channels: int = 3
+    down_block_types: Tuple[str, ...] = ("DownEncoderBlock2D",)
+    up_block_types: Tuple[str, ...] = ("UpDecoderBlock2D",)
+    block_out_channels: Tuple[int, ...] = (64,)
+    layers_per_block: int = 1
+    act_fn: str = "silu"
+    latent_channels: int = 4
+    norm_num_groups: int = 32
+    sample_size: Union[int, Tuple[int, int]] = 32
+    scaling_factor: float = 0.18215
+    force_upcast: bool = True
+    use_quant_conv: bool = True
+    use_post_quant_conv: bool = True
+    mid_block_add_attention: bool = True
+    runtime: Runtime = Runtime()
+
+    torch_class = "AutoencoderKL"
+    weight_stems = ("diffusion_pytorch_model",)
+    fixed_config = {"shift_factor": (None,), "latents_mean": (None,), "latents_std": (None,)}
+
+    def __post_init__(self):
+        n = len(self.block_out_channels)
+        problems = []
+        for key, allowed in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
+            types = tuple(getattr(self, key))
+            if len(types) != n:
+                problems.append(f"{key} has {len(types)} entries but block_out_channels has {n}")
+            if any(t != allowed for t in types):
+                problems.append(f"{key}={types} (only {allowed!r} is implemented)")
+        uneven = [c for c in self.block_out_channels if c % self.norm_num_groups]
+        if uneven:
+            problems.append(
+                f"block_out_channels {uneven} are not divisible by norm_num_groups={self.norm_num_groups}"
+            )
+        if problems:
+            raise ValueError(f"{type(self).__name__}: unsupported config: " + "; ".join(problems) + ".")
+        get_activation(self.act_fn)  # raises, naming the supported ones
+        super().__post_init__()
+
+    def setup(self):
+        rt = self.runtime
+        shared = dict(
+            block_out_channels=tuple(self.block_out_channels),
+            layers_per_block=self.layers_per_block,
+            mid_block_add_attention=self.mid_block_add_attention,
+            groups=self.norm_num_groups,
+            act_fn=self.act_fn,
+            runtime=rt,
+        )
+        self.encoder = Encoder(out_channels=2 * self.latent_channels, **shared)
+        self.decoder = Decoder(out_channels=self.out_channels, **shared)
+        self.quant_conv = conv(2 * self.latent_channels, rt, kernel=1) if self.use_quant_conv else None
+        self.post_quant_conv = conv(self.latent_channels, rt, kernel=1) if self.use_post_quant_conv else None
+
+    def encode(self, sample: jax.Array, deterministic: bool = True) -> FlaxAutoencoderKLOutput:
+        """Images [B, in_channels, H, W] -> the posterior over [B, latent_channels, H/f, W/f] latents.
+
+        `deterministic` is accepted for drop-in use with diffusers' Flax VAE, where it switched
+        dropout off; this VAE has no dropout, so it changes nothing.
+        """
+        del deterministic
+        _check_nchw(sample, self.in_channels, "sample")
+        moments = self.encoder(_nchw_to_nhwc(sample))
+        if self.quant_conv is not None:
+            moments = self.quant_conv(moments)
+        dist = FlaxDiagonalGaussianDistribution.from_moments(_nhwc_to_nchw(moments))
+        return FlaxAutoencoderKLOutput(latent_dist=dist)
+
+    def decode(self, latents: jax.Array, deterministic: bool = True) -> FlaxDecoderOutput:
+        """Latents [B, latent_channels, h, w] (already divided by scaling_factor) -> images NCHW."""
+        del deterministic
+        _check_nchw(latents, self.latent_channels, "latents")
+        z = _nchw_to_nhwc(latents)
+        if self.post_quant_conv is not None:
+            z = self.post_quant_conv(z)
+        return FlaxDecoderOutput(sample=_nhwc_to_nchw(self.decoder(z)))
+
+    def __call__(
+        self, sample: jax.Array, sample_posterior: bool = False, key: Optional[jax.Array] = None
+    ) -> FlaxDecoderOutput:
+        """Encode then decode, through the posterior's mode, or a sample of it with `key` (or the
+        "gaussian" rng stream, as diffusers' Flax VAE took it)."""
+        posterior = self.encode(sample).latent_dist
+        if not sample_posterior:
+            return self.decode(posterior.mode())
+        if key is None:
+            if not self.has_rng("gaussian"):
+                raise ValueError(
+                    "sample_posterior=True needs randomness: pass key=, or rngs={'gaussian': key} to apply."
+                )
+            key = self.make_rng("gaussian")
+        return self.decode(posterior.sample(key))
+
+    # -- PretrainedMixin ------------------------------------------------------------------------
+    def dummy_inputs(self):
+        size = 2 ** len(self.block_out_channels)  # a 2x2 latent
+        return (jnp.zeros((1, self.in_channels, size, size), self.runtime.dtype),)
+
+    @classmethod
+    def torch_rename(cls, key: str) -> Optional[str]:
+        """Old checkpoints name the mid-block attention query/key/value/proj_attn."""
+        m = _LEGACY_ATTENTION.match(key)
+        return f"{m[1]}.{_LEGACY_NAMES[m[2]]}.{m[3]}" if m else key
