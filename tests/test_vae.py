@@ -242,7 +242,7 @@ def test_save_pretrained_round_trips(tmp_path):
     assert_parity(torch_outputs(back, x), expected, tol=0.0)
 
 
-def test_config_validation(tmp_path):
+def test_config_validation():
     base = dict(block_out_channels=[8, 16], down_block_types=["DownEncoderBlock2D"] * 2,
                 up_block_types=["UpDecoderBlock2D"] * 2, norm_num_groups=4)
     ok = FlaxAutoencoderKL.from_config({**base, "shift_factor": None, "latents_mean": None})

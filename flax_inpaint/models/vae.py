@@ -123,10 +123,13 @@ def _resnet(out_channels: int, groups: int, act_fn: str, runtime: Runtime, name:
     )
 
 
-class DownEncoderBlock2D(nn.Module):
+class ResnetStack2D(nn.Module):
+    """diffusers' DownEncoderBlock2D (resample="down") and UpDecoderBlock2D (resample="up"):
+    `num_layers` resnets, then, unless resample is None, a 2x down- or upsampler."""
+
     out_channels: int
     num_layers: int
-    add_downsample: bool
+    resample: Optional[str]
     groups: int
     act_fn: str
     runtime: Runtime
@@ -135,24 +138,9 @@ class DownEncoderBlock2D(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         for i in range(self.num_layers):
             x = _resnet(self.out_channels, self.groups, self.act_fn, self.runtime, f"resnets_{i}")(x)
-        if self.add_downsample:
+        if self.resample == "down":
             x = Downsample2D(self.out_channels, self.runtime, padding=0, name="downsamplers_0")(x)
-        return x
-
-
-class UpDecoderBlock2D(nn.Module):
-    out_channels: int
-    num_layers: int
-    add_upsample: bool
-    groups: int
-    act_fn: str
-    runtime: Runtime
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        for i in range(self.num_layers):
-            x = _resnet(self.out_channels, self.groups, self.act_fn, self.runtime, f"resnets_{i}")(x)
-        if self.add_upsample:
+        elif self.resample == "up":
             x = Upsample2D(self.out_channels, self.runtime, name="upsamplers_0")(x)
         return x
 
@@ -178,16 +166,20 @@ class UNetMidBlock2D(nn.Module):
         return _resnet(self.channels, self.groups, self.act_fn, self.runtime, "resnets_1")(x)
 
 
-class Encoder(nn.Module):
-    """conv_in, DownEncoderBlock2D per width (all but the last halve H and W), mid block, out."""
+class _EncoderDecoder(nn.Module):
+    """The settings the encoder and the decoder share, named as in AutoencoderKL's config."""
 
     block_out_channels: Tuple[int, ...]
     layers_per_block: int
-    out_channels: int  # 2 * latent_channels: mean and log-variance
+    out_channels: int  # the encoder's: 2 * latent_channels (mean and log-variance)
     mid_block_add_attention: bool
     groups: int
     act_fn: str
     runtime: Runtime
+
+
+class Encoder(_EncoderDecoder):
+    """conv_in, a DownEncoderBlock2D per width (all but the last halve H and W), mid block, out."""
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -195,26 +187,17 @@ class Encoder(nn.Module):
         shared = dict(groups=self.groups, act_fn=self.act_fn, runtime=rt)
         x = conv(chans[0], rt, name="conv_in")(x)
         for i, c in enumerate(chans):
-            x = DownEncoderBlock2D(
-                c, self.layers_per_block, i < len(chans) - 1, **shared, name=f"down_blocks_{i}"
-            )(x)
+            resample = "down" if i < len(chans) - 1 else None
+            x = ResnetStack2D(c, self.layers_per_block, resample, **shared, name=f"down_blocks_{i}")(x)
         x = UNetMidBlock2D(chans[-1], self.mid_block_add_attention, **shared, name="mid_block")(x)
         # diffusers' conv_act is nn.SiLU() whatever act_fn says.
         x = nn.silu(group_norm(self.groups, _EPS, rt, name="conv_norm_out")(x))
         return conv(self.out_channels, rt, name="conv_out")(x)
 
 
-class Decoder(nn.Module):
+class Decoder(_EncoderDecoder):
     """conv_in, mid block, UpDecoderBlock2D per width in reverse (all but the last double H and W),
-    out; each up block has one resnet more than the encoder's blocks."""
-
-    block_out_channels: Tuple[int, ...]
-    layers_per_block: int
-    out_channels: int
-    mid_block_add_attention: bool
-    groups: int
-    act_fn: str
-    runtime: Runtime
+    out; each UpDecoderBlock2D has one resnet more than the encoder's blocks."""
 
     @nn.compact
     def __call__(self, z: jax.Array) -> jax.Array:
@@ -223,9 +206,8 @@ class Decoder(nn.Module):
         x = conv(chans[0], rt, name="conv_in")(z)
         x = UNetMidBlock2D(chans[0], self.mid_block_add_attention, **shared, name="mid_block")(x)
         for i, c in enumerate(chans):
-            x = UpDecoderBlock2D(
-                c, self.layers_per_block + 1, i < len(chans) - 1, **shared, name=f"up_blocks_{i}"
-            )(x)
+            resample = "up" if i < len(chans) - 1 else None
+            x = ResnetStack2D(c, self.layers_per_block + 1, resample, **shared, name=f"up_blocks_{i}")(x)
         x = nn.silu(group_norm(self.groups, _EPS, rt, name="conv_norm_out")(x))
         return conv(self.out_channels, rt, name="conv_out")(x)
 
