@@ -34,13 +34,9 @@ ResizeMode = Literal["default", "fill", "crop"]
 CropCoords = Tuple[int, int, int, int]  # (x1, y1, x2, y2), PIL box order
 ImageInput = Union[PIL.Image.Image, np.ndarray, Sequence[PIL.Image.Image], Sequence[np.ndarray]]
 
-_RESAMPLE = {
-    "linear": Image.Resampling.BILINEAR,
-    "bilinear": Image.Resampling.BILINEAR,
-    "bicubic": Image.Resampling.BICUBIC,
-    "lanczos": Image.Resampling.LANCZOS,
-    "nearest": Image.Resampling.NEAREST,
-}
+# diffusers' `resample` names -> PIL filters ("linear" is an alias of "bilinear").
+_RESAMPLE = {name: Image.Resampling[name.upper()] for name in ("bilinear", "bicubic", "lanczos", "nearest")}
+_RESAMPLE["linear"] = _RESAMPLE["bilinear"]
 _RESIZE_MODES = ("default", "fill", "crop")
 _OUTPUT_TYPES = ("np", "pil", "latent")
 _PIL_PIXEL_MODES = ("RGB", "RGBA", "L")  # modes np.array() reads as 0..255 pixels with 3/4/1 channels
@@ -119,22 +115,20 @@ class VaeImageProcessor:
     @staticmethod
     def numpy_to_pil(images: np.ndarray) -> List[PIL.Image.Image]:
         """[N,]H,W,C floats in [0, 1] -> list of PIL images (C=1 gives mode "L"); rounds to nearest."""
-        images = np.asarray(images)
-        if images.ndim == 3:
-            images = images[None, ...]
-        if images.ndim != 4:
-            raise ValueError(f"numpy_to_pil expects an HWC or NHWC array, got shape {images.shape}.")
-        images = (images * 255).round().astype("uint8")
-        if images.shape[-1] == 1:
-            return [Image.fromarray(image[..., 0]) for image in images]
-        return [Image.fromarray(image) for image in images]
+        batch = np.asarray(images)
+        batch = batch[np.newaxis] if batch.ndim == 3 else batch
+        if batch.ndim != 4:
+            raise ValueError(f"numpy_to_pil expects an HWC or NHWC array, got shape {batch.shape}.")
+        pixels = np.round(batch * 255).astype(np.uint8)
+        if pixels.shape[-1] == 1:  # a 2-D uint8 array becomes mode "L"
+            pixels = pixels[..., 0]
+        return list(map(Image.fromarray, pixels))
 
     @staticmethod
     def pil_to_numpy(images: Union[PIL.Image.Image, Sequence[PIL.Image.Image]]) -> np.ndarray:
         """PIL image(s) -> float32 N,H,W[,C] array in [0, 1] (pixels / 255)."""
-        if isinstance(images, PIL.Image.Image):
-            images = [images]
-        return np.stack([np.array(image).astype(np.float32) / 255.0 for image in images], axis=0)
+        batch = [images] if isinstance(images, PIL.Image.Image) else images
+        return np.stack([np.asarray(img, dtype=np.float32) for img in batch]) / np.float32(255)
 
     @staticmethod
     def normalize(images: np.ndarray) -> np.ndarray:
@@ -163,10 +157,9 @@ class VaeImageProcessor:
 
     def binarize(self, image: np.ndarray) -> np.ndarray:
         """Values < 0.5 -> 0, >= 0.5 -> 1 (NaN stays NaN). Returns a new array."""
-        image = np.array(image, copy=True)
-        image[image < 0.5] = 0
-        image[image >= 0.5] = 1
-        return image
+        image = np.asarray(image)
+        low_or_nan = np.where(image < 0.5, 0, image)
+        return np.where(image >= 0.5, 1, low_or_nan).astype(image.dtype, copy=False)
 
     # ------------------------------------------------------------------ sizes and resizing
 
@@ -205,48 +198,45 @@ class VaeImageProcessor:
             )
         return floored
 
+    def _scale_and_centre(
+        self, image: PIL.Image.Image, width: int, height: int, cover: bool
+    ) -> Tuple[PIL.Image.Image, Tuple[int, int]]:
+        """`image` scaled with its aspect ratio kept to fit inside (cover=False) or to cover (cover=True)
+        a width x height frame, and the top-left offset that centres it there."""
+        src_w, src_h = image.size
+        # Scaling to the frame's width fits inside when the source is relatively wider than the frame,
+        # and covers it when it is narrower (at equal aspect ratios both scalings give width x height).
+        source_is_wider = src_w * height > width * src_h
+        size = (width, src_h * width // src_w) if source_is_wider != cover else (src_w * height // src_h, height)
+        scaled = image.resize(size, resample=_RESAMPLE[self.resample])
+        # Each side is halved before subtracting (diffusers' rounding), not (frame - size) // 2.
+        return scaled, (width // 2 - size[0] // 2, height // 2 - size[1] // 2)
+
     def _resize_and_fill(self, image: PIL.Image.Image, width: int, height: int) -> PIL.Image.Image:
         """Fit inside (width, height) keeping the aspect ratio, centre it, and fill the bars by
         stretching the image's edge rows/columns."""
-        ratio = width / height
-        src_ratio = image.width / image.height
-        src_w = width if ratio < src_ratio else image.width * height // image.height
-        src_h = height if ratio >= src_ratio else image.height * width // image.width
-
-        resized = image.resize((src_w, src_h), resample=_RESAMPLE[self.resample])
-        res = Image.new("RGB", (width, height))
-        res.paste(resized, box=(width // 2 - src_w // 2, height // 2 - src_h // 2))
-
-        # The edge stretches use PIL's default filter, as diffusers does.
-        if ratio < src_ratio:
-            fill_height = height // 2 - src_h // 2
-            if fill_height > 0:
-                res.paste(resized.resize((width, fill_height), box=(0, 0, width, 0)), box=(0, 0))
-                res.paste(
-                    resized.resize((width, fill_height), box=(0, resized.height, width, resized.height)),
-                    box=(0, fill_height + src_h),
-                )
-        elif ratio > src_ratio:
-            fill_width = width // 2 - src_w // 2
-            if fill_width > 0:
-                res.paste(resized.resize((fill_width, height), box=(0, 0, 0, height)), box=(0, 0))
-                res.paste(
-                    resized.resize((fill_width, height), box=(resized.width, 0, resized.width, height)),
-                    box=(fill_width + src_w, 0),
-                )
-        return res
+        scaled, (left, top) = self._scale_and_centre(image, width, height, cover=False)
+        canvas = Image.new("RGB", (width, height))
+        canvas.paste(scaled, box=(left, top))
+        w, h = scaled.size
+        # Each bar stretches a zero-thickness source box on the matching edge of `scaled`; both bars
+        # are as thick as the leading one. PIL's default filter, as diffusers.
+        if top > 0:  # bars above and below
+            bar_size, bars = (w, top), [((0, 0, w, 0), (0, 0)), ((0, h, w, h), (0, top + h))]
+        elif left > 0:  # bars left and right
+            bar_size, bars = (left, h), [((0, 0, 0, h), (0, 0)), ((w, 0, w, h), (left + w, 0))]
+        else:
+            return canvas
+        for source_box, corner in bars:
+            canvas.paste(scaled.resize(bar_size, box=source_box), box=corner)
+        return canvas
 
     def _resize_and_crop(self, image: PIL.Image.Image, width: int, height: int) -> PIL.Image.Image:
         """Cover (width, height) keeping the aspect ratio, centre it, and crop the excess."""
-        ratio = width / height
-        src_ratio = image.width / image.height
-        src_w = width if ratio > src_ratio else image.width * height // image.height
-        src_h = height if ratio <= src_ratio else image.height * width // image.width
-
-        resized = image.resize((src_w, src_h), resample=_RESAMPLE[self.resample])
-        res = Image.new("RGB", (width, height))
-        res.paste(resized, box=(width // 2 - src_w // 2, height // 2 - src_h // 2))
-        return res
+        scaled, corner = self._scale_and_centre(image, width, height, cover=True)
+        canvas = Image.new("RGB", (width, height))
+        canvas.paste(scaled, box=corner)
+        return canvas
 
     def resize(
         self,
@@ -260,10 +250,9 @@ class VaeImageProcessor:
         if resize_mode not in _RESIZE_MODES:
             raise ValueError(f"resize_mode={resize_mode!r} is not supported; use one of {_RESIZE_MODES}.")
         if isinstance(image, PIL.Image.Image):
-            if resize_mode == "fill":
-                return self._resize_and_fill(image, width, height)
-            if resize_mode == "crop":
-                return self._resize_and_crop(image, width, height)
+            keep_aspect = {"fill": self._resize_and_fill, "crop": self._resize_and_crop}.get(resize_mode)
+            if keep_aspect is not None:
+                return keep_aspect(image, width, height)
             return image.resize((width, height), resample=_RESAMPLE[self.resample], reducing_gap=self.reducing_gap)
         if resize_mode != "default":
             raise ValueError(
@@ -483,7 +472,7 @@ class VaeImageProcessor:
         (clipped to the image) and then widened to the aspect ratio width:height of the processing size."""
         if not isinstance(mask_image, PIL.Image.Image):
             raise TypeError(f"get_crop_region expects `mask_image` as a PIL image, got {type(mask_image).__name__}.")
-        mask = np.array(mask_image.convert("L"))
+        mask = np.asarray(mask_image.convert("L"))
         h, w = mask.shape
         cols = np.flatnonzero(mask.any(axis=0))
         rows = np.flatnonzero(mask.any(axis=1))
@@ -492,49 +481,18 @@ class VaeImageProcessor:
                 "`mask_image` is all black, so padding_mask_crop has no region to crop; paint the area to "
                 "inpaint white, or leave padding_mask_crop=None."
             )
-        crop_left, crop_right = int(cols[0]), int(w - 1 - cols[-1])
-        crop_top, crop_bottom = int(rows[0]), int(h - 1 - rows[-1])
-
-        x1, y1 = int(max(crop_left - pad, 0)), int(max(crop_top - pad, 0))
-        x2, y2 = int(min(w - crop_right + pad, w)), int(min(h - crop_bottom + pad, h))
-
-        ratio_crop_region = (x2 - x1) / (y2 - y1)
-        ratio_processing = width / height
-        if ratio_crop_region > ratio_processing:
-            desired_height = (x2 - x1) / ratio_processing
-            diff = int(desired_height - (y2 - y1))
-            y1 -= diff // 2
-            y2 += diff - diff // 2
-            if y2 >= h:
-                y1 -= y2 - h
-                y2 = h
-            if y1 < 0:
-                y2 -= y1
-                y1 = 0
-            if y2 >= h:
-                y2 = h
-        else:
-            desired_width = (y2 - y1) * ratio_processing
-            diff = int(desired_width - (x2 - x1))
-            x1 -= diff // 2
-            x2 += diff - diff // 2
-            if x2 >= w:
-                x1 -= x2 - w
-                x2 = w
-            if x1 < 0:
-                x2 -= x1
-                x1 = 0
-            if x2 >= w:
-                x2 = w
-        return int(x1), int(y1), int(x2), int(y2)
+        x1, x2 = _pad_span(int(cols[0]), int(cols[-1]) + 1, pad, w)
+        y1, y2 = _pad_span(int(rows[0]), int(rows[-1]) + 1, pad, h)
+        aspect = width / height
+        if (x2 - x1) / (y2 - y1) > aspect:  # too wide for width:height: grow the rows
+            y1, y2 = _stretch_span(y1, y2, (x2 - x1) / aspect, h)
+        else:  # too narrow (or exact): grow the columns
+            x1, x2 = _stretch_span(x1, x2, (y2 - y1) * aspect, w)
+        return x1, y1, x2, y2
 
     def apply_overlay(
-        self,
-        mask: PIL.Image.Image,
-        init_image: PIL.Image.Image,
-        image: PIL.Image.Image,
-        crop_coords: Optional[CropCoords] = None,
-    ) -> PIL.Image.Image:
+        self, mask: Image.Image, init_image: Image.Image, image: Image.Image, crop_coords: Optional[CropCoords] = None
+    ) -> Image.Image:
         """Paste the unmasked pixels of `init_image` over the generated `image`, so they come back exactly.
 
         With crop_coords, `image` is the inpainted crop: it is resized ("crop" mode) into the box on
@@ -555,19 +513,38 @@ class VaeImageProcessor:
                 "pass crop_coords for an inpainted crop, or resize `image` to init_image's size."
             )
 
-        init_image_masked = Image.new("RGBa", (width, height))
-        init_image_masked.paste(init_image.convert("RGBA").convert("RGBa"), mask=ImageOps.invert(mask.convert("L")))
-        init_image_masked = init_image_masked.convert("RGBA")
+        # init_image where the mask is black, fading to transparent where it is white. Pasted as
+        # premultiplied RGBa so that masked-out pixels carry no colour (as diffusers).
+        keep_mask = ImageOps.invert(mask.convert("L"))  # 255 where init_image stays
+        kept = Image.new("RGBa", (width, height))
+        kept.paste(init_image.convert("RGBA").convert("RGBa"), mask=keep_mask)
 
-        if crop_coords is not None:
-            x, y, x2, y2 = crop_coords
-            base_image = Image.new("RGBA", (width, height))
-            base_image.paste(self.resize(image, height=y2 - y, width=x2 - x, resize_mode="crop"), (x, y))
-            image = base_image.convert("RGB")
+        if crop_coords is None:
+            result = image.convert("RGBA")
+        else:  # the inpainted crop goes back into its box on a black, opaque canvas
+            left, top, right, bottom = crop_coords
+            canvas = Image.new("RGB", (width, height))
+            canvas.paste(self.resize(image, bottom - top, right - left, resize_mode="crop"), (left, top))
+            result = canvas.convert("RGBA")
+        result.alpha_composite(kept.convert("RGBA"))
+        return result.convert("RGB")
 
-        image = image.convert("RGBA")
-        image.alpha_composite(init_image_masked)
-        return image.convert("RGB")
+
+def _pad_span(lo: int, hi: int, pad: int, size: int) -> Tuple[int, int]:
+    """[lo, hi) grown by `pad` on both sides and clipped to [0, size]."""
+    return int(max(lo - pad, 0)), int(min(hi + pad, size))
+
+
+def _stretch_span(lo: int, hi: int, length: float, size: int) -> Tuple[int, int]:
+    """[lo, hi) grown towards `length`: the shortfall, truncated to an int, is split half before (rounded
+    down) and the rest after. The span is then slid back inside [0, size] (first off the far end, then
+    off 0) and, if still longer, cut at size."""
+    grow = int(length - (hi - lo))
+    lo, hi = lo - grow // 2, hi + (grow - grow // 2)
+    overshoot = max(hi - size, 0)
+    lo, hi = lo - overshoot, hi - overshoot
+    undershoot = max(-lo, 0)
+    return lo + undershoot, min(hi + undershoot, size)
 
 
 def _nearest_indices(in_size: int, out_size: int) -> np.ndarray:
@@ -676,10 +653,10 @@ def make_image_grid(
         raise ValueError(
             f"make_image_grid got {len(images)} images for a {rows}x{cols} grid; pass exactly {rows * cols}."
         )
-    if resize is not None:
-        images = [img.resize((resize, resize)) for img in images]
-    w, h = images[0].size
-    grid = Image.new("RGB", size=(cols * w, rows * h))
-    for i, img in enumerate(images):
-        grid.paste(img, box=(i % cols * w, i // cols * h))
+    tiles = list(images) if resize is None else [img.resize((resize, resize)) for img in images]
+    tile_w, tile_h = tiles[0].size
+    grid = Image.new("RGB", (cols * tile_w, rows * tile_h))
+    for index, tile in enumerate(tiles):
+        row, col = divmod(index, cols)
+        grid.paste(tile, box=(col * tile_w, row * tile_h))
     return grid
