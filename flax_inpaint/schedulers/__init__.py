@@ -4,5 +4,21 @@ from flax_inpaint.schedulers.common import (
     SchedulerOutput,
     begin_index_for_strength,
 )
+from flax_inpaint.schedulers.ddim import FlaxDDIMInverseScheduler, FlaxDDIMScheduler
+from flax_inpaint.schedulers.ddpm import FlaxDDPMScheduler
+from flax_inpaint.schedulers.euler import FlaxEulerAncestralDiscreteScheduler, FlaxEulerDiscreteScheduler
+from flax_inpaint.schedulers.lms import FlaxLMSDiscreteScheduler
+from flax_inpaint.schedulers.pndm import FlaxPNDMScheduler
 
-__all__ = ["SchedulerMixin", "SchedulerOutput", "begin_index_for_strength"]
+__all__ = [
+    "SchedulerMixin",
+    "SchedulerOutput",
+    "begin_index_for_strength",
+    "FlaxDDIMScheduler",
+    "FlaxDDIMInverseScheduler",
+    "FlaxDDPMScheduler",
+    "FlaxEulerDiscreteScheduler",
+    "FlaxEulerAncestralDiscreteScheduler",
+    "FlaxLMSDiscreteScheduler",
+    "FlaxPNDMScheduler",
+]

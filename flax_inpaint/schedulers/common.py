@@ -71,12 +71,15 @@ class SchedulerMixin:
       order: 1, or 2 for solvers that evaluate the model twice per step (diffusers' `order`).
       unsupported_config: {key: accepted values} for diffusers options of this scheduler that change the
         algorithm but are not implemented; any other value raises instead of being silently ignored.
+      timestep_spacings / prediction_types: the values this scheduler accepts (diffusers' subsets).
     Subclasses extend `_validate` (call `super()._validate()`) for their own options.
     """
 
     diffusers_class: ClassVar[str] = ""
     order: ClassVar[int] = 1
     unsupported_config: ClassVar[Mapping[str, Tuple[Any, ...]]] = {}
+    timestep_spacings: ClassVar[Tuple[str, ...]] = TIMESTEP_SPACINGS
+    prediction_types: ClassVar[Tuple[str, ...]] = PREDICTION_TYPES
 
     def __post_init__(self):
         # Lists in configs (trained_betas) become tuples so the instance stays hashable.
@@ -98,8 +101,8 @@ class SchedulerMixin:
                 )
 
         check("beta_schedule", BETA_SCHEDULES)
-        check("prediction_type", PREDICTION_TYPES)
-        check("timestep_spacing", TIMESTEP_SPACINGS)
+        check("prediction_type", self.prediction_types)
+        check("timestep_spacing", self.timestep_spacings)
         n = getattr(self, "num_train_timesteps", 1)
         if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1:
             raise ValueError(f"{name}: num_train_timesteps={n!r} must be a positive integer.")
@@ -218,7 +221,15 @@ class SchedulerMixin:
         path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
         return path
 
-    # -- strength -------------------------------------------------------------------------------
+    # -- shared state operations -----------------------------------------------------------------
+    def add_noise(self, state, original: jax.Array, noise: jax.Array, timesteps) -> jax.Array:
+        """Forward diffusion to integer `timesteps` (variance-preserving schedulers; sigma-based override)."""
+        return add_noise_vp(state.alphas_cumprod, original, noise, timesteps)
+
+    def scale_model_input(self, state, sample: jax.Array, timestep=None) -> jax.Array:
+        """Identity for variance-preserving schedulers (sigma-based ones divide by sqrt(sigma^2 + 1))."""
+        return sample
+
     def set_begin_index(self, state, begin_index):
         """Start the loop at iteration `begin_index` (img2img strength); `state.timesteps[begin_index:]` run."""
         if isinstance(begin_index, (int, np.integer)):
@@ -268,23 +279,49 @@ def rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
     return (np.float32(1.0) - alphas).astype(np.float32)
 
 
-def make_betas(config) -> np.ndarray:
-    """fp32 betas [num_train_timesteps] from a scheduler's config fields.
+def _fma_f32(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """Correctly rounded float32 a * b + c (one rounding, like a hardware FMA)."""
+    a, b, c = (np.asarray(v, np.float32).astype(np.float64) for v in (a, b, c))
+    p = a * b  # exact: 24 + 24 significant bits fit in float64
+    s = p + c
+    bb = s - p
+    err = (p - (s - bb)) + (c - bb)  # TwoSum: s + err == p + c exactly
+    r = s.astype(np.float32)
+    # Double rounding (f64 then f32) is only wrong when s sits exactly on a float32 midpoint.
+    lo = np.where(r.astype(np.float64) <= s, r, np.nextafter(r, np.float32(-np.inf)))
+    hi = np.nextafter(lo, np.float32(np.inf))
+    at_mid = (s == (lo.astype(np.float64) + hi.astype(np.float64)) / 2) & (err != 0)
+    return np.where(at_mid, np.where(err > 0, hi, lo), r).astype(np.float32)
 
-    linspace is taken in float64 and rounded once, so values may differ from torch's float32
-    `linspace` (whose rounding depends on the CPU's vector width) by one ulp.
+
+def torch_linspace_f32(start: float, end: float, steps: int) -> np.ndarray:
+    """`torch.linspace(start, end, steps, dtype=torch.float32)` bit for bit (x86 CPU kernel).
+
+    torch computes step = (end - start) / (steps - 1) in float32, then start + step * i for the first
+    half and end - step * (steps - 1 - i) for the second, each as one fused multiply-add.
     """
+    start32, end32 = np.float32(start), np.float32(end)
+    if steps == 1:
+        return np.array([start32], np.float32)
+    step = np.float32(np.float32(end32 - start32) / np.float32(steps - 1))
+    i = np.arange(steps)
+    half = steps // 2
+    first = _fma_f32(np.full(half, step), i[:half], np.full(half, start32))
+    k = steps - 1 - i[half:]
+    second = _fma_f32(np.full(len(k), -step), k, np.full(len(k), end32))
+    return np.concatenate([first, second]).astype(np.float32)
+
+
+def make_betas(config) -> np.ndarray:
+    """fp32 betas [num_train_timesteps] from a scheduler's config fields, bit-identical to diffusers."""
     n = config.num_train_timesteps
     trained = getattr(config, "trained_betas", None)
     if trained is not None:
         betas = np.asarray(trained, np.float32)
     elif config.beta_schedule == "linear":
-        betas = np.linspace(config.beta_start, config.beta_end, n, dtype=np.float64).astype(np.float32)
+        betas = torch_linspace_f32(config.beta_start, config.beta_end, n)
     elif config.beta_schedule == "scaled_linear":
-        lin = np.linspace(
-            float(np.float32(config.beta_start**0.5)), float(np.float32(config.beta_end**0.5)), n, dtype=np.float64
-        ).astype(np.float32)
-        betas = lin**2
+        betas = torch_linspace_f32(config.beta_start**0.5, config.beta_end**0.5, n) ** 2
     elif config.beta_schedule == "squaredcos_cap_v2":
         betas = betas_for_alpha_bar(n)
     else:
@@ -397,6 +434,24 @@ def add_noise_vp(alphas_cumprod: jax.Array, original: jax.Array, noise: jax.Arra
     abar = broadcast_to_sample(abar, original)
     out = jnp.sqrt(abar) * original.astype(jnp.float32) + jnp.sqrt(1.0 - abar) * noise.astype(jnp.float32)
     return out.astype(original.dtype)
+
+
+def sigma_to_t(sigma: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
+    """Fractional train timestep whose log-sigma interpolates to `sigma` (diffusers' `_sigma_to_t`)."""
+    sigma = np.asarray(sigma, np.float64)
+    log_sigma = np.log(np.maximum(sigma, 1e-10))
+    dists = log_sigma - log_sigmas[:, np.newaxis]
+    low_idx = np.cumsum((dists >= 0), axis=0).argmax(axis=0).clip(max=log_sigmas.shape[0] - 2)
+    low, high = log_sigmas[low_idx], log_sigmas[low_idx + 1]
+    w = np.clip((low - log_sigma) / (low - high), 0, 1)
+    return ((1 - w) * low_idx + w * (low_idx + 1)).reshape(sigma.shape)
+
+
+def karras_sigmas(sigma_min: float, sigma_max: float, num_inference_steps: int, rho: float = 7.0) -> np.ndarray:
+    """Karras et al. (2022) eq. 5: sigmas evenly spaced in sigma^(1/rho), float64, descending."""
+    ramp = np.linspace(0, 1, num_inference_steps)
+    min_inv_rho, max_inv_rho = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
 
 
 def as_f32(*arrays):

@@ -1,0 +1,194 @@
+"""DDIM (Song et al. 2021) and its inversion, step-for-step like diffusers' DDIMScheduler / DDIMInverseScheduler.
+
+Notation: abar_t = alphas_cumprod[t]; x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps.
+DDIM update (eq. 12):  x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - s_t^2) eps + s_t z,
+with s_t = eta * sqrt((1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)) and z ~ N(0, I).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Tuple
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flax_inpaint.schedulers.common import (
+    SchedulerMixin,
+    SchedulerOutput,
+    check_num_inference_steps,
+    clip_or_threshold,
+    inference_timesteps,
+    make_alphas_cumprod,
+    to_x0_eps,
+)
+
+
+@flax.struct.dataclass
+class DDIMSchedulerState:
+    alphas_cumprod: jax.Array  # [num_train_timesteps] f32, abar_t
+    final_alpha_cumprod: jax.Array  # [] f32, abar used past the last step (DDIM) / before the first (inverse)
+    timesteps: jax.Array  # [num_inference_steps] int32, loop order
+    step_index: jax.Array  # [] int32, iteration the next `step` performs
+    init_noise_sigma: jax.Array  # [] f32, 1.0
+    num_inference_steps: int = flax.struct.field(pytree_node=False, default=0)
+
+
+def _create_state(config) -> DDIMSchedulerState:
+    alphas_cumprod = make_alphas_cumprod(config)
+    final = np.float32(1.0) if config.set_alpha_to_one else alphas_cumprod[0]
+    return DDIMSchedulerState(
+        alphas_cumprod=jnp.asarray(alphas_cumprod),
+        final_alpha_cumprod=jnp.asarray(final, jnp.float32),
+        timesteps=jnp.zeros((0,), jnp.int32),
+        step_index=jnp.zeros((), jnp.int32),
+        init_noise_sigma=jnp.ones((), jnp.float32),
+    )
+
+
+def _require_timesteps(name: str, state) -> None:
+    if state.num_inference_steps == 0:
+        raise ValueError(f"{name}: call set_timesteps(state, num_inference_steps, shape) before step.")
+
+
+@dataclasses.dataclass(frozen=True)
+class FlaxDDIMScheduler(SchedulerMixin):
+    """Denoising diffusion implicit models; `eta=0` deterministic, `eta=1` DDPM-like (needs `key`)."""
+
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.0001
+    beta_end: float = 0.02
+    beta_schedule: str = "linear"
+    trained_betas: Optional[Tuple[float, ...]] = None
+    clip_sample: bool = True
+    set_alpha_to_one: bool = True
+    steps_offset: int = 0
+    prediction_type: str = "epsilon"
+    thresholding: bool = False
+    dynamic_thresholding_ratio: float = 0.995
+    clip_sample_range: float = 1.0
+    sample_max_value: float = 1.0
+    timestep_spacing: str = "leading"
+    rescale_betas_zero_snr: bool = False
+
+    diffusers_class = "DDIMScheduler"
+
+    def create_state(self) -> DDIMSchedulerState:
+        return _create_state(self)
+
+    def set_timesteps(self, state: DDIMSchedulerState, num_inference_steps: int, shape: tuple = ()):
+        ts = inference_timesteps(
+            self.num_train_timesteps, num_inference_steps, self.timestep_spacing, self.steps_offset
+        )
+        return state.replace(
+            timesteps=jnp.asarray(ts, jnp.int32),
+            step_index=jnp.zeros((), jnp.int32),
+            num_inference_steps=int(num_inference_steps),
+        )
+
+    def step(
+        self,
+        state: DDIMSchedulerState,
+        model_output: jax.Array,
+        timestep,
+        sample: jax.Array,
+        key: Optional[jax.Array] = None,
+        eta: float = 0.0,
+        use_clipped_model_output: bool = False,
+    ) -> SchedulerOutput:
+        """One DDIM step at iteration `state.step_index` (`timestep` is ignored: it is read from the state)."""
+        _require_timesteps(type(self).__name__, state)
+        if isinstance(eta, (int, float)) and eta > 0 and key is None:
+            raise ValueError(f"{type(self).__name__}.step: eta={eta} > 0 adds noise and needs a PRNG `key`.")
+        out_dtype = sample.dtype
+        model_output = model_output.astype(jnp.float32)
+        sample = sample.astype(jnp.float32)
+
+        t = state.timesteps[state.step_index]
+        # diffusers uses T // n as the stride for every spacing.
+        prev_t = t - self.num_train_timesteps // state.num_inference_steps
+        abar_t = state.alphas_cumprod[t]
+        abar_prev = jnp.where(prev_t >= 0, state.alphas_cumprod[jnp.maximum(prev_t, 0)], state.final_alpha_cumprod)
+        beta_t = 1.0 - abar_t
+
+        x0, eps = to_x0_eps(model_output, sample, abar_t**0.5, beta_t**0.5, self.prediction_type)
+        x0 = clip_or_threshold(x0, self)
+        variance = ((1.0 - abar_prev) / beta_t) * (1.0 - abar_t / abar_prev)
+        std_dev_t = eta * variance**0.5
+        if use_clipped_model_output:
+            eps = (sample - abar_t**0.5 * x0) / beta_t**0.5
+        prev_sample = abar_prev**0.5 * x0 + (1.0 - abar_prev - std_dev_t**2) ** 0.5 * eps
+        if key is not None:
+            noise = jax.random.normal(key, sample.shape, jnp.float32)
+            prev_sample = prev_sample + std_dev_t * noise
+        return SchedulerOutput(
+            prev_sample=prev_sample.astype(out_dtype),
+            state=state.replace(step_index=state.step_index + 1),
+            pred_original_sample=x0,
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class FlaxDDIMInverseScheduler(SchedulerMixin):
+    """DDIM inversion (image -> noise): timesteps ascend and each step moves to the *next* noise level."""
+
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.0001
+    beta_end: float = 0.02
+    beta_schedule: str = "linear"
+    trained_betas: Optional[Tuple[float, ...]] = None
+    clip_sample: bool = True
+    set_alpha_to_one: bool = True
+    steps_offset: int = 0
+    prediction_type: str = "epsilon"
+    clip_sample_range: float = 1.0
+    timestep_spacing: str = "leading"
+    rescale_betas_zero_snr: bool = False
+
+    diffusers_class = "DDIMInverseScheduler"
+    timestep_spacings = ("leading", "trailing")
+
+    def create_state(self) -> DDIMSchedulerState:
+        return _create_state(self)
+
+    def set_timesteps(self, state: DDIMSchedulerState, num_inference_steps: int, shape: tuple = ()):
+        n = check_num_inference_steps(num_inference_steps, self.num_train_timesteps)
+        if self.timestep_spacing == "leading":
+            ts = (np.arange(0, n) * (self.num_train_timesteps // n)).round().astype(np.int64) + self.steps_offset
+        else:  # trailing
+            ratio = self.num_train_timesteps / n
+            ts = np.round(np.arange(self.num_train_timesteps, 0, -ratio)[::-1]).astype(np.int64) - 1
+        return state.replace(
+            timesteps=jnp.asarray(ts, jnp.int32), step_index=jnp.zeros((), jnp.int32), num_inference_steps=n
+        )
+
+    def step(
+        self,
+        state: DDIMSchedulerState,
+        model_output: jax.Array,
+        timestep,
+        sample: jax.Array,
+        key: Optional[jax.Array] = None,
+    ) -> SchedulerOutput:
+        """x_{t} -> x_{t'} with t' = state.timesteps[step_index] the noisier target and t = t' - T // n."""
+        _require_timesteps(type(self).__name__, state)
+        out_dtype = sample.dtype
+        model_output = model_output.astype(jnp.float32)
+        sample = sample.astype(jnp.float32)
+
+        t_next = state.timesteps[state.step_index]
+        t = jnp.minimum(t_next - self.num_train_timesteps // state.num_inference_steps, self.num_train_timesteps - 1)
+        abar_t = jnp.where(t >= 0, state.alphas_cumprod[jnp.maximum(t, 0)], state.final_alpha_cumprod)
+        abar_next = state.alphas_cumprod[t_next]
+        beta_t = 1.0 - abar_t
+
+        x0, eps = to_x0_eps(model_output, sample, abar_t**0.5, beta_t**0.5, self.prediction_type)
+        if self.clip_sample:
+            x0 = jnp.clip(x0, -self.clip_sample_range, self.clip_sample_range)
+        prev_sample = abar_next**0.5 * x0 + (1.0 - abar_next) ** 0.5 * eps
+        return SchedulerOutput(
+            prev_sample=prev_sample.astype(out_dtype),
+            state=state.replace(step_index=state.step_index + 1),
+            pred_original_sample=x0,
+        )

@@ -1,0 +1,252 @@
+"""Euler and Euler-ancestral samplers (Karras et al. 2022, k-diffusion), step-for-step like diffusers'.
+
+These work in the variance-exploding parametrisation x = x0 + sigma eps, sigma_t = sqrt((1 - abar_t) / abar_t);
+the model sees x / sqrt(sigma^2 + 1) (`scale_model_input`). The ODE dx/dsigma = (x - x0) / sigma is
+integrated with Euler steps; the ancestral variant steps to sigma_down and adds fresh noise of std sigma_up
+with sigma_up^2 + sigma_down^2 = sigma_next^2.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Tuple
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flax_inpaint.schedulers.common import (
+    SchedulerMixin,
+    SchedulerOutput,
+    broadcast_to_sample,
+    inference_timesteps,
+    karras_sigmas,
+    make_alphas_cumprod,
+    sigma_to_t,
+)
+
+
+@flax.struct.dataclass
+class SigmaSchedulerState:
+    """State of the sigma-based schedulers (Euler, Euler-ancestral, LMS)."""
+
+    timesteps: jax.Array  # [num_inference_steps] f32 (fractional for linspace spacing / Karras sigmas)
+    sigmas: jax.Array  # [num_inference_steps + 1] f32, descending, last = final sigma (0)
+    step_index: jax.Array  # [] int32
+    init_noise_sigma: jax.Array  # [] f32, std of the initial latent noise
+    history: jax.Array  # [order, *shape] f32 (LMS derivatives, newest last) or [0] when unused
+    num_history: jax.Array  # [] int32, filled entries of `history`
+    lms_coeffs: jax.Array  # [4, num_inference_steps, 4] f32 (LMS: [order-1, step, k]) or [0]
+    num_inference_steps: int = flax.struct.field(pytree_node=False, default=0)
+
+
+class SigmaSchedulerMixin(SchedulerMixin):
+    """Shared sigma schedule, input scaling and forward noising for Euler / Euler-ancestral / LMS."""
+
+    def _alphas_cumprod(self) -> np.ndarray:
+        ac = make_alphas_cumprod(self)
+        if getattr(self, "rescale_betas_zero_snr", False):
+            ac = ac.copy()
+            ac[-1] = 2.0**-24  # as diffusers: keeps sigma_max finite
+        return ac
+
+    def _sigma_schedule(self, num_inference_steps: int) -> Tuple[np.ndarray, np.ndarray]:
+        """(timesteps f32 [n], sigmas f32 [n + 1]) exactly as diffusers' set_timesteps computes them."""
+        n = num_inference_steps
+        ts = inference_timesteps(
+            self.num_train_timesteps, n, self.timestep_spacing, self.steps_offset, round_linspace=False
+        ).astype(np.float32)
+        ac = self._alphas_cumprod()
+        train_sigmas = np.sqrt((np.float32(1.0) - ac) / ac)  # f32 like torch
+        sigmas = np.interp(ts, np.arange(0, len(train_sigmas)), train_sigmas)
+        if getattr(self, "use_karras_sigmas", False):
+            smin = getattr(self, "sigma_min", None)
+            smax = getattr(self, "sigma_max", None)
+            sigmas = karras_sigmas(
+                smin if smin is not None else sigmas[-1].item(), smax if smax is not None else sigmas[0].item(), n
+            )
+            ts = sigma_to_t(sigmas, np.log(train_sigmas)).astype(np.float32)
+        if getattr(self, "final_sigmas_type", "zero") == "sigma_min":
+            last = np.sqrt((np.float32(1.0) - ac[0]) / ac[0])
+        else:
+            last = 0.0
+        return ts, np.concatenate([sigmas, [last]]).astype(np.float32)
+
+    def _sigma_state(self, num_inference_steps: int, history_shape=(0,), lms_coeffs=None) -> SigmaSchedulerState:
+        from flax_inpaint.schedulers.common import check_num_inference_steps
+
+        n = check_num_inference_steps(num_inference_steps, self.num_train_timesteps)
+        ts, sigmas = self._sigma_schedule(n)
+        smax = sigmas.max()
+        init = smax if self.timestep_spacing in ("linspace", "trailing") else (smax**2 + np.float32(1)) ** 0.5
+        return SigmaSchedulerState(
+            timesteps=jnp.asarray(ts),
+            sigmas=jnp.asarray(sigmas),
+            step_index=jnp.zeros((), jnp.int32),
+            init_noise_sigma=jnp.asarray(init, jnp.float32),
+            history=jnp.zeros(history_shape, jnp.float32),
+            num_history=jnp.zeros((), jnp.int32),
+            lms_coeffs=jnp.zeros((0,), jnp.float32) if lms_coeffs is None else jnp.asarray(lms_coeffs, jnp.float32),
+            num_inference_steps=n,
+        )
+
+    def create_state(self) -> SigmaSchedulerState:
+        """The schedule over all training timesteps (like diffusers before set_timesteps)."""
+        return self._sigma_state(self.num_train_timesteps)
+
+    def _require(self, state) -> None:
+        if state.num_inference_steps == 0:
+            raise ValueError(f"{type(self).__name__}: call set_timesteps(state, num_inference_steps, shape) first.")
+
+    def scale_model_input(self, state: SigmaSchedulerState, sample: jax.Array, timestep=None) -> jax.Array:
+        """x / sqrt(sigma^2 + 1) at iteration `state.step_index`, computed in fp32, returned in x's dtype."""
+        sigma = state.sigmas[state.step_index]
+        return (sample.astype(jnp.float32) / ((sigma**2 + 1) ** 0.5)).astype(sample.dtype)
+
+    def add_noise(self, state: SigmaSchedulerState, original: jax.Array, noise: jax.Array, timesteps) -> jax.Array:
+        """x0 + sigma(t) * noise, sigma looked up at each timestep's position in `state.timesteps`.
+
+        Like diffusers' `index_for_timestep`, a timestep occurring twice resolves to its second occurrence.
+        """
+        timesteps = jnp.atleast_1d(jnp.asarray(timesteps, jnp.float32))
+        dist = jnp.abs(state.timesteps[None, :] - timesteps[:, None])  # [B, n]
+        first = jnp.argmin(dist, axis=1)
+        best = jnp.take_along_axis(dist, first[:, None], axis=1)
+        later = (dist == best) & (jnp.arange(dist.shape[1])[None, :] > first[:, None])
+        idx = jnp.where(later.any(axis=1), jnp.argmax(later, axis=1), first)
+        sigma = state.sigmas[idx]
+        if sigma.shape[0] == 1:
+            sigma = sigma[0]
+        sigma = broadcast_to_sample(sigma, original)
+        return (original.astype(jnp.float32) + noise.astype(jnp.float32) * sigma).astype(original.dtype)
+
+    def _x0(self, model_output, sample, sigma, sigma_hat):
+        """x0 estimate in the VE parametrisation (v-prediction converted with the unscaled sigma)."""
+        if self.prediction_type == "epsilon":
+            return sample - sigma_hat * model_output
+        if self.prediction_type == "v_prediction":
+            return model_output * (-sigma / (sigma**2 + 1) ** 0.5) + (sample / (sigma**2 + 1))
+        return model_output  # "sample"
+
+
+@dataclasses.dataclass(frozen=True)
+class FlaxEulerDiscreteScheduler(SigmaSchedulerMixin):
+    """Euler (Karras et al. 2022, Algorithm 2); `s_churn > 0` adds stochastic churn (needs `key`)."""
+
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.0001
+    beta_end: float = 0.02
+    beta_schedule: str = "linear"
+    trained_betas: Optional[Tuple[float, ...]] = None
+    prediction_type: str = "epsilon"
+    interpolation_type: str = "linear"
+    use_karras_sigmas: Optional[bool] = False
+    use_exponential_sigmas: Optional[bool] = False
+    use_beta_sigmas: Optional[bool] = False
+    sigma_min: Optional[float] = None
+    sigma_max: Optional[float] = None
+    timestep_spacing: str = "linspace"
+    timestep_type: str = "discrete"
+    steps_offset: int = 0
+    rescale_betas_zero_snr: bool = False
+    final_sigmas_type: str = "zero"
+
+    diffusers_class = "EulerDiscreteScheduler"
+    unsupported_config = {
+        "interpolation_type": ("linear",),
+        "use_exponential_sigmas": (False, None),
+        "use_beta_sigmas": (False, None),
+        "timestep_type": ("discrete",),
+        "final_sigmas_type": ("zero", "sigma_min"),
+    }
+
+    def set_timesteps(self, state: SigmaSchedulerState, num_inference_steps: int, shape: tuple = ()):
+        return self._sigma_state(num_inference_steps)
+
+    def step(
+        self,
+        state: SigmaSchedulerState,
+        model_output: jax.Array,
+        timestep,
+        sample: jax.Array,
+        key: Optional[jax.Array] = None,
+        s_churn: float = 0.0,
+        s_tmin: float = 0.0,
+        s_tmax: float = float("inf"),
+        s_noise: float = 1.0,
+    ) -> SchedulerOutput:
+        """One Euler step from sigmas[i] to sigmas[i + 1], i = state.step_index."""
+        self._require(state)
+        if s_churn > 0 and key is None:
+            raise ValueError("FlaxEulerDiscreteScheduler.step: s_churn > 0 adds noise and needs a PRNG `key`.")
+        out_dtype = sample.dtype
+        model_output = model_output.astype(jnp.float32)
+        sample = sample.astype(jnp.float32)
+        i = state.step_index
+        sigma = state.sigmas[i]
+        gamma = jnp.where(
+            (s_tmin <= sigma) & (sigma <= s_tmax), min(s_churn / (state.sigmas.shape[0] - 1), 2**0.5 - 1), 0.0
+        )
+        sigma_hat = sigma * (gamma + 1)
+        if s_churn > 0:
+            noise = jax.random.normal(key, sample.shape, jnp.float32) * s_noise
+            sample = jnp.where(gamma > 0, sample + noise * (sigma_hat**2 - sigma**2) ** 0.5, sample)
+        x0 = self._x0(model_output, sample, sigma, sigma_hat)
+        derivative = (sample - x0) / sigma_hat
+        dt = state.sigmas[i + 1] - sigma_hat
+        prev_sample = sample + derivative * dt
+        return SchedulerOutput(
+            prev_sample=prev_sample.astype(out_dtype),
+            state=state.replace(step_index=i + 1),
+            pred_original_sample=x0,
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class FlaxEulerAncestralDiscreteScheduler(SigmaSchedulerMixin):
+    """Euler ancestral (k-diffusion `sample_euler_ancestral`); every step draws noise, so needs `key`."""
+
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.0001
+    beta_end: float = 0.02
+    beta_schedule: str = "linear"
+    trained_betas: Optional[Tuple[float, ...]] = None
+    prediction_type: str = "epsilon"
+    timestep_spacing: str = "linspace"
+    steps_offset: int = 0
+    rescale_betas_zero_snr: bool = False
+
+    diffusers_class = "EulerAncestralDiscreteScheduler"
+    prediction_types = ("epsilon", "v_prediction")
+
+    def set_timesteps(self, state: SigmaSchedulerState, num_inference_steps: int, shape: tuple = ()):
+        return self._sigma_state(num_inference_steps)
+
+    def step(
+        self,
+        state: SigmaSchedulerState,
+        model_output: jax.Array,
+        timestep,
+        sample: jax.Array,
+        key: Optional[jax.Array] = None,
+    ) -> SchedulerOutput:
+        """Deterministic step to sigma_down, then noise of std sigma_up (none at the final sigma = 0)."""
+        self._require(state)
+        if key is None:
+            raise ValueError("FlaxEulerAncestralDiscreteScheduler.step draws noise and needs a PRNG `key`.")
+        out_dtype = sample.dtype
+        model_output = model_output.astype(jnp.float32)
+        sample = sample.astype(jnp.float32)
+        i = state.step_index
+        sigma_from, sigma_to = state.sigmas[i], state.sigmas[i + 1]
+        x0 = self._x0(model_output, sample, sigma_from, sigma_from)
+        sigma_up = (sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2) ** 0.5
+        sigma_down = (sigma_to**2 - sigma_up**2) ** 0.5
+        derivative = (sample - x0) / sigma_from
+        prev_sample = sample + derivative * (sigma_down - sigma_from)
+        prev_sample = prev_sample + jax.random.normal(key, sample.shape, jnp.float32) * sigma_up
+        return SchedulerOutput(
+            prev_sample=prev_sample.astype(out_dtype),
+            state=state.replace(step_index=i + 1),
+            pred_original_sample=x0,
+        )
