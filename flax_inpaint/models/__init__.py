@@ -1,6 +1,7 @@
 """Flax model families: UNet, VAE, CLIP text encoder (and later ControlNet, safety checker)."""
 from flax_inpaint.models.checkpoint import CheckpointError
 from flax_inpaint.models.clip import FlaxCLIPTextModel, FlaxCLIPTextModelOutput
+from flax_inpaint.models.unet import FlaxUNet2DConditionModel, FlaxUNet2DConditionOutput
 from flax_inpaint.models.vae import (
     FlaxAutoencoderKL,
     FlaxAutoencoderKLOutput,
@@ -16,4 +17,6 @@ __all__ = [
     "FlaxCLIPTextModelOutput",
     "FlaxDecoderOutput",
     "FlaxDiagonalGaussianDistribution",
+    "FlaxUNet2DConditionModel",
+    "FlaxUNet2DConditionOutput",
 ]

@@ -6,11 +6,12 @@ Submodule names mirror diffusers' PyTorch attribute names (`conv1`, `time_emb_pr
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from flax_inpaint.runtime import Runtime, attention
 
@@ -114,15 +115,28 @@ class Downsample2D(nn.Module):
         return conv(self.out_channels, self.runtime, stride=2, padding=self.padding, name="conv")(x)
 
 
+def _nearest_indices(in_size: int, out_size: int) -> np.ndarray:
+    """Source rows of torch's `F.interpolate(size=out_size, mode="nearest")` (float32 scale, floor)."""
+    if out_size == 2 * in_size:
+        return np.arange(out_size) // 2
+    scale = np.float32(in_size) / np.float32(out_size)
+    idx = np.floor(np.arange(out_size, dtype=np.float32) * scale).astype(np.int64)
+    return np.minimum(idx, in_size - 1)
+
+
 class Upsample2D(nn.Module):
-    """Nearest-neighbour 2x upsampling followed by a 3x3 conv."""
+    """Nearest-neighbour upsampling (2x, or to `output_size` like diffusers) followed by a 3x3 conv."""
 
     out_channels: int
     runtime: Runtime
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+    def __call__(self, x: jax.Array, output_size: Optional[Tuple[int, int]] = None) -> jax.Array:
+        if output_size is None or tuple(output_size) == (2 * x.shape[1], 2 * x.shape[2]):
+            x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+        else:
+            x = x[:, _nearest_indices(x.shape[1], output_size[0])]
+            x = x[:, :, _nearest_indices(x.shape[2], output_size[1])]
         return conv(self.out_channels, self.runtime, name="conv")(x)
 
 

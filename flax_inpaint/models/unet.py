@@ -1,0 +1,634 @@
+"""The conditional UNet of Stable Diffusion 1.x/2.x (incl. 9-channel inpainting), NHWC inside.
+
+Mirrors diffusers' `UNet2DConditionModel`: module names follow the PyTorch attribute names, so a
+diffusers checkpoint converts mechanically (see `checkpoint.py`). The blocks are module-level classes
+with explicit fields so a ControlNet can reuse the time embedding, down blocks and mid block;
+`build_down_block` / `build_mid_block` build them from any object carrying the UNet config fields.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Optional, Sequence, Tuple, Union
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flax_inpaint.models.checkpoint import PretrainedMixin
+from flax_inpaint.models.layers import (
+    Attention,
+    Downsample2D,
+    ResnetBlock2D,
+    Upsample2D,
+    conv,
+    dense,
+    get_activation,
+    group_norm,
+    layer_norm,
+)
+from flax_inpaint.runtime import Runtime
+
+IntOrTuple = Union[int, Tuple[int, ...]]
+
+# --------------------------------------------------------------------------------- embeddings
+
+
+def timestep_embedding(
+    timesteps: jax.Array,
+    dim: int,
+    flip_sin_to_cos: bool = False,
+    freq_shift: float = 1.0,
+    max_period: float = 10000.0,
+) -> jax.Array:
+    """diffusers' `get_timestep_embedding`: [B] timesteps -> [B, dim] sinusoids, always float32.
+
+    freq_i = exp(-ln(max_period) * i / (dim/2 - freq_shift)); emb = [sin(t freq), cos(t freq)]
+    ([cos, sin] with flip_sin_to_cos). Computed in float32 whatever the model dtype: timesteps up to
+    1000 times a frequency near 1 would lose the phase entirely in bfloat16.
+    """
+    half = dim // 2
+    # The frequencies are a constant: exponent rounded to float32 as torch does, exp taken in float64
+    # and rounded once. That reproduces torch's float32 table (XLA's float32 exp is off by an ulp in
+    # places, which at t ~ 1000 moves the sinusoids by ~3e-5).
+    exponent = np.float32(-math.log(max_period)) * np.arange(half, dtype=np.float32)
+    exponent = exponent / np.float32(half - freq_shift)
+    freqs = np.exp(exponent.astype(np.float64)).astype(np.float32)
+    args = jnp.asarray(timesteps).astype(jnp.float32)[:, None] * freqs[None, :]
+    emb = jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
+    if flip_sin_to_cos:
+        emb = jnp.concatenate([emb[:, half:], emb[:, :half]], axis=-1)
+    if dim % 2:
+        emb = jnp.pad(emb, ((0, 0), (0, 1)))
+    return emb
+
+
+def broadcast_timesteps(timesteps: Union[jax.Array, int, float], batch: int) -> jax.Array:
+    """Timesteps given as a scalar, [1] or [batch] (int or float) -> a [batch] array."""
+    shape = jnp.shape(timesteps)
+    if len(shape) > 1 or (len(shape) == 1 and shape[0] not in (1, batch)):
+        raise ValueError(f"timesteps has shape {shape}; expected a scalar, [1] or [{batch}].")
+    return jnp.broadcast_to(jnp.reshape(jnp.asarray(timesteps), (-1,)), (batch,))
+
+
+class TimestepEmbedding(nn.Module):
+    """linear_1 -> act -> linear_2 (-> post_act), on the sinusoidal timestep embedding."""
+
+    time_embed_dim: int
+    runtime: Runtime
+    act_fn: str = "silu"
+    post_act_fn: Optional[str] = None
+
+    @nn.compact
+    def __call__(self, t_emb: jax.Array) -> jax.Array:
+        h = dense(self.time_embed_dim, self.runtime, name="linear_1")(t_emb)
+        h = dense(self.time_embed_dim, self.runtime, name="linear_2")(get_activation(self.act_fn)(h))
+        return get_activation(self.post_act_fn)(h) if self.post_act_fn else h
+
+
+# --------------------------------------------------------------------------------- transformer
+
+
+class GEGLU(nn.Module):
+    """proj to 2*inner, then value * gelu(gate) (exact gelu, as torch's F.gelu)."""
+
+    inner_dim: int
+    runtime: Runtime
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h, gate = jnp.split(dense(2 * self.inner_dim, self.runtime, name="proj")(x), 2, axis=-1)
+        return h * get_activation("gelu")(gate)
+
+
+class FeedForward(nn.Module):
+    """diffusers' FeedForward with GEGLU: `net.0` (GEGLU), `net.1` (dropout), `net.2` (Linear)."""
+
+    runtime: Runtime
+    mult: int = 4
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = GEGLU(x.shape[-1] * self.mult, self.runtime, name="net_0")(x)
+        return dense(x.shape[-1], self.runtime, name="net_2")(h)
+
+
+class BasicTransformerBlock(nn.Module):
+    """Pre-LayerNorm self-attention, cross-attention and GEGLU feed-forward, each residual.
+
+    With `only_cross_attention`, attn1 also attends to the context instead of to itself.
+    """
+
+    heads: int
+    head_dim: int
+    runtime: Runtime
+    only_cross_attention: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
+        rt = self.runtime
+        h = layer_norm(1e-5, rt, name="norm1")(x)
+        x = x + Attention(self.heads, self.head_dim, rt, name="attn1")(
+            h, context if self.only_cross_attention else None
+        )
+        h = layer_norm(1e-5, rt, name="norm2")(x)
+        x = x + Attention(self.heads, self.head_dim, rt, name="attn2")(h, context)
+        return x + FeedForward(rt, name="ff")(layer_norm(1e-5, rt, name="norm3")(x))
+
+
+class Transformer2DModel(nn.Module):
+    """diffusers' Transformer2DModel on continuous NHWC input: GroupNorm, proj_in, blocks, proj_out, residual.
+
+    proj_in/proj_out are 1x1 convs (SD1) or Dense layers (`use_linear_projection`, SD2); both act on
+    channels alone, so they are the same map up to the checkpoint's kernel layout.
+    """
+
+    heads: int
+    head_dim: int
+    runtime: Runtime
+    num_layers: int = 1
+    groups: int = 32
+    use_linear_projection: bool = False
+    only_cross_attention: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
+        rt = self.runtime
+        b, hgt, wid, channels = x.shape
+        inner = self.heads * self.head_dim
+
+        def proj(features, name):
+            if self.use_linear_projection:
+                return dense(features, rt, name=name)
+            return conv(features, rt, kernel=1, name=name)
+
+        h = group_norm(self.groups, 1e-6, rt, name="norm")(x)
+        h = proj(inner, "proj_in")(h).reshape(b, hgt * wid, inner)
+        for i in range(self.num_layers):
+            h = BasicTransformerBlock(
+                self.heads, self.head_dim, rt, self.only_cross_attention, name=f"transformer_blocks_{i}"
+            )(h, context)
+        h = proj(channels, "proj_out")(h.reshape(b, hgt, wid, inner))
+        return h + x
+
+
+# --------------------------------------------------------------------------------- UNet blocks
+
+
+class DownBlock2D(nn.Module):
+    """`num_layers` ResnetBlock2D, then an optional stride-2 conv.
+
+    Returns the hidden states and the skip connections (one per layer, plus the downsampled one).
+    """
+
+    out_channels: int
+    runtime: Runtime
+    num_layers: int = 1
+    groups: int = 32
+    eps: float = 1e-5
+    act_fn: str = "silu"
+    add_downsample: bool = True
+    downsample_padding: int = 1
+
+    def attend(self, i: int, x: jax.Array, context: Optional[jax.Array]) -> jax.Array:
+        return x
+
+    @nn.compact
+    def __call__(self, x, temb, context=None) -> Tuple[jax.Array, Tuple[jax.Array, ...]]:
+        rt, skips = self.runtime, ()
+        for i in range(self.num_layers):
+            x = ResnetBlock2D(self.out_channels, rt, self.groups, self.eps, self.act_fn, name=f"resnets_{i}")(
+                x, temb
+            )
+            x = self.attend(i, x, context)
+            skips += (x,)
+        if self.add_downsample:
+            x = Downsample2D(self.out_channels, rt, self.downsample_padding, name="downsamplers_0")(x)
+            skips += (x,)
+        return x, skips
+
+
+class CrossAttnDownBlock2D(DownBlock2D):
+    """DownBlock2D with a Transformer2DModel (`attentions_i`) after each resnet.
+
+    `heads` is diffusers' per-block `attention_head_dim`; the head size is out_channels // heads.
+    """
+
+    transformer_layers: int = 1
+    heads: int = 1
+    use_linear_projection: bool = False
+    only_cross_attention: bool = False
+
+    def attend(self, i, x, context):
+        return _transformer(self, self.out_channels, i)(x, context)
+
+
+class UpBlock2D(nn.Module):
+    """`num_layers` x (concat the last skip, ResnetBlock2D), then optional upsampling.
+
+    `upsample_size` forces the upsampled spatial size (diffusers does so when the input size is
+    not a multiple of 2**num_upsamplers); otherwise it is plain 2x.
+    """
+
+    out_channels: int
+    runtime: Runtime
+    num_layers: int = 1
+    groups: int = 32
+    eps: float = 1e-5
+    act_fn: str = "silu"
+    add_upsample: bool = True
+
+    def attend(self, i: int, x: jax.Array, context: Optional[jax.Array]) -> jax.Array:
+        return x
+
+    @nn.compact
+    def __call__(self, x, skips, temb, context=None, upsample_size=None) -> jax.Array:
+        rt = self.runtime
+        for i in range(self.num_layers):
+            x = jnp.concatenate([x, skips[-1 - i]], axis=-1)
+            x = ResnetBlock2D(self.out_channels, rt, self.groups, self.eps, self.act_fn, name=f"resnets_{i}")(
+                x, temb
+            )
+            x = self.attend(i, x, context)
+        if self.add_upsample:
+            x = Upsample2D(self.out_channels, rt, name="upsamplers_0")(x, upsample_size)
+        return x
+
+
+class CrossAttnUpBlock2D(UpBlock2D):
+    """UpBlock2D with a Transformer2DModel (`attentions_i`) after each resnet."""
+
+    transformer_layers: int = 1
+    heads: int = 1
+    use_linear_projection: bool = False
+    only_cross_attention: bool = False
+
+    def attend(self, i, x, context):
+        return _transformer(self, self.out_channels, i)(x, context)
+
+
+class UNetMidBlock2DCrossAttn(nn.Module):
+    """resnets_0, then `num_layers` x (Transformer2DModel, ResnetBlock2D).
+
+    `num_layers=0` is diffusers' UNetMidBlock2D as the UNet builds it (one resnet, no attention).
+    """
+
+    channels: int
+    runtime: Runtime
+    num_layers: int = 1
+    transformer_layers: int = 1
+    heads: int = 1
+    groups: int = 32
+    eps: float = 1e-5
+    act_fn: str = "silu"
+    output_scale_factor: float = 1.0
+    use_linear_projection: bool = False
+    only_cross_attention = False  # not configurable for this block in diffusers
+
+    @nn.compact
+    def __call__(self, x, temb, context=None) -> jax.Array:
+        def resnet(i):
+            return ResnetBlock2D(
+                self.channels, self.runtime, self.groups, self.eps, self.act_fn, self.output_scale_factor,
+                name=f"resnets_{i}",
+            )
+
+        x = resnet(0)(x, temb)
+        for i in range(self.num_layers):
+            x = resnet(i + 1)(_transformer(self, self.channels, i)(x, context), temb)
+        return x
+
+
+def _transformer(block: nn.Module, channels: int, i: int) -> Transformer2DModel:
+    """The `attentions_i` Transformer2DModel of a cross-attention block (diffusers floors the head size)."""
+    return Transformer2DModel(
+        block.heads, channels // block.heads, block.runtime, block.transformer_layers, block.groups,
+        block.use_linear_projection, block.only_cross_attention, name=f"attentions_{i}",
+    )
+
+
+DOWN_BLOCKS = ("CrossAttnDownBlock2D", "DownBlock2D")
+UP_BLOCKS = ("CrossAttnUpBlock2D", "UpBlock2D")
+MID_BLOCKS = ("UNetMidBlock2DCrossAttn", "UNetMidBlock2D", None)
+
+
+def per_block(value: Any, n: int, name: str) -> Tuple[Any, ...]:
+    """A per-block config value: a scalar repeated n times, or a sequence of exactly n entries."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != n:
+            raise ValueError(f"{name}={value!r} has {len(value)} entries; expected one per block ({n}).")
+        return tuple(value)
+    return (value,) * n
+
+
+def _at(cfg: Any, key: str, i: int) -> Any:
+    """Entry i of the per-block config value `key` (up block i uses entry n - 1 - i)."""
+    return per_block(getattr(cfg, key), len(cfg.block_out_channels), key)[i]
+
+
+def _block_type(name: Optional[str]) -> Optional[str]:
+    """diffusers accepts a `UNetRes` prefix on block type names and drops it."""
+    return name[7:] if name and name.startswith("UNetRes") else name
+
+
+def _attention_fields(cfg: Any, i: int) -> dict:
+    """Transformer settings of block entry i. diffusers' naming quirk: `attention_head_dim` is the
+    number of heads (`num_attention_heads` must be None); the head size is channels // heads."""
+    return dict(
+        transformer_layers=_at(cfg, "transformer_layers_per_block", i),
+        heads=_at(cfg, "attention_head_dim", i),
+        use_linear_projection=cfg.use_linear_projection,
+    )
+
+
+def build_down_block(cfg: Any, i: int, name: str) -> nn.Module:
+    """Down block i of a UNet-family config `cfg` (a UNet or ControlNet module with the same fields)."""
+    n = len(cfg.block_out_channels)
+    common = dict(
+        out_channels=cfg.block_out_channels[i], runtime=cfg.runtime,
+        num_layers=_at(cfg, "layers_per_block", i), groups=cfg.norm_num_groups, eps=cfg.norm_eps,
+        act_fn=cfg.act_fn, add_downsample=i < n - 1, downsample_padding=cfg.downsample_padding, name=name,
+    )
+    if _block_type(cfg.down_block_types[i]) == "DownBlock2D":
+        return DownBlock2D(**common)
+    return CrossAttnDownBlock2D(
+        **common, **_attention_fields(cfg, i), only_cross_attention=_at(cfg, "only_cross_attention", i)
+    )
+
+
+def build_mid_block(cfg: Any, name: str = "mid_block") -> Optional[nn.Module]:
+    """The mid block of a UNet-family config (settings of the deepest block), or None."""
+    if cfg.mid_block_type is None:
+        return None
+    return UNetMidBlock2DCrossAttn(
+        cfg.block_out_channels[-1], cfg.runtime,
+        num_layers=1 if cfg.mid_block_type == "UNetMidBlock2DCrossAttn" else 0,
+        groups=cfg.norm_num_groups, eps=cfg.norm_eps, act_fn=cfg.act_fn,
+        output_scale_factor=cfg.mid_block_scale_factor, name=name, **_attention_fields(cfg, -1),
+    )
+
+
+def build_up_block(cfg: Any, i: int, name: str) -> nn.Module:
+    """Up block i of a UNet config: it mirrors down block n - 1 - i and has one more layer."""
+    n = len(cfg.block_out_channels)
+    j = n - 1 - i
+    common = dict(
+        out_channels=cfg.block_out_channels[j], runtime=cfg.runtime,
+        num_layers=_at(cfg, "layers_per_block", j) + 1, groups=cfg.norm_num_groups, eps=cfg.norm_eps,
+        act_fn=cfg.act_fn, add_upsample=i < n - 1, name=name,
+    )
+    if _block_type(cfg.up_block_types[i]) == "UpBlock2D":
+        return UpBlock2D(**common)
+    return CrossAttnUpBlock2D(
+        **common, **_attention_fields(cfg, j), only_cross_attention=_at(cfg, "only_cross_attention", j)
+    )
+
+
+def validate_unet_config(cfg: Any, up_block_types: Optional[Sequence[str]] = None) -> None:
+    """Clear ValueErrors for UNet-family configs this implementation cannot run."""
+    n = len(cfg.block_out_channels)
+    down = [_block_type(t) for t in cfg.down_block_types]
+    if len(down) != n:
+        raise ValueError(
+            f"down_block_types has {len(down)} entries but block_out_channels has {n}; they must match."
+        )
+    kinds = [("down_block_types", down, DOWN_BLOCKS)]
+    if up_block_types is not None:
+        if len(up_block_types) != n:
+            raise ValueError(f"up_block_types has {len(up_block_types)} entries; expected {n}.")
+        kinds.append(("up_block_types", [_block_type(t) for t in up_block_types], UP_BLOCKS))
+    for key, types, supported in kinds:
+        bad = [t for t in types if t not in supported]
+        if bad:
+            raise ValueError(f"{key}: unsupported block types {bad}; supported: {sorted(supported)}.")
+    if cfg.mid_block_type not in MID_BLOCKS:
+        raise ValueError(f"mid_block_type={cfg.mid_block_type!r} is not supported; use one of {MID_BLOCKS}.")
+    if not isinstance(cfg.norm_num_groups, int):
+        raise ValueError(f"norm_num_groups={cfg.norm_num_groups!r} is not supported; give an int.")
+    odd = [c for c in cfg.block_out_channels if c % cfg.norm_num_groups]
+    if odd:
+        raise ValueError(
+            f"block_out_channels {odd} are not divisible by norm_num_groups={cfg.norm_num_groups}."
+        )
+    heads = per_block(cfg.attention_head_dim, n, "attention_head_dim")
+    for name in ("layers_per_block", "only_cross_attention"):
+        per_block(getattr(cfg, name), n, name)
+    tlayers = per_block(cfg.transformer_layers_per_block, n, "transformer_layers_per_block")
+    if not all(isinstance(t, int) for t in tlayers):
+        raise ValueError(
+            f"transformer_layers_per_block={cfg.transformer_layers_per_block!r}: per-layer lists need "
+            "reverse_transformer_layers_per_block, which is not supported; give an int per block."
+        )
+    small = [(c, h) for c, h in zip(cfg.block_out_channels, heads) if c // h == 0]
+    if small:
+        raise ValueError(f"(channels, heads) {small}: fewer channels than attention heads.")
+    if len(set(per_block(cfg.cross_attention_dim, n, "cross_attention_dim"))) != 1:
+        raise ValueError(
+            f"cross_attention_dim={cfg.cross_attention_dim!r}: differing per-block values need an "
+            "encoder_hid_proj, which is not supported; give one value."
+        )
+
+
+# --------------------------------------------------------------------------------- the UNet
+
+
+@flax.struct.dataclass
+class FlaxUNet2DConditionOutput:
+    """sample: [batch, channels, height, width] noise (or v) prediction."""
+
+    sample: jax.Array
+
+
+class FlaxUNet2DConditionModel(nn.Module, PretrainedMixin):
+    """diffusers' UNet2DConditionModel (SD 1.x/2.x, text-to-image and 9-channel inpainting).
+
+    Fields are the diffusers config keys. `__call__` takes and returns NCHW like diffusers;
+    `nhwc` is the same network on NHWC arrays, for pipelines and ControlNets that stay NHWC.
+    """
+
+    sample_size: Optional[Union[int, Tuple[int, int]]] = None
+    in_channels: int = 4
+    out_channels: int = 4
+    center_input_sample: bool = False
+    flip_sin_to_cos: bool = True
+    freq_shift: int = 0
+    down_block_types: Tuple[str, ...] = (
+        "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D",
+    )
+    mid_block_type: Optional[str] = "UNetMidBlock2DCrossAttn"
+    up_block_types: Tuple[str, ...] = (
+        "UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D",
+    )
+    only_cross_attention: Union[bool, Tuple[bool, ...]] = False
+    block_out_channels: Tuple[int, ...] = (320, 640, 1280, 1280)
+    layers_per_block: IntOrTuple = 2
+    downsample_padding: int = 1
+    mid_block_scale_factor: float = 1.0
+    act_fn: str = "silu"
+    norm_num_groups: int = 32
+    norm_eps: float = 1e-5
+    cross_attention_dim: IntOrTuple = 1280
+    transformer_layers_per_block: IntOrTuple = 1
+    attention_head_dim: IntOrTuple = 8  # the number of heads: diffusers' naming quirk
+    use_linear_projection: bool = False
+    upcast_attention: bool = False  # accepted: attention() always takes the softmax in float32
+    time_embedding_dim: Optional[int] = None
+    time_embedding_act_fn: Optional[str] = None
+    timestep_post_act: Optional[str] = None
+    conv_in_kernel: int = 3
+    conv_out_kernel: int = 3
+    runtime: Runtime = Runtime()
+
+    torch_class = "UNet2DConditionModel"
+    weight_stems = ("diffusion_pytorch_model",)
+    # Keys that do not change this computation: dropout is inference-irrelevant; the others only
+    # configure block types or embeddings that the fixed keys below already rule out.
+    ignored_config_keys = frozenset(
+        {
+            "dropout", "mid_block_only_cross_attention", "cross_attention_norm", "resnet_skip_time_act",
+            "resnet_out_scale_factor", "addition_embed_type_num_heads", "addition_time_embed_dim",
+            "projection_class_embeddings_input_dim",
+        }
+    )
+    fixed_config = {
+        "num_attention_heads": (None,),
+        "encoder_hid_dim": (None,),
+        "encoder_hid_dim_type": (None,),
+        "dual_cross_attention": (False,),
+        "class_embed_type": (None,),
+        "num_class_embeds": (None,),
+        "class_embeddings_concat": (False,),
+        "addition_embed_type": (None,),
+        "resnet_time_scale_shift": ("default",),
+        "time_embedding_type": ("positional",),
+        "time_cond_proj_dim": (None,),
+        "attention_type": ("default",),
+        "reverse_transformer_layers_per_block": (None,),
+    }
+
+    def __post_init__(self):
+        validate_unet_config(self, self.up_block_types)
+        super().__post_init__()
+
+    def dummy_inputs(self):
+        """The smallest valid inputs: one sample of 2**num_upsamplers pixels a side, one token."""
+        size = 2 ** (len(self.block_out_channels) - 1)
+        return (
+            jnp.zeros((1, self.in_channels, size, size), self.runtime.dtype),
+            jnp.zeros((1,), jnp.int32),
+            jnp.zeros((1, 1, _at(self, "cross_attention_dim", 0)), self.runtime.dtype),
+        )
+
+    def __call__(
+        self,
+        sample: jax.Array,
+        timesteps: Union[jax.Array, int, float],
+        encoder_hidden_states: jax.Array,
+        down_block_additional_residuals: Optional[Sequence[jax.Array]] = None,
+        mid_block_additional_residual: Optional[jax.Array] = None,
+        return_dict: bool = True,
+    ):
+        """NCHW in and out, like diffusers. ControlNet residuals are NCHW too."""
+
+        def to_nhwc(x):
+            return None if x is None else jnp.transpose(x, (0, 2, 3, 1))
+
+        down = down_block_additional_residuals
+        out = self.nhwc(
+            to_nhwc(sample), timesteps, encoder_hidden_states,
+            None if down is None else [to_nhwc(r) for r in down],
+            to_nhwc(mid_block_additional_residual),
+        )
+        out = jnp.transpose(out, (0, 3, 1, 2))
+        return FlaxUNet2DConditionOutput(sample=out) if return_dict else (out,)
+
+    @nn.compact
+    def nhwc(
+        self,
+        sample: jax.Array,
+        timesteps: Union[jax.Array, int, float],
+        encoder_hidden_states: jax.Array,
+        down_residuals: Optional[Sequence[jax.Array]] = None,
+        mid_residual: Optional[jax.Array] = None,
+    ) -> jax.Array:
+        """The UNet on NHWC `sample` [B, H, W, in_channels]; returns [B, H, W, out_channels].
+
+        timesteps: scalar, [1] or [B], int or float. encoder_hidden_states: [B, tokens, dim].
+        down_residuals (one per skip connection, conv_in's first) and mid_residual are ControlNet
+        outputs, NHWC, added like diffusers does; give both or neither.
+        """
+        rt, n = self.runtime, len(self.block_out_channels)
+        batch = sample.shape[0]
+        self._check_inputs(sample, timesteps, encoder_hidden_states, down_residuals, mid_residual)
+        context = encoder_hidden_states.astype(rt.dtype)
+        if self.center_input_sample:
+            sample = 2 * sample - 1.0
+
+        t = broadcast_timesteps(timesteps, batch)
+        t_emb = timestep_embedding(t, self.block_out_channels[0], self.flip_sin_to_cos, self.freq_shift)
+        emb = TimestepEmbedding(
+            self.time_embedding_dim or 4 * self.block_out_channels[0], rt, self.act_fn,
+            self.timestep_post_act, name="time_embedding",
+        )(t_emb)
+        if self.time_embedding_act_fn:
+            emb = get_activation(self.time_embedding_act_fn)(emb)
+
+        k_in, k_out = self.conv_in_kernel, self.conv_out_kernel
+        h = conv(self.block_out_channels[0], rt, k_in, padding=(k_in - 1) // 2, name="conv_in")(sample)
+        skips = (h,)
+        for i in range(n):
+            h, res = build_down_block(self, i, f"down_blocks_{i}")(h, emb, context)
+            skips += res
+        if down_residuals is not None:
+            if [r.shape for r in down_residuals] != [s.shape for s in skips]:
+                raise ValueError(
+                    f"down-block residuals have shapes {[r.shape for r in down_residuals]}; this UNet's "
+                    f"skip connections have shapes {[s.shape for s in skips]} (NHWC)."
+                )
+            skips = tuple(s + r.astype(s.dtype) for s, r in zip(skips, down_residuals))
+
+        mid = build_mid_block(self)
+        if mid is not None:
+            h = mid(h, emb, context)
+        if mid_residual is not None:
+            h = h + mid_residual.astype(h.dtype)
+
+        # diffusers forwards the skip's size to the upsamplers when the input is not a multiple
+        # of 2**num_upsamplers (nearest resize to that size instead of plain 2x).
+        forward_size = any(d % 2 ** (n - 1) for d in sample.shape[1:3])
+        for i in range(n):
+            block = build_up_block(self, i, f"up_blocks_{i}")
+            res, skips = skips[-block.num_layers:], skips[:-block.num_layers]
+            size = skips[-1].shape[1:3] if forward_size and i < n - 1 else None
+            h = block(h, res, emb, context, size)
+
+        h = get_activation(self.act_fn)(
+            group_norm(self.norm_num_groups, self.norm_eps, rt, name="conv_norm_out")(h)
+        )
+        return conv(self.out_channels, rt, k_out, padding=(k_out - 1) // 2, name="conv_out")(h)
+
+    def _check_inputs(self, sample, timesteps, context, down_residuals, mid_residual) -> None:
+        """Fail before any compute on inputs that cannot fit this configuration."""
+        n = len(self.block_out_channels)
+        if sample.ndim != 4 or sample.shape[-1] != self.in_channels:
+            raise ValueError(
+                f"sample has shape {sample.shape}; expected NHWC with {self.in_channels} channels "
+                "(NCHW through __call__)."
+            )
+        dim, b = _at(self, "cross_attention_dim", 0), sample.shape[0]
+        if context.ndim != 3 or context.shape[-1] != dim or context.shape[0] != b:
+            raise ValueError(
+                f"encoder_hidden_states has shape {context.shape}; expected [{b}, tokens, {dim}]."
+            )
+        if (down_residuals is None) != (mid_residual is None):
+            raise ValueError(
+                "Give both down_block_additional_residuals and mid_block_additional_residual "
+                "(ControlNet outputs), or neither."
+            )
+        skips = 1 + sum(_at(self, "layers_per_block", i) for i in range(n)) + n - 1
+        if down_residuals is not None and len(down_residuals) != skips:
+            raise ValueError(
+                f"Got {len(down_residuals)} down-block residuals; this UNet has {skips} skip connections "
+                "(conv_in's, one per down-block layer, one per downsampler)."
+            )
