@@ -6,9 +6,11 @@ from flax_inpaint.schedulers.common import (
 )
 from flax_inpaint.schedulers.ddim import FlaxDDIMInverseScheduler, FlaxDDIMScheduler
 from flax_inpaint.schedulers.ddpm import FlaxDDPMScheduler
+from flax_inpaint.schedulers.dpm_solver import FlaxDPMSolverMultistepScheduler
 from flax_inpaint.schedulers.euler import FlaxEulerAncestralDiscreteScheduler, FlaxEulerDiscreteScheduler
 from flax_inpaint.schedulers.lms import FlaxLMSDiscreteScheduler
 from flax_inpaint.schedulers.pndm import FlaxPNDMScheduler
+from flax_inpaint.schedulers.unipc import FlaxUniPCMultistepScheduler
 
 __all__ = [
     "SchedulerMixin",
@@ -21,4 +23,6 @@ __all__ = [
     "FlaxEulerAncestralDiscreteScheduler",
     "FlaxLMSDiscreteScheduler",
     "FlaxPNDMScheduler",
+    "FlaxDPMSolverMultistepScheduler",
+    "FlaxUniPCMultistepScheduler",
 ]

@@ -1,0 +1,276 @@
+"""UniPC (Zhao et al. 2023): unified predictor-corrector multistep, step for step like diffusers'
+UniPCMultistepScheduler (B(h) variants bh1 / bh2, data or noise prediction, without `solver_p`).
+
+Notation as in `dpm_solver`: sigma -> (alpha_t, sigma_t, lambda_t), h = lambda_t - lambda_s0,
+hh = -h for data prediction (x0, "predict_x0") and +h for noise prediction; B(h) = hh (bh1) or
+e^hh - 1 (bh2). With m_0 the newest converted output and D_j = (m_j - m_0) / r_j, r_j = (lambda_sj -
+lambda_s0) / h, both halves of a step are
+  x_t = (sigma_t / sigma_s0) x_s - alpha_t (e^hh - 1) m_0 - alpha_t B(h) sum_j rho_j D_j     (x0 form)
+where the rho solve R rho = b, R_kj = r_j^(k-1), b_k = k! phi_(k+1)(hh) / B(h)
+(eq. 8 / Alg. 2-3 of the paper):
+  UniP-p (predictor, order p):   D_1..D_(p-1) from the p newest outputs; rho = 1/2 for p = 2.
+  UniC-p (corrector, order p):   re-does the previous step from `last_sample` once the model has been
+                                 evaluated at its result, adding D_t = m_t - m_0 (rho = 1/2 for p = 1).
+Every step first corrects the incoming sample (except the first, and steps listed in
+`disable_corrector`), then predicts the next. The orders are traced ints dispatched with `lax.switch`
+to static-order branches, so `step` runs inside one `fori_loop`.
+
+Deliberate differences from diffusers 0.42, only where diffusers returns NaN/inf:
+* bh1 with final sigma 0: the last (first-order) step is x0 exactly; diffusers computes -inf * 0.
+* `lower_order_final=False` with final sigma 0, or a zero-length last step (Karras with
+  `final_sigmas_type="sigma_min"` repeats the smallest sigma): the last step is first order, like
+  DPM-Solver does for sigma 0; diffusers divides by r = 0 / h = 0.
+`predict_x0=False` with `final_sigmas_type="zero"` raises (the noise form divides by the final sigma).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Optional, Tuple
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flax_inpaint.schedulers.common import SchedulerMixin, SchedulerOutput, clip_or_threshold, to_x0_eps
+from flax_inpaint.schedulers.dpm_solver import (
+    SigmaMultistepMixin,
+    alpha_sigma_lambda,
+    karras_schedule,
+    multistep_timesteps,
+    push,
+    train_sigmas,
+)
+
+SOLVER_TYPES = ("bh1", "bh2")
+
+
+def _weighted_sum(weights: jax.Array, terms) -> jax.Array:
+    """sum_j weights[j] * terms[j], accumulated in order."""
+    return sum((weights[j] * terms[j] for j in range(1, len(terms))), weights[0] * terms[0])
+
+
+@flax.struct.dataclass
+class UniPCMultistepState:
+    timesteps: jax.Array  # [N] int32, model timesteps in loop order
+    sigmas: jax.Array  # [N + 1] f32, Karras sigma of each iteration; sigmas[N] is the final one (0 or min)
+    model_outputs: jax.Array  # [solver_order, *shape] f32, converted outputs (x0 or eps), newest last
+    last_sample: jax.Array  # [*shape] f32, the sample the previous predictor started from (for UniC)
+    this_order: jax.Array  # [] int32, order of the previous predictor (= order of the next corrector)
+    lower_order_nums: jax.Array  # [] int32, steps taken since set_timesteps, capped at solver_order
+    step_index: jax.Array  # [] int32, iteration the next `step` performs
+    init_noise_sigma: jax.Array  # [] f32, 1.0
+    num_inference_steps: int = flax.struct.field(pytree_node=False, default=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class FlaxUniPCMultistepScheduler(SigmaMultistepMixin, SchedulerMixin):
+    """UniPC multistep (bh2 + x0 prediction by default; `solver_order` 2 for guided sampling).
+
+    Not implemented (raise): `solver_p`, exponential / beta / flow sigmas, dynamic shifting.
+    DPM-Solver's solver types map to bh2 like in diffusers.
+    """
+
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.0001
+    beta_end: float = 0.02
+    beta_schedule: str = "linear"
+    trained_betas: Optional[Tuple[float, ...]] = None
+    solver_order: int = 2
+    prediction_type: str = "epsilon"
+    thresholding: bool = False
+    dynamic_thresholding_ratio: float = 0.995
+    sample_max_value: float = 1.0
+    predict_x0: bool = True
+    solver_type: str = "bh2"
+    lower_order_final: bool = True
+    disable_corrector: Tuple[int, ...] = ()
+    solver_p: None = None
+    use_karras_sigmas: bool = False
+    use_exponential_sigmas: bool = False
+    use_beta_sigmas: bool = False
+    use_flow_sigmas: bool = False
+    timestep_spacing: str = "linspace"
+    steps_offset: int = 0
+    final_sigmas_type: str = "zero"
+    rescale_betas_zero_snr: bool = False
+    use_dynamic_shifting: bool = False
+    sigma_min: Optional[float] = None
+    sigma_max: Optional[float] = None
+
+    diffusers_class = "UniPCMultistepScheduler"
+    unsupported_config = {
+        "solver_p": (None,),
+        "use_exponential_sigmas": (False,),
+        "use_beta_sigmas": (False,),
+        "use_flow_sigmas": (False,),
+        "use_dynamic_shifting": (False,),
+    }
+
+    def __post_init__(self):
+        if self.solver_type in ("midpoint", "heun", "logrho"):  # diffusers' alias
+            object.__setattr__(self, "solver_type", "bh2")
+        if self.disable_corrector is None:
+            object.__setattr__(self, "disable_corrector", ())
+        super().__post_init__()  # lists -> tuples
+        object.__setattr__(self, "disable_corrector", tuple(int(i) for i in self.disable_corrector))
+
+    def _validate(self) -> None:
+        super()._validate()
+        name = type(self).__name__
+        if self.solver_type not in SOLVER_TYPES:
+            raise ValueError(f"{name}: solver_type={self.solver_type!r} is not supported; use one of {SOLVER_TYPES}.")
+        if not self.predict_x0 and self.final_sigmas_type == "zero":
+            raise ValueError(
+                f"{name}: predict_x0=False needs final_sigmas_type='sigma_min' (the noise form divides by the final "
+                "sigma, 0 here; diffusers returns NaN)."
+            )
+        if any(not float(i).is_integer() or i < 0 for i in self.disable_corrector):
+            raise ValueError(f"{name}: disable_corrector={self.disable_corrector!r} must list step indices >= 0.")
+
+    # -- schedule --------------------------------------------------------------------------------
+    def create_state(self) -> UniPCMultistepState:
+        empty = jnp.zeros((0,), jnp.float32)
+        zero = jnp.zeros((), jnp.int32)
+        return UniPCMultistepState(
+            timesteps=jnp.zeros((0,), jnp.int32),
+            sigmas=empty,
+            model_outputs=empty,
+            last_sample=empty,
+            this_order=zero,
+            lower_order_nums=zero,
+            step_index=zero,
+            init_noise_sigma=jnp.ones((), jnp.float32),
+        )
+
+    def _schedule(self, num_inference_steps: int) -> Tuple[np.ndarray, np.ndarray]:
+        """(int timesteps [N], fp32 sigmas [N + 1]) exactly as diffusers' set_timesteps computes them."""
+        timesteps = multistep_timesteps(
+            self.num_train_timesteps, num_inference_steps, self.timestep_spacing, self.steps_offset
+        )
+        sigmas = train_sigmas(self._alphas_cumprod())
+        if self.use_karras_sigmas:
+            sig, t = karras_schedule(sigmas, num_inference_steps, self.sigma_min, self.sigma_max)
+            timesteps = t.round().astype(np.int64)
+            last = sig[-1]  # unlike DPM-Solver: the smallest Karras sigma
+        else:
+            sig = np.interp(timesteps, np.arange(0, len(sigmas)), sigmas)
+            last = sigmas[0]
+        last = last if self.final_sigmas_type == "sigma_min" else 0.0
+        return timesteps, np.concatenate([sig, [last]]).astype(np.float32)
+
+    def set_timesteps(self, state: UniPCMultistepState, num_inference_steps: int, shape: tuple):
+        """Timesteps and sigmas for `num_inference_steps` (Python int); `shape` sizes the history buffers."""
+        timesteps, sigmas = self._schedule(num_inference_steps)
+        zero = jnp.zeros((), jnp.int32)
+        return state.replace(
+            timesteps=jnp.asarray(timesteps, jnp.int32),
+            sigmas=jnp.asarray(sigmas),
+            model_outputs=jnp.zeros((self.solver_order,) + tuple(shape), jnp.float32),
+            last_sample=jnp.zeros(tuple(shape), jnp.float32),
+            this_order=zero,
+            lower_order_nums=zero,
+            step_index=zero,
+            num_inference_steps=len(timesteps),
+        )
+
+    # -- the B(h) update shared by UniP and UniC ------------------------------------------------
+    def _bh_update(self, order: int, sigmas, s0, t, buf, x, model_t=None):
+        """One B(h) update of x from node s0 to node t with the newest `order` (static) outputs of `buf`.
+
+        UniP (model_t None): rho from the (order - 1)-square system (1/2 for order 2).
+        UniC (model_t = the converted output at t): rho from the order-square system (1/2 for order 1),
+        its last entry weighting m_t - m_0.
+        """
+        alpha_t, sigma_t, lambda_t = alpha_sigma_lambda(sigmas[t])
+        alpha_s0, sigma_s0, lambda_s0 = alpha_sigma_lambda(sigmas[s0])
+        h = lambda_t - lambda_s0
+        m0 = buf[-1]
+        r, D = [], []  # r_j = (lambda_sj - lambda_s0) / h,  D_j = (m_j - m_0) / r_j
+        for j in range(1, order):
+            r.append((alpha_sigma_lambda(sigmas[s0 - j])[2] - lambda_s0) / h)
+            D.append((buf[-1 - j] - m0) / r[-1])
+        r = jnp.stack(r + [jnp.ones((), jnp.float32)])
+
+        hh = -h if self.predict_x0 else h
+        h_phi_1 = jnp.expm1(hh)  # h phi_1(hh) = e^hh - 1
+        B_h = hh if self.solver_type == "bh1" else h_phi_1
+        phi, b = h_phi_1 / hh - 1.0, []  # h phi_2(hh), then h phi_(k+1)(hh) / (...) recursively
+        for k in range(1, order + 1):
+            b.append(phi * math.factorial(k) / B_h)
+            phi = phi / hh - 1.0 / math.factorial(k + 1)
+        b = jnp.stack(b)
+        R = jnp.stack([r**p for p in range(order)])
+
+        if self.predict_x0:
+            x_t = sigma_t / sigma_s0 * x - alpha_t * h_phi_1 * m0
+            scale = alpha_t * B_h
+        else:
+            x_t = alpha_t / alpha_s0 * x - sigma_t * h_phi_1 * m0
+            scale = sigma_t * B_h
+        if model_t is None:  # UniP
+            if order == 1:
+                return x_t  # (diffusers subtracts scale * 0: NaN when B(h) is infinite)
+            rho = jnp.full((1,), 0.5, jnp.float32) if order == 2 else jnp.linalg.solve(R[:-1, :-1], b[:-1])
+            return x_t - scale * _weighted_sum(rho, D)
+        rho = jnp.full((1,), 0.5, jnp.float32) if order == 1 else jnp.linalg.solve(R, b)
+        res = rho[-1] * (model_t - m0)
+        if order > 1:
+            res = _weighted_sum(rho[:-1], D) + res
+        return x_t - scale * res
+
+    @property
+    def _data_prediction(self) -> bool:
+        return self.predict_x0
+
+    def _convert(self, model_output, sample, alpha_s, sigma_s):
+        """The model output as UniPC integrates it: x0 (predict_x0) or eps."""
+        x0, eps = to_x0_eps(model_output, sample, alpha_s, sigma_s, self.prediction_type)
+        return clip_or_threshold(x0, self) if self.predict_x0 else eps
+
+    # -- one step --------------------------------------------------------------------------------
+    def step(
+        self,
+        state: UniPCMultistepState,
+        model_output: jax.Array,
+        timestep,
+        sample: jax.Array,
+        key: Optional[jax.Array] = None,
+    ) -> SchedulerOutput:
+        """Correct `sample` with UniC (after the first step), then predict the next sample with UniP."""
+        x_in, m, x0 = self._start_step(state, model_output, sample)
+        n, i = state.num_inference_steps, state.step_index
+
+        # UniC: redo the previous step (last_sample at i - 1 -> i) now that m at i is known.
+        use_corrector = state.lower_order_nums > 0
+        if self.disable_corrector:
+            use_corrector &= ~jnp.isin(i - 1, jnp.asarray(self.disable_corrector, jnp.int32))
+        correctors = [lambda: x_in] + [
+            functools.partial(self._bh_update, k, state.sigmas, i - 1, i, state.model_outputs, state.last_sample, m)
+            for k in range(1, self.solver_order + 1)
+        ]
+        x = jax.lax.switch(jnp.where(use_corrector, state.this_order, 0), correctors)
+
+        # UniP from the (corrected) sample at i to i + 1.
+        buf = push(state.model_outputs, m)
+        limit = jnp.minimum(self.solver_order, n - i) if self.lower_order_final else self.solver_order
+        # Final sigma 0 or a zero-length last step: first order (see the module docstring).
+        sigma_end, sigma_last = state.sigmas[n], state.sigmas[n - 1]
+        limit = jnp.where((i == n - 1) & ((sigma_end == 0) | (sigma_end == sigma_last)), 1, limit)
+        this_order = jnp.minimum(limit, state.lower_order_nums + 1).astype(jnp.int32)
+        predictors = [
+            functools.partial(self._bh_update, k, state.sigmas, i, i + 1, buf, x)
+            for k in range(1, self.solver_order + 1)
+        ]
+        prev = jax.lax.switch(this_order - 1, predictors)
+
+        new_state = state.replace(
+            model_outputs=buf,
+            last_sample=x,
+            this_order=this_order,
+            lower_order_nums=jnp.minimum(state.lower_order_nums + 1, self.solver_order),
+            step_index=i + 1,
+        )
+        return SchedulerOutput(prev_sample=prev.astype(sample.dtype), state=new_state, pred_original_sample=x0)
