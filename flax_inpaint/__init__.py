@@ -1,8 +1,27 @@
 """flax-inpaint: JAX/Flax Stable Diffusion inpainting, the maintained home of diffusers' Flax pipelines."""
+from flax_inpaint.image_processor import VaeImageProcessor, make_image_grid
 from flax_inpaint.models.clip import FlaxCLIPTextModel
 from flax_inpaint.models.unet import FlaxUNet2DConditionModel
 from flax_inpaint.models.vae import FlaxAutoencoderKL
+from flax_inpaint.pipelines import (
+    FlaxStableDiffusionImg2ImgPipeline,
+    FlaxStableDiffusionInpaintPipeline,
+    FlaxStableDiffusionPipeline,
+)
 from flax_inpaint.runtime import Runtime
+from flax_inpaint.schedulers import *  # noqa: F401,F403  (the Flax*Scheduler classes)
+from flax_inpaint.schedulers import __all__ as _schedulers
 
 __version__ = "0.1.0"
-__all__ = ["FlaxAutoencoderKL", "FlaxCLIPTextModel", "FlaxUNet2DConditionModel", "Runtime"]
+__all__ = [
+    "FlaxAutoencoderKL",
+    "FlaxCLIPTextModel",
+    "FlaxStableDiffusionImg2ImgPipeline",
+    "FlaxStableDiffusionInpaintPipeline",
+    "FlaxStableDiffusionPipeline",
+    "FlaxUNet2DConditionModel",
+    "Runtime",
+    "VaeImageProcessor",
+    "make_image_grid",
+    *_schedulers,
+]

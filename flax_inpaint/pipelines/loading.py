@@ -1,0 +1,115 @@
+"""Loading a diffusers pipeline folder (`model_index.json`) into Flax components and params."""
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
+
+import jax.numpy as jnp
+
+from flax_inpaint.models.checkpoint import (
+    CheckpointError,
+    read_config,
+    resolve_folder,
+    write_bytes_atomic,
+)
+
+OPTIONAL = ("safety_checker", "feature_extractor", "image_encoder", "controlnet")
+
+
+def _model_classes() -> Dict[str, Any]:
+    """PyTorch class name in model_index.json -> our Flax class."""
+    from flax_inpaint.models.clip import FlaxCLIPTextModel
+    from flax_inpaint.models.unet import FlaxUNet2DConditionModel
+    from flax_inpaint.models.vae import FlaxAutoencoderKL
+
+    return {
+        "UNet2DConditionModel": FlaxUNet2DConditionModel,
+        "AutoencoderKL": FlaxAutoencoderKL,
+        "CLIPTextModel": FlaxCLIPTextModel,
+    }
+
+
+def scheduler_class(name: str):
+    """Our Flax scheduler for a diffusers scheduler class name (e.g. "PNDMScheduler")."""
+    from flax_inpaint import schedulers
+
+    cls = getattr(schedulers, "Flax" + name.removeprefix("Flax"), None)
+    if cls is None:
+        supported = sorted(n.removeprefix("Flax") for n in schedulers.__all__ if n.endswith("Scheduler"))
+        raise ValueError(f"Scheduler {name!r} is not supported; supported: {supported}.")
+    return cls
+
+
+def load_components(
+    path: os.PathLike | str,
+    dtype: Any = jnp.float32,
+    param_dtype: Optional[Any] = None,
+    attention: str = "auto",
+    variant: Optional[str] = None,
+    local_files_only: bool = False,
+    revision: Optional[str] = None,
+    skip: Tuple[str, ...] = (),
+) -> Tuple[Dict[str, Any], Dict[str, Any], Path]:
+    """Read every component listed in `model_index.json`; returns (components, params, folder).
+
+    Models and schedulers map by class name to our Flax classes; the tokenizer loads with
+    transformers. Optional components (safety checker, feature extractor, ...) that are absent
+    or null are set to None; a required one we cannot load raises.
+    """
+    folder = resolve_folder(path, None, local_files_only, revision)
+    index = read_config(folder, "model_index.json")
+    models = _model_classes()
+    components: Dict[str, Any] = {}
+    params: Dict[str, Any] = {}
+    for name, spec in index.items():
+        if name.startswith("_") or not isinstance(spec, (list, tuple)) or len(spec) != 2:
+            continue
+        library, cls_name = spec
+        if cls_name is None or name in skip:
+            components[name] = None
+            continue
+        sub = folder / name
+        if name == "scheduler":
+            components[name] = scheduler_class(cls_name).from_pretrained(sub, subfolder=None)
+            params[name] = components[name].create_state()
+        elif name == "tokenizer":
+            import transformers
+
+            components[name] = getattr(transformers, cls_name).from_pretrained(sub)
+        elif cls_name in models:
+            model, p = models[cls_name].from_pretrained(
+                sub, dtype=dtype, param_dtype=param_dtype or dtype, attention=attention, variant=variant
+            )
+            components[name], params[name] = model, p
+        elif name in OPTIONAL:
+            warnings.warn(f"{name} ({library}.{cls_name}) is not supported yet and is not loaded.")
+            components[name] = None
+        else:
+            raise CheckpointError(f"{folder}/model_index.json: component {name}={cls_name} is not supported.")
+    for required in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        if components.get(required) is None:
+            raise CheckpointError(f"{folder}/model_index.json lacks the required component {required!r}.")
+    return components, params, folder
+
+
+def save_components(folder: os.PathLike, pipeline_class: str, components: Dict[str, Any], params) -> None:
+    """Write a diffusers-format pipeline folder (PyTorch safetensors + our msgpack per model)."""
+    folder = Path(folder)
+    index: Dict[str, Any] = {"_class_name": pipeline_class, "_diffusers_version": "0.42.1"}
+    for name, comp in components.items():
+        if comp is None:
+            index[name] = [None, None]
+        elif name == "scheduler":
+            comp.save_pretrained(folder / name)
+            index[name] = ["diffusers", comp.diffusers_class]
+        elif name == "tokenizer":
+            comp.save_pretrained(folder / name)
+            index[name] = ["transformers", type(comp).__name__]
+        else:
+            comp.save_pretrained(folder / name, params[name], pytorch_format=True)
+            library = "transformers" if comp.weight_stems[0] == "model" else "diffusers"
+            index[name] = [library, comp.torch_class]
+    write_bytes_atomic(folder / "model_index.json", json.dumps(index, indent=2).encode())

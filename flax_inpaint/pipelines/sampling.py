@@ -1,0 +1,196 @@
+"""The one compiled program behind every Stable Diffusion pipeline.
+
+`generate` is a pure function: text encoding, latent preparation, the whole denoising loop in one
+`lax.fori_loop` (classifier-free guidance as one doubled batch), VAE decoding and the safety checker.
+Its static arguments are the model definitions (`Components`) and shape/step options (`Options`);
+params, inputs and keys are traced, so new prompts, seeds, masks, guidance or strength reuse the
+compiled program. The pipelines differ only in which `Batch` fields they fill.
+
+Randomness: one key covers the batch it is called with (the initial noise is one draw of the
+batch's shape), so a mesh call over a global batch equals a single-device call on that batch, and a
+pmapped call equals per-shard calls with each device's key.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+import flax
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class Components:
+    """The model definitions (hashable linen modules and scheduler): static under jit/pmap."""
+
+    unet: Any
+    vae: Any
+    text_encoder: Any
+    scheduler: Any
+    safety_checker: Any = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """Static options: changing one of these compiles a new program."""
+
+    num_inference_steps: int
+    height: int
+    width: int
+    do_cfg: bool
+    output_type: str = "np"  # "np" (NHWC floats in [0, 1]) or "latent" (NCHW)
+    clip_skip: Optional[int] = None
+    num_images_per_prompt: int = 1
+    scheduler_takes_eta: bool = False
+
+
+@flax.struct.dataclass
+class Batch:
+    """Per-call traced inputs. Images are NCHW in [-1, 1], masks N1HW in {0, 1}."""
+
+    prompt_ids: Optional[Array] = None  # [B, L] int32
+    neg_prompt_ids: Optional[Array] = None  # [B, L] int32
+    prompt_embeds: Optional[Array] = None  # [B, L, D]
+    negative_prompt_embeds: Optional[Array] = None  # [B, L, D]
+    image: Optional[Array] = None  # [B, 3, H, W]: img2img start / 4-channel inpaint blending
+    mask: Optional[Array] = None  # [B, 1, H, W]
+    masked_image: Optional[Array] = None  # [B, 3, H, W]
+    masked_image_latents: Optional[Array] = None  # [B, 4, h, w], already scaled
+    latents: Optional[Array] = None  # [B, 4, h, w] initial noise (unscaled)
+    guidance_scale: Array = 7.5  # [B] or scalar
+    begin_index: Array = 0  # first loop iteration (strength), int32
+    strength_is_max: Array = True  # strength == 1: start from pure noise
+    eta: Array = 0.0
+
+
+def nchw_to_nhwc(x: Array) -> Array:
+    return jnp.transpose(x, (0, 2, 3, 1))
+
+
+def nhwc_to_nchw(x: Array) -> Array:
+    return jnp.transpose(x, (0, 3, 1, 2))
+
+
+def encode_text(text_encoder, params, ids: Array, clip_skip: Optional[int]) -> Array:
+    """Prompt embeddings; with `clip_skip`, an earlier layer's hidden state through the final norm."""
+    if clip_skip is None:
+        return text_encoder.apply({"params": params}, ids).last_hidden_state
+    out = text_encoder.apply({"params": params}, ids, output_hidden_states=True)
+    hidden = out.hidden_states[-(clip_skip + 1)]
+    return text_encoder.apply({"params": params}, hidden, method=text_encoder.final_layer_norm)
+
+
+def encode_image(vae, params, image: Array, key: Array) -> Array:
+    """Scaled VAE latents (NHWC) of an NCHW image, sampling the posterior like diffusers."""
+    dist = vae.apply({"params": params}, image.astype(vae.runtime.dtype), method=vae.encode).latent_dist
+    return nchw_to_nhwc(dist.sample(key).astype(jnp.float32)) * vae.scaling_factor
+
+
+def _prompt_context(c: Components, opts: Options, params, batch: Batch) -> Array:
+    def embed(ids, embeds):
+        if embeds is not None:
+            return embeds
+        return encode_text(c.text_encoder, params["text_encoder"], ids, opts.clip_skip)
+
+    cond = embed(batch.prompt_ids, batch.prompt_embeds)
+    if opts.do_cfg:
+        uncond = embed(batch.neg_prompt_ids, batch.negative_prompt_embeds)
+        cond = jnp.concatenate([uncond, cond])
+    if opts.num_images_per_prompt > 1:
+        n, b = opts.num_images_per_prompt, cond.shape[0]
+        halves = 2 if opts.do_cfg else 1
+        cond = jnp.repeat(cond.reshape(halves, b // halves, *cond.shape[1:]), n, axis=1)
+        cond = cond.reshape(halves * (b // halves) * n, *cond.shape[2:])
+    return cond.astype(c.unet.runtime.dtype)
+
+
+def _repeat(x: Optional[Array], n: int) -> Optional[Array]:
+    return x if x is None or n == 1 else jnp.repeat(x, n, axis=0)
+
+
+def generate(c: Components, opts: Options, params, batch: Batch, key: Array):
+    """Run the full sampling program; returns (images or latents, nsfw flags or None)."""
+    unet, vae, sched = c.unet, c.vae, c.scheduler
+    n_img = opts.num_images_per_prompt
+    context = _prompt_context(c, opts, params, batch)
+    bsz = context.shape[0] // (2 if opts.do_cfg else 1)
+    factor = 2 ** (len(vae.block_out_channels) - 1)
+    shape = (bsz, opts.height // factor, opts.width // factor, vae.latent_channels)
+    key_noise, key_image, key_masked, key_loop = jax.random.split(key, 4)
+
+    state = sched.set_timesteps(params["scheduler"], opts.num_inference_steps, shape)
+    state = sched.set_begin_index(state, batch.begin_index)
+    timesteps = state.timesteps
+    n_iter = timesteps.shape[0]
+
+    if batch.latents is not None:
+        noise = nchw_to_nhwc(batch.latents.astype(jnp.float32))
+    else:
+        noise = jax.random.normal(key_noise, shape, jnp.float32)
+
+    image_latents = None
+    if batch.image is not None:
+        image_latents = encode_image(vae, params["vae"], _repeat(batch.image, n_img), key_image)
+        t0 = jnp.broadcast_to(timesteps[batch.begin_index], (bsz,))
+        noised = sched.add_noise(state, image_latents, noise, t0)
+        latents = jnp.where(batch.strength_is_max, noise * state.init_noise_sigma, noised)
+    else:
+        latents = noise * state.init_noise_sigma
+
+    mask = masked_latents = None
+    if batch.mask is not None:
+        mask = nchw_to_nhwc(_repeat(batch.mask, n_img)[:, :, ::factor, ::factor]).astype(jnp.float32)
+        if batch.masked_image_latents is not None:
+            masked_latents = nchw_to_nhwc(_repeat(batch.masked_image_latents, n_img).astype(jnp.float32))
+        elif unet.in_channels == 9:
+            masked_latents = encode_image(vae, params["vae"], _repeat(batch.masked_image, n_img), key_masked)
+
+    guidance = jnp.broadcast_to(jnp.asarray(batch.guidance_scale, jnp.float32).reshape(-1), (bsz // n_img,))
+    guidance = jnp.repeat(guidance, n_img)[:, None, None, None]
+    cfg = (lambda x: jnp.concatenate([x, x])) if opts.do_cfg else (lambda x: x)
+    extra = None
+    if unet.in_channels == 9:
+        extra = cfg(jnp.concatenate([mask, masked_latents], axis=-1).astype(unet.runtime.dtype))
+    step_kwargs = {"eta": batch.eta} if opts.scheduler_takes_eta else {}
+
+    def body(i, carry):
+        latents, state = carry
+        t = timesteps[i]
+        x_in = sched.scale_model_input(state, cfg(latents), t)
+        x_in = x_in.astype(unet.runtime.dtype)
+        if extra is not None:
+            x_in = jnp.concatenate([x_in, extra], axis=-1)
+        tt = jnp.broadcast_to(t, (x_in.shape[0],))
+        eps = unet.apply({"params": params["unet"]}, x_in, tt, context, method=unet.nhwc)
+        eps = eps.astype(jnp.float32)
+        if opts.do_cfg:
+            uncond, text = jnp.split(eps, 2)
+            eps = uncond + guidance * (text - uncond)
+        out = sched.step(state, eps, t, latents, key=jax.random.fold_in(key_loop, i), **step_kwargs)
+        latents, state = out.prev_sample, out.state
+        if unet.in_channels == 4 and mask is not None:
+            nxt = timesteps[jnp.minimum(i + 1, n_iter - 1)]
+            renoised = sched.add_noise(state, image_latents, noise, jnp.broadcast_to(nxt, (bsz,)))
+            proper = jnp.where(i < n_iter - 1, renoised, image_latents)
+            latents = (1 - mask) * proper + mask * latents
+        return latents, state
+
+    latents, _ = jax.lax.fori_loop(batch.begin_index, n_iter, body, (latents, state))
+
+    if opts.output_type == "latent":
+        return nhwc_to_nchw(latents), None
+    decoded = vae.apply(
+        {"params": params["vae"]},
+        nhwc_to_nchw(latents / vae.scaling_factor).astype(vae.runtime.dtype),
+        method=vae.decode,
+    ).sample
+    images = jnp.clip(nchw_to_nhwc(decoded.astype(jnp.float32)) / 2 + 0.5, 0.0, 1.0)
+    nsfw = None
+    if c.safety_checker is not None:
+        images, nsfw = c.safety_checker.apply(
+            {"params": params["safety_checker"]}, images, method=c.safety_checker.check_images
+        )
+    return images, nsfw

@@ -1,0 +1,412 @@
+"""Stable Diffusion pipelines: text-to-image, image-to-image and inpainting, with diffusers' Flax API.
+
+Every pipeline validates and shapes its inputs on the host, then runs `sampling.generate`, the one
+compiled program, in one of three ways:
+  * `jit=False`: `jax.jit` on one device, unsharded arrays, one PRNG key;
+  * `jit=True`: `jax.pmap` over the leading device axis (replicated params, sharded inputs, one key
+    per device), like diffusers' removed Flax pipelines;
+  * `mesh=Mesh(...)`: `jax.jit` over global arrays sharded along the mesh's data axis (multi-host).
+"""
+from __future__ import annotations
+
+import inspect
+import os
+from dataclasses import dataclass
+from typing import Any, List, Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from flax_inpaint.image_processor import VaeImageProcessor, postprocess_inpaint, preprocess_inpaint
+from flax_inpaint.pipelines import loading
+from flax_inpaint.pipelines.sampling import Batch, Components, Options, generate
+from flax_inpaint.schedulers.common import begin_index_for_strength
+
+_generate_jit = jax.jit(generate, static_argnums=(0, 1))
+_generate_pmap = jax.pmap(generate, static_broadcasted_argnums=(0, 1))
+
+# Batch fields that hold one value for the whole call (broadcast per device under pmap).
+_SCALAR_FIELDS = ("begin_index", "strength_is_max", "eta")
+
+
+@dataclass
+class FlaxStableDiffusionPipelineOutput:
+    """`images`: float arrays in [0, 1] (NHWC; leading device axis with `jit=True`), PIL images, or
+    NCHW latents; `nsfw_content_detected`: bools per image, or None without a safety checker."""
+
+    images: Any
+    nsfw_content_detected: Any
+
+
+class _Base:
+    """Components, loading and the host-side plumbing shared by all Stable Diffusion pipelines."""
+
+    _pipeline_class = "StableDiffusionPipeline"
+
+    def __init__(self, vae, text_encoder, tokenizer, unet, scheduler, safety_checker=None,
+                 feature_extractor=None, dtype: Any = jnp.float32):
+        if unet.in_channels not in (4, 9):
+            raise ValueError(
+                f"The UNet has in_channels={unet.in_channels}; these pipelines support 4 (plain) or 9 "
+                "(inpainting: latents + mask + masked-image latents)."
+            )
+        self.vae, self.text_encoder, self.tokenizer, self.unet = vae, text_encoder, tokenizer, unet
+        self.scheduler, self.safety_checker, self.feature_extractor = scheduler, safety_checker, feature_extractor
+        self.dtype = dtype
+        self.vae_scale_factor = 2 ** (len(vae.block_out_channels) - 1)
+        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+        self.mask_processor = VaeImageProcessor.for_masks(self.vae_scale_factor)
+
+    # -- loading / saving ---------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path: Union[str, os.PathLike], dtype: Any = jnp.float32,
+                        param_dtype: Optional[Any] = None, scheduler=None, safety_checker: Any = "default",
+                        attention: str = "auto", variant: Optional[str] = None,
+                        local_files_only: bool = False, revision: Optional[str] = None):
+        """Load `(pipeline, params)` from a local diffusers pipeline folder (or a hub repo id).
+
+        `dtype` is the activation dtype (and the params' dtype unless `param_dtype` is given);
+        `scheduler` replaces the folder's scheduler; `safety_checker=None` skips the checker.
+        """
+        skip = ("safety_checker",) if safety_checker is None else ()
+        comps, params, _ = loading.load_components(
+            path, dtype=dtype, param_dtype=param_dtype, attention=attention, variant=variant,
+            local_files_only=local_files_only, revision=revision, skip=skip,
+        )
+        if scheduler is not None:
+            comps["scheduler"] = scheduler
+            params["scheduler"] = scheduler.create_state()
+        pipe = cls(
+            vae=comps["vae"], text_encoder=comps["text_encoder"], tokenizer=comps["tokenizer"],
+            unet=comps["unet"], scheduler=comps["scheduler"], safety_checker=comps.get("safety_checker"),
+            feature_extractor=comps.get("feature_extractor"), dtype=dtype,
+        )
+        return pipe, params
+
+    def save_pretrained(self, folder: Union[str, os.PathLike], params) -> None:
+        """Write a diffusers-format folder that both diffusers (PyTorch) and we can load."""
+        comps = {"unet": self.unet, "vae": self.vae, "text_encoder": self.text_encoder,
+                 "tokenizer": self.tokenizer, "scheduler": self.scheduler,
+                 "safety_checker": self.safety_checker, "feature_extractor": None}
+        loading.save_components(folder, self._pipeline_class, comps, params)
+
+    # -- host-side helpers ----------------------------------------------------------------------
+    @property
+    def max_length(self) -> int:
+        return self.tokenizer.model_max_length
+
+    def tokenize(self, prompt: Union[str, Sequence[str]]) -> np.ndarray:
+        """Token ids [B, max_length] padded/truncated like diffusers."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not all(isinstance(p, str) for p in prompts):
+            raise TypeError(f"prompt must be a string or a list of strings, got {type(prompt).__name__}.")
+        return self.tokenizer(
+            prompts, padding="max_length", max_length=self.max_length, truncation=True, return_tensors="np"
+        ).input_ids.astype(np.int32)
+
+    def prepare_text_inputs(self, prompt) -> np.ndarray:
+        return self.tokenize(prompt)
+
+    def _components(self) -> Components:
+        return Components(self.unet, self.vae, self.text_encoder, self.scheduler, self.safety_checker)
+
+    def _check_ids(self, name: str, ids, lead: tuple):
+        if ids is None:
+            return None
+        ids = np.asarray(ids)
+        if ids.shape[:-1] != lead or ids.shape[-1] != self.max_length:
+            raise ValueError(
+                f"{name} has shape {ids.shape}; expected {lead + (self.max_length,)} (batch dims of "
+                f"prompt_ids, then the tokenizer's max_length {self.max_length}). Use "
+                "pipeline.prepare_inputs / tokenize, and shard() every input alike with jit=True."
+            )
+        return ids.astype(np.int32)
+
+    def _lead(self, prompt_ids, prompt_embeds, jit: bool) -> tuple:
+        ref = prompt_ids if prompt_ids is not None else prompt_embeds
+        if ref is None:
+            raise ValueError("Pass prompt_ids (from prepare_inputs) or prompt_embeds.")
+        ref = np.shape(ref)
+        lead = ref[:-1] if prompt_ids is not None else ref[:-2]
+        if jit:
+            n = jax.local_device_count()
+            if len(lead) != 2 or lead[0] != n:
+                raise ValueError(
+                    f"With jit=True inputs need a leading device axis of {n} (local devices): got "
+                    f"batch dims {lead}. Use flax.training.common_utils.shard(x) (batch divisible by {n}) "
+                    "and replicate(params)."
+                )
+        elif len(lead) != 1:
+            raise ValueError(f"Expected unsharded inputs with one batch axis, got batch dims {lead}; "
+                             "pass jit=True for sharded inputs.")
+        return tuple(lead)
+
+    def _run(self, batch: Batch, opts: Options, params, prng_seed, jit: bool, mesh: Optional[Mesh],
+             lead: tuple, output_type: str, return_dict: bool):
+        comps = self._components()
+        if jit and mesh is not None:
+            raise ValueError("Pass either jit=True (pmap over local devices) or mesh=..., not both.")
+        if jit:
+            n = lead[0]
+            batch = batch.replace(**{
+                f: np.broadcast_to(np.asarray(getattr(batch, f)), (n,)) for f in _SCALAR_FIELDS
+            })
+            keys = jnp.asarray(prng_seed)
+            if keys.shape[0] != n:
+                raise ValueError(f"prng_seed must hold one key per device ({n}); got shape {keys.shape}. "
+                                 "Use jax.random.split(key, jax.device_count()).")
+            images, nsfw = _generate_pmap(comps, opts, params, batch, keys)
+        elif mesh is not None:
+            images, nsfw = _generate_jit(comps, opts, *_on_mesh(mesh, params, batch, lead[0]), prng_seed)
+        else:
+            images, nsfw = _generate_jit(comps, opts, params, batch, prng_seed)
+        images = np.asarray(images)
+        nsfw = None if nsfw is None else np.asarray(nsfw)
+        if output_type == "pil":
+            images = VaeImageProcessor.numpy_to_pil(images.reshape(-1, *images.shape[-3:]))
+        return FlaxStableDiffusionPipelineOutput(images, nsfw) if return_dict else (images, nsfw)
+
+    def _options(self, num_inference_steps, height, width, guidance_scale, output_type, clip_skip,
+                 num_images_per_prompt) -> Options:
+        if output_type not in ("np", "pil", "latent"):
+            raise ValueError(f"output_type={output_type!r}; use 'np', 'pil' or 'latent'.")
+        for name, v in (("height", height), ("width", width)):
+            if v % self.vae_scale_factor or v <= 0:
+                raise ValueError(
+                    f"{name}={v} must be a positive multiple of {self.vae_scale_factor} (the VAE's "
+                    "downsampling factor); resize the image or pass a valid size."
+                )
+        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt={num_images_per_prompt!r} must be an int >= 1.")
+        if clip_skip is not None and not 0 <= clip_skip < self.text_encoder.num_hidden_layers:
+            raise ValueError(f"clip_skip={clip_skip} must lie in [0, {self.text_encoder.num_hidden_layers}).")
+        return Options(
+            num_inference_steps=num_inference_steps, height=int(height), width=int(width),
+            do_cfg=bool(np.any(np.asarray(guidance_scale) > 1.0)),
+            output_type="latent" if output_type == "latent" else "np",
+            clip_skip=clip_skip, num_images_per_prompt=num_images_per_prompt,
+            scheduler_takes_eta="eta" in inspect.signature(self.scheduler.step).parameters,
+        )
+
+    def _text_batch(self, prompt_ids, neg_prompt_ids, prompt_embeds, negative_prompt_embeds, lead,
+                    do_cfg: bool, guidance_scale) -> dict:
+        prompt_ids = self._check_ids("prompt_ids", prompt_ids, lead)
+        neg_prompt_ids = self._check_ids("neg_prompt_ids", neg_prompt_ids, lead)
+        if do_cfg and neg_prompt_ids is None and negative_prompt_embeds is None:
+            neg_prompt_ids = np.broadcast_to(self.tokenize(""), lead + (self.max_length,))
+        if not do_cfg:
+            neg_prompt_ids = negative_prompt_embeds = None
+        g = np.asarray(guidance_scale, np.float32)
+        if g.ndim and g.shape != lead[-g.ndim:] and g.shape != lead:
+            raise ValueError(f"guidance_scale has shape {g.shape}; use a scalar or one value per prompt {lead}.")
+        return dict(prompt_ids=prompt_ids, neg_prompt_ids=neg_prompt_ids, prompt_embeds=prompt_embeds,
+                    negative_prompt_embeds=negative_prompt_embeds,
+                    guidance_scale=np.broadcast_to(g, lead).astype(np.float32))
+
+    def _strength_fields(self, num_inference_steps: int, strength: float) -> dict:
+        if not 0.0 <= strength <= 1.0:
+            raise ValueError(f"strength={strength!r} must lie in [0, 1].")
+        begin = begin_index_for_strength(num_inference_steps, strength, self.scheduler.order)
+        if num_inference_steps - begin // self.scheduler.order < 1:
+            raise ValueError(
+                f"strength={strength} with num_inference_steps={num_inference_steps} runs no denoising "
+                f"step; raise strength or num_inference_steps (need int(steps * strength) >= 1)."
+            )
+        return dict(begin_index=np.int32(begin), strength_is_max=np.bool_(strength == 1.0))
+
+
+def _on_mesh(mesh: Mesh, params, batch: Batch, batch_size: int):
+    """Place params replicated and batch arrays sharded along the mesh's first (data) axis."""
+    axis = mesh.axis_names[0]
+    if batch_size % mesh.shape[axis]:
+        raise ValueError(
+            f"The batch of {batch_size} is not divisible by the mesh's {axis!r} axis of size "
+            f"{mesh.shape[axis]}; pad the batch or change the mesh."
+        )
+    replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P(axis))
+
+    def put(x):
+        x = np.asarray(x) if not isinstance(x, jax.Array) else x
+        spec = sharded if np.ndim(x) and x.shape[0] == batch_size else replicated
+        if jax.process_count() > 1 and not isinstance(x, jax.Array):
+            return jax.make_array_from_process_local_data(spec, x)
+        return jax.device_put(x, spec)
+
+    return jax.device_put(params, replicated), jax.tree_util.tree_map(put, batch)
+
+
+class FlaxStableDiffusionPipeline(_Base):
+    """Text-to-image."""
+
+    def prepare_inputs(self, prompt) -> np.ndarray:
+        return self.tokenize(prompt)
+
+    def __call__(self, prompt_ids, params, prng_seed, num_inference_steps: int = 50,
+                 height: Optional[int] = None, width: Optional[int] = None, guidance_scale=7.5,
+                 latents=None, neg_prompt_ids=None, return_dict: bool = True, jit: bool = False, *,
+                 num_images_per_prompt: int = 1, prompt_embeds=None, negative_prompt_embeds=None,
+                 clip_skip: Optional[int] = None, eta: float = 0.0, output_type: str = "np",
+                 mesh: Optional[Mesh] = None):
+        size = self.unet.sample_size * self.vae_scale_factor if self.unet.sample_size else 512
+        height, width = height or size, width or size
+        opts = self._options(num_inference_steps, height, width, guidance_scale, output_type, clip_skip,
+                             num_images_per_prompt)
+        lead = self._lead(prompt_ids, prompt_embeds, jit)
+        batch = Batch(**self._text_batch(prompt_ids, neg_prompt_ids, prompt_embeds, negative_prompt_embeds,
+                                         lead, opts.do_cfg, guidance_scale),
+                      latents=latents, eta=np.float32(eta), **self._strength_fields(num_inference_steps, 1.0))
+        return self._run(batch, opts, params, prng_seed, jit, mesh, lead, output_type, return_dict)
+
+
+class FlaxStableDiffusionImg2ImgPipeline(_Base):
+    """Image-to-image: start from the noised latents of `image` at `strength`."""
+
+    def prepare_inputs(self, prompt, image, height: Optional[int] = None, width: Optional[int] = None):
+        """(prompt_ids, images NCHW in [-1, 1])."""
+        return self.tokenize(prompt), self.image_processor.preprocess(image, height, width)
+
+    def __call__(self, prompt_ids, image, params, prng_seed, strength: float = 0.8,
+                 num_inference_steps: int = 50, height: Optional[int] = None, width: Optional[int] = None,
+                 guidance_scale=7.5, noise=None, neg_prompt_ids=None, return_dict: bool = True,
+                 jit: bool = False, *, num_images_per_prompt: int = 1, prompt_embeds=None,
+                 negative_prompt_embeds=None, clip_skip: Optional[int] = None, eta: float = 0.0,
+                 output_type: str = "np", mesh: Optional[Mesh] = None):
+        image = np.asarray(image, np.float32)
+        height, width = _check_spatial("image", image, height, width)
+        opts = self._options(num_inference_steps, height, width, guidance_scale, output_type, clip_skip,
+                             num_images_per_prompt)
+        lead = self._lead(prompt_ids, prompt_embeds, jit)
+        _check_batch("image", image, lead)
+        batch = Batch(**self._text_batch(prompt_ids, neg_prompt_ids, prompt_embeds, negative_prompt_embeds,
+                                         lead, opts.do_cfg, guidance_scale),
+                      image=image, latents=noise, eta=np.float32(eta),
+                      **self._strength_fields(num_inference_steps, strength))
+        return self._run(batch, opts, params, prng_seed, jit, mesh, lead, output_type, return_dict)
+
+
+class FlaxStableDiffusionInpaintPipeline(_Base):
+    """Inpainting with 9-channel inpainting UNets or, by latent blending, plain 4-channel UNets."""
+
+    _pipeline_class = "StableDiffusionInpaintPipeline"
+
+    def prepare_inputs(self, prompt, image, mask, height: Optional[int] = None, width: Optional[int] = None,
+                       return_image: bool = False, padding_mask_crop: Optional[int] = None):
+        """(prompt_ids, masked_images, masks) — plus the processed images when `return_image=True`.
+
+        Images become NCHW floats in [-1, 1], masks N1HW in {0, 1} (grayscale, binarised at 0.5) and
+        masked_images = images * (masks < 0.5), at height x width (default: the image's size floored to
+        a multiple of 8). With `padding_mask_crop`, only the mask's padded bounding box is processed
+        (see `inpaint`, which also pastes the result back).
+        """
+        inputs = self._preprocess(image, mask, height, width, padding_mask_crop)
+        ids = self.tokenize(prompt)
+        n = ids.shape[0]
+        arrays = []
+        for name, arr in (("masked_image", inputs.masked_image), ("mask", inputs.mask), ("image", inputs.image)):
+            if arr.shape[0] not in (1, n):
+                raise ValueError(f"{arr.shape[0]} {name}s for {n} prompts; pass one, or one per prompt.")
+            arrays.append(np.broadcast_to(arr, (n,) + arr.shape[1:]).copy())
+        return (ids, *arrays) if return_image else (ids, *arrays[:2])
+
+    def _preprocess(self, image, mask, height, width, padding_mask_crop):
+        if padding_mask_crop is not None:
+            if height is None or width is None:
+                height, width = self.image_processor.get_default_height_width(image, height, width)
+        return preprocess_inpaint(image, mask, height, width, padding_mask_crop,
+                                  self.image_processor, self.mask_processor)
+
+    def inpaint(self, prompt, image, mask_image, params, prng_seed, *, negative_prompt=None,
+                height: Optional[int] = None, width: Optional[int] = None,
+                padding_mask_crop: Optional[int] = None, apply_overlay: bool = False,
+                output_type: str = "pil", **kwargs):
+        """PyTorch-style convenience: strings and PIL images in, images out (one device).
+
+        `padding_mask_crop` inpaints only the mask's padded bounding box at full resolution and
+        pastes it back; `apply_overlay` keeps every unmasked pixel of `image` exactly. Other keyword
+        arguments go to `__call__` (num_inference_steps, guidance_scale, strength, latents, ...).
+        """
+        if height is None or width is None:
+            size = self.unet.sample_size * self.vae_scale_factor
+            height, width = height or size, width or size
+        inputs = self._preprocess(image, mask_image, height, width, padding_mask_crop)
+        ids = self.tokenize(prompt)
+        n = ids.shape[0]
+        neg = None if negative_prompt is None else self.tokenize(
+            [negative_prompt] * n if isinstance(negative_prompt, str) else negative_prompt)
+        rep = lambda a: np.broadcast_to(a, (n,) + a.shape[1:])  # noqa: E731
+        out = self(ids, rep(inputs.mask), rep(inputs.masked_image), params, prng_seed,
+                   neg_prompt_ids=neg, image=rep(inputs.image), output_type="np", **kwargs)
+        images = out.images
+        if output_type == "np" and padding_mask_crop is None and not apply_overlay:
+            return out
+        pil = self.image_processor.numpy_to_pil(images)
+        if padding_mask_crop is not None:
+            pil = postprocess_inpaint(pil, image, mask_image, inputs.crops_coords, self.image_processor)
+        elif apply_overlay:
+            pil = [self.image_processor.apply_overlay(mask_image, image, im) for im in pil]
+        images = pil if output_type == "pil" else np.stack([np.asarray(p, np.float32) / 255 for p in pil])
+        return FlaxStableDiffusionPipelineOutput(images, out.nsfw_content_detected)
+
+    def __call__(self, prompt_ids, mask, masked_image, params, prng_seed, num_inference_steps: int = 50,
+                 height: Optional[int] = None, width: Optional[int] = None, guidance_scale=7.5,
+                 latents=None, neg_prompt_ids=None, return_dict: bool = True, jit: bool = False, *,
+                 image=None, strength: float = 1.0, eta: float = 0.0, num_images_per_prompt: int = 1,
+                 prompt_embeds=None, negative_prompt_embeds=None, masked_image_latents=None,
+                 clip_skip: Optional[int] = None, output_type: str = "np", mesh: Optional[Mesh] = None):
+        """Inpaint; arguments as diffusers' Flax pipeline, plus PyTorch-pipeline features as keywords.
+
+        `image` (the unmasked, processed image from `prepare_inputs(..., return_image=True)`) is needed
+        for 4-channel UNets and for strength < 1. `latents` is the initial noise (unscaled), also for
+        strength < 1, where it is added to the image latents.
+        """
+        mask = np.asarray(mask, np.float32)
+        if masked_image_latents is None:
+            masked_image = np.asarray(masked_image, np.float32)
+            height, width = _check_spatial("masked_image", masked_image, height, width)
+        elif height is None or width is None:
+            height, width = mask.shape[-2:]
+        _check_spatial("mask", mask, height, width, channels=1)
+        if image is not None:
+            image = np.asarray(image, np.float32)
+            _check_spatial("image", image, height, width)
+        elif self.unet.in_channels == 4 or strength < 1.0:
+            why = "a 4-channel UNet blends with it" if self.unet.in_channels == 4 else f"strength={strength} < 1"
+            raise ValueError(
+                f"image is required because {why}: use prepare_inputs(..., return_image=True) and pass "
+                "image=images."
+            )
+        opts = self._options(num_inference_steps, height, width, guidance_scale, output_type, clip_skip,
+                             num_images_per_prompt)
+        lead = self._lead(prompt_ids, prompt_embeds, jit)
+        for name, arr in (("mask", mask), ("masked_image", masked_image), ("image", image),
+                          ("masked_image_latents", masked_image_latents)):
+            if arr is not None and not (name == "masked_image" and masked_image_latents is not None):
+                _check_batch(name, np.asarray(arr), lead)
+        batch = Batch(**self._text_batch(prompt_ids, neg_prompt_ids, prompt_embeds, negative_prompt_embeds,
+                                         lead, opts.do_cfg, guidance_scale),
+                      image=image, mask=mask,
+                      masked_image=None if masked_image_latents is not None else masked_image,
+                      masked_image_latents=masked_image_latents, latents=latents, eta=np.float32(eta),
+                      **self._strength_fields(num_inference_steps, strength))
+        return self._run(batch, opts, params, prng_seed, jit, mesh, lead, output_type, return_dict)
+
+
+def _check_spatial(name: str, arr: np.ndarray, height, width, channels: Optional[int] = 3):
+    if arr.ndim < 4:
+        raise ValueError(f"{name} must be NCHW (with a leading device axis under jit=True); got shape {arr.shape}. "
+                         "Use pipeline.prepare_inputs.")
+    if channels is not None and arr.shape[-3] != channels:
+        raise ValueError(f"{name} has {arr.shape[-3]} channels in shape {arr.shape}; expected {channels} (NCHW).")
+    h, w = arr.shape[-2:]
+    if (height is not None and height != h) or (width is not None and width != w):
+        raise ValueError(f"{name} is {h}x{w} but height x width = {height}x{width}; they must match "
+                         "(image, mask and masked_image all share one size).")
+    return h, w
+
+
+def _check_batch(name: str, arr: np.ndarray, lead: tuple):
+    if tuple(arr.shape[: len(lead)]) != lead:
+        raise ValueError(f"{name} has batch dims {arr.shape[:len(lead)]} but prompt_ids has {lead}; "
+                         "give one per prompt (shard every input alike with jit=True).")

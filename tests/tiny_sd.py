@@ -1,0 +1,95 @@
+"""Tiny random diffusers Stable Diffusion pipelines saved as diffusers-format folders (the reference).
+
+The VAE's posterior variance is made negligible (logvar = -30) so PyTorch's posterior sampling and
+ours agree without sharing a random generator.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    PNDMScheduler,
+    StableDiffusionInpaintPipeline,
+    UNet2DConditionModel,
+)
+from PIL import Image
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+SCHEDULERS = {
+    "pndm": (PNDMScheduler, {"skip_prk_steps": True, "set_alpha_to_one": False}),
+    "ddim": (DDIMScheduler, {"clip_sample": False, "set_alpha_to_one": False}),
+    "dpm++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "euler": (EulerDiscreteScheduler, {}),
+}
+SD_SCHEDULE = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
+MAX_LENGTH = 16
+
+
+def _byte_chars() -> list[str]:
+    """GPT-2/CLIP's byte -> printable-character table."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = [b for b in range(256) if b not in keep]
+    table = dict(zip(keep, keep)) | {b: 256 + i for i, b in enumerate(extra)}
+    return [chr(table[b]) for b in range(256)]
+
+
+def make_tokenizer(folder: Path) -> CLIPTokenizer:
+    """A real CLIP BPE tokenizer over single bytes plus a few merges (no download needed)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    chars = _byte_chars()
+    merges = ["r e", "re d</w>", "c a", "ca t</w>"]
+    tokens = chars + [c + "</w>" for c in chars] + [m.replace(" ", "") for m in merges]
+    vocab = {t: i for i, t in enumerate(tokens + ["<|startoftext|>", "<|endoftext|>"])}
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=MAX_LENGTH)
+
+
+def make_pipeline(tmp: Path, in_channels: int = 9, scheduler: str = "pndm", seed: int = 0):
+    """Build, save and return (folder, torch pipeline) of a tiny random SD inpaint pipeline."""
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=in_channels, out_channels=4, layers_per_block=1,
+        block_out_channels=(16, 32), norm_num_groups=8, cross_attention_dim=32, attention_head_dim=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16, 16),
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        layers_per_block=1, norm_num_groups=4, sample_size=32,
+    )
+    with torch.no_grad():  # a near-deterministic posterior: logvar = -30
+        vae.quant_conv.weight[4:] = 0
+        vae.quant_conv.bias[4:] = -30
+    tokenizer = make_tokenizer(tmp / "_tok")
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=MAX_LENGTH, hidden_act="quick_gelu",
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=1,
+    ))
+    cls, extra = SCHEDULERS[scheduler]
+    pipe = StableDiffusionInpaintPipeline(
+        vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=tokenizer, unet=unet.eval(),
+        scheduler=cls(**SD_SCHEDULE, **extra), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    folder = tmp / f"sd-{in_channels}-{scheduler}"
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder, pipe
+
+
+def sample_image_and_mask(size: int = 32, seed: int = 0):
+    """A random RGB image and a rectangular mask (white = repaint) as PIL images."""
+    rng = np.random.default_rng(seed)
+    image = Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
+    mask = np.zeros((size, size), np.uint8)
+    mask[size // 4: size * 3 // 4, size // 8: size // 2] = 255
+    return image, Image.fromarray(mask)
