@@ -163,7 +163,11 @@ class SchedulerMixin:
         bad = sorted(set(overrides) - fields)
         if bad:
             raise TypeError(f"{cls.__name__} has no config fields {bad}; it has {sorted(fields)}.")
-        merged = {**dict(config), **overrides}
+        # Like diffusers: keys the source scheduler merely defaulted (listed in an in-memory config's
+        # `_use_default_values`) take *this* scheduler's defaults, e.g. Euler's "linspace" spacing
+        # does not become DDIM's.
+        defaulted = set(config.get("_use_default_values", ()))
+        merged = {**{k: v for k, v in config.items() if k not in defaulted}, **overrides}
         kwargs = {k: v for k, v in merged.items() if k in fields and k not in _META_KEYS}
         # diffusers writes null for unset optional values whose default is not None (rare); keep ours.
         defaults = {f.name: f.default for f in dataclasses.fields(cls)}

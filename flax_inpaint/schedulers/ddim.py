@@ -119,7 +119,7 @@ class FlaxDDIMScheduler(SchedulerMixin):
         if use_clipped_model_output:
             eps = (sample - abar_t**0.5 * x0) / beta_t**0.5
         prev_sample = abar_prev**0.5 * x0 + (1.0 - abar_prev - std_dev_t**2) ** 0.5 * eps
-        if key is not None:
+        if key is not None and not (isinstance(eta, (int, float)) and eta == 0):
             noise = jax.random.normal(key, sample.shape, jnp.float32)
             prev_sample = prev_sample + std_dev_t * noise
         return SchedulerOutput(
@@ -147,13 +147,18 @@ class FlaxDDIMInverseScheduler(SchedulerMixin):
     rescale_betas_zero_snr: bool = False
 
     diffusers_class = "DDIMInverseScheduler"
-    timestep_spacings = ("leading", "trailing")
 
     def create_state(self) -> DDIMSchedulerState:
         return _create_state(self)
 
     def set_timesteps(self, state: DDIMSchedulerState, num_inference_steps: int, shape: tuple = ()):
         n = check_num_inference_steps(num_inference_steps, self.num_train_timesteps)
+        # Like diffusers, a "linspace" config (e.g. loaded from an Euler config) fails here, not at load.
+        if self.timestep_spacing not in ("leading", "trailing"):
+            raise ValueError(
+                f"FlaxDDIMInverseScheduler: timestep_spacing={self.timestep_spacing!r} is not supported; "
+                "use 'leading' or 'trailing'."
+            )
         if self.timestep_spacing == "leading":
             ts = (np.arange(0, n) * (self.num_train_timesteps // n)).round().astype(np.int64) + self.steps_offset
         else:  # trailing
