@@ -19,6 +19,7 @@ from flax_inpaint.schedulers.common import (
     SchedulerMixin,
     SchedulerOutput,
     broadcast_to_sample,
+    div_exact,
     inference_timesteps,
     karras_sigmas,
     make_alphas_cumprod,
@@ -125,7 +126,7 @@ class SigmaSchedulerMixin(SchedulerMixin):
         if self.prediction_type == "epsilon":
             return sample - sigma_hat * model_output
         if self.prediction_type == "v_prediction":
-            return model_output * (-sigma / (sigma**2 + 1) ** 0.5) + (sample / (sigma**2 + 1))
+            return model_output * (-sigma / (sigma**2 + 1) ** 0.5) + div_exact(sample, sigma**2 + 1)
         return model_output  # "sample"
 
 
@@ -192,7 +193,7 @@ class FlaxEulerDiscreteScheduler(SigmaSchedulerMixin):
             noise = jax.random.normal(key, sample.shape, jnp.float32) * s_noise
             sample = jnp.where(gamma > 0, sample + noise * (sigma_hat**2 - sigma**2) ** 0.5, sample)
         x0 = self._x0(model_output, sample, sigma, sigma_hat)
-        derivative = (sample - x0) / sigma_hat
+        derivative = div_exact(sample - x0, sigma_hat)
         dt = state.sigmas[i + 1] - sigma_hat
         prev_sample = sample + derivative * dt
         return SchedulerOutput(
@@ -242,7 +243,7 @@ class FlaxEulerAncestralDiscreteScheduler(SigmaSchedulerMixin):
         x0 = self._x0(model_output, sample, sigma_from, sigma_from)
         sigma_up = (sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2) ** 0.5
         sigma_down = (sigma_to**2 - sigma_up**2) ** 0.5
-        derivative = (sample - x0) / sigma_from
+        derivative = div_exact(sample - x0, sigma_from)
         prev_sample = sample + derivative * (sigma_down - sigma_from)
         prev_sample = prev_sample + jax.random.normal(key, sample.shape, jnp.float32) * sigma_up
         return SchedulerOutput(

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flax_inpaint.schedulers.common import SchedulerOutput
+from flax_inpaint.schedulers.common import SchedulerOutput, div_exact
 from flax_inpaint.schedulers.euler import SigmaSchedulerMixin, SigmaSchedulerState
 
 MAX_ORDER = 4
@@ -88,7 +88,7 @@ class FlaxLMSDiscreteScheduler(SigmaSchedulerMixin):
         i = state.step_index
         sigma = state.sigmas[i]
         x0 = self._x0(model_output, sample, sigma, sigma)
-        derivative = (sample - x0) / sigma
+        derivative = div_exact(sample - x0, sigma)
         history = jnp.concatenate([state.history[1:], derivative[None]])
         num_history = jnp.minimum(state.num_history + 1, MAX_ORDER)
         coeffs = state.lms_coeffs[order - 1, i]
