@@ -159,11 +159,7 @@ class FlaxDDIMInverseScheduler(SchedulerMixin):
                 f"FlaxDDIMInverseScheduler: timestep_spacing={self.timestep_spacing!r} is not supported; "
                 "use 'leading' or 'trailing'."
             )
-        if self.timestep_spacing == "leading":
-            ts = (np.arange(0, n) * (self.num_train_timesteps // n)).round().astype(np.int64) + self.steps_offset
-        else:  # trailing
-            ratio = self.num_train_timesteps / n
-            ts = np.round(np.arange(self.num_train_timesteps, 0, -ratio)[::-1]).astype(np.int64) - 1
+        ts = inference_timesteps(self.num_train_timesteps, n, self.timestep_spacing, self.steps_offset)[::-1]
         return state.replace(
             timesteps=jnp.asarray(ts, jnp.int32), step_index=jnp.zeros((), jnp.int32), num_inference_steps=n
         )

@@ -87,20 +87,21 @@ class FlaxPNDMScheduler(SchedulerMixin):
     def set_timesteps(self, state: PNDMSchedulerState, num_inference_steps: int, shape: tuple):
         T = self.num_train_timesteps
         n = check_num_inference_steps(num_inference_steps, T)
-        # diffusers keeps PNDM's `_timesteps` ascending.
-        asc = inference_timesteps(T, n, self.timestep_spacing, self.steps_offset)[::-1]
+        desc = inference_timesteps(T, n, self.timestep_spacing, self.steps_offset)
         if self.skip_prk_steps:
             prk = np.zeros((0,), np.int64)
-            plms = np.concatenate([asc[:-1], asc[-2:-1], asc[-1:]])[::-1]
+            plms = np.concatenate([desc[:2], desc[1:]])  # the first step evaluates its 2nd timestep twice
         else:
             if n < PNDM_ORDER:
                 raise ValueError(
                     f"FlaxPNDMScheduler: the PRK warm-up needs num_inference_steps >= {PNDM_ORDER}, got {n}; "
                     "use more steps or skip_prk_steps=True."
                 )
-            prk = np.asarray(asc[-PNDM_ORDER:]).repeat(2) + np.tile(np.array([0, T // n // 2]), PNDM_ORDER)
-            prk = prk[:-1].repeat(2)[1:-1][::-1]
-            plms = asc[:-3][::-1]
+            # 3 RK4 steps over the 4 noisiest timesteps, each evaluated at [t, mid, mid, t_next].
+            top = desc[:PNDM_ORDER]
+            mid = top[1:] + T // n // 2
+            prk = np.stack([top[:-1], mid, mid, top[1:]], axis=1).ravel()
+            plms = desc[PNDM_ORDER - 1 :]
         timesteps = np.concatenate([prk, plms]).astype(np.int32)
         zeros = jnp.zeros(tuple(shape), jnp.float32)
         return state.replace(
