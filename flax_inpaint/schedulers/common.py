@@ -466,8 +466,3 @@ def div_exact(x: jax.Array, s: jax.Array) -> jax.Array:
     cancels ~4096 |x| down to ~20: 400x); the barrier keeps the true division torch performs.
     """
     return x / jax.lax.optimization_barrier(jnp.broadcast_to(jnp.asarray(s, x.dtype), x.shape))
-
-
-def as_f32(*arrays):
-    """Cast arrays to fp32 (the schedulers' compute dtype)."""
-    return tuple(jnp.asarray(a, jnp.float32) for a in arrays)

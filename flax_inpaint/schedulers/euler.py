@@ -19,6 +19,7 @@ from flax_inpaint.schedulers.common import (
     SchedulerMixin,
     SchedulerOutput,
     broadcast_to_sample,
+    check_num_inference_steps,
     div_exact,
     inference_timesteps,
     karras_sigmas,
@@ -73,27 +74,34 @@ class SigmaSchedulerMixin(SchedulerMixin):
             last = 0.0
         return ts, np.concatenate([sigmas, [last]]).astype(np.float32)
 
-    def _sigma_state(self, num_inference_steps: int, history_shape=(0,), lms_coeffs=None) -> SigmaSchedulerState:
-        from flax_inpaint.schedulers.common import check_num_inference_steps
+    def _history(self, sigmas: np.ndarray, shape: Optional[tuple]) -> Tuple[jax.Array, jax.Array]:
+        """(history buffer, LMS coefficient table) of multistep subclasses; empty for Euler."""
+        return jnp.zeros((0,), jnp.float32), jnp.zeros((0,), jnp.float32)
 
+    def _sigma_state(self, num_inference_steps: int, shape: Optional[tuple]) -> SigmaSchedulerState:
         n = check_num_inference_steps(num_inference_steps, self.num_train_timesteps)
         ts, sigmas = self._sigma_schedule(n)
         smax = sigmas.max()
         init = smax if self.timestep_spacing in ("linspace", "trailing") else (smax**2 + np.float32(1)) ** 0.5
+        history, lms_coeffs = self._history(sigmas, shape)
         return SigmaSchedulerState(
             timesteps=jnp.asarray(ts),
             sigmas=jnp.asarray(sigmas),
             step_index=jnp.zeros((), jnp.int32),
             init_noise_sigma=jnp.asarray(init, jnp.float32),
-            history=jnp.zeros(history_shape, jnp.float32),
+            history=history,
             num_history=jnp.zeros((), jnp.int32),
-            lms_coeffs=jnp.zeros((0,), jnp.float32) if lms_coeffs is None else jnp.asarray(lms_coeffs, jnp.float32),
+            lms_coeffs=lms_coeffs,
             num_inference_steps=n,
         )
 
     def create_state(self) -> SigmaSchedulerState:
         """The schedule over all training timesteps (like diffusers before set_timesteps)."""
-        return self._sigma_state(self.num_train_timesteps)
+        return self._sigma_state(self.num_train_timesteps, None)
+
+    def set_timesteps(self, state: SigmaSchedulerState, num_inference_steps: int, shape: tuple = ()):
+        """Sigmas for `num_inference_steps` (static); `shape` sizes LMS's derivative history."""
+        return self._sigma_state(num_inference_steps, tuple(shape))
 
     def _require(self, state) -> None:
         if state.num_inference_steps == 0:
@@ -161,9 +169,6 @@ class FlaxEulerDiscreteScheduler(SigmaSchedulerMixin):
         "final_sigmas_type": ("zero", "sigma_min"),
     }
 
-    def set_timesteps(self, state: SigmaSchedulerState, num_inference_steps: int, shape: tuple = ()):
-        return self._sigma_state(num_inference_steps)
-
     def step(
         self,
         state: SigmaSchedulerState,
@@ -219,9 +224,6 @@ class FlaxEulerAncestralDiscreteScheduler(SigmaSchedulerMixin):
 
     diffusers_class = "EulerAncestralDiscreteScheduler"
     prediction_types = ("epsilon", "v_prediction")
-
-    def set_timesteps(self, state: SigmaSchedulerState, num_inference_steps: int, shape: tuple = ()):
-        return self._sigma_state(num_inference_steps)
 
     def step(
         self,

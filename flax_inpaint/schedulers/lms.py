@@ -61,11 +61,10 @@ class FlaxLMSDiscreteScheduler(SigmaSchedulerMixin):
     diffusers_class = "LMSDiscreteScheduler"
     unsupported_config = {"use_exponential_sigmas": (False, None), "use_beta_sigmas": (False, None)}
 
-    def set_timesteps(self, state: SigmaSchedulerState, num_inference_steps: int, shape: tuple):
-        _, sigmas = self._sigma_schedule(num_inference_steps)
-        return self._sigma_state(
-            num_inference_steps, history_shape=(MAX_ORDER,) + tuple(shape), lms_coeffs=lms_coefficients(sigmas)
-        )
+    def _history(self, sigmas, shape):
+        if shape is None:  # create_state: no sample shape yet
+            return super()._history(sigmas, shape)
+        return jnp.zeros((MAX_ORDER,) + shape, jnp.float32), jnp.asarray(lms_coefficients(sigmas))
 
     def step(
         self,
@@ -78,7 +77,7 @@ class FlaxLMSDiscreteScheduler(SigmaSchedulerMixin):
     ) -> SchedulerOutput:
         """One LMS step at iteration `state.step_index`; `order` (1..4) is static."""
         self._require(state)
-        if state.history.ndim <= 1:
+        if state.lms_coeffs.ndim != 3:
             raise ValueError("FlaxLMSDiscreteScheduler: call set_timesteps(state, num_inference_steps, shape) first.")
         if not isinstance(order, int) or not 1 <= order <= MAX_ORDER:
             raise ValueError(f"FlaxLMSDiscreteScheduler.step: order={order!r} must be an int in [1, {MAX_ORDER}].")

@@ -36,7 +36,6 @@ class PNDMSchedulerState:
     alphas_cumprod: jax.Array  # [num_train_timesteps] f32
     final_alpha_cumprod: jax.Array  # [] f32, abar past the last step
     timesteps: jax.Array  # [num_iterations] int32: 12 PRK evaluations (if used) then the PLMS ones
-    prk_timesteps: jax.Array  # [max(num_prk, 1)] int32
     step_index: jax.Array  # [] int32, position in `timesteps`
     counter: jax.Array  # [] int32, steps taken since set_timesteps (diffusers' `counter`; strength-independent)
     ets: jax.Array  # [4, *shape] f32, past noise estimates, newest last
@@ -74,7 +73,6 @@ class FlaxPNDMScheduler(SchedulerMixin):
             alphas_cumprod=jnp.asarray(alphas_cumprod),
             final_alpha_cumprod=jnp.asarray(final, jnp.float32),
             timesteps=jnp.zeros((0,), jnp.int32),
-            prk_timesteps=jnp.zeros((1,), jnp.int32),
             step_index=jnp.zeros((), jnp.int32),
             counter=jnp.zeros((), jnp.int32),
             ets=empty,
@@ -106,7 +104,6 @@ class FlaxPNDMScheduler(SchedulerMixin):
         zeros = jnp.zeros(tuple(shape), jnp.float32)
         return state.replace(
             timesteps=jnp.asarray(timesteps),
-            prk_timesteps=jnp.asarray(prk if len(prk) else np.zeros((1,)), jnp.int32),
             step_index=jnp.zeros((), jnp.int32),
             counter=jnp.zeros((), jnp.int32),
             ets=jnp.zeros((PNDM_ORDER,) + tuple(shape), jnp.float32),
@@ -139,7 +136,7 @@ class FlaxPNDMScheduler(SchedulerMixin):
         phase = c % 4
         diff_to_prev = jnp.where(c % 2 == 1, 0, self.num_train_timesteps // state.num_inference_steps // 2)
         prev_t = t - diff_to_prev
-        t_start = state.prk_timesteps[c // 4 * 4]
+        t_start = state.timesteps[c // 4 * 4]  # the RK step's start (PRK evaluations come first)
         weight = jnp.where((phase == 0) | (phase == 3), 1 / 6, 1 / 3)
         acc = state.cur_model_output + weight * model_output
         e_eff = jnp.where(phase == 3, acc, model_output)
