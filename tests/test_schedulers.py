@@ -2,8 +2,8 @@
 
 Parity: both frameworks run the full sampling loop from the same start sample with the same
 deterministic fake model, model(x, t) = 0.3 x + g(t) C (C a fixed random tensor, g(t) = sin(t / 100)
-rounded to fp32 so both sides see the same value). The diffusers scheduler is loaded through its
-config; ours through `from_config` of the diffusers config dict. Stochastic schedulers get the *same*
+rounded to fp32 so both sides see the same value). The diffusers scheduler is built from a config and
+saved with `save_pretrained`; ours is loaded from that folder with `from_pretrained`. Stochastic schedulers get the *same*
 noise on both sides: ours draws N(0, I) from `fold_in(key, i)` at loop iteration i, and diffusers'
 `randn_tensor` is patched to return exactly those arrays.
 
@@ -152,11 +152,6 @@ def run_flax(sched, n, begin=0, start=None, key=None, model=np_model, **step_kw)
     return np.asarray(state.timesteps), np.asarray(x), state
 
 
-def num_iterations(name, config, n):
-    ours = SCHEDULERS[name][1].from_config(config)
-    return ours.set_timesteps(ours.create_state(), n, SHAPE).timesteps.shape[0]
-
-
 def assert_parity(name, config, n, monkeypatch, tmp_path, begin=0, start=None, step_kw=None):
     """diffusers' scheduler from `config`, saved; ours loaded from that folder; full loops compared."""
     torch_cls, flax_cls, _ = SCHEDULERS[name]
@@ -166,7 +161,8 @@ def assert_parity(name, config, n, monkeypatch, tmp_path, begin=0, start=None, s
     key = feed = None
     if name in STOCHASTIC or (step_kw or {}).get("eta", 0) > 0 or (step_kw or {}).get("s_churn", 0) > 0:
         key = KEY
-        feed = NoiseFeed(monkeypatch, name, range(begin, num_iterations(name, config, n)))
+        iterations = ours.set_timesteps(ours.create_state(), n, SHAPE).timesteps.shape[0]
+        feed = NoiseFeed(monkeypatch, name, range(begin, iterations))
     ref_t, ref_x = run_torch(ref_sched, n, begin, start, feed=feed, **(step_kw or {}))
     our_t, our_x, _ = run_flax(ours, n, begin, start, key=key, **(step_kw or {}))
     assert our_t.shape == ref_t.shape and np.array_equal(our_t.astype(np.float64), ref_t.astype(np.float64)), (
