@@ -1,4 +1,5 @@
-"""CLIP transformer encoders in Flax: the text tower used as Stable Diffusion's text encoder.
+"""CLIP transformer encoders in Flax: the text tower used as Stable Diffusion's text encoder, and the
+vision tower inside the safety checker (`CLIPVisionModel`, see models/safety.py).
 
 Mirrors transformers' PyTorch `CLIPTextModel` (transformers v5 ships no Flax) so its checkpoints
 convert mechanically: the Flax path `text_model/encoder/layers_3/self_attn/q_proj/kernel` is the torch
@@ -192,6 +193,76 @@ class CLIPTextTransformer(nn.Module):
             mask = attention_mask.astype(bool)[:, None, None, :]  # padded keys are never attended
         last, states = self.encoder(self.embeddings(input_ids), mask)
         return self.final_layer_norm(last), states
+
+
+class CLIPVisionEmbeddings(nn.Module):
+    """Patch embeddings (a stride-`patch_size` conv without bias) after a learned class token,
+    plus learned position embeddings."""
+
+    hidden_size: int
+    image_size: int
+    patch_size: int
+    runtime: Runtime
+
+    @nn.compact
+    def __call__(self, pixels: jax.Array) -> jax.Array:
+        """pixels: NHWC [batch, image_size, image_size, channels] -> [batch, 1 + patches, hidden]."""
+        rt, d, p = self.runtime, self.hidden_size, self.patch_size
+        if pixels.shape[1:3] != (self.image_size, self.image_size):
+            raise ValueError(
+                f"pixel values are {pixels.shape[1]}x{pixels.shape[2]}; this vision model takes "
+                f"image_size={self.image_size} square images."
+            )
+        patches = nn.Conv(
+            d, (p, p), strides=(p, p), padding="VALID", use_bias=False, dtype=rt.dtype,
+            param_dtype=rt.param_dtype, name="patch_embedding",
+        )(pixels.astype(rt.dtype))
+        b = pixels.shape[0]
+        patches = patches.reshape(b, -1, d)  # row-major over the patch grid, like torch's flatten(2)
+        cls = self.param("class_embedding", nn.initializers.normal(1.0), (d,), rt.param_dtype)
+        cls = jnp.broadcast_to(cls.astype(rt.dtype), (b, 1, d))
+        n = patches.shape[1] + 1
+        positions = nn.Embed(n, d, dtype=rt.dtype, param_dtype=rt.param_dtype, name="position_embedding")
+        return jnp.concatenate([cls, patches], axis=1) + positions(jnp.arange(n))[None]
+
+
+class CLIPVisionTransformer(nn.Module):
+    """transformers' CLIPVisionTransformer: embeddings, pre-norm, encoder, class-token pooling."""
+
+    config: CLIPEncoderConfig
+    image_size: int
+    patch_size: int
+    runtime: Runtime
+
+    def setup(self):
+        cfg, rt = self.config, self.runtime
+        self.embeddings = CLIPVisionEmbeddings(cfg.hidden_size, self.image_size, self.patch_size, rt)
+        self.pre_layrnorm = layer_norm(cfg.layer_norm_eps, rt)  # sic: the torch attribute name
+        self.encoder = CLIPEncoder(cfg, rt)
+        self.post_layernorm = layer_norm(cfg.layer_norm_eps, rt)
+
+    def __call__(self, pixels: jax.Array) -> Tuple[jax.Array, jax.Array, Tuple[jax.Array, ...]]:
+        """NHWC pixels -> (last_hidden_state [batch, 1 + patches, hidden], pooler_output [batch,
+        hidden] = post_layernorm(class token), hidden_states: the pre-normed embeddings, then
+        each layer's output)."""
+        last, states = self.encoder(self.pre_layrnorm(self.embeddings(pixels)))
+        return last, self.post_layernorm(last[:, 0]), states
+
+
+class CLIPVisionModel(nn.Module):
+    """transformers' CLIPVisionModel as a submodule: the tower lives under `vision_model`, so its
+    params are `<name>/vision_model/...` like the torch keys `<name>.vision_model.*`."""
+
+    config: CLIPEncoderConfig
+    image_size: int
+    patch_size: int
+    runtime: Runtime
+
+    def setup(self):
+        self.vision_model = CLIPVisionTransformer(self.config, self.image_size, self.patch_size, self.runtime)
+
+    def __call__(self, pixels: jax.Array) -> Tuple[jax.Array, jax.Array, Tuple[jax.Array, ...]]:
+        return self.vision_model(pixels)
 
 
 @flax.struct.dataclass
