@@ -1,0 +1,412 @@
+"""FlaxStableDiffusionSafetyChecker against diffusers' StableDiffusionSafetyChecker, and the in-program
+CLIP preprocessing against transformers' CLIPImageProcessor (PIL backend). Tiny random models, CPU.
+
+Tolerances: vision embeddings 1e-4 (fp32); nsfw flags and output images exactly equal; preprocessed
+pixel values exactly equal (we reproduce Pillow's integer resampling, see models/safety.py).
+"""
+import json
+import warnings
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker, cosine_distance
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from PIL import Image
+from transformers import CLIPConfig, CLIPImageProcessorPil
+
+from flax_inpaint.models.checkpoint import CheckpointError
+from flax_inpaint.models.safety import (
+    CLIPImagePreprocessing,
+    FlaxStableDiffusionSafetyChecker,
+    pil_resize,
+)
+
+EMBED_TOL = 1e-4
+PROJ = 16
+SIZE = 32  # the tiny vision tower's image_size (and the preprocessing's shortest edge / crop)
+TINY = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2)
+
+
+def tiny_torch_checker(seed=0):
+    torch.manual_seed(seed)
+    config = CLIPConfig(
+        text_config=dict(vocab_size=100, bos_token_id=0, eos_token_id=2, **TINY),
+        vision_config=dict(image_size=SIZE, patch_size=8, hidden_act="quick_gelu", **TINY),
+        projection_dim=PROJ,
+    )
+    model = StableDiffusionSafetyChecker(config).eval()
+    with torch.no_grad():  # diffusers initialises the concept heads to ones
+        model.concept_embeds.normal_()
+        model.special_care_embeds.normal_()
+    return model
+
+
+def tiny_feature_extractor():
+    return CLIPImageProcessorPil(size={"shortest_edge": SIZE}, crop_size={"height": SIZE, "width": SIZE})
+
+
+def sample_images(n=4, height=40, width=48, seed=0):
+    """NHWC floats in [0, 1], each with its own brightness so the CLIP embeddings differ."""
+    rng = np.random.RandomState(seed)
+    base = rng.rand(n, 1, 1, 3) * 0.6
+    return np.clip(base + 0.4 * rng.rand(n, height, width, 3), 0, 1).astype(np.float32)
+
+
+def reference_clip_input(images, feature_extractor):
+    """What diffusers' run_safety_checker hands the checker: uint8 PIL images through the processor."""
+    pil = VaeImageProcessor.numpy_to_pil(images)
+    return feature_extractor(pil, return_tensors="pt").pixel_values
+
+
+def torch_embeds(model, clip_input):
+    with torch.no_grad():
+        return model.visual_projection(model.vision_model(clip_input)[1])
+
+
+def design_thresholds(model, clip_input, special_care=True):
+    """Set the concept heads so that, in diffusers, the 4 images hit every branch:
+
+    image 0: a concept score of +0.1 -> flagged.
+    image 1: a concept score of +0.0003, which rounds to 0.0 -> not flagged.
+    image 2: special care (score > 0), and a concept score of -0.005 + 0.01 -> flagged.
+    image 3: the same -0.005 concept score without special care -> not flagged.
+    Concept directions come from the pseudo-inverse of the normalised image embeddings, so each
+    addresses exactly the images it is meant for. Unused concepts get unreachable thresholds.
+    """
+    embeds = torch_embeds(model, clip_input).numpy().astype(np.float64)
+    unit = embeds / np.linalg.norm(embeds, axis=1, keepdims=True)
+    inv = np.linalg.pinv(unit)  # [PROJ, 4]: unit @ inv = identity
+    with torch.no_grad():
+        model.concept_embeds[0] = torch.tensor(inv[:, 0])
+        model.concept_embeds[1] = torch.tensor(inv[:, 2] + inv[:, 3])
+        model.concept_embeds[2] = torch.tensor(inv[:, 1])
+        model.special_care_embeds[0] = torch.tensor(inv[:, 2])
+        cos = cosine_distance(torch_embeds(model, clip_input), model.concept_embeds).numpy()
+        special = cosine_distance(torch_embeds(model, clip_input), model.special_care_embeds).numpy()
+        concept_w = cos.max(0) + 0.5
+        concept_w[0] = cos[0, 0] - 0.1
+        concept_w[1] = cos[2, 1] + 0.005
+        concept_w[2] = cos[1, 2] - 0.0003
+        special_w = special.max(0) + 0.5
+        if special_care:
+            special_w[0] = special[2, 0] / 2
+        # The design needs clear margins: targeted cosines well above the 0.01 adjustment.
+        assert min(cos[0, 0], cos[2, 1], cos[1, 2], special[2, 0]) > 0.05
+        assert abs(cos[2, 1] - cos[3, 1]) < 1e-5
+        model.concept_embeds_weights.copy_(torch.tensor(concept_w))
+        model.special_care_embeds_weights.copy_(torch.tensor(special_w))
+
+
+@pytest.fixture(scope="module")
+def checker_folder(tmp_path_factory):
+    """A tiny diffusers checker with designed thresholds and its feature extractor, saved."""
+    model = tiny_torch_checker()
+    fe = tiny_feature_extractor()
+    design_thresholds(model, reference_clip_input(sample_images(), fe))
+    folder = tmp_path_factory.mktemp("safety_checker")
+    model.save_pretrained(folder)  # model.safetensors + a transformers 5 CLIPConfig config.json
+    fe.save_pretrained(folder)  # preprocessor_config.json
+    return model, folder
+
+
+def load_ours(folder, **kwargs):
+    checker, params = FlaxStableDiffusionSafetyChecker.from_pretrained(folder, **kwargs)
+    config = json.loads((folder / "preprocessor_config.json").read_text())
+    return checker.clone(preprocessing=CLIPImagePreprocessing.from_config(config)), params
+
+
+# ----------------------------------------------------------------------------- model parity
+
+def test_vision_embeddings_match(checker_folder):
+    model, folder = checker_folder
+    checker, params = load_ours(folder)
+    clip_input = reference_clip_input(sample_images(), tiny_feature_extractor())
+    ours = checker.apply({"params": params}, jnp.asarray(clip_input.numpy()), method=checker.image_embeds)
+    np.testing.assert_allclose(ours, torch_embeds(model, clip_input).numpy(), atol=EMBED_TOL, rtol=0)
+
+
+@pytest.mark.parametrize("special_care", [True, False])
+def test_flags_and_images_match_diffusers(checker_folder, tmp_path, special_care):
+    model, folder = checker_folder
+    if not special_care:  # the same model, with the special-care concept out of reach
+        model = tiny_torch_checker()
+        design_thresholds(model, reference_clip_input(sample_images(), tiny_feature_extractor()), False)
+        model.save_pretrained(tmp_path)
+        tiny_feature_extractor().save_pretrained(tmp_path)
+        folder = tmp_path
+    images = sample_images()
+    clip_input = reference_clip_input(images, tiny_feature_extractor())
+    ref_images, ref_flags = model(clip_input=clip_input, images=images.copy())
+    # The design reaches every branch in diffusers: flagged, rounded away, special care, unflagged.
+    assert ref_flags == [True, False, special_care, False]
+
+    checker, params = load_ours(folder)
+    out, flags = jax.jit(lambda p, x: checker.apply({"params": p}, x, method=checker.check_images))(
+        params, jnp.asarray(images)
+    )
+    assert flags.dtype == jnp.bool_ and flags.shape == (4,)
+    assert flags.tolist() == ref_flags
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(ref_images, np.float32))
+    assert not np.asarray(out)[0].any() and (np.asarray(out)[1] == images[1]).all()
+
+
+def test_transformers_v4_layout_loads(checker_folder, tmp_path):
+    """Hub checkpoints (transformers 4) use `vision_model.vision_model.*` keys and keep the
+    position_ids buffer, in a pytorch_model.bin."""
+    model, folder = checker_folder
+    state = {
+        (f"vision_model.{k}" if k.startswith("vision_model.") else k): v
+        for k, v in model.state_dict().items()
+    }
+    state["vision_model.vision_model.embeddings.position_ids"] = torch.arange(17)[None]
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    (tmp_path / "config.json").write_text((folder / "config.json").read_text())
+    ours, params = FlaxStableDiffusionSafetyChecker.from_pretrained(tmp_path)
+    clip_input = reference_clip_input(sample_images(), tiny_feature_extractor())
+    got = ours.apply({"params": params}, jnp.asarray(clip_input.numpy()), method=ours.image_embeds)
+    np.testing.assert_allclose(got, torch_embeds(model, clip_input).numpy(), atol=EMBED_TOL, rtol=0)
+
+
+def test_bf16_is_finite(checker_folder):
+    _, folder = checker_folder
+    checker, params = load_ours(folder, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    ref_checker, ref_params = load_ours(folder)
+    # The concept heads stay fp32 (a bf16 threshold could move by 4e-3); the tower is bf16.
+    assert params["concept_embeds_weights"].dtype == jnp.float32
+    assert params["visual_projection"]["kernel"].dtype == jnp.bfloat16
+    images = jnp.asarray(sample_images())
+    clip_input = checker.preprocessing(images)
+    embeds = checker.apply({"params": params}, clip_input, method=checker.image_embeds)
+    ref = ref_checker.apply({"params": ref_params}, clip_input, method=ref_checker.image_embeds)
+    assert embeds.dtype == jnp.bfloat16
+    embeds = np.asarray(embeds, np.float32)
+    assert np.isfinite(embeds).all()
+    # Projected embeddings are O(1); bf16 keeps ~3 significant digits through 2 layers.
+    np.testing.assert_allclose(embeds, ref, atol=0.1, rtol=0)
+    check = jax.jit(lambda p, x: checker.apply({"params": p}, x, method=checker.check_images))
+    out, flags = check(params, images)
+    assert out.dtype == images.dtype and flags.dtype == jnp.bool_ and np.isfinite(np.asarray(out)).all()
+
+
+def test_jit_matches_eager_and_does_not_retrace(checker_folder):
+    _, folder = checker_folder
+    checker, params = load_ours(folder)
+    traces = []
+
+    @jax.jit
+    def check(p, x):
+        traces.append(1)
+        return checker.apply({"params": p}, x, method=checker.check_images)
+
+    images = jnp.asarray(sample_images())
+    eager = checker.apply({"params": params}, images, method=checker.check_images)
+    for seed in (1, 2):
+        jitted = check(params, jnp.asarray(sample_images(seed=seed)))
+    jitted = check(params, images)
+    assert len(traces) == 1
+    np.testing.assert_array_equal(jitted[1], eager[1])
+    np.testing.assert_array_equal(jitted[0], eager[0])
+
+
+def test_pmap_and_mesh_match_one_device(checker_folder):
+    _, folder = checker_folder
+    checker, params = load_ours(folder)
+    n = jax.device_count()  # 8 fake CPU devices (conftest)
+    images = np.concatenate([sample_images(seed=0), sample_images(seed=1)])  # 8 images, 2 flagged
+    check = lambda p, x: checker.apply({"params": p}, x, method=checker.check_images)  # noqa: E731
+    want_images, want_flags = jax.jit(check)(params, jnp.asarray(images))
+    assert want_flags.any() and not want_flags.all()
+
+    replicated = flax.jax_utils.replicate(params)
+    out, flags = jax.pmap(check)(replicated, images.reshape(n, -1, *images.shape[1:]))
+    np.testing.assert_array_equal(np.asarray(flags).reshape(-1), want_flags)
+    np.testing.assert_array_equal(np.asarray(out).reshape(images.shape), want_images)
+
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    sharded = jax.device_put(images, NamedSharding(mesh, P("data")))
+    out, flags = jax.jit(check)(jax.device_put(params, NamedSharding(mesh, P())), sharded)
+    np.testing.assert_array_equal(flags, want_flags)
+    np.testing.assert_array_equal(out, want_images)
+
+
+# ----------------------------------------------------------------------------- preprocessing
+
+@pytest.mark.parametrize("height,width", [(64, 64), (300, 257), (257, 300), (224, 224)])
+def test_preprocessing_matches_clip_image_processor(height, width):
+    """SD's feature extractor (shortest edge 224, bicubic, crop 224): exact pixel values."""
+    images = sample_images(2, height, width, seed=height + width)
+    ref = CLIPImageProcessorPil()(VaeImageProcessor.numpy_to_pil(images), return_tensors="np").pixel_values
+    ours = jax.jit(CLIPImagePreprocessing())(jnp.asarray(images))
+    assert ours.shape == ref.shape == (2, 3, 224, 224)
+    np.testing.assert_array_equal(np.asarray(ours), ref)
+
+
+def test_legacy_feature_extractor_config_and_bilinear(tmp_path):
+    """The old CLIPFeatureExtractor file (integer size and crop_size) and non-default settings."""
+    legacy = {
+        "crop_size": 20, "do_center_crop": True, "do_convert_rgb": True, "do_normalize": False,
+        "do_resize": True, "feature_extractor_type": "CLIPFeatureExtractor",
+        "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "resample": 2, "size": 24,
+    }
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(legacy))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # transformers' backend-fallback notice
+        fe = CLIPImageProcessorPil.from_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every key of the file is understood
+        pre = CLIPImagePreprocessing.from_config(legacy)
+    assert (pre.size, pre.crop_size, pre.resample, pre.do_normalize) == (24, (20, 20), 2, False)
+    images = sample_images(2, 50, 37)
+    ref = fe(VaeImageProcessor.numpy_to_pil(images), return_tensors="np").pixel_values
+    np.testing.assert_array_equal(np.asarray(pre(jnp.asarray(images))), ref)
+
+
+@pytest.mark.parametrize("resample", [2, 3])
+def test_pil_resize_is_exact(resample):
+    """Up/down-scaling, both pass orders of Pillow (vertical first: 97x33 -> 12x50)."""
+    rng = np.random.RandomState(resample)
+    sizes = [(97, 33, 12, 50), (48, 40, 38, 32), (17, 23, 40, 11), (90, 60, 30, 58), (5, 9, 5, 20)]
+    for h, w, oh, ow in sizes:
+        u = rng.randint(0, 256, (2, h, w, 3)).astype(np.uint8)
+        ref = np.stack([np.asarray(Image.fromarray(x).resize((ow, oh), resample=resample)) for x in u])
+        ours = pil_resize(jnp.asarray(u, jnp.int32), (oh, ow), resample)
+        np.testing.assert_array_equal(np.asarray(ours), ref)
+
+
+def test_preprocessing_errors():
+    with pytest.raises(ValueError, match="only CLIP's shortest-edge resize"):
+        CLIPImagePreprocessing.from_config({"size": {"height": 224, "width": 224}})
+    with pytest.raises(ValueError, match="resample=1 is not supported"):
+        CLIPImagePreprocessing.from_config({"resample": 1})
+    with pytest.raises(ValueError, match="do_pad=True is not supported"):
+        CLIPImagePreprocessing.from_config({"do_pad": True})
+    with pytest.warns(UserWarning, match="unknown preprocessor keys"):
+        CLIPImagePreprocessing.from_config({"do_something_new": True})
+    with pytest.raises(ValueError, match="larger than the 32x38 resized image"):
+        CLIPImagePreprocessing(size=32, crop_size=(33, 33))(jnp.zeros((1, 40, 48, 3)))
+    with pytest.raises(ValueError, match=r"NHWC RGB \[batch, height, width, 3\]"):
+        CLIPImagePreprocessing()(jnp.zeros((1, 3, 40, 48)))
+
+
+# ----------------------------------------------------------------------------- saving / config
+
+def test_pytorch_format_loads_into_diffusers(checker_folder, tmp_path):
+    model, folder = checker_folder
+    checker, params = load_ours(folder)
+    checker.save_pretrained(tmp_path, params, pytorch_format=True)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["model_type"] == "clip" and config["architectures"] == ["StableDiffusionSafetyChecker"]
+    reloaded = StableDiffusionSafetyChecker.from_pretrained(tmp_path).eval()
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(reloaded.state_dict()[key], value, atol=0, rtol=0)
+    # And back through our msgpack.
+    ours2, params2 = FlaxStableDiffusionSafetyChecker.from_pretrained(tmp_path)
+    assert ours2.config == checker.config
+    jax.tree_util.tree_map(np.testing.assert_array_equal, params2, params)
+
+
+def test_config_keys(checker_folder):
+    """transformers 5's config.json loads silently; so does a CompVis-era config with the legacy
+    `vision_config_dict` (which wins over `vision_config`) and generic keys; bad values raise."""
+    model, folder = checker_folder
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        checker, _ = FlaxStableDiffusionSafetyChecker.from_pretrained(folder)
+        vision = model.config.vision_config.to_dict()
+        legacy = {
+            **model.config.to_dict(), "architectures": ["StableDiffusionSafetyChecker"],
+            "vision_config": {**vision, "num_hidden_layers": 7},
+            "vision_config_dict": {k: v for k, v in vision.items() if k != "model_type"},
+            "text_config_dict": {"hidden_size": 32}, "torch_dtype": "float32", "top_k": 50,
+        }
+        legacy_checker = FlaxStableDiffusionSafetyChecker.from_config(legacy)
+    assert legacy_checker.config == checker.config
+    assert (checker.image_size, checker.patch_size, checker.projection_dim, checker.num_hidden_layers) == (
+        SIZE, 8, PROJ, 2)
+    config = json.loads((folder / "config.json").read_text())
+    with pytest.raises(ValueError, match="model_type='clip_vision_model'"):
+        FlaxStableDiffusionSafetyChecker.from_config({**config, "model_type": "clip_vision_model"})
+    with pytest.raises(ValueError, match="expected 'clip_vision_model'"):
+        FlaxStableDiffusionSafetyChecker.from_config(
+            {**config, "vision_config": {**config["vision_config"], "model_type": "clip_text_model"}})
+    with pytest.raises(ValueError, match="Unsupported activation 'swiglu'"):
+        FlaxStableDiffusionSafetyChecker.from_config(
+            {**config, "vision_config": {**config["vision_config"], "hidden_act": "swiglu"}})
+
+
+def test_bad_inputs_and_weights_raise(checker_folder, tmp_path):
+    _, folder = checker_folder
+    checker, params = load_ours(folder)
+    with pytest.raises(ValueError, match="image_size=32 square images"):
+        checker.apply({"params": params}, jnp.zeros((1, 3, 24, 24)), method=checker.image_embeds)
+    with pytest.raises(ValueError, match=r"clip_input must be NCHW \[batch, 3, 32, 32\]"):
+        checker.apply({"params": params}, jnp.zeros((1, 32, 32, 3)))
+    config = json.loads((folder / "config.json").read_text())
+    config["vision_config"]["num_hidden_layers"] = 3
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    (tmp_path / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes())
+    with pytest.raises(CheckpointError, match="missing from the checkpoint"):
+        FlaxStableDiffusionSafetyChecker.from_pretrained(tmp_path)
+
+
+# ----------------------------------------------------------------------------- pipeline wiring
+
+def test_pipeline_flags_match_diffusers(tmp_path_factory):
+    """diffusers' StableDiffusionPipeline with a tiny checker vs ours loaded from its folder: the
+    same nsfw_content_detected (one image flagged, one not), the flagged image black, and
+    `safety_checker=None` skipping the check."""
+    import tiny_sd
+    from diffusers import StableDiffusionPipeline
+
+    from flax_inpaint.pipelines.loading import load_components
+    from flax_inpaint.pipelines.stable_diffusion import FlaxStableDiffusionPipeline
+
+    root = tmp_path_factory.mktemp("sd")
+    _, inpaint = tiny_sd.make_pipeline(root, in_channels=4)
+    checker, fe = tiny_torch_checker(seed=1), tiny_feature_extractor()
+    torch_pipe = StableDiffusionPipeline(
+        **{**inpaint.components, "safety_checker": checker, "feature_extractor": fe}
+    )
+    prompts = ["a red cat", "a cat"]
+    noise = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(0))
+    common = dict(height=32, width=32, num_inference_steps=2, guidance_scale=7.5)
+
+    def run_torch():
+        with torch.no_grad():
+            return torch_pipe(prompts, latents=noise.clone(), output_type="np", **common)
+
+    with torch.no_grad():  # first pass, nothing reachable: the images the checker will see
+        checker.concept_embeds_weights.fill_(2.0)
+        checker.special_care_embeds_weights.fill_(2.0)
+    images = run_torch().images
+    embeds = torch_embeds(checker, reference_clip_input(images, fe)).numpy().astype(np.float64)
+    direction = np.linalg.pinv(embeds / np.linalg.norm(embeds, axis=1, keepdims=True))[:, 0]
+    with torch.no_grad():  # concept 0 points at image 0 only: +0.1 for it, about -cos for image 1
+        checker.concept_embeds[0] = torch.tensor(direction)
+        cos = cosine_distance(torch_embeds(checker, reference_clip_input(images, fe)), checker.concept_embeds)
+        assert cos[0, 0] > 0.2
+        checker.concept_embeds_weights[0] = cos[0, 0] - 0.1
+    ref = run_torch()
+    assert ref.nsfw_content_detected == [True, False]
+    folder = root / "sd-with-checker"
+    torch_pipe.save_pretrained(folder, safe_serialization=True)
+
+    components, _, _ = load_components(folder)
+    assert components["safety_checker"].preprocessing == CLIPImagePreprocessing.from_config(fe.to_dict())
+    pipe, params = FlaxStableDiffusionPipeline.from_pretrained(folder)
+    ids = pipe.prepare_inputs(prompts)
+    out = pipe(ids, params, jax.random.key(0), latents=noise.numpy(), **common)
+    assert np.asarray(out.nsfw_content_detected).tolist() == [True, False]
+    assert not np.asarray(out.images)[0].any()
+    np.testing.assert_allclose(np.asarray(out.images)[1], ref.images[1], atol=1e-3, rtol=0)
+
+    pipe, params = FlaxStableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
+    assert pipe.safety_checker is None and "safety_checker" not in params
+    out = pipe(ids, params, jax.random.key(0), latents=noise.numpy(), **common)
+    assert out.nsfw_content_detected is None
+    np.testing.assert_allclose(np.asarray(out.images)[0], images[0], atol=1e-3, rtol=0)
