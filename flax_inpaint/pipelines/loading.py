@@ -22,6 +22,7 @@ OPTIONAL = ("safety_checker", "feature_extractor", "image_encoder", "controlnet"
 def _model_classes() -> Dict[str, Any]:
     """PyTorch class name in model_index.json -> our Flax class."""
     from flax_inpaint.models.clip import FlaxCLIPTextModel
+    from flax_inpaint.models.safety import FlaxStableDiffusionSafetyChecker
     from flax_inpaint.models.unet import FlaxUNet2DConditionModel
     from flax_inpaint.models.vae import FlaxAutoencoderKL
 
@@ -29,7 +30,15 @@ def _model_classes() -> Dict[str, Any]:
         "UNet2DConditionModel": FlaxUNet2DConditionModel,
         "AutoencoderKL": FlaxAutoencoderKL,
         "CLIPTextModel": FlaxCLIPTextModel,
+        "StableDiffusionSafetyChecker": FlaxStableDiffusionSafetyChecker,
     }
+
+
+# The feature extractor is kept as its preprocessor_config.json dict; it configures the safety
+# checker's in-program CLIP preprocessing.
+IMAGE_PROCESSORS = (
+    "CLIPImageProcessor", "CLIPImageProcessorPil", "CLIPImageProcessorFast", "CLIPFeatureExtractor",
+)
 
 
 def scheduler_class(name: str):
@@ -79,6 +88,8 @@ def load_components(
             import transformers
 
             components[name] = getattr(transformers, cls_name).from_pretrained(sub)
+        elif cls_name in IMAGE_PROCESSORS:
+            components[name] = read_config(sub, "preprocessor_config.json")
         elif cls_name in models:
             model, p = models[cls_name].from_pretrained(
                 sub, dtype=dtype, param_dtype=param_dtype or dtype, attention=attention, variant=variant
@@ -89,6 +100,12 @@ def load_components(
             components[name] = None
         else:
             raise CheckpointError(f"{folder}/model_index.json: component {name}={cls_name} is not supported.")
+    checker, preprocessor = components.get("safety_checker"), components.get("feature_extractor")
+    if checker is not None and preprocessor is not None:
+        from flax_inpaint.models.safety import CLIPImagePreprocessing
+
+        preprocessing = CLIPImagePreprocessing.from_config(preprocessor)
+        components["safety_checker"] = checker.clone(preprocessing=preprocessing)
     for required in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
         if components.get(required) is None:
             raise CheckpointError(f"{folder}/model_index.json lacks the required component {required!r}.")
