@@ -1,6 +1,7 @@
 """flax-inpaint: JAX/Flax Stable Diffusion inpainting, the maintained home of diffusers' Flax pipelines."""
 from flax_inpaint.image_processor import VaeImageProcessor, make_image_grid
 from flax_inpaint.models.clip import FlaxCLIPTextModel
+from flax_inpaint.models.controlnet import FlaxControlNetModel
 from flax_inpaint.models.unet import FlaxUNet2DConditionModel
 from flax_inpaint.models.vae import FlaxAutoencoderKL
 from flax_inpaint.pipelines import (
@@ -16,6 +17,7 @@ __version__ = "0.1.0"
 __all__ = [
     "FlaxAutoencoderKL",
     "FlaxCLIPTextModel",
+    "FlaxControlNetModel",
     "FlaxStableDiffusionImg2ImgPipeline",
     "FlaxStableDiffusionInpaintPipeline",
     "FlaxStableDiffusionPipeline",

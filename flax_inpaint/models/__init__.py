@@ -1,6 +1,7 @@
-"""Flax model families: UNet, VAE, CLIP text encoder (and later ControlNet, safety checker)."""
+"""Flax model families: UNet, VAE, CLIP text encoder, ControlNet (and later the safety checker)."""
 from flax_inpaint.models.checkpoint import CheckpointError
 from flax_inpaint.models.clip import FlaxCLIPTextModel, FlaxCLIPTextModelOutput
+from flax_inpaint.models.controlnet import FlaxControlNetModel, FlaxControlNetOutput
 from flax_inpaint.models.unet import FlaxUNet2DConditionModel, FlaxUNet2DConditionOutput
 from flax_inpaint.models.vae import (
     FlaxAutoencoderKL,
@@ -15,6 +16,8 @@ __all__ = [
     "FlaxAutoencoderKLOutput",
     "FlaxCLIPTextModel",
     "FlaxCLIPTextModelOutput",
+    "FlaxControlNetModel",
+    "FlaxControlNetOutput",
     "FlaxDecoderOutput",
     "FlaxDiagonalGaussianDistribution",
     "FlaxUNet2DConditionModel",

@@ -581,10 +581,15 @@ class FlaxUNet2DConditionModel(nn.Module, PretrainedMixin):
             h, res = build_down_block(self, i, f"down_blocks_{i}")(h, emb, context)
             skips += res
         if down_residuals is not None:
-            if [r.shape for r in down_residuals] != [s.shape for s in skips]:
+            # A residual may broadcast: global-pooled ControlNets give [B, 1, 1, C].
+            if not all(
+                r.ndim == 4 and all(a in (1, b) for a, b in zip(r.shape, s.shape))
+                for r, s in zip(down_residuals, skips)
+            ):
                 raise ValueError(
                     f"down-block residuals have shapes {[r.shape for r in down_residuals]}; this UNet's "
-                    f"skip connections have shapes {[s.shape for s in skips]} (NHWC)."
+                    f"skip connections have shapes {[s.shape for s in skips]} (NHWC), which each "
+                    "residual must match or broadcast to."
                 )
             skips = tuple(s + r.astype(s.dtype) for s, r in zip(skips, down_residuals))
 
