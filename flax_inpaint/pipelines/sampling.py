@@ -55,7 +55,7 @@ class Batch:
     neg_prompt_ids: Optional[Array] = None  # [B, L] int32
     prompt_embeds: Optional[Array] = None  # [B, L, D]
     negative_prompt_embeds: Optional[Array] = None  # [B, L, D]
-    image: Optional[Array] = None  # [B, 3, H, W]: img2img start / 4-channel inpaint blending
+    image: Optional[Array] = None  # [B, 3, H, W] or its scaled latents [B, 4, h, w]: img2img start / blending
     mask: Optional[Array] = None  # [B, 1, H, W]
     masked_image: Optional[Array] = None  # [B, 3, H, W]
     masked_image_latents: Optional[Array] = None  # [B, 4, h, w], already scaled
@@ -89,15 +89,23 @@ def encode_image(vae, params, image: Array, key: Array) -> Array:
     return nchw_to_nhwc(dist.sample(key).astype(jnp.float32)) * vae.scaling_factor
 
 
+def decode_latents(vae, params, latents: Array) -> Array:
+    """NHWC images in [0, 1] from scaled NCHW latents."""
+    x = (latents.astype(jnp.float32) / vae.scaling_factor).astype(vae.runtime.dtype)
+    decoded = vae.apply({"params": params}, x, method=vae.decode).sample
+    return jnp.clip(nchw_to_nhwc(decoded.astype(jnp.float32)) / 2 + 0.5, 0.0, 1.0)
+
+
 def _prompt_context(c: Components, opts: Options, params, batch: Batch) -> Array:
-    def embed(ids, embeds):
+    def embed(ids, embeds, clip_skip):
         if embeds is not None:
             return embeds
-        return encode_text(c.text_encoder, params["text_encoder"], ids, opts.clip_skip)
+        return encode_text(c.text_encoder, params["text_encoder"], ids, clip_skip)
 
-    cond = embed(batch.prompt_ids, batch.prompt_embeds)
+    cond = embed(batch.prompt_ids, batch.prompt_embeds, opts.clip_skip)
     if opts.do_cfg:
-        uncond = embed(batch.neg_prompt_ids, batch.negative_prompt_embeds)
+        # diffusers encodes the negative prompt from the last layer whatever `clip_skip` says.
+        uncond = embed(batch.neg_prompt_ids, batch.negative_prompt_embeds, None)
         cond = jnp.concatenate([uncond, cond])
     if opts.num_images_per_prompt > 1:
         n, b = opts.num_images_per_prompt, cond.shape[0]
@@ -133,7 +141,11 @@ def generate(c: Components, opts: Options, params, batch: Batch, key: Array):
 
     image_latents = None
     if batch.image is not None:
-        image_latents = encode_image(vae, params["vae"], _repeat(batch.image, n_img), key_image)
+        image = _repeat(batch.image, n_img)
+        if image.shape[-2:] == (opts.height, opts.width):
+            image_latents = encode_image(vae, params["vae"], image, key_image)
+        else:  # already latents, e.g. another pipeline's output_type="latent"
+            image_latents = nchw_to_nhwc(image.astype(jnp.float32))
         t0 = jnp.broadcast_to(timesteps[batch.begin_index], (bsz,))
         noised = sched.add_noise(state, image_latents, noise, t0)
         latents = jnp.where(batch.strength_is_max, noise * state.init_noise_sigma, noised)
@@ -166,9 +178,9 @@ def generate(c: Components, opts: Options, params, batch: Batch, key: Array):
         tt = jnp.broadcast_to(t, (x_in.shape[0],))
         eps = unet.apply({"params": params["unet"]}, x_in, tt, context, method=unet.nhwc)
         eps = eps.astype(jnp.float32)
-        if opts.do_cfg:
+        if opts.do_cfg:  # examples with guidance <= 1 take the text prediction, as without CFG
             uncond, text = jnp.split(eps, 2)
-            eps = uncond + guidance * (text - uncond)
+            eps = jnp.where(guidance > 1.0, uncond + guidance * (text - uncond), text)
         out = sched.step(state, eps, t, latents, key=jax.random.fold_in(key_loop, i), **step_kwargs)
         latents, state = out.prev_sample, out.state
         if unet.in_channels == 4 and mask is not None:
@@ -182,12 +194,7 @@ def generate(c: Components, opts: Options, params, batch: Batch, key: Array):
 
     if opts.output_type == "latent":
         return nhwc_to_nchw(latents), None
-    decoded = vae.apply(
-        {"params": params["vae"]},
-        nhwc_to_nchw(latents / vae.scaling_factor).astype(vae.runtime.dtype),
-        method=vae.decode,
-    ).sample
-    images = jnp.clip(nchw_to_nhwc(decoded.astype(jnp.float32)) / 2 + 0.5, 0.0, 1.0)
+    images = decode_latents(vae, params["vae"], nhwc_to_nchw(latents))
     nsfw = None
     if c.safety_checker is not None:
         images, nsfw = c.safety_checker.apply(

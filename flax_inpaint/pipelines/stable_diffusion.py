@@ -12,20 +12,22 @@ from __future__ import annotations
 import inspect
 import os
 from dataclasses import dataclass
-from typing import Any, List, Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from flax_inpaint.image_processor import VaeImageProcessor, postprocess_inpaint, preprocess_inpaint
 from flax_inpaint.pipelines import loading
-from flax_inpaint.pipelines.sampling import Batch, Components, Options, generate
+from flax_inpaint.pipelines.sampling import Batch, Components, Options, decode_latents, generate
 from flax_inpaint.schedulers.common import begin_index_for_strength
 
 _generate_jit = jax.jit(generate, static_argnums=(0, 1))
 _generate_pmap = jax.pmap(generate, static_broadcasted_argnums=(0, 1))
+_decode_jit = jax.jit(decode_latents, static_argnums=0)
 
 # Batch fields that hold one value for the whole call (broadcast per device under pmap).
 _SCALAR_FIELDS = ("begin_index", "strength_is_max", "eta")
@@ -85,6 +87,13 @@ class _Base:
         )
         return pipe, params
 
+    @classmethod
+    def from_pipe(cls, pipe: "_Base"):
+        """This pipeline over another one's components (no reloading; the same params serve both)."""
+        return cls(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=pipe.unet,
+                   scheduler=pipe.scheduler, safety_checker=pipe.safety_checker,
+                   feature_extractor=pipe.feature_extractor, dtype=pipe.dtype)
+
     def save_pretrained(self, folder: Union[str, os.PathLike], params) -> None:
         """Write a diffusers-format folder that both diffusers (PyTorch) and we can load."""
         comps = {"unet": self.unet, "vae": self.vae, "text_encoder": self.text_encoder,
@@ -109,6 +118,20 @@ class _Base:
     def prepare_text_inputs(self, prompt) -> np.ndarray:
         return self.tokenize(prompt)
 
+    def default_size(self) -> tuple:
+        """(height, width) the UNet was trained at: its sample_size (64 if unset) times the VAE factor."""
+        size = self.unet.sample_size or 64
+        h, w = (size, size) if isinstance(size, int) else size
+        return h * self.vae_scale_factor, w * self.vae_scale_factor
+
+    def decode_latents(self, latents, params) -> np.ndarray:
+        """NHWC images in [0, 1] from NCHW latents of `output_type="latent"` (unreplicated params)."""
+        latents = jnp.asarray(latents)
+        if latents.ndim != 4 or latents.shape[1] != self.vae.latent_channels:
+            raise ValueError(f"latents has shape {latents.shape}; expected [B, {self.vae.latent_channels}, h, w] "
+                             "(reshape away a device axis first).")
+        return np.asarray(_decode_jit(self.vae, params["vae"], latents))
+
     def _components(self) -> Components:
         return Components(self.unet, self.vae, self.text_encoder, self.scheduler, self.safety_checker)
 
@@ -125,9 +148,10 @@ class _Base:
         return ids.astype(np.int32)
 
     def _lead(self, prompt_ids, prompt_embeds, jit: bool) -> tuple:
+        if (prompt_ids is None) == (prompt_embeds is None):
+            raise ValueError("Pass exactly one of prompt_ids (from prepare_inputs) and prompt_embeds; got "
+                             f"{'neither' if prompt_ids is None else 'both'}.")
         ref = prompt_ids if prompt_ids is not None else prompt_embeds
-        if ref is None:
-            raise ValueError("Pass prompt_ids (from prepare_inputs) or prompt_embeds.")
         ref = np.shape(ref)
         lead = ref[:-1] if prompt_ids is not None else ref[:-2]
         if jit:
@@ -162,6 +186,8 @@ class _Base:
             images, nsfw = _generate_jit(comps, opts, *_on_mesh(mesh, params, batch, lead[0]), prng_seed)
         else:
             images, nsfw = _generate_jit(comps, opts, params, batch, prng_seed)
+        if not images.is_fully_addressable:  # mesh over several processes: every process gets all images
+            images, nsfw = multihost_utils.process_allgather((images, nsfw), tiled=True)
         images = np.asarray(images)
         nsfw = None if nsfw is None else np.asarray(nsfw)
         if output_type == "pil":
@@ -172,6 +198,9 @@ class _Base:
                  num_images_per_prompt) -> Options:
         if output_type not in ("np", "pil", "latent"):
             raise ValueError(f"output_type={output_type!r}; use 'np', 'pil' or 'latent'.")
+        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, (int, np.integer)) \
+                or num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps={num_inference_steps!r} must be an int >= 1.")
         for name, v in (("height", height), ("width", width)):
             if v % self.vae_scale_factor or v <= 0:
                 raise ValueError(
@@ -180,10 +209,12 @@ class _Base:
                 )
         if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
             raise ValueError(f"num_images_per_prompt={num_images_per_prompt!r} must be an int >= 1.")
-        if clip_skip is not None and not 0 <= clip_skip < self.text_encoder.num_hidden_layers:
-            raise ValueError(f"clip_skip={clip_skip} must lie in [0, {self.text_encoder.num_hidden_layers}).")
+        layers = self.text_encoder.num_hidden_layers
+        if clip_skip is not None and not 0 <= clip_skip <= layers:
+            raise ValueError(f"clip_skip={clip_skip} must lie in [0, {layers}] (the text encoder has {layers} "
+                             "layers; clip_skip=k uses the output of layer num_layers - k).")
         return Options(
-            num_inference_steps=num_inference_steps, height=int(height), width=int(width),
+            num_inference_steps=int(num_inference_steps), height=int(height), width=int(width),
             do_cfg=bool(np.any(np.asarray(guidance_scale) > 1.0)),
             output_type="latent" if output_type == "latent" else "np",
             clip_skip=clip_skip, num_images_per_prompt=num_images_per_prompt,
@@ -194,6 +225,15 @@ class _Base:
                     do_cfg: bool, guidance_scale) -> dict:
         prompt_ids = self._check_ids("prompt_ids", prompt_ids, lead)
         neg_prompt_ids = self._check_ids("neg_prompt_ids", neg_prompt_ids, lead)
+        embed_shape = lead + (self.max_length, self.text_encoder.hidden_size)
+        if prompt_embeds is not None:
+            embed_shape = np.shape(prompt_embeds)
+            if embed_shape[-1] != self.text_encoder.hidden_size:
+                raise ValueError(f"prompt_embeds has shape {embed_shape}; its last axis must be the text "
+                                 f"encoder's hidden_size {self.text_encoder.hidden_size}.")
+        if negative_prompt_embeds is not None and np.shape(negative_prompt_embeds) != embed_shape:
+            raise ValueError(f"negative_prompt_embeds has shape {np.shape(negative_prompt_embeds)}; it must match "
+                             f"the prompt embeddings' shape {embed_shape}.")
         if do_cfg and neg_prompt_ids is None and negative_prompt_embeds is None:
             neg_prompt_ids = np.broadcast_to(self.tokenize(""), lead + (self.max_length,))
         if not do_cfg:
@@ -204,6 +244,38 @@ class _Base:
         return dict(prompt_ids=prompt_ids, neg_prompt_ids=neg_prompt_ids, prompt_embeds=prompt_embeds,
                     negative_prompt_embeds=negative_prompt_embeds,
                     guidance_scale=np.broadcast_to(g, lead).astype(np.float32))
+
+    def _check_latents(self, name: str, latents, lead: tuple, opts: Options, per_prompt: bool = False):
+        """Latent inputs: [*batch dims, latent_channels, height / f, width / f], one per image (the last
+        batch dim times num_images_per_prompt) or, with `per_prompt`, one per prompt."""
+        if latents is None:
+            return None
+        f, n = self.vae_scale_factor, 1 if per_prompt else opts.num_images_per_prompt
+        want = lead[:-1] + (lead[-1] * n, self.vae.latent_channels, opts.height // f, opts.width // f)
+        if tuple(np.shape(latents)) != want:
+            per = "prompt" if per_prompt else "image (batch x num_images_per_prompt)"
+            raise ValueError(
+                f"{name} has shape {np.shape(latents)}; expected {want}: one per {per}, latent_channels, "
+                f"height / {f}, width / {f}, after a leading device axis with jit=True."
+            )
+        return latents
+
+    def _image_input(self, image, height: Optional[int], width: Optional[int]):
+        """`image` as NCHW pixels, or as its scaled latents [..., latent_channels, h, w] (e.g. another
+        pipeline's output_type="latent" output); returns (image, height, width) in pixels."""
+        shape = np.shape(image)
+        c, f = self.vae.latent_channels, self.vae_scale_factor
+        if len(shape) < 4 or shape[-3] not in (3, c):
+            raise ValueError(f"image has shape {shape}; expected NCHW pixels with 3 channels or latents with "
+                             f"{c} (a leading device axis first with jit=True). Use pipeline.prepare_inputs.")
+        image = np.asarray(image, np.float32)
+        if shape[-3] == 3:
+            return (image, *_check_spatial("image", image, height, width))
+        h, w = shape[-2] * f, shape[-1] * f
+        if (height or h, width or w) != (h, w):
+            raise ValueError(f"image holds latents of shape {shape}, i.e. a {h}x{w} image, but height x width = "
+                             f"{height}x{width}; they must match.")
+        return image, h, w
 
     def _strength_fields(self, num_inference_steps: int, strength: float) -> dict:
         if not 0.0 <= strength <= 1.0:
@@ -218,21 +290,23 @@ class _Base:
 
 
 def _on_mesh(mesh: Mesh, params, batch: Batch, batch_size: int):
-    """Place params replicated and batch arrays sharded along the mesh's first (data) axis."""
+    """Params replicated; every batched input (all but the 0-d ones) sharded along the mesh's first
+    (data) axis. With several processes each passes its local rows of the global batch."""
     axis = mesh.axis_names[0]
-    if batch_size % mesh.shape[axis]:
+    global_batch = batch_size * jax.process_count()
+    if global_batch % mesh.shape[axis]:
         raise ValueError(
-            f"The batch of {batch_size} is not divisible by the mesh's {axis!r} axis of size "
+            f"The batch of {global_batch} is not divisible by the mesh's {axis!r} axis of size "
             f"{mesh.shape[axis]}; pad the batch or change the mesh."
         )
     replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P(axis))
 
     def put(x):
-        x = np.asarray(x) if not isinstance(x, jax.Array) else x
-        spec = sharded if np.ndim(x) and x.shape[0] == batch_size else replicated
+        if not np.ndim(x):
+            return jax.device_put(x, replicated)
         if jax.process_count() > 1 and not isinstance(x, jax.Array):
-            return jax.make_array_from_process_local_data(spec, x)
-        return jax.device_put(x, spec)
+            return jax.make_array_from_process_local_data(sharded, np.asarray(x))
+        return jax.device_put(x, sharded)
 
     return jax.device_put(params, replicated), jax.tree_util.tree_map(put, batch)
 
@@ -249,19 +323,20 @@ class FlaxStableDiffusionPipeline(_Base):
                  num_images_per_prompt: int = 1, prompt_embeds=None, negative_prompt_embeds=None,
                  clip_skip: Optional[int] = None, eta: float = 0.0, output_type: str = "np",
                  mesh: Optional[Mesh] = None):
-        size = self.unet.sample_size * self.vae_scale_factor if self.unet.sample_size else 512
-        height, width = height or size, width or size
+        default_h, default_w = self.default_size()
+        height, width = height or default_h, width or default_w
         opts = self._options(num_inference_steps, height, width, guidance_scale, output_type, clip_skip,
                              num_images_per_prompt)
         lead = self._lead(prompt_ids, prompt_embeds, jit)
         batch = Batch(**self._text_batch(prompt_ids, neg_prompt_ids, prompt_embeds, negative_prompt_embeds,
                                          lead, opts.do_cfg, guidance_scale),
-                      latents=latents, eta=np.float32(eta), **self._strength_fields(num_inference_steps, 1.0))
+                      latents=self._check_latents("latents", latents, lead, opts), eta=np.float32(eta),
+                      **self._strength_fields(num_inference_steps, 1.0))
         return self._run(batch, opts, params, prng_seed, jit, mesh, lead, output_type, return_dict)
 
 
 class FlaxStableDiffusionImg2ImgPipeline(_Base):
-    """Image-to-image: start from the noised latents of `image` at `strength`."""
+    """Image-to-image: start from the noised latents of `image` (pixels, or already latents) at `strength`."""
 
     def prepare_inputs(self, prompt, image, height: Optional[int] = None, width: Optional[int] = None):
         """(prompt_ids, images NCHW in [-1, 1])."""
@@ -273,15 +348,14 @@ class FlaxStableDiffusionImg2ImgPipeline(_Base):
                  jit: bool = False, *, num_images_per_prompt: int = 1, prompt_embeds=None,
                  negative_prompt_embeds=None, clip_skip: Optional[int] = None, eta: float = 0.0,
                  output_type: str = "np", mesh: Optional[Mesh] = None):
-        image = np.asarray(image, np.float32)
-        height, width = _check_spatial("image", image, height, width)
+        image, height, width = self._image_input(image, height, width)
         opts = self._options(num_inference_steps, height, width, guidance_scale, output_type, clip_skip,
                              num_images_per_prompt)
         lead = self._lead(prompt_ids, prompt_embeds, jit)
         _check_batch("image", image, lead)
         batch = Batch(**self._text_batch(prompt_ids, neg_prompt_ids, prompt_embeds, negative_prompt_embeds,
                                          lead, opts.do_cfg, guidance_scale),
-                      image=image, latents=noise, eta=np.float32(eta),
+                      image=image, latents=self._check_latents("noise", noise, lead, opts), eta=np.float32(eta),
                       **self._strength_fields(num_inference_steps, strength))
         return self._run(batch, opts, params, prng_seed, jit, mesh, lead, output_type, return_dict)
 
@@ -327,9 +401,8 @@ class FlaxStableDiffusionInpaintPipeline(_Base):
         pastes it back; `apply_overlay` keeps every unmasked pixel of `image` exactly. Other keyword
         arguments go to `__call__` (num_inference_steps, guidance_scale, strength, latents, ...).
         """
-        if height is None or width is None:
-            size = self.unet.sample_size * self.vae_scale_factor
-            height, width = height or size, width or size
+        default_h, default_w = self.default_size()
+        height, width = height or default_h, width or default_w
         inputs = self._preprocess(image, mask_image, height, width, padding_mask_crop)
         ids = self.tokenize(prompt)
         n = ids.shape[0]
@@ -357,20 +430,21 @@ class FlaxStableDiffusionInpaintPipeline(_Base):
                  clip_skip: Optional[int] = None, output_type: str = "np", mesh: Optional[Mesh] = None):
         """Inpaint; arguments as diffusers' Flax pipeline, plus PyTorch-pipeline features as keywords.
 
-        `image` (the unmasked, processed image from `prepare_inputs(..., return_image=True)`) is needed
-        for 4-channel UNets and for strength < 1. `latents` is the initial noise (unscaled), also for
-        strength < 1, where it is added to the image latents.
+        `image` (the unmasked, processed image from `prepare_inputs(..., return_image=True)`, or its
+        scaled latents, e.g. another pipeline's output_type="latent") is needed for 4-channel UNets and
+        for strength < 1. `latents` is the initial noise (unscaled), also for strength < 1, where it is
+        added to the image latents. `masked_image_latents` (scaled, one per prompt) replaces
+        `masked_image`, which may then be None.
         """
         mask = np.asarray(mask, np.float32)
         if masked_image_latents is None:
             masked_image = np.asarray(masked_image, np.float32)
             height, width = _check_spatial("masked_image", masked_image, height, width)
-        elif height is None or width is None:
-            height, width = mask.shape[-2:]
-        _check_spatial("mask", mask, height, width, channels=1)
+        else:
+            masked_image = None
+        height, width = _check_spatial("mask", mask, height, width, channels=1)
         if image is not None:
-            image = np.asarray(image, np.float32)
-            _check_spatial("image", image, height, width)
+            image, _, _ = self._image_input(image, height, width)
         elif self.unet.in_channels == 4 or strength < 1.0:
             why = "a 4-channel UNet blends with it" if self.unet.in_channels == 4 else f"strength={strength} < 1"
             raise ValueError(
@@ -380,15 +454,15 @@ class FlaxStableDiffusionInpaintPipeline(_Base):
         opts = self._options(num_inference_steps, height, width, guidance_scale, output_type, clip_skip,
                              num_images_per_prompt)
         lead = self._lead(prompt_ids, prompt_embeds, jit)
-        for name, arr in (("mask", mask), ("masked_image", masked_image), ("image", image),
-                          ("masked_image_latents", masked_image_latents)):
-            if arr is not None and not (name == "masked_image" and masked_image_latents is not None):
-                _check_batch(name, np.asarray(arr), lead)
+        for name, arr in (("mask", mask), ("masked_image", masked_image), ("image", image)):
+            if arr is not None:
+                _check_batch(name, arr, lead)
         batch = Batch(**self._text_batch(prompt_ids, neg_prompt_ids, prompt_embeds, negative_prompt_embeds,
                                          lead, opts.do_cfg, guidance_scale),
-                      image=image, mask=mask,
-                      masked_image=None if masked_image_latents is not None else masked_image,
-                      masked_image_latents=masked_image_latents, latents=latents, eta=np.float32(eta),
+                      image=image, mask=mask, masked_image=masked_image,
+                      masked_image_latents=self._check_latents("masked_image_latents", masked_image_latents,
+                                                               lead, opts, per_prompt=True),
+                      latents=self._check_latents("latents", latents, lead, opts), eta=np.float32(eta),
                       **self._strength_fields(num_inference_steps, strength))
         return self._run(batch, opts, params, prng_seed, jit, mesh, lead, output_type, return_dict)
 
