@@ -2,6 +2,7 @@
 from flax_inpaint.image_processor import VaeImageProcessor, make_image_grid
 from flax_inpaint.models.clip import FlaxCLIPTextModel
 from flax_inpaint.models.controlnet import FlaxControlNetModel
+from flax_inpaint.models.safety import FlaxStableDiffusionSafetyChecker
 from flax_inpaint.models.unet import FlaxUNet2DConditionModel
 from flax_inpaint.models.vae import FlaxAutoencoderKL
 from flax_inpaint.pipelines import (
@@ -21,6 +22,7 @@ __all__ = [
     "FlaxStableDiffusionImg2ImgPipeline",
     "FlaxStableDiffusionInpaintPipeline",
     "FlaxStableDiffusionPipeline",
+    "FlaxStableDiffusionSafetyChecker",
     "FlaxUNet2DConditionModel",
     "Runtime",
     "VaeImageProcessor",

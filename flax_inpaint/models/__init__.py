@@ -1,7 +1,8 @@
-"""Flax model families: UNet, VAE, CLIP text encoder, ControlNet (and later the safety checker)."""
+"""Flax model families: UNet, VAE, CLIP text encoder, ControlNet and the safety checker."""
 from flax_inpaint.models.checkpoint import CheckpointError
 from flax_inpaint.models.clip import FlaxCLIPTextModel, FlaxCLIPTextModelOutput
 from flax_inpaint.models.controlnet import FlaxControlNetModel, FlaxControlNetOutput
+from flax_inpaint.models.safety import CLIPImagePreprocessing, FlaxStableDiffusionSafetyChecker
 from flax_inpaint.models.unet import FlaxUNet2DConditionModel, FlaxUNet2DConditionOutput
 from flax_inpaint.models.vae import (
     FlaxAutoencoderKL,
@@ -11,6 +12,7 @@ from flax_inpaint.models.vae import (
 )
 
 __all__ = [
+    "CLIPImagePreprocessing",
     "CheckpointError",
     "FlaxAutoencoderKL",
     "FlaxAutoencoderKLOutput",
@@ -20,6 +22,7 @@ __all__ = [
     "FlaxControlNetOutput",
     "FlaxDecoderOutput",
     "FlaxDiagonalGaussianDistribution",
+    "FlaxStableDiffusionSafetyChecker",
     "FlaxUNet2DConditionModel",
     "FlaxUNet2DConditionOutput",
 ]

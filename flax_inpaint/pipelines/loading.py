@@ -41,6 +41,10 @@ IMAGE_PROCESSORS = (
 )
 
 
+# The library diffusers imports a saved component's class from (model_index.json), where not diffusers.
+_LIBRARY = {"CLIPTextModel": "transformers", "StableDiffusionSafetyChecker": "stable_diffusion"}
+
+
 def scheduler_class(name: str):
     """Our Flax scheduler for a diffusers scheduler class name (e.g. "PNDMScheduler")."""
     from flax_inpaint import schedulers
@@ -125,8 +129,10 @@ def save_components(folder: os.PathLike, pipeline_class: str, components: Dict[s
         elif name == "tokenizer":
             comp.save_pretrained(folder / name)
             index[name] = ["transformers", type(comp).__name__]
+        elif isinstance(comp, dict):  # the feature extractor's preprocessor config
+            write_bytes_atomic(folder / name / "preprocessor_config.json", json.dumps(comp, indent=2).encode())
+            index[name] = ["transformers", "CLIPImageProcessor"]
         else:
             comp.save_pretrained(folder / name, params[name], pytorch_format=True)
-            library = "transformers" if comp.weight_stems[0] == "model" else "diffusers"
-            index[name] = [library, comp.torch_class]
+            index[name] = [_LIBRARY.get(comp.torch_class, "diffusers"), comp.torch_class]
     write_bytes_atomic(folder / "model_index.json", json.dumps(index, indent=2).encode())
