@@ -91,6 +91,9 @@ def test_text2img_matches_diffusers(sd4, guidance):
                    **COMMON).images
     assert ours.shape == (1, 32, 32, 3)
     assert_parity(ours, ref)
+    pil = sd4.t2i(ids, sd4.params, jax.random.key(0), guidance_scale=guidance, latents=lat.numpy(),
+                  num_inference_steps=STEPS, output_type="pil").images  # the same program, then 8 bits
+    np.testing.assert_array_equal(np.asarray(pil[0]), np.round(ours[0] * 255).astype(np.uint8))
     if guidance <= 1:
         other = sd4.t2i(ids, sd4.params, jax.random.key(0), guidance_scale=guidance, latents=lat.numpy(),
                         neg_prompt_ids=sd4.t2i.tokenize("blurry"), **COMMON).images
@@ -142,8 +145,8 @@ def test_inpaint_chains_text2img_latents(sd9, picture, t2i_latents):
     masked_latents = latents * (mask[:, :, ::4, ::4] < 0.5)
     eps = noise(1)  # diffusers' only draw: both latent inputs skip the VAE encoder
     with torch.no_grad():
-        ref = sd9.torch("a red cat", image=torch.from_numpy(latents), mask_image=picture.mask,
-                        masked_image_latents=torch.from_numpy(masked_latents), strength=0.6,
+        ref = sd9.torch("a red cat", image=torch.tensor(latents), mask_image=picture.mask,
+                        masked_image_latents=torch.tensor(masked_latents), strength=0.6,
                         generator=generator(), **COMMON).images
     ours = pipe(ids, mask, None, sd9.params, jax.random.key(0), image=latents, strength=0.6,
                 masked_image_latents=masked_latents, latents=eps.numpy(), **COMMON).images
