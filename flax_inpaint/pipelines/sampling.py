@@ -8,7 +8,9 @@ compiled program. The pipelines differ only in which `Batch` fields they fill.
 
 Randomness: one key covers the batch it is called with (the initial noise is one draw of the
 batch's shape), so a mesh call over a global batch equals a single-device call on that batch, and a
-pmapped call equals per-shard calls with each device's key.
+pmapped call equals per-shard calls with each device's key. `generate_per_example` instead takes one
+key per prompt (like diffusers' list of generators): each prompt's images are those of a call on that
+prompt alone, whichever prompts share its batch.
 """
 from __future__ import annotations
 
@@ -64,6 +66,11 @@ class Batch:
     begin_index: Array = 0  # first loop iteration (strength), int32
     strength_is_max: Array = True  # strength == 1: start from pure noise
     eta: Array = 0.0
+
+
+# Batch fields that hold one value for the whole call, not one per example: pmap gives every device a
+# copy, a mesh replicates them, per-example sampling shares them.
+CALL_WIDE_FIELDS = ("begin_index", "strength_is_max", "eta")
 
 
 def nchw_to_nhwc(x: Array) -> Array:
@@ -201,3 +208,18 @@ def generate(c: Components, opts: Options, params, batch: Batch, key: Array):
             {"params": params["safety_checker"]}, images, method=c.safety_checker.check_images
         )
     return images, nsfw
+
+
+def generate_per_example(c: Components, opts: Options, params, batch: Batch, key_data: Array):
+    """`generate` for every prompt alone with its own key (`key_data`: [B, ...] raw key data of the
+    default PRNG), vectorised into one batched program. Returns what `generate` returns."""
+    rows = {f.name: v for f in dataclasses.fields(batch)
+            if f.name not in CALL_WIDE_FIELDS and (v := getattr(batch, f.name)) is not None}
+
+    def one(row, kd):
+        example = batch.replace(**jax.tree_util.tree_map(lambda x: x[None], row))
+        return generate(c, opts, params, example, jax.random.wrap_key_data(kd))
+
+    images, nsfw = jax.vmap(one)(rows, key_data)
+    flat = lambda x: None if x is None else x.reshape(-1, *x.shape[2:])  # noqa: E731
+    return flat(images), flat(nsfw)

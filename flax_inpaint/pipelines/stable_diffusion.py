@@ -6,6 +6,8 @@ compiled program, in one of three ways:
   * `jit=True`: `jax.pmap` over the leading device axis (replicated params, sharded inputs, one key
     per device), like diffusers' removed Flax pipelines;
   * `mesh=Mesh(...)`: `jax.jit` over global arrays sharded along the mesh's data axis (multi-host).
+Without pmap, `prng_seed` may hold one key per prompt: each prompt is then sampled as if alone with
+its key (like diffusers' list of generators), so results do not depend on how prompts are batched.
 """
 from __future__ import annotations
 
@@ -22,11 +24,19 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from flax_inpaint.image_processor import VaeImageProcessor, postprocess_inpaint, preprocess_inpaint
 from flax_inpaint.pipelines import loading
-from flax_inpaint.pipelines.sampling import Batch, Components, Options, decode_latents, generate
+from flax_inpaint.pipelines.sampling import (
+    Batch,
+    Components,
+    Options,
+    decode_latents,
+    generate,
+    generate_per_example,
+)
 from flax_inpaint.schedulers.common import begin_index_for_strength
 
 _generate_jit = jax.jit(generate, static_argnums=(0, 1))
 _generate_pmap = jax.pmap(generate, static_broadcasted_argnums=(0, 1))
+_generate_per_example_jit = jax.jit(generate_per_example, static_argnums=(0, 1))
 _decode_jit = jax.jit(decode_latents, static_argnums=0)
 
 # Batch fields that hold one value for the whole call (broadcast per device under pmap).
@@ -182,10 +192,12 @@ class _Base:
                 raise ValueError(f"prng_seed must hold one key per device ({n}); got shape {keys.shape}. "
                                  "Use jax.random.split(key, jax.device_count()).")
             images, nsfw = _generate_pmap(comps, opts, params, batch, keys)
-        elif mesh is not None:
-            images, nsfw = _generate_jit(comps, opts, *_on_mesh(mesh, params, batch, lead[0]), prng_seed)
         else:
-            images, nsfw = _generate_jit(comps, opts, params, batch, prng_seed)
+            key_data = _per_prompt_keys(prng_seed, lead[0])
+            program = _generate_jit if key_data is None else _generate_per_example_jit
+            if mesh is not None:
+                params, (batch, key_data) = _on_mesh(mesh, params, (batch, key_data), lead[0])
+            images, nsfw = program(comps, opts, params, batch, prng_seed if key_data is None else key_data)
         if not images.is_fully_addressable:  # mesh over several processes: every process gets all images
             images, nsfw = multihost_utils.process_allgather((images, nsfw), tiled=True)
         images = np.asarray(images)
@@ -289,7 +301,20 @@ class _Base:
         return dict(begin_index=np.int32(begin), strength_is_max=np.bool_(strength == 1.0))
 
 
-def _on_mesh(mesh: Mesh, params, batch: Batch, batch_size: int):
+def _per_prompt_keys(prng_seed, batch_size: int) -> Optional[np.ndarray]:
+    """Raw key data [B, ...] when `prng_seed` holds one key per prompt (typed keys [B] or raw [B, 2]),
+    None when it is one key for the whole call."""
+    typed = jax.dtypes.issubdtype(prng_seed.dtype, jax.dtypes.prng_key)
+    data = jax.random.key_data(prng_seed) if typed else prng_seed
+    if np.ndim(data) == 1:
+        return None
+    if np.ndim(data) != 2 or data.shape[0] != batch_size:
+        raise ValueError(f"prng_seed has shape {np.shape(prng_seed)}; pass one key (jax.random.key(seed)) or one "
+                         f"key per prompt, e.g. jax.random.split(key, {batch_size}) (this process's rows).")
+    return np.asarray(data)
+
+
+def _on_mesh(mesh: Mesh, params, batch, batch_size: int):
     """Params replicated; every batched input (all but the 0-d ones) sharded along the mesh's first
     (data) axis. With several processes each passes its local rows of the global batch."""
     axis = mesh.axis_names[0]
