@@ -1,0 +1,524 @@
+"""Resumable research sweeps: many inpainting configurations, each result a PNG plus one manifest line.
+
+A spec (a dict, or a .json / .yaml file) names the model and the configurations. Its keys mirror the
+`flax-inpaint inpaint` options:
+
+    {"model": "path/or/hub-id", "out": "results", "dtype": "float32", "per_device_batch": 1,
+     "image": "photo.png", "mask": "mask.png", "steps": 25,          # defaults for every configuration
+     "grid": {"prompt": ["a cat", "a dog"], "seed": [0, 1], "guidance": [3, 7.5]},
+     "list": [{"image": "a.png", "mask": "a-mask.png"}, {"image": "b.png", "mask": "b-mask.png"}]}
+
+The configurations are every `list` entry (or one empty entry) crossed with every combination of the
+`grid` axes, over the top-level defaults. Relative paths are relative to the spec file.
+
+How it runs (`run_sweep`):
+  * Configurations are grouped by what the compiled program depends on (height, width, steps,
+    scheduler, guidance > 1), so each group compiles once; prompts, seeds, guidance, strength and
+    images are traced inputs. Batches fill all devices of a 1-D data mesh (`per_device_batch` each);
+    the last batch of a group is padded by repeating its last configuration.
+  * Every configuration samples with its own key `jax.random.key(seed)` (one key per prompt), so a
+    result does not depend on which configurations share its batch, on the device count or on resuming.
+  * Each result is written atomically as `images/<id>.png` and then recorded by one line of
+    `manifest.jsonl` (flushed and fsynced); `<id>` hashes the configuration, model and dtype. A result
+    counts once both exist: on restart, lines without their PNG (or torn by a kill) are dropped and
+    PNGs without a line are deleted, then only the missing results are computed.
+  * With several processes (`jax.distributed`) each process prepares its own rows of every global
+    batch; process 0 alone reads and writes the output folder and tells the others what is done.
+  * At the end `contact_sheet.png` tiles every result of the spec, captioned with what varies.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import itertools
+import json
+import math
+import os
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from PIL import Image, ImageDraw
+
+from flax_inpaint.models.checkpoint import write_bytes_atomic
+
+MANIFEST = "manifest.jsonl"
+IMAGES = "images"
+CONTACT_SHEET = "contact_sheet.png"
+DTYPES = ("float32", "bfloat16")
+COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+_SETTINGS = ("model", "out", "dtype", "per_device_batch", "grid", "list")
+
+
+class SweepSpecError(ValueError):
+    """A sweep spec that cannot run; the message names the key, the value and the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """One result: the `inpaint` options for one image (paths as written in the spec)."""
+
+    prompt: str
+    image: str
+    mask: str
+    negative_prompt: Optional[str] = None
+    seed: int = 0
+    guidance: float = 7.5
+    strength: float = 1.0
+    steps: int = 50
+    scheduler: Optional[str] = None  # a diffusers scheduler class name; None keeps the model's
+    size: Optional[int] = None  # square output size; None keeps the image's size (floored to 8)
+
+    def result_id(self, model: str, dtype: str) -> str:
+        """Deterministic id: a hash of this configuration, the model and the dtype."""
+        payload = json.dumps({"model": model, "dtype": dtype, **dataclasses.asdict(self)}, sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+AXES = tuple(f.name for f in dataclasses.fields(Config))
+_REQUIRED = ("prompt", "image", "mask")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+# axis -> (test, what is allowed)
+_CHECKS = {
+    "prompt": (lambda v: isinstance(v, str), "a string"),
+    "image": (lambda v: isinstance(v, str), "an image file path"),
+    "mask": (lambda v: isinstance(v, str), "an image file path (white = repaint)"),
+    "negative_prompt": (lambda v: v is None or isinstance(v, str), "a string or null"),
+    "seed": (lambda v: _is_int(v) and 0 <= v < 2**32, "an int in [0, 2**32)"),
+    "guidance": (_is_number, "a number (> 1 enables classifier-free guidance)"),
+    "strength": (lambda v: _is_number(v) and 0 <= v <= 1, "a number in [0, 1]"),
+    "steps": (lambda v: _is_int(v) and v >= 1, "an int >= 1"),
+    "scheduler": (lambda v: v is None or isinstance(v, str),
+                  "a scheduler class name such as 'DDIMScheduler', or null for the model's"),
+    "size": (lambda v: v is None or (_is_int(v) and v > 0 and v % 8 == 0), "a positive multiple of 8, or null"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepSpec:
+    """A parsed, validated sweep: settings plus the expanded configurations (deduplicated)."""
+
+    model: str
+    out: Path
+    configs: Tuple[Config, ...]
+    dtype: str = "float32"
+    per_device_batch: int = 1
+    base_dir: Path = Path(".")
+
+    @classmethod
+    def from_dict(cls, spec: Mapping[str, Any], base_dir: Union[str, os.PathLike] = ".",
+                  source: str = "sweep spec", out: Optional[str] = None) -> "SweepSpec":
+        """Validate and expand `spec`; `out` (e.g. the CLI's --out) replaces spec["out"]."""
+        def fail(msg):
+            raise SweepSpecError(f"{source}: {msg}")
+
+        if not isinstance(spec, Mapping):
+            fail(f"expected a mapping of keys to values at the top level, got {type(spec).__name__}.")
+        unknown = sorted(set(spec) - set(_SETTINGS) - set(AXES))
+        if unknown:
+            fail(f"unknown key(s) {unknown}; allowed: settings {list(_SETTINGS)} and options {list(AXES)}.")
+        base = Path(base_dir)
+        model = spec.get("model")
+        if not isinstance(model, str) or not model:
+            fail(f"'model' must name a diffusers model folder or hub id, got {model!r}.")
+        if (base / model).exists():
+            model = str(base / model)
+        dtype = spec.get("dtype", "float32")
+        if dtype not in DTYPES:
+            fail(f"'dtype' = {dtype!r}; use one of {list(DTYPES)}.")
+        per_device = spec.get("per_device_batch", 1)
+        if not _is_int(per_device) or per_device < 1:
+            fail(f"'per_device_batch' = {per_device!r} must be an int >= 1.")
+        out_dir = out if out is not None else spec.get("out")
+        if not isinstance(out_dir, str) or not out_dir:
+            fail(f"'out' must be the output folder (a path), got {out_dir!r}; set it or pass --out.")
+
+        def check(key, value, where):
+            test, allowed = _CHECKS[key]
+            if not test(value):
+                fail(f"{where} = {value!r}: {key} must be {allowed}.")
+            if key in ("image", "mask") and not (base / value).is_file():
+                fail(f"{where} = {value!r}: no such file under {base.resolve()}; paths are relative to the spec.")
+
+        defaults = {k: v for k, v in spec.items() if k in AXES}
+        for k, v in defaults.items():
+            if isinstance(v, list):
+                fail(f"{k!r} is a list at the top level; put options to vary under 'grid' ({{\"grid\": "
+                     f"{{\"{k}\": [...]}}}}) or 'list'.")
+            check(k, v, k)
+        grid = spec.get("grid", {})
+        if not isinstance(grid, Mapping):
+            fail(f"'grid' must map options to lists of values, got {type(grid).__name__}.")
+        for k, values in grid.items():
+            if k not in AXES:
+                fail(f"grid.{k} is not an option; options: {list(AXES)}.")
+            if not isinstance(values, list) or not values:
+                fail(f"grid.{k} must be a non-empty list of values, got {values!r}.")
+            for i, v in enumerate(values):
+                check(k, v, f"grid.{k}[{i}]")
+        entries = spec.get("list", [{}])
+        if not isinstance(entries, list) or not entries:
+            fail(f"'list' must be a non-empty list of option mappings, got {entries!r}.")
+        for i, entry in enumerate(entries):
+            if not isinstance(entry, Mapping):
+                fail(f"list[{i}] must map options to values, got {entry!r}.")
+            for k, v in entry.items():
+                if k not in AXES:
+                    fail(f"list[{i}].{k} is not an option; options: {list(AXES)}.")
+                if k in grid:
+                    fail(f"list[{i}].{k} is also a grid axis; give each option in one place only.")
+                check(k, v, f"list[{i}].{k}")
+
+        configs, seen = [], set()
+        for i, entry in enumerate(entries):
+            for combo in itertools.product(*grid.values()):
+                values = {**defaults, **entry, **dict(zip(grid, combo))}
+                missing = [k for k in _REQUIRED if k not in values]
+                if missing:
+                    fail(f"list[{i}] has no {missing}; give them at the top level, in the grid or in the entry.")
+                config = Config(**values)
+                if config not in seen:
+                    seen.add(config)
+                    configs.append(config)
+        return cls(model=model, out=base / out_dir, configs=tuple(configs), dtype=dtype,
+                   per_device_batch=per_device, base_dir=base)
+
+    @classmethod
+    def from_file(cls, path: Union[str, os.PathLike], out: Optional[str] = None) -> "SweepSpec":
+        """Read a .json spec (or .yaml / .yml with PyYAML installed)."""
+        path = Path(path)
+        if not path.is_file():
+            raise SweepSpecError(f"sweep spec {str(path)!r} does not exist; pass the path of a .json or .yaml file.")
+        text = path.read_text()
+        if path.suffix.lower() in (".yaml", ".yml"):
+            try:
+                import yaml
+            except ImportError:
+                raise SweepSpecError(f"reading {path} needs PyYAML: `pip install pyyaml`, or write the spec as "
+                                     ".json.") from None
+            try:
+                spec = yaml.safe_load(text)
+            except yaml.YAMLError as e:
+                raise SweepSpecError(f"{path} is not valid YAML: {e}") from None
+        elif path.suffix.lower() == ".json":
+            try:
+                spec = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise SweepSpecError(f"{path} is not valid JSON: {e}") from None
+        else:
+            raise SweepSpecError(f"sweep spec {path.name!r}: use a .json file (or .yaml / .yml with PyYAML).")
+        return cls.from_dict(spec, base_dir=path.parent, source=str(path), out=out)
+
+    def ids(self) -> List[str]:
+        return [c.result_id(self.model, self.dtype) for c in self.configs]
+
+
+class ResultStore:
+    """The output folder: `images/<id>.png` plus `manifest.jsonl`, one JSON line per result."""
+
+    def __init__(self, out: Union[str, os.PathLike]):
+        self.out = Path(out)
+        self.manifest = self.out / MANIFEST
+        self.images = self.out / IMAGES
+
+    def recover(self) -> Dict[str, dict]:
+        """Make the folder consistent after a kill and return {id: manifest record} of finished results.
+
+        Kept: parseable lines whose PNG exists (first line per id). Dropped: torn or orphaned lines,
+        PNGs without a line and temporary files of interrupted writes. The manifest is rewritten only
+        when something was dropped.
+        """
+        self.images.mkdir(parents=True, exist_ok=True)
+        raw = self.manifest.read_bytes() if self.manifest.exists() else b""
+        records: Dict[str, dict] = {}
+        lines = raw.split(b"\n")
+        for line in lines[:-1]:  # the text after the last newline is a torn write (or empty)
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and (self.out / str(record.get("file"))).is_file():
+                records.setdefault(record["id"], record)
+        kept = b"".join(json.dumps(r, sort_keys=True).encode() + b"\n" for r in records.values())
+        if kept != raw:
+            write_bytes_atomic(self.manifest, kept)
+        wanted = {Path(r["file"]).name for r in records.values()}
+        for path in self.images.iterdir():
+            if path.name not in wanted:
+                path.unlink()
+        return records
+
+    def write(self, record: dict, png: bytes) -> None:
+        """The PNG atomically first, then its manifest line (flushed and fsynced)."""
+        write_bytes_atomic(self.out / record["file"], png)
+        with open(self.manifest, "ab") as f:
+            f.write(json.dumps(record, sort_keys=True).encode() + b"\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+@dataclasses.dataclass
+class SweepSummary:
+    """What `run_sweep` did. `compiles` counts compilations of the sampling program per group."""
+
+    out: Path
+    total: int
+    already_done: int
+    computed: int
+    compiles: Dict[str, int]
+    contact_sheet: Optional[Path]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Group:
+    """What the compiled program depends on; one compilation per group."""
+
+    height: int
+    width: int
+    steps: int
+    scheduler: Optional[str]
+    cfg: bool
+
+    @property
+    def label(self) -> str:
+        return (f"{self.height}x{self.width}-{self.steps}steps-{self.scheduler or 'model-scheduler'}"
+                f"-{'cfg' if self.cfg else 'nocfg'}")
+
+
+def with_scheduler(pipe, params, name: Optional[str]):
+    """(pipeline, params) with the diffusers scheduler class `name` (e.g. "DDIMScheduler") built from
+    the pipeline's scheduler config, as diffusers' `from_config` swap does; None keeps the pipeline's."""
+    if name is None:
+        return pipe, params
+    from flax_inpaint.pipelines.loading import scheduler_class
+
+    scheduler = scheduler_class(name).from_config(pipe.scheduler.config)
+    pipe = type(pipe).from_pipe(pipe)
+    pipe.scheduler = scheduler
+    return pipe, {**params, "scheduler": scheduler.create_state()}
+
+
+def seed_keys(seeds: Sequence[int]) -> np.ndarray:
+    """Raw key data [len(seeds), 2] of `jax.random.key(seed)` per seed: one key per prompt."""
+    return np.stack([np.asarray(jax.random.key_data(jax.random.key(int(s)))) for s in seeds])
+
+
+def data_mesh() -> Mesh:
+    """A 1-D "data" mesh over every device of every process, each process's devices contiguous."""
+    devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
+    return Mesh(np.array(devices), ("data",))
+
+
+def _local_rows(mesh: Mesh, n: int) -> slice:
+    """The rows of a global batch of `n` that this process's devices hold."""
+    sharding = NamedSharding(mesh, P(mesh.axis_names[0]))
+    spans = [idx[0].indices(n)[:2] for idx in sharding.addressable_devices_indices_map((n,)).values()]
+    lo, hi = min(s for s, _ in spans), max(e for _, e in spans)
+    if hi - lo != n // jax.process_count():
+        raise ValueError(f"This process's devices do not hold one contiguous block of the mesh's "
+                         f"{mesh.axis_names[0]!r} axis; build the mesh with sweep.data_mesh().")
+    return slice(lo, hi)
+
+
+class _CompileCounter:
+    """Counts compilations of the sampling program (jax.monitoring) while active."""
+
+    def __init__(self):
+        self.count, self.seconds = 0, 0.0
+
+    def __call__(self, event, duration, fun_name: str = "", **_):
+        if event == COMPILE_EVENT and "generate" in fun_name:
+            self.count += 1
+            self.seconds += duration
+
+    def __enter__(self):
+        jax.monitoring.register_event_duration_secs_listener(self)
+        return self
+
+    def __exit__(self, *exc):
+        jax.monitoring.unregister_event_duration_listener(self)
+
+
+def _png(image: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.round(image * 255).astype(np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _open(path: Path, mode: str) -> Image.Image:
+    with Image.open(path) as im:
+        return im.convert(mode)
+
+
+def run_sweep(spec: SweepSpec, pipeline: Optional[Tuple[Any, Any]] = None, mesh: Optional[Mesh] = None,
+              progress: Optional[bool] = None) -> SweepSummary:
+    """Compute every result of `spec` that `spec.out` lacks; see the module docstring.
+
+    `pipeline`: an already loaded `(FlaxStableDiffusionInpaintPipeline, params)` of `spec.model` (else
+    it is loaded); `mesh`: a 1-D data mesh (default: all devices); `progress`: a progress bar on
+    process 0 (None: only on a terminal).
+    """
+    from tqdm.auto import tqdm
+
+    from flax_inpaint.pipelines.stable_diffusion import FlaxStableDiffusionInpaintPipeline
+
+    writer = jax.process_index() == 0
+    store = ResultStore(spec.out)
+    ids = spec.ids()
+    done = store.recover() if writer else {}
+    done_mask = np.array([i in done for i in ids])
+    if jax.process_count() > 1:  # process 0 alone reads the folder; everyone computes the same plan
+        done_mask = np.asarray(multihost_utils.broadcast_one_to_all(done_mask))
+    todo = [(i, c) for i, c, d in zip(ids, spec.configs, done_mask) if not d]
+
+    if pipeline is None:
+        import jax.numpy as jnp
+
+        pipeline = FlaxStableDiffusionInpaintPipeline.from_pretrained(spec.model, dtype=getattr(jnp, spec.dtype))
+    base_pipe, base_params = pipeline
+    mesh = mesh or data_mesh()
+    global_batch = spec.per_device_batch * mesh.devices.size
+    rows = _local_rows(mesh, global_batch)
+    f = base_pipe.vae_scale_factor
+
+    def group_of(c: Config) -> _Group:
+        if c.size:
+            h = w = c.size
+        else:
+            with Image.open(spec.base_dir / c.image) as im:
+                w, h = im.size
+        return _Group(h - h % f, w - w % f, c.steps, c.scheduler, c.guidance > 1)
+
+    groups: Dict[_Group, List[Tuple[str, Config]]] = defaultdict(list)
+    for item in todo:
+        groups[group_of(item[1])].append(item)
+    pipes = {}
+    for g in groups:  # check every group before computing anything
+        if g.scheduler not in pipes:
+            pipe, params = with_scheduler(base_pipe, base_params, g.scheduler)
+            pipes[g.scheduler] = pipe, jax.device_put(params, NamedSharding(mesh, P()))  # once, not per batch
+        for _, c in groups[g]:
+            try:
+                pipes[g.scheduler][0]._strength_fields(c.steps, c.strength)
+            except ValueError as e:
+                raise SweepSpecError(f"configuration {dataclasses.asdict(c)}: {e}") from None
+
+    inputs: Dict[Tuple[str, str, int, int], tuple] = {}
+
+    def prepared(pipe, c: Config, g: _Group):
+        """(masked_image, mask, image) of one configuration, each [1, C, H, W], cached per file pair."""
+        key = (c.image, c.mask, g.height, g.width)
+        if key not in inputs:
+            image, mask = _open(spec.base_dir / c.image, "RGB"), _open(spec.base_dir / c.mask, "L")
+            inputs[key] = pipe.prepare_inputs("", image, mask, g.height, g.width, return_image=True)[1:]
+        return inputs[key]
+
+    compiles: Dict[str, int] = {}
+    quiet = True if not writer else None if progress is None else not progress  # None: only on a terminal
+    bar = tqdm(total=len(todo), unit="img", desc="sweep", disable=quiet)
+    for g, items in groups.items():
+        pipe, params = pipes[g.scheduler]
+        compiles[g.label] = 0
+        by_strength: Dict[float, List[Tuple[str, Config]]] = defaultdict(list)
+        for item in items:  # strength is one value per call
+            by_strength[item[1].strength].append(item)
+        for strength, sub in by_strength.items():
+            for start in range(0, len(sub), global_batch):
+                chunk = sub[start:start + global_batch]
+                padded = chunk + [chunk[-1]] * (global_batch - len(chunk))
+                local = [c for _, c in padded[rows]]
+                masked, masks, images = (np.concatenate(a) for a in zip(*(prepared(pipe, c, g) for c in local)))
+                neg = [c.negative_prompt or "" for c in local]
+                tic = time.perf_counter()
+                with _CompileCounter() as counter:
+                    out = pipe(pipe.tokenize([c.prompt for c in local]), masks, masked, params,
+                               seed_keys([c.seed for c in local]), num_inference_steps=g.steps,
+                               height=g.height, width=g.width, image=images, strength=strength,
+                               guidance_scale=np.array([c.guidance for c in local], np.float32),
+                               neg_prompt_ids=pipe.tokenize(neg), mesh=mesh)
+                seconds = time.perf_counter() - tic
+                compiles[g.label] += counter.count
+                if writer:
+                    timings = {"batch_s": round(seconds, 4), "per_image_s": round(seconds / len(chunk), 4),
+                               "compile_s": round(counter.seconds, 4)}
+                    nsfw = out.nsfw_content_detected
+                    for row, (rid, c) in enumerate(chunk):
+                        record = {
+                            "id": rid, "file": f"{IMAGES}/{rid}.png", "config": dataclasses.asdict(c),
+                            "seed": c.seed, "model": spec.model, "dtype": spec.dtype, "height": g.height,
+                            "width": g.width, "group": g.label, "nsfw": None if nsfw is None else bool(nsfw[row]),
+                            "timings": timings, "batch": {"size": global_batch, "real": len(chunk),
+                                                          "devices": int(mesh.devices.size),
+                                                          "processes": jax.process_count()},
+                        }
+                        store.write(record, _png(out.images[row]))
+                        done[rid] = record
+                bar.update(len(chunk))
+    bar.close()
+
+    sheet = None
+    if writer:
+        sheet = spec.out / CONTACT_SHEET
+        write_bytes_atomic(sheet, _contact_sheet(spec, ids, done))
+    return SweepSummary(out=spec.out, total=len(ids), already_done=len(ids) - len(todo), computed=len(todo),
+                        compiles=compiles, contact_sheet=sheet)
+
+
+def _contact_sheet(spec: SweepSpec, ids: List[str], records: Mapping[str, dict]) -> bytes:
+    """All results of the spec in its order, each captioned with the options that vary in the sweep."""
+    from flax_inpaint.image_processor import make_image_grid
+
+    varying = [k for k in AXES if len({getattr(c, k) for c in spec.configs}) > 1]
+    tiles = []
+    for rid, c in zip(ids, spec.configs):
+        with Image.open(spec.out / records[rid]["file"]) as im:
+            tiles.append((im.convert("RGB"), [f"{k}={getattr(c, k)}" for k in varying]))
+    w = max(128, max(t.width for t, _ in tiles))
+    h = max(round(t.height * w / t.width) for t, _ in tiles)
+    line = 12
+    cells = []
+    for tile, caption in tiles:
+        cell = Image.new("RGB", (w, h + line * len(caption) + 4), "white")
+        cell.paste(tile.resize((w, round(tile.height * w / tile.width)), Image.NEAREST))
+        draw = ImageDraw.Draw(cell)
+        for j, text in enumerate(caption):
+            draw.text((2, h + 2 + j * line), _fit(draw, text, w - 4), fill="black")
+        cells.append(cell)
+    cols = math.ceil(math.sqrt(len(cells)))
+    rows = math.ceil(len(cells) / cols)
+    cells += [Image.new("RGB", cells[0].size, "white")] * (rows * cols - len(cells))
+    buf = io.BytesIO()
+    make_image_grid(cells, rows=rows, cols=cols).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _fit(draw: ImageDraw.ImageDraw, text: str, width: int) -> str:
+    """`text`, cut with an ellipsis to fit `width` pixels."""
+    if draw.textlength(text) <= width:
+        return text
+    while text and draw.textlength(text + "...") > width:
+        text = text[:-1]
+    return text + "..."
+
+
+def iter_manifest(out: Union[str, os.PathLike]) -> Iterator[dict]:
+    """The records of a sweep folder's manifest, in the order they were written."""
+    path = Path(out) / MANIFEST
+    if path.exists():
+        for line in path.read_text().splitlines():
+            yield json.loads(line)
