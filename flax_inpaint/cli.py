@@ -1,20 +1,33 @@
-"""The `flax-inpaint` command line: demo, inpaint and convert."""
+"""The `flax-inpaint` command line: demo, inpaint, sweep, convert and bench."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import importlib.util
 import io
 import sys
 import time
-from importlib import resources
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
-ASSETS = "flax_inpaint.assets"
+ASSETS = Path(__file__).resolve().parent / "assets"
 DEMO_MODEL = "tiny-shapes-inpaint"
+BENCH_SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_inpaint.py"
+
+EPILOG = """examples:
+  flax-inpaint demo --out demo.png
+  flax-inpaint inpaint --model path/to/sd-inpainting --image photo.png --mask mask.png \\
+      --prompt "a cat on a bench" "a dog on a bench" --batch 2 --steps 30 --out outputs
+  flax-inpaint sweep sweep.json            (run again after a kill: it resumes)
+  flax-inpaint convert --model path/to/sd-inpainting
+  flax-inpaint bench --preset tiny --batch 1 --steps 2
+
+A model is a local diffusers folder (model_index.json) or a hub repo id (org/name).
+"""
 
 
 def _asset(name: str) -> Path:
-    return Path(str(resources.files(ASSETS) / name))
+    return ASSETS / name
 
 
 def _fail(message: str) -> "None":
@@ -22,10 +35,8 @@ def _fail(message: str) -> "None":
     raise SystemExit(2)
 
 
-def _dtype(name: str):
-    import jax.numpy as jnp
-
-    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
 def _load_image(path: str, arg: str):
@@ -35,36 +46,22 @@ def _load_image(path: str, arg: str):
     if not p.is_file():
         _fail(f"{arg} {path!r} does not exist; pass the path of a PNG/JPEG file.")
     try:
-        return Image.open(p).convert("RGB" if arg == "--image" else "L")
+        with Image.open(p) as im:
+            return im.convert("RGB" if arg == "--image" else "L")
     except OSError as e:
         _fail(f"{arg} {path!r} is not a readable image ({e}).")
 
 
-def _inpaint(model: str, image, mask, prompt: str, negative: Optional[str], scheduler: Optional[str],
-             steps: int, guidance: float, strength: float, seed: int, batch: int, dtype: str, size: Optional[int]):
-    """Load `model`, inpaint `batch` images for `prompt`; returns (PIL images, seconds)."""
-    import jax
+def _load(model: str, dtype: str, scheduler: Optional[str]):
+    """(pipeline, params) of `model`, with `scheduler` (a diffusers class name) swapped in."""
+    import jax.numpy as jnp
 
     from flax_inpaint import FlaxStableDiffusionInpaintPipeline
-    from flax_inpaint.pipelines.loading import scheduler_class
+    from flax_inpaint.sweep import with_scheduler
 
-    sched = None
-    if scheduler:
-        from flax_inpaint.models.checkpoint import resolve_folder
-
-        folder = resolve_folder(model)
-        sched = scheduler_class(scheduler).from_pretrained(folder, subfolder="scheduler")
-    pipe, params = FlaxStableDiffusionInpaintPipeline.from_pretrained(
-        model, dtype=_dtype(dtype), scheduler=sched, safety_checker=None
-    )
-    start = time.perf_counter()
-    out = pipe.inpaint(
-        [prompt] * batch, image, mask, params, jax.random.key(seed),
-        negative_prompt=None if negative is None else [negative] * batch,
-        height=size or image.height // 8 * 8, width=size or image.width // 8 * 8,
-        num_inference_steps=steps, guidance_scale=guidance, strength=strength, apply_overlay=True,
-    )
-    return out.images, time.perf_counter() - start
+    _say(f"loading {model} ({dtype}) ...")
+    pipe, params = FlaxStableDiffusionInpaintPipeline.from_pretrained(model, dtype=getattr(jnp, dtype))
+    return with_scheduler(pipe, params, scheduler)
 
 
 def _write_png(image, path: Path) -> None:
@@ -76,20 +73,39 @@ def _write_png(image, path: Path) -> None:
     write_bytes_atomic(path, buf.getvalue())
 
 
-def _save_grid(rows: List[list], out: Path) -> None:
-    from flax_inpaint import make_image_grid
+def _inpaint(pipe, params, image, mask, prompts: Sequence[str], negative: Optional[str], steps: int,
+             guidance: float, strength: float, seeds: Sequence[int], size: Optional[int], overlay: bool):
+    """One image per (prompt, seed) pair, each sampled with its own key; returns (PIL images, nsfw, seconds)."""
+    from flax_inpaint.sweep import seed_keys
 
-    cells = [im.convert("RGB").resize(rows[0][0].size) for row in rows for im in row]
-    _write_png(make_image_grid(cells, rows=len(rows), cols=len(rows[0])), out)
+    f = pipe.vae_scale_factor
+    height, width = (size, size) if size else (image.height - image.height % f, image.width - image.width % f)
+    if overlay and (width, height) != image.size:
+        _fail(f"--overlay pastes the unmasked pixels of --image back, so the output must be the image's size "
+              f"{image.width}x{image.height}, but it is {width}x{height} (--size, or flooring to a multiple of "
+              f"{f}); drop --overlay or --size, or resize the image.")
+    start = time.perf_counter()
+    out = pipe.inpaint(list(prompts), image, mask, params, seed_keys(seeds),
+                       negative_prompt=None if negative is None else [negative] * len(prompts),
+                       height=height, width=width, num_inference_steps=steps, guidance_scale=guidance,
+                       strength=strength, apply_overlay=overlay)
+    return out.images, out.nsfw_content_detected, time.perf_counter() - start
 
 
 def cmd_demo(args) -> None:
     """Inpaint the bundled sample with the bundled tiny model; writes image | mask | result."""
+    from flax_inpaint import make_image_grid
+
+    folder = _asset(DEMO_MODEL)
+    if not (folder / "model_index.json").is_file():
+        _fail(f"the bundled demo model is missing from {folder}; reinstall flax-inpaint.")
     image = _load_image(str(_asset("sample_image.png")), "--image")
     mask = _load_image(str(_asset("sample_mask.png")), "--mask")
-    images, seconds = _inpaint(str(_asset(DEMO_MODEL)), image, mask, args.prompt, None, None, args.steps,
-                               args.guidance, 1.0, args.seed, 1, "float32", None)
-    _save_grid([[image, mask, images[0]]], Path(args.out))
+    pipe, params = _load(str(folder), "float32", None)
+    images, _, seconds = _inpaint(pipe, params, image, mask, [args.prompt], None, args.steps, args.guidance,
+                                  1.0, [args.seed], None, True)
+    grid = make_image_grid([im.convert("RGB").resize(image.size) for im in (image, mask, images[0])], rows=1, cols=3)
+    _write_png(grid, Path(args.out))
     print(f"wrote {args.out} (image | mask | result) for {args.prompt!r} in {seconds:.1f} s")
 
 
@@ -98,27 +114,71 @@ def cmd_inpaint(args) -> None:
     if image.size != mask.size:
         _fail(f"--image is {image.size[0]}x{image.size[1]} but --mask is {mask.size[0]}x{mask.size[1]}; "
               "they must be the same size.")
+    if args.seed + args.batch > 2**32:
+        _fail(f"--seed {args.seed} with --batch {args.batch} uses seeds up to {args.seed + args.batch - 1}; "
+              "seeds must lie in [0, 2**32).")
+    pipe, params = _load(args.model, args.dtype, args.scheduler)
+    prompts = [p for p in args.prompt for _ in range(args.batch)]
+    seeds = [args.seed + k for _ in args.prompt for k in range(args.batch)]
+    _say(f"inpainting {len(prompts)} image(s), {args.steps} steps (the first call compiles) ...")
+    images, nsfw, seconds = _inpaint(pipe, params, image, mask, prompts, args.negative_prompt, args.steps,
+                                     args.guidance, args.strength, seeds, args.size, args.overlay)
     out_dir = Path(args.out)
-    images, seconds = _inpaint(args.model, image, mask, args.prompt, args.negative_prompt, args.scheduler,
-                               args.steps, args.guidance, args.strength, args.seed, args.batch, args.dtype,
-                               args.size)
-    for i, im in enumerate(images):
-        _write_png(im, out_dir / f"inpaint_seed{args.seed}_{i}.png")
-    print(f"wrote {len(images)} image(s) to {out_dir} in {seconds:.1f} s")
+    for j, (im, seed) in enumerate(zip(images, seeds)):
+        _write_png(im, out_dir / f"prompt{j // args.batch}_seed{seed}.png")
+    flagged = 0 if nsfw is None else int(sum(bool(x) for x in nsfw))
+    print(f"wrote {len(images)} image(s) to {out_dir} in {seconds:.1f} s"
+          + (f"; the safety checker blacked out {flagged}" if flagged else ""))
+
+
+def cmd_sweep(args) -> None:
+    from flax_inpaint.sweep import SweepSpec, run_sweep
+
+    out = None if args.out is None else str(Path(args.out).resolve())
+    spec = SweepSpec.from_file(args.spec, out=out)
+    if args.per_device_batch is not None:
+        spec = dataclasses.replace(spec, per_device_batch=args.per_device_batch)
+    cluster = {k: getattr(args, k) for k in ("coordinator_address", "num_processes", "process_id")}
+    if args.distributed or any(v is not None for v in cluster.values()):
+        import jax
+
+        jax.distributed.initialize(**{k: v for k, v in cluster.items() if v is not None})
+    summary = run_sweep(spec, progress=False if args.no_progress else None)
+    print(f"sweep {args.spec}: {summary.total} result(s) in {summary.out}, {summary.already_done} found, "
+          f"{summary.computed} computed; contact sheet {summary.contact_sheet}")
 
 
 def cmd_convert(args) -> None:
-    """Convert a PyTorch diffusers pipeline folder's models to Flax msgpack in place of the cache."""
-    from flax_inpaint import FlaxStableDiffusionInpaintPipeline
+    """Convert a PyTorch diffusers folder's models to Flax msgpack: into the params cache, and with
+    --out into a folder that both diffusers and flax-inpaint load."""
+    from flax_inpaint.models.checkpoint import default_cache_dir
 
-    pipe, params = FlaxStableDiffusionInpaintPipeline.from_pretrained(args.model, safety_checker=None)
-    pipe.save_pretrained(args.out, params)
-    print(f"wrote Flax + safetensors weights to {args.out}")
+    pipe, params = _load(args.model, args.dtype, None)
+    print(f"cached Flax msgpack params under {default_cache_dir()}: the next load of {args.model} skips conversion")
+    if args.out:
+        pipe.save_pretrained(args.out, params)
+        print(f"wrote Flax msgpack + safetensors weights to {args.out}")
+
+
+def cmd_bench(args, rest: List[str]) -> None:
+    """Run benchmarks/bench_inpaint.py (a source checkout's) with the remaining arguments."""
+    script = Path(args.script) if args.script else BENCH_SCRIPT
+    if not script.is_file():
+        _fail(f"the benchmark script is not at {script}: `flax-inpaint bench` runs benchmarks/bench_inpaint.py of a "
+              "source checkout; pass --script PATH/TO/bench_inpaint.py.")
+    spec = importlib.util.spec_from_file_location("bench_inpaint", script)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    raise SystemExit(module.main(rest))
 
 
 def _positive(kind):
     def parse(text):
-        value = kind(text)
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a {kind.__name__} > 0, got {text!r}") from None
         if value <= 0:
             raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
         return value
@@ -132,49 +192,119 @@ def _unit(text):
     return value
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="flax-inpaint", description="Stable Diffusion inpainting in JAX/Flax.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
+def _seed(text):
+    value = int(text)
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 2**32), got {text}")
+    return value
 
-    demo = sub.add_parser("demo", help="inpaint the bundled sample with the bundled tiny model",
-                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+def _size(text):
+    value = _positive(int)(text)
+    if value % 8:
+        raise argparse.ArgumentTypeError(f"must be a multiple of 8, got {text}")
+    return value
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows "(default: ...)" only where an option has a default worth reading."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or action.default == argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    fmt = _Help
+    parser = argparse.ArgumentParser(
+        prog="flax-inpaint", description="Stable Diffusion inpainting in JAX/Flax.", epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    from flax_inpaint import __version__
+
+    parser.add_argument("--version", action="version", version=f"flax-inpaint {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = sub.add_parser("demo", help="inpaint the bundled sample with the bundled tiny model", formatter_class=fmt,
+                          description="Inpaint the bundled sample image with the bundled tiny model; no download.")
     demo.add_argument("--prompt", default="a red circle on a blue background")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--seed", type=_seed, default=0)
     demo.add_argument("--steps", type=_positive(int), default=25)
     demo.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale")
     demo.add_argument("--out", default="demo.png", help="PNG grid: image | mask | result")
     demo.set_defaults(func=cmd_demo)
 
-    inp = sub.add_parser("inpaint", help="inpaint an image with a diffusers-format model folder",
-                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    inp.add_argument("--model", required=True, help="local diffusers folder (or hub id if cached)")
-    inp.add_argument("--image", required=True)
-    inp.add_argument("--mask", required=True, help="white = repaint")
-    inp.add_argument("--prompt", required=True)
-    inp.add_argument("--negative-prompt", default=None)
-    inp.add_argument("--scheduler", default=None, help="e.g. DDIMScheduler; None keeps the model's")
-    inp.add_argument("--steps", type=_positive(int), default=50)
-    inp.add_argument("--guidance", type=float, default=7.5)
-    inp.add_argument("--strength", type=_unit, default=1.0)
-    inp.add_argument("--seed", type=int, default=0)
-    inp.add_argument("--batch", type=_positive(int), default=1)
-    inp.add_argument("--size", type=_positive(int), default=None, help="square size; None keeps the image size (floored to 8)")
-    inp.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    inp.add_argument("--out", default="outputs")
+    inp = sub.add_parser(
+        "inpaint", help="inpaint one image with a diffusers-format model", formatter_class=fmt,
+        description="Repaint the white part of --mask in --image. Image k of every prompt uses seed --seed + k, "
+                    "so `sweep` with that seed reproduces it. Writes OUT/prompt<i>_seed<s>.png.")
+    inp.add_argument("--model", required=True, help="local diffusers folder or hub repo id")
+    inp.add_argument("--image", required=True, help="RGB image file")
+    inp.add_argument("--mask", required=True, help="mask file of the image's size; white = repaint")
+    inp.add_argument("--prompt", required=True, nargs="+", help="one or more prompts")
+    inp.add_argument("--negative-prompt", default=None, help="what to steer away from (with --guidance > 1)")
+    inp.add_argument("--scheduler", default=None, help="diffusers class name, e.g. DDIMScheduler; "
+                                                       "default: the model's")
+    inp.add_argument("--steps", type=_positive(int), default=50, help="denoising steps")
+    inp.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (<= 1: off)")
+    inp.add_argument("--strength", type=_unit, default=1.0, help="1 repaints from noise; lower keeps more of --image")
+    inp.add_argument("--seed", type=_seed, default=0, help="seed of the first image of each prompt")
+    inp.add_argument("--batch", type=_positive(int), default=1, help="images per prompt")
+    inp.add_argument("--size", type=_size, default=None, help="square output size; default: the image's size "
+                                                             "floored to the VAE factor")
+    inp.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                     help="compute and params dtype (bfloat16 for TPUs and GPUs)")
+    inp.add_argument("--overlay", action="store_true", help="paste the unmasked pixels of --image back exactly")
+    inp.add_argument("--out", default="outputs", help="output folder")
     inp.set_defaults(func=cmd_inpaint)
 
-    conv = sub.add_parser("convert", help="convert a PyTorch diffusers folder to Flax msgpack weights")
-    conv.add_argument("--model", required=True)
-    conv.add_argument("--out", required=True)
+    sw = sub.add_parser(
+        "sweep", formatter_class=fmt, help="run (or resume) a research sweep from a .json/.yaml spec",
+        description="Run every configuration of SPEC (a grid and/or list over prompts, seeds, guidance, strength, "
+                    "steps, scheduler, images and masks; see flax_inpaint.sweep) across all devices. Results go to "
+                    "OUT/images/<id>.png with one line each in OUT/manifest.jsonl, plus OUT/contact_sheet.png. "
+                    "Rerunning the same command after a kill computes only what is missing.")
+    sw.add_argument("spec", help="sweep spec file (.json; .yaml with PyYAML)")
+    sw.add_argument("--out", default=None, help="output folder; default: the spec's 'out'")
+    sw.add_argument("--per-device-batch", type=_positive(int), default=None,
+                    help="images per device per call; default: the spec's (1)")
+    multi = sw.add_argument_group(
+        "multi-host", "Run the same command in every process; each feeds its part of every batch and process 0 "
+                      "writes. On TPU pods and SLURM, --distributed alone finds the cluster.")
+    multi.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() first")
+    multi.add_argument("--coordinator-address", default=None, help="host:port of process 0 (implies --distributed)")
+    multi.add_argument("--num-processes", type=_positive(int), default=None, help="how many processes take part")
+    multi.add_argument("--process-id", type=int, default=None, help="this process's index, 0 .. num-processes - 1")
+    sw.add_argument("--no-progress", action="store_true", help="no progress bar")
+    sw.set_defaults(func=cmd_sweep)
+
+    conv = sub.add_parser(
+        "convert", formatter_class=fmt, help="convert PyTorch diffusers weights to Flax msgpack",
+        description="Convert a PyTorch diffusers model (folder or hub id) to Flax params, cached as msgpack so later "
+                    "loads skip conversion ($FLAX_INPAINT_CACHE, default ~/.cache/flax_inpaint); with --out, also "
+                    "write a folder with both the Flax msgpack and the PyTorch safetensors weights.")
+    conv.add_argument("--model", required=True, help="local diffusers folder or hub repo id")
+    conv.add_argument("--out", default=None, help="also write the converted pipeline folder here")
+    conv.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="params dtype")
     conv.set_defaults(func=cmd_convert)
+
+    bench = sub.add_parser(
+        "bench", add_help=False, allow_abbrev=False,
+        help="benchmark throughput (benchmarks/bench_inpaint.py; --help lists its options)",
+        description="Run benchmarks/bench_inpaint.py of a source checkout with the remaining arguments.")
+    bench.add_argument("--script", default=None, help="path of bench_inpaint.py (default: the checkout's)")
+    bench.set_defaults(func=cmd_bench)
     return parser
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "bench":
+        return cmd_bench(args, rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)} (see flax-inpaint {args.command} --help)")
     try:
         args.func(args)
     except (ValueError, FileNotFoundError) as e:
