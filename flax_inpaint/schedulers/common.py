@@ -62,11 +62,13 @@ class SchedulerOutput:
 
 # ----------------------------------------------------------------------------- config mixin
 
+@dataclasses.dataclass(frozen=True)
 class SchedulerMixin:
-    """Config handling for frozen-dataclass schedulers.
+    """Config handling for frozen-dataclass schedulers, and the noise-schedule fields they all start with.
 
-    Subclasses are `@dataclasses.dataclass(frozen=True)` whose fields are exactly the diffusers config
-    keys they implement (with diffusers' defaults) and set:
+    Every diffusers scheduler config begins with the five fields below, in this order and with these
+    defaults. Subclasses are `@dataclasses.dataclass(frozen=True)` that add, after them, the other
+    diffusers config keys they implement (in diffusers' order, with diffusers' defaults) and set:
       diffusers_class: the diffusers class name written as `_class_name` by `save_pretrained`.
       order: 1, or 2 for solvers that evaluate the model twice per step (diffusers' `order`).
       unsupported_config: {key: accepted values} for diffusers options of this scheduler that change the
@@ -80,6 +82,12 @@ class SchedulerMixin:
     unsupported_config: ClassVar[Mapping[str, Tuple[Any, ...]]] = {}
     timestep_spacings: ClassVar[Tuple[str, ...]] = TIMESTEP_SPACINGS
     prediction_types: ClassVar[Tuple[str, ...]] = PREDICTION_TYPES
+
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.0001
+    beta_end: float = 0.02
+    beta_schedule: str = "linear"
+    trained_betas: Optional[Tuple[float, ...]] = None
 
     def __post_init__(self):
         # Lists in configs (trained_betas) become tuples so the instance stays hashable.
@@ -103,13 +111,13 @@ class SchedulerMixin:
         check("beta_schedule", BETA_SCHEDULES)
         check("prediction_type", self.prediction_types)
         check("timestep_spacing", self.timestep_spacings)
-        n = getattr(self, "num_train_timesteps", 1)
+        n = self.num_train_timesteps
         if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1:
             raise ValueError(f"{name}: num_train_timesteps={n!r} must be a positive integer.")
         offset = getattr(self, "steps_offset", 0)
         if not isinstance(offset, (int, np.integer)) or isinstance(offset, bool) or offset < 0:
             raise ValueError(f"{name}: steps_offset={offset!r} must be a non-negative integer.")
-        betas = getattr(self, "trained_betas", None)
+        betas = self.trained_betas
         if betas is not None:
             if len(betas) != n:
                 raise ValueError(
@@ -117,12 +125,10 @@ class SchedulerMixin:
                 )
             if not all(0.0 <= b < 1.0 for b in betas):
                 raise ValueError(f"{name}: trained_betas must all lie in [0, 1).")
-        elif hasattr(self, "beta_start") and hasattr(self, "beta_end"):
-            if not (0.0 <= self.beta_start < 1.0 and 0.0 <= self.beta_end < 1.0):
-                raise ValueError(
-                    f"{name}: beta_start={self.beta_start!r} and beta_end={self.beta_end!r} "
-                    "must lie in [0, 1)."
-                )
+        elif not (0.0 <= self.beta_start < 1.0 and 0.0 <= self.beta_end < 1.0):
+            raise ValueError(
+                f"{name}: beta_start={self.beta_start!r} and beta_end={self.beta_end!r} must lie in [0, 1)."
+            )
         if getattr(self, "clip_sample_range", 1.0) <= 0:
             raise ValueError(f"{name}: clip_sample_range={self.clip_sample_range!r} must be > 0.")
         if hasattr(self, "dynamic_thresholding_ratio") and not 0.0 < self.dynamic_thresholding_ratio <= 1.0:

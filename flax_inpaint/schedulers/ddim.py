@@ -7,7 +7,7 @@ with s_t = eta * sqrt((1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev))
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Tuple
+from typing import Optional
 
 import flax
 import jax
@@ -56,11 +56,6 @@ def _require_timesteps(name: str, state) -> None:
 class FlaxDDIMScheduler(SchedulerMixin):
     """Denoising diffusion implicit models; `eta=0` deterministic, `eta=1` DDPM-like (needs `key`)."""
 
-    num_train_timesteps: int = 1000
-    beta_start: float = 0.0001
-    beta_end: float = 0.02
-    beta_schedule: str = "linear"
-    trained_betas: Optional[Tuple[float, ...]] = None
     clip_sample: bool = True
     set_alpha_to_one: bool = True
     steps_offset: int = 0
@@ -133,11 +128,6 @@ class FlaxDDIMScheduler(SchedulerMixin):
 class FlaxDDIMInverseScheduler(SchedulerMixin):
     """DDIM inversion (image -> noise): timesteps ascend and each step moves to the *next* noise level."""
 
-    num_train_timesteps: int = 1000
-    beta_start: float = 0.0001
-    beta_end: float = 0.02
-    beta_schedule: str = "linear"
-    trained_betas: Optional[Tuple[float, ...]] = None
     clip_sample: bool = True
     set_alpha_to_one: bool = True
     steps_offset: int = 0

@@ -8,7 +8,7 @@ No noise is added at t = 0.
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Tuple
+from typing import Optional
 
 import flax
 import jax
@@ -41,11 +41,6 @@ class DDPMSchedulerState:
 class FlaxDDPMScheduler(SchedulerMixin):
     """Denoising diffusion probabilistic models; every step but the last draws noise, so `step` needs `key`."""
 
-    num_train_timesteps: int = 1000
-    beta_start: float = 0.0001
-    beta_end: float = 0.02
-    beta_schedule: str = "linear"
-    trained_betas: Optional[Tuple[float, ...]] = None
     variance_type: str = "fixed_small"
     clip_sample: bool = True
     prediction_type: str = "epsilon"

@@ -193,11 +193,6 @@ class FlaxDPMSolverMultistepScheduler(SigmaMultistepMixin, SchedulerMixin):
     learned variance. `algorithm_type="deis"` and UniPC's solver types map like in diffusers.
     """
 
-    num_train_timesteps: int = 1000
-    beta_start: float = 0.0001
-    beta_end: float = 0.02
-    beta_schedule: str = "linear"
-    trained_betas: Optional[Tuple[float, ...]] = None
     solver_order: int = 2
     prediction_type: str = "epsilon"
     thresholding: bool = False

@@ -142,11 +142,6 @@ class SigmaSchedulerMixin(SchedulerMixin):
 class FlaxEulerDiscreteScheduler(SigmaSchedulerMixin):
     """Euler (Karras et al. 2022, Algorithm 2); `s_churn > 0` adds stochastic churn (needs `key`)."""
 
-    num_train_timesteps: int = 1000
-    beta_start: float = 0.0001
-    beta_end: float = 0.02
-    beta_schedule: str = "linear"
-    trained_betas: Optional[Tuple[float, ...]] = None
     prediction_type: str = "epsilon"
     interpolation_type: str = "linear"
     use_karras_sigmas: Optional[bool] = False
@@ -212,11 +207,6 @@ class FlaxEulerDiscreteScheduler(SigmaSchedulerMixin):
 class FlaxEulerAncestralDiscreteScheduler(SigmaSchedulerMixin):
     """Euler ancestral (k-diffusion `sample_euler_ancestral`); every step draws noise, so needs `key`."""
 
-    num_train_timesteps: int = 1000
-    beta_start: float = 0.0001
-    beta_end: float = 0.02
-    beta_schedule: str = "linear"
-    trained_betas: Optional[Tuple[float, ...]] = None
     prediction_type: str = "epsilon"
     timestep_spacing: str = "linspace"
     steps_offset: int = 0

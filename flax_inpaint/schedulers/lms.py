@@ -10,7 +10,7 @@ exactly in float64 with 4-point Gauss-Legendre once, in `set_timesteps`, into a 
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Tuple
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -46,11 +46,6 @@ def lms_coefficients(sigmas: np.ndarray, max_order: int = MAX_ORDER) -> np.ndarr
 class FlaxLMSDiscreteScheduler(SigmaSchedulerMixin):
     """LMS with up to 4 past derivatives (`step(..., order=4)`)."""
 
-    num_train_timesteps: int = 1000
-    beta_start: float = 0.0001
-    beta_end: float = 0.02
-    beta_schedule: str = "linear"
-    trained_betas: Optional[Tuple[float, ...]] = None
     use_karras_sigmas: bool = False
     use_exponential_sigmas: bool = False
     use_beta_sigmas: bool = False

@@ -13,7 +13,7 @@ The history `ets` is a fixed [4, *shape] buffer (newest last) plus a count, so t
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Tuple
+from typing import Optional
 
 import flax
 import jax
@@ -51,11 +51,6 @@ class PNDMSchedulerState:
 class FlaxPNDMScheduler(SchedulerMixin):
     """PNDM / PLMS. Stable Diffusion's default (`skip_prk_steps=True`)."""
 
-    num_train_timesteps: int = 1000
-    beta_start: float = 0.0001
-    beta_end: float = 0.02
-    beta_schedule: str = "linear"
-    trained_betas: Optional[Tuple[float, ...]] = None
     skip_prk_steps: bool = False
     set_alpha_to_one: bool = False
     prediction_type: str = "epsilon"

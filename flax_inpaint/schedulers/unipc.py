@@ -73,11 +73,6 @@ class FlaxUniPCMultistepScheduler(SigmaMultistepMixin, SchedulerMixin):
     DPM-Solver's solver types map to bh2 like in diffusers.
     """
 
-    num_train_timesteps: int = 1000
-    beta_start: float = 0.0001
-    beta_end: float = 0.02
-    beta_schedule: str = "linear"
-    trained_betas: Optional[Tuple[float, ...]] = None
     solver_order: int = 2
     prediction_type: str = "epsilon"
     thresholding: bool = False
