@@ -373,7 +373,7 @@ def run_sweep(spec: SweepSpec, pipeline: Optional[Tuple[Any, Any]] = None, mesh:
     it is loaded); `mesh`: a 1-D data mesh (default: all devices); `progress`: a progress bar on
     process 0 (None: only on a terminal).
     """
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     from flax_inpaint.pipelines.stable_diffusion import FlaxStableDiffusionInpaintPipeline
 
