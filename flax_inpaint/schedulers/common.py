@@ -231,6 +231,18 @@ class SchedulerMixin:
         path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
         return path
 
+    # -- shared step set-up ----------------------------------------------------------------------
+    def _require_timesteps(self, state) -> None:
+        if state.num_inference_steps == 0:
+            raise ValueError(
+                f"{type(self).__name__}: call set_timesteps(state, num_inference_steps, shape) before step."
+            )
+
+    def _fp32_step_inputs(self, state, model_output: jax.Array, sample: jax.Array) -> Tuple[jax.Array, jax.Array]:
+        """Check that `set_timesteps` ran; (model_output, sample) in fp32, the dtype every `step` computes in."""
+        self._require_timesteps(state)
+        return model_output.astype(jnp.float32), sample.astype(jnp.float32)
+
     # -- shared state operations -----------------------------------------------------------------
     def add_noise(self, state, original: jax.Array, noise: jax.Array, timesteps) -> jax.Array:
         """Forward diffusion to integer `timesteps` (variance-preserving schedulers; sigma-based override)."""

@@ -47,11 +47,6 @@ def _create_state(config) -> DDIMSchedulerState:
     )
 
 
-def _require_timesteps(name: str, state) -> None:
-    if state.num_inference_steps == 0:
-        raise ValueError(f"{name}: call set_timesteps(state, num_inference_steps, shape) before step.")
-
-
 @dataclasses.dataclass(frozen=True)
 class FlaxDDIMScheduler(SchedulerMixin):
     """Denoising diffusion implicit models; `eta=0` deterministic, `eta=1` DDPM-like (needs `key`)."""
@@ -93,12 +88,10 @@ class FlaxDDIMScheduler(SchedulerMixin):
         use_clipped_model_output: bool = False,
     ) -> SchedulerOutput:
         """One DDIM step at iteration `state.step_index` (`timestep` is ignored: it is read from the state)."""
-        _require_timesteps(type(self).__name__, state)
+        out_dtype = sample.dtype
+        model_output, sample = self._fp32_step_inputs(state, model_output, sample)
         if isinstance(eta, (int, float)) and eta > 0 and key is None:
             raise ValueError(f"{type(self).__name__}.step: eta={eta} > 0 adds noise and needs a PRNG `key`.")
-        out_dtype = sample.dtype
-        model_output = model_output.astype(jnp.float32)
-        sample = sample.astype(jnp.float32)
 
         t = state.timesteps[state.step_index]
         # diffusers uses T // n as the stride for every spacing.
@@ -163,10 +156,8 @@ class FlaxDDIMInverseScheduler(SchedulerMixin):
         key: Optional[jax.Array] = None,
     ) -> SchedulerOutput:
         """x_{t} -> x_{t'} with t' = state.timesteps[step_index] the noisier target and t = t' - T // n."""
-        _require_timesteps(type(self).__name__, state)
         out_dtype = sample.dtype
-        model_output = model_output.astype(jnp.float32)
-        sample = sample.astype(jnp.float32)
+        model_output, sample = self._fp32_step_inputs(state, model_output, sample)
 
         t_next = state.timesteps[state.step_index]
         t = jnp.minimum(t_next - self.num_train_timesteps // state.num_inference_steps, self.num_train_timesteps - 1)

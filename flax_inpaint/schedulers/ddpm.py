@@ -95,13 +95,10 @@ class FlaxDDPMScheduler(SchedulerMixin):
         For the learned variance types the model output carries twice the sample's channels (on whichever
         axis is doubled); the second half is the predicted variance.
         """
-        if state.num_inference_steps == 0:
-            raise ValueError("FlaxDDPMScheduler: call set_timesteps(state, num_inference_steps, shape) before step.")
+        out_dtype = sample.dtype
+        model_output, sample = self._fp32_step_inputs(state, model_output, sample)
         if key is None:
             raise ValueError("FlaxDDPMScheduler.step draws noise and needs a PRNG `key`.")
-        out_dtype = sample.dtype
-        model_output = model_output.astype(jnp.float32)
-        sample = sample.astype(jnp.float32)
 
         predicted_variance = None
         if model_output.shape != sample.shape:

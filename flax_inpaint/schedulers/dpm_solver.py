@@ -122,12 +122,10 @@ class SigmaMultistepMixin:
     def _start_step(self, state, model_output: jax.Array, sample: jax.Array):
         """Checks and fp32 casts; returns (x, m, x0): the sample, the converted output at the current node
         (what the solver integrates, x0 or eps) and the x0 estimate."""
-        name = type(self).__name__
-        if state.num_inference_steps == 0:
-            raise ValueError(f"{name}: call set_timesteps(state, num_inference_steps, shape) before step.")
+        self._require_timesteps(state)
         if state.model_outputs.shape[1:] != model_output.shape:
             raise ValueError(
-                f"{name}.step: model_output has shape {model_output.shape} but set_timesteps sized the "
+                f"{type(self).__name__}.step: model_output has shape {model_output.shape} but set_timesteps sized the "
                 f"history for {state.model_outputs.shape[1:]}; pass that shape to set_timesteps."
             )
         x = sample.astype(jnp.float32)

@@ -103,10 +103,6 @@ class SigmaSchedulerMixin(SchedulerMixin):
         """Sigmas for `num_inference_steps` (static); `shape` sizes LMS's derivative history."""
         return self._sigma_state(num_inference_steps, tuple(shape))
 
-    def _require(self, state) -> None:
-        if state.num_inference_steps == 0:
-            raise ValueError(f"{type(self).__name__}: call set_timesteps(state, num_inference_steps, shape) first.")
-
     def scale_model_input(self, state: SigmaSchedulerState, sample: jax.Array, timestep=None) -> jax.Array:
         """x / sqrt(sigma^2 + 1) at iteration `state.step_index`, computed in fp32, returned in x's dtype."""
         sigma = state.sigmas[state.step_index]
@@ -177,12 +173,10 @@ class FlaxEulerDiscreteScheduler(SigmaSchedulerMixin):
         s_noise: float = 1.0,
     ) -> SchedulerOutput:
         """One Euler step from sigmas[i] to sigmas[i + 1], i = state.step_index."""
-        self._require(state)
+        out_dtype = sample.dtype
+        model_output, sample = self._fp32_step_inputs(state, model_output, sample)
         if s_churn > 0 and key is None:
             raise ValueError("FlaxEulerDiscreteScheduler.step: s_churn > 0 adds noise and needs a PRNG `key`.")
-        out_dtype = sample.dtype
-        model_output = model_output.astype(jnp.float32)
-        sample = sample.astype(jnp.float32)
         i = state.step_index
         sigma = state.sigmas[i]
         gamma = jnp.where(
@@ -224,12 +218,10 @@ class FlaxEulerAncestralDiscreteScheduler(SigmaSchedulerMixin):
         key: Optional[jax.Array] = None,
     ) -> SchedulerOutput:
         """Deterministic step to sigma_down, then noise of std sigma_up (none at the final sigma = 0)."""
-        self._require(state)
+        out_dtype = sample.dtype
+        model_output, sample = self._fp32_step_inputs(state, model_output, sample)
         if key is None:
             raise ValueError("FlaxEulerAncestralDiscreteScheduler.step draws noise and needs a PRNG `key`.")
-        out_dtype = sample.dtype
-        model_output = model_output.astype(jnp.float32)
-        sample = sample.astype(jnp.float32)
         i = state.step_index
         sigma_from, sigma_to = state.sigmas[i], state.sigmas[i + 1]
         x0 = self._x0(model_output, sample, sigma_from, sigma_from)

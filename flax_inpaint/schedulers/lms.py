@@ -71,14 +71,12 @@ class FlaxLMSDiscreteScheduler(SigmaSchedulerMixin):
         order: int = MAX_ORDER,
     ) -> SchedulerOutput:
         """One LMS step at iteration `state.step_index`; `order` (1..4) is static."""
-        self._require(state)
+        out_dtype = sample.dtype
+        model_output, sample = self._fp32_step_inputs(state, model_output, sample)
         if state.lms_coeffs.ndim != 3:
             raise ValueError("FlaxLMSDiscreteScheduler: call set_timesteps(state, num_inference_steps, shape) first.")
         if not isinstance(order, int) or not 1 <= order <= MAX_ORDER:
             raise ValueError(f"FlaxLMSDiscreteScheduler.step: order={order!r} must be an int in [1, {MAX_ORDER}].")
-        out_dtype = sample.dtype
-        model_output = model_output.astype(jnp.float32)
-        sample = sample.astype(jnp.float32)
         i = state.step_index
         sigma = state.sigmas[i]
         x0 = self._x0(model_output, sample, sigma, sigma)

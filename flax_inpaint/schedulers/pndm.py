@@ -172,11 +172,8 @@ class FlaxPNDMScheduler(SchedulerMixin):
         key: Optional[jax.Array] = None,
     ) -> SchedulerOutput:
         """One PRK or PLMS evaluation at iteration `state.step_index`."""
-        if state.num_inference_steps == 0:
-            raise ValueError("FlaxPNDMScheduler: call set_timesteps(state, num_inference_steps, shape) before step.")
         out_dtype = sample.dtype
-        model_output = model_output.astype(jnp.float32)
-        sample = sample.astype(jnp.float32)
+        model_output, sample = self._fp32_step_inputs(state, model_output, sample)
         t = state.timesteps[state.step_index]
         if state.num_prk_steps:
             # Both branches are a few elementwise ops; selecting beats lax.cond (no retrace when eager).
