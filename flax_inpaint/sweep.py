@@ -154,6 +154,13 @@ class SweepSpec:
                 fail(f"{where} = {value!r}: {key} must be {allowed}.")
             if key in ("image", "mask") and not (base / value).is_file():
                 fail(f"{where} = {value!r}: no such file under {base.resolve()}; paths are relative to the spec.")
+            if key == "scheduler" and value is not None:
+                from flax_inpaint.pipelines.loading import scheduler_class
+
+                try:
+                    scheduler_class(value)
+                except ValueError as e:
+                    fail(f"{where}: {e}")
 
         defaults = {k: v for k, v in spec.items() if k in AXES}
         for k, v in defaults.items():

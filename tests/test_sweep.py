@@ -97,6 +97,7 @@ def test_spec_expands_list_times_grid(sd, tmp_path):
     ({"dtype": "float16"}, r"'dtype' = 'float16'; use one of \['float32', 'bfloat16'\]"),
     ({"per_device_batch": 0}, r"'per_device_batch' = 0 must be an int >= 1"),
     ({"grid": {"size": [12]}}, r"grid.size\[0\] = 12: size must be a positive multiple of 8"),
+    ({"grid": {"scheduler": [None, "Fancy"]}}, r"grid.scheduler\[1\]: Scheduler 'Fancy' is not supported; supported: "),
 ])
 def test_spec_errors_name_the_key(sd, tmp_path, change, message):
     with pytest.raises(SweepSpecError, match=message):
