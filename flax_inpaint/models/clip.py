@@ -73,6 +73,11 @@ class CLIPEncoderConfig:
                 f"num_attention_heads={self.num_attention_heads}."
             )
 
+    @classmethod
+    def from_model(cls, model) -> "CLIPEncoderConfig":
+        """The encoder settings of a text or vision model, whose config fields include all of these."""
+        return cls(**{f.name: getattr(model, f.name) for f in dataclasses.fields(cls)})
+
 
 class CLIPAttention(nn.Module):
     """Multi-head self-attention with q/k/v/out projections (all with bias), scale head_dim**-0.5."""
@@ -312,22 +317,12 @@ class FlaxCLIPTextModel(PretrainedMixin, nn.Module):
             raise ValueError(
                 f"eos_token_id={self.eos_token_id!r}: pooling needs a single integer token id."
             )
-        self.encoder_config()  # validates hidden_act and the head split now, not at first apply
+        CLIPEncoderConfig.from_model(self)  # validates hidden_act and the head split now, not at first apply
         super().__post_init__()
-
-    def encoder_config(self) -> CLIPEncoderConfig:
-        return CLIPEncoderConfig(
-            hidden_size=self.hidden_size,
-            intermediate_size=self.intermediate_size,
-            num_attention_heads=self.num_attention_heads,
-            num_hidden_layers=self.num_hidden_layers,
-            hidden_act=self.hidden_act,
-            layer_norm_eps=self.layer_norm_eps,
-        )
 
     def setup(self):
         self.text_model = CLIPTextTransformer(
-            self.encoder_config(), self.vocab_size, self.max_position_embeddings, self.runtime
+            CLIPEncoderConfig.from_model(self), self.vocab_size, self.max_position_embeddings, self.runtime
         )
 
     def __call__(

@@ -279,7 +279,7 @@ class FlaxStableDiffusionSafetyChecker(PretrainedMixin, nn.Module):
                 raise ValueError(
                     f"{key}={getattr(self, key)!r}: only square images (one integer) are supported."
                 )
-        self.encoder_config()  # validates hidden_act and the head split now, not at first apply
+        CLIPEncoderConfig.from_model(self)  # validates hidden_act and the head split now, not at first apply
         super().__post_init__()
 
     # -- config: CLIPConfig {"projection_dim", "vision_config": {...}} <-> flat fields ----------
@@ -326,16 +326,6 @@ class FlaxStableDiffusionSafetyChecker(PretrainedMixin, nn.Module):
             return "vision_model." + key
         return key
 
-    def encoder_config(self) -> CLIPEncoderConfig:
-        return CLIPEncoderConfig(
-            hidden_size=self.hidden_size,
-            intermediate_size=self.intermediate_size,
-            num_attention_heads=self.num_attention_heads,
-            num_hidden_layers=self.num_hidden_layers,
-            hidden_act=self.hidden_act,
-            layer_norm_eps=self.layer_norm_eps,
-        )
-
     def dummy_inputs(self) -> Tuple[Any, ...]:
         return (jnp.zeros((1, self.num_channels, self.image_size, self.image_size), jnp.float32),)
 
@@ -346,7 +336,8 @@ class FlaxStableDiffusionSafetyChecker(PretrainedMixin, nn.Module):
     # -- model ---------------------------------------------------------------------------------
     def setup(self):
         rt = self.runtime
-        self.vision_model = CLIPVisionModel(self.encoder_config(), self.image_size, self.patch_size, rt)
+        encoder = CLIPEncoderConfig.from_model(self)
+        self.vision_model = CLIPVisionModel(encoder, self.image_size, self.patch_size, rt)
         self.visual_projection = nn.Dense(
             self.projection_dim, use_bias=False, dtype=rt.dtype, param_dtype=rt.param_dtype
         )
