@@ -209,10 +209,11 @@ class DownBlock2D(nn.Module):
         return x, skips
 
 
-class CrossAttnDownBlock2D(DownBlock2D):
-    """DownBlock2D with a Transformer2DModel (`attentions_i`) after each resnet.
+class _CrossAttnBlock(nn.Module):
+    """Mixin for a down or up block: a Transformer2DModel (`attentions_i`) after each resnet.
 
     `heads` is diffusers' per-block `attention_head_dim`; the head size is out_channels // heads.
+    Listed first among the bases, so its fields follow the block's and its `attend` wins.
     """
 
     transformer_layers: int = 1
@@ -222,6 +223,10 @@ class CrossAttnDownBlock2D(DownBlock2D):
 
     def attend(self, i, x, context):
         return _transformer(self, self.out_channels, i)(x, context)
+
+
+class CrossAttnDownBlock2D(_CrossAttnBlock, DownBlock2D):
+    """DownBlock2D with a Transformer2DModel (`attentions_i`) after each resnet."""
 
 
 class UpBlock2D(nn.Module):
@@ -256,16 +261,8 @@ class UpBlock2D(nn.Module):
         return x
 
 
-class CrossAttnUpBlock2D(UpBlock2D):
+class CrossAttnUpBlock2D(_CrossAttnBlock, UpBlock2D):
     """UpBlock2D with a Transformer2DModel (`attentions_i`) after each resnet."""
-
-    transformer_layers: int = 1
-    heads: int = 1
-    use_linear_projection: bool = False
-    only_cross_attention: bool = False
-
-    def attend(self, i, x, context):
-        return _transformer(self, self.out_channels, i)(x, context)
 
 
 class UNetMidBlock2DCrossAttn(nn.Module):
