@@ -259,7 +259,7 @@ class ResultStore:
                 record = json.loads(line)
             except ValueError:
                 continue
-            if isinstance(record, dict) and (self.out / str(record.get("file"))).is_file():
+            if isinstance(record, dict) and "id" in record and (self.out / str(record.get("file"))).is_file():
                 records.setdefault(record["id"], record)
         kept = b"".join(json.dumps(r, sort_keys=True).encode() + b"\n" for r in records.values())
         if kept != raw:
@@ -377,13 +377,9 @@ def run_sweep(spec: SweepSpec, pipeline: Optional[Tuple[Any, Any]] = None, mesh:
     """Compute every result of `spec` that `spec.out` lacks; see the module docstring.
 
     `pipeline`: an already loaded `(FlaxStableDiffusionInpaintPipeline, params)` of `spec.model` (else
-    it is loaded); `mesh`: a 1-D data mesh (default: all devices); `progress`: a progress bar on
-    process 0 (None: only on a terminal).
+    it is loaded, if anything is left to compute); `mesh`: a 1-D data mesh (default: all devices);
+    `progress`: a progress bar on process 0 (None: only on a terminal).
     """
-    from tqdm import tqdm
-
-    from flax_inpaint.pipelines.stable_diffusion import FlaxStableDiffusionInpaintPipeline
-
     writer = jax.process_index() == 0
     store = ResultStore(spec.out)
     ids = spec.ids()
@@ -392,6 +388,23 @@ def run_sweep(spec: SweepSpec, pipeline: Optional[Tuple[Any, Any]] = None, mesh:
     if jax.process_count() > 1:  # process 0 alone reads the folder; everyone computes the same plan
         done_mask = np.asarray(multihost_utils.broadcast_one_to_all(done_mask))
     todo = [(i, c) for i, c, d in zip(ids, spec.configs, done_mask) if not d]
+    compiles = _compute(spec, todo, pipeline, mesh, progress, store if writer else None, done) if todo else {}
+
+    sheet = None
+    if writer:
+        sheet = spec.out / CONTACT_SHEET
+        write_bytes_atomic(sheet, _contact_sheet(spec, ids, done))
+    return SweepSummary(out=spec.out, total=len(ids), already_done=len(ids) - len(todo), computed=len(todo),
+                        compiles=compiles, contact_sheet=sheet)
+
+
+def _compute(spec: SweepSpec, todo: List[Tuple[str, Config]], pipeline, mesh: Optional[Mesh],
+             progress: Optional[bool], store: Optional[ResultStore], done: Dict[str, dict]) -> Dict[str, int]:
+    """Run `todo` group by group; process 0 (`store` given) writes each result and adds it to `done`.
+    Returns the sampling program's compilations per group."""
+    from tqdm import tqdm
+
+    from flax_inpaint.pipelines.stable_diffusion import FlaxStableDiffusionInpaintPipeline
 
     if pipeline is None:
         import jax.numpy as jnp
@@ -436,7 +449,7 @@ def run_sweep(spec: SweepSpec, pipeline: Optional[Tuple[Any, Any]] = None, mesh:
         return inputs[key]
 
     compiles: Dict[str, int] = {}
-    quiet = True if not writer else None if progress is None else not progress  # None: only on a terminal
+    quiet = True if store is None else None if progress is None else not progress  # None: only on a terminal
     bar = tqdm(total=len(todo), unit="img", desc="sweep", disable=quiet)
     for g, items in groups.items():
         pipe, params = pipes[g.scheduler]
@@ -460,7 +473,7 @@ def run_sweep(spec: SweepSpec, pipeline: Optional[Tuple[Any, Any]] = None, mesh:
                                neg_prompt_ids=pipe.tokenize(neg), mesh=mesh)
                 seconds = time.perf_counter() - tic
                 compiles[g.label] += counter.count
-                if writer:
+                if store is not None:
                     timings = {"batch_s": round(seconds, 4), "per_image_s": round(seconds / len(chunk), 4),
                                "compile_s": round(counter.seconds, 4)}
                     nsfw = out.nsfw_content_detected
@@ -477,13 +490,7 @@ def run_sweep(spec: SweepSpec, pipeline: Optional[Tuple[Any, Any]] = None, mesh:
                         done[rid] = record
                 bar.update(len(chunk))
     bar.close()
-
-    sheet = None
-    if writer:
-        sheet = spec.out / CONTACT_SHEET
-        write_bytes_atomic(sheet, _contact_sheet(spec, ids, done))
-    return SweepSummary(out=spec.out, total=len(ids), already_done=len(ids) - len(todo), computed=len(todo),
-                        compiles=compiles, contact_sheet=sheet)
+    return compiles
 
 
 def _contact_sheet(spec: SweepSpec, ids: List[str], records: Mapping[str, dict]) -> bytes:
