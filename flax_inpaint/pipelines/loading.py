@@ -22,6 +22,7 @@ OPTIONAL = ("safety_checker", "feature_extractor", "image_encoder", "controlnet"
 def _model_classes() -> Dict[str, Any]:
     """PyTorch class name in model_index.json -> our Flax class."""
     from flax_inpaint.models.clip import FlaxCLIPTextModel
+    from flax_inpaint.models.controlnet import FlaxControlNetModel
     from flax_inpaint.models.safety import FlaxStableDiffusionSafetyChecker
     from flax_inpaint.models.unet import FlaxUNet2DConditionModel
     from flax_inpaint.models.vae import FlaxAutoencoderKL
@@ -30,6 +31,7 @@ def _model_classes() -> Dict[str, Any]:
         "UNet2DConditionModel": FlaxUNet2DConditionModel,
         "AutoencoderKL": FlaxAutoencoderKL,
         "CLIPTextModel": FlaxCLIPTextModel,
+        "ControlNetModel": FlaxControlNetModel,
         "StableDiffusionSafetyChecker": FlaxStableDiffusionSafetyChecker,
     }
 
@@ -43,6 +45,17 @@ IMAGE_PROCESSORS = (
 
 # The library diffusers imports a saved component's class from (model_index.json), where not diffusers.
 _LIBRARY = {"CLIPTextModel": "transformers", "StableDiffusionSafetyChecker": "stable_diffusion"}
+
+# diffusers' MultiControlNetModel saves its nets in `<name>`, `<name>_1`, `<name>_2`, ...
+MULTI_CONTROLNET = "MultiControlNetModel"
+
+
+def multi_folders(folder: Path, name: str) -> list[Path]:
+    """The folders of a MultiControlNetModel component `name`: `name`, then `name_1`, ... while they exist."""
+    found = [folder / name]
+    while (folder / f"{name}_{len(found)}").is_dir():
+        found.append(folder / f"{name}_{len(found)}")
+    return found
 
 
 def scheduler_class(name: str):
@@ -69,8 +82,9 @@ def load_components(
     """Read every component listed in `model_index.json`; returns (components, params, folder).
 
     Models and schedulers map by class name to our Flax classes; the tokenizer loads with
-    transformers. Optional components (safety checker, feature extractor, ...) that are absent
-    or null are set to None; a required one we cannot load raises.
+    transformers; a MultiControlNetModel loads as a tuple of ControlNets with a tuple of params.
+    Optional components (safety checker, feature extractor, ...) that are absent or null are set
+    to None; a required one we cannot load raises.
     """
     folder = resolve_folder(path, None, local_files_only, revision)
     index = read_config(folder, "model_index.json")
@@ -94,11 +108,13 @@ def load_components(
             components[name] = getattr(transformers, cls_name).from_pretrained(sub)
         elif cls_name in IMAGE_PROCESSORS:
             components[name] = read_config(sub, "preprocessor_config.json")
-        elif cls_name in models:
-            model, p = models[cls_name].from_pretrained(
-                sub, dtype=dtype, param_dtype=param_dtype or dtype, attention=attention, variant=variant
-            )
-            components[name], params[name] = model, p
+        elif cls_name in models or cls_name == MULTI_CONTROLNET:
+            load = dict(dtype=dtype, param_dtype=param_dtype or dtype, attention=attention, variant=variant)
+            if cls_name == MULTI_CONTROLNET:  # a tuple of nets, and a tuple of their params
+                loaded = [models["ControlNetModel"].from_pretrained(f, **load) for f in multi_folders(folder, name)]
+                components[name], params[name] = (tuple(x) for x in zip(*loaded))
+            else:
+                components[name], params[name] = models[cls_name].from_pretrained(sub, **load)
         elif name in OPTIONAL:
             warnings.warn(f"{name} ({library}.{cls_name}) is not supported yet and is not loaded.")
             components[name] = None
@@ -132,6 +148,10 @@ def save_components(folder: os.PathLike, pipeline_class: str, components: Dict[s
         elif isinstance(comp, dict):  # the feature extractor's preprocessor config
             write_bytes_atomic(folder / name / "preprocessor_config.json", json.dumps(comp, indent=2).encode())
             index[name] = ["transformers", "CLIPImageProcessor"]
+        elif isinstance(comp, (tuple, list)):  # several ControlNets: diffusers' MultiControlNetModel layout
+            for k, (model, p) in enumerate(zip(comp, params[name])):
+                model.save_pretrained(folder / (f"{name}_{k}" if k else name), p, pytorch_format=True)
+            index[name] = ["diffusers", MULTI_CONTROLNET]
         else:
             comp.save_pretrained(folder / name, params[name], pytorch_format=True)
             index[name] = [_LIBRARY.get(comp.torch_class, "diffusers"), comp.torch_class]
