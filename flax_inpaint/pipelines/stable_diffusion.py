@@ -25,6 +25,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from flax_inpaint.image_processor import VaeImageProcessor, postprocess_inpaint, preprocess_inpaint
 from flax_inpaint.pipelines import loading
 from flax_inpaint.pipelines.sampling import (
+    CALL_WIDE_FIELDS,
     Batch,
     Components,
     Options,
@@ -38,9 +39,6 @@ _generate_jit = jax.jit(generate, static_argnums=(0, 1))
 _generate_pmap = jax.pmap(generate, static_broadcasted_argnums=(0, 1))
 _generate_per_example_jit = jax.jit(generate_per_example, static_argnums=(0, 1))
 _decode_jit = jax.jit(decode_latents, static_argnums=0)
-
-# Batch fields that hold one value for the whole call (broadcast per device under pmap).
-_SCALAR_FIELDS = ("begin_index", "strength_is_max", "eta")
 
 
 @dataclass
@@ -82,7 +80,16 @@ class _Base:
         `dtype` is the activation dtype (and the params' dtype unless `param_dtype` is given);
         `scheduler` replaces the folder's scheduler; `safety_checker=None` skips the checker.
         """
-        skip = ("safety_checker",) if safety_checker is None else ()
+        kwargs, params = cls._load_pretrained(path, dtype, param_dtype, scheduler, safety_checker, attention,
+                                              variant, local_files_only, revision, skip=("controlnet",))
+        return cls(**kwargs, dtype=dtype), params
+
+    @classmethod
+    def _load_pretrained(cls, path, dtype, param_dtype, scheduler, safety_checker, attention, variant,
+                         local_files_only, revision, skip: tuple) -> tuple:
+        """(constructor keyword arguments, params) from a pipeline folder; `skip` names components not
+        to load (the safety checker too when `safety_checker` is None)."""
+        skip = skip + (("safety_checker",) if safety_checker is None else ())
         comps, params, _ = loading.load_components(
             path, dtype=dtype, param_dtype=param_dtype, attention=attention, variant=variant,
             local_files_only=local_files_only, revision=revision, skip=skip,
@@ -90,26 +97,29 @@ class _Base:
         if scheduler is not None:
             comps["scheduler"] = scheduler
             params["scheduler"] = scheduler.create_state()
-        pipe = cls(
-            vae=comps["vae"], text_encoder=comps["text_encoder"], tokenizer=comps["tokenizer"],
-            unet=comps["unet"], scheduler=comps["scheduler"], safety_checker=comps.get("safety_checker"),
-            feature_extractor=comps.get("feature_extractor"), dtype=dtype,
-        )
-        return pipe, params
+        names = ("vae", "text_encoder", "tokenizer", "unet", "scheduler", "safety_checker", "feature_extractor")
+        kwargs = {name: comps.get(name) for name in names}
+        if "controlnet" not in skip:
+            kwargs["controlnet"] = comps.get("controlnet")
+        return kwargs, params
 
     @classmethod
-    def from_pipe(cls, pipe: "_Base"):
-        """This pipeline over another one's components (no reloading; the same params serve both)."""
-        return cls(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=pipe.unet,
-                   scheduler=pipe.scheduler, safety_checker=pipe.safety_checker,
-                   feature_extractor=pipe.feature_extractor, dtype=pipe.dtype)
+    def from_pipe(cls, pipe: "_Base", **components):
+        """This pipeline over another one's components (no reloading; the same params serve both);
+        keyword arguments add or replace components, e.g. `controlnet=` for a ControlNet pipeline
+        (then set params["controlnet"])."""
+        names = [n for n in inspect.signature(cls.__init__).parameters if n not in ("self", "dtype")]
+        found = {n: getattr(pipe, n) for n in names if hasattr(pipe, n)}
+        return cls(**{**found, **components}, dtype=pipe.dtype)
+
+    def _saved_components(self) -> dict:
+        return {"unet": self.unet, "vae": self.vae, "text_encoder": self.text_encoder,
+                "tokenizer": self.tokenizer, "scheduler": self.scheduler,
+                "safety_checker": self.safety_checker, "feature_extractor": self.feature_extractor}
 
     def save_pretrained(self, folder: Union[str, os.PathLike], params) -> None:
         """Write a diffusers-format folder that both diffusers (PyTorch) and we can load."""
-        comps = {"unet": self.unet, "vae": self.vae, "text_encoder": self.text_encoder,
-                 "tokenizer": self.tokenizer, "scheduler": self.scheduler,
-                 "safety_checker": self.safety_checker, "feature_extractor": None}
-        loading.save_components(folder, self._pipeline_class, comps, params)
+        loading.save_components(folder, self._pipeline_class, self._saved_components(), params)
 
     # -- host-side helpers ----------------------------------------------------------------------
     @property
@@ -184,9 +194,8 @@ class _Base:
             raise ValueError("Pass either jit=True (pmap over local devices) or mesh=..., not both.")
         if jit:
             n = lead[0]
-            batch = batch.replace(**{
-                f: np.broadcast_to(np.asarray(getattr(batch, f)), (n,)) for f in _SCALAR_FIELDS
-            })
+            wide = {f: v for f in CALL_WIDE_FIELDS if (v := getattr(batch, f)) is not None}
+            batch = batch.replace(**{f: np.broadcast_to(v, (n,) + np.shape(v)) for f, v in wide.items()})
             keys = jnp.asarray(prng_seed)
             if keys.shape[0] != n:
                 raise ValueError(f"prng_seed must hold one key per device ({n}); got shape {keys.shape}. "
@@ -315,8 +324,8 @@ def _per_prompt_keys(prng_seed, batch_size: int) -> Optional[np.ndarray]:
 
 
 def _on_mesh(mesh: Mesh, params, batch, batch_size: int):
-    """Params replicated; every batched input (all but the 0-d ones) sharded along the mesh's first
-    (data) axis. With several processes each passes its local rows of the global batch."""
+    """Params and the call-wide Batch fields replicated; every batched input sharded along the mesh's
+    first (data) axis. With several processes each passes its local rows of the global batch."""
     axis = mesh.axis_names[0]
     global_batch = batch_size * jax.process_count()
     if global_batch % mesh.shape[axis]:
@@ -333,7 +342,15 @@ def _on_mesh(mesh: Mesh, params, batch, batch_size: int):
             return jax.make_array_from_process_local_data(sharded, np.asarray(x))
         return jax.device_put(x, sharded)
 
-    return jax.device_put(params, replicated), jax.tree_util.tree_map(put, batch)
+    def place(tree):
+        if not isinstance(tree, Batch):
+            return jax.tree_util.tree_map(put, tree)
+        wide = {f: getattr(tree, f) for f in CALL_WIDE_FIELDS}
+        rows = jax.tree_util.tree_map(put, tree.replace(**dict.fromkeys(wide)))
+        return rows.replace(**jax.device_put(wide, replicated))
+
+    return jax.device_put(params, replicated), jax.tree_util.tree_map(
+        place, batch, is_leaf=lambda x: isinstance(x, Batch))
 
 
 class FlaxStableDiffusionPipeline(_Base):
@@ -461,6 +478,19 @@ class FlaxStableDiffusionInpaintPipeline(_Base):
         added to the image latents. `masked_image_latents` (scaled, one per prompt) replaces
         `masked_image`, which may then be None.
         """
+        batch, opts, lead = self._inpaint_inputs(
+            prompt_ids, mask, masked_image, num_inference_steps, height, width, guidance_scale, latents,
+            neg_prompt_ids, jit, image=image, strength=strength, eta=eta,
+            num_images_per_prompt=num_images_per_prompt, prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds, masked_image_latents=masked_image_latents,
+            clip_skip=clip_skip, output_type=output_type,
+        )
+        return self._run(batch, opts, params, prng_seed, jit, mesh, lead, output_type, return_dict)
+
+    def _inpaint_inputs(self, prompt_ids, mask, masked_image, num_inference_steps, height, width, guidance_scale,
+                        latents, neg_prompt_ids, jit, *, image, strength, eta, num_images_per_prompt, prompt_embeds,
+                        negative_prompt_embeds, masked_image_latents, clip_skip, output_type):
+        """The checked (Batch, Options, batch dims) of a `__call__`."""
         mask = np.asarray(mask, np.float32)
         if masked_image_latents is None:
             masked_image = np.asarray(masked_image, np.float32)
@@ -489,7 +519,7 @@ class FlaxStableDiffusionInpaintPipeline(_Base):
                                                                lead, opts, per_prompt=True),
                       latents=self._check_latents("latents", latents, lead, opts), eta=np.float32(eta),
                       **self._strength_fields(num_inference_steps, strength))
-        return self._run(batch, opts, params, prng_seed, jit, mesh, lead, output_type, return_dict)
+        return batch, opts, lead
 
 
 def _check_spatial(name: str, arr: np.ndarray, height, width, channels: Optional[int] = 3):
