@@ -15,7 +15,7 @@ prompt alone, whichever prompts share its batch.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional
+from typing import Any, Optional, Tuple
 
 import flax
 import jax
@@ -33,6 +33,7 @@ class Components:
     text_encoder: Any
     scheduler: Any
     safety_checker: Any = None
+    controlnets: Tuple[Any, ...] = ()  # their residuals are summed, as diffusers' MultiControlNetModel does
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +48,7 @@ class Options:
     clip_skip: Optional[int] = None
     num_images_per_prompt: int = 1
     scheduler_takes_eta: bool = False
+    guess_mode: bool = False  # ControlNets: residuals scaled up with depth; with CFG, on the text half only
 
 
 @flax.struct.dataclass
@@ -66,11 +68,13 @@ class Batch:
     begin_index: Array = 0  # first loop iteration (strength), int32
     strength_is_max: Array = True  # strength == 1: start from pure noise
     eta: Array = 0.0
+    control_images: Optional[Tuple[Array, ...]] = None  # per ControlNet [B, C, H, W], in [0, 1] (-1: masked)
+    controlnet_scales: Optional[Array] = None  # [num_iterations, num_controlnets] fp32: scale x keep per iteration
 
 
 # Batch fields that hold one value for the whole call, not one per example: pmap gives every device a
 # copy, a mesh replicates them, per-example sampling shares them.
-CALL_WIDE_FIELDS = ("begin_index", "strength_is_max", "eta")
+CALL_WIDE_FIELDS = ("begin_index", "strength_is_max", "eta", "controlnet_scales")
 
 
 def nchw_to_nhwc(x: Array) -> Array:
@@ -126,6 +130,31 @@ def _repeat(x: Optional[Array], n: int) -> Optional[Array]:
     return x if x is None or n == 1 else jnp.repeat(x, n, axis=0)
 
 
+def _controlnet_residuals(c: Components, opts: Options, params, control_images, scales: Array, x_in: Array,
+                          t: Array, context: Array):
+    """Every ControlNet's residuals at one step, summed (NHWC; what `unet.nhwc` adds to its own).
+
+    scales: [num_controlnets], each net's conditioning scale (0 outside its guidance window). In guess
+    mode with CFG the nets run on the text half only and the unconditional half gets zero residuals.
+    """
+    text_only = opts.guess_mode and opts.do_cfg
+    if text_only:
+        half = x_in.shape[0] // 2
+        x_in, context = x_in[half:], context[half:]
+    t = jnp.broadcast_to(t, (x_in.shape[0],))
+    down = mid = None
+    for k, (net, image) in enumerate(zip(c.controlnets, control_images)):
+        d, m = net.apply({"params": params["controlnet"][k]}, x_in, t, context, image, scales[k], opts.guess_mode,
+                         method=net.nhwc)
+        down, mid = (d, m) if down is None else (tuple(a + b for a, b in zip(down, d)), mid + m)
+    if text_only:
+        def pad(r):
+            return jnp.concatenate([jnp.zeros_like(r), r])
+
+        down, mid = tuple(map(pad, down)), pad(mid)
+    return down, mid
+
+
 def generate(c: Components, opts: Options, params, batch: Batch, key: Array):
     """Run the full sampling program; returns (images or latents, nsfw flags or None)."""
     unet, vae, sched = c.unet, c.vae, c.scheduler
@@ -174,16 +203,24 @@ def generate(c: Components, opts: Options, params, batch: Batch, key: Array):
     if unet.in_channels == 9:
         extra = cfg(jnp.concatenate([mask, masked_latents], axis=-1).astype(unet.runtime.dtype))
     step_kwargs = {"eta": batch.eta} if opts.scheduler_takes_eta else {}
+    controls = ()
+    if c.controlnets:
+        double = cfg if opts.do_cfg and not opts.guess_mode else (lambda x: x)
+        controls = tuple(double(nchw_to_nhwc(_repeat(x, n_img))) for x in batch.control_images)
 
     def body(i, carry):
         latents, state = carry
         t = timesteps[i]
         x_in = sched.scale_model_input(state, cfg(latents), t)
         x_in = x_in.astype(unet.runtime.dtype)
+        down = mid = None
+        if c.controlnets:  # they see the latents only, not an inpainting UNet's mask channels
+            down, mid = _controlnet_residuals(c, opts, params, controls, batch.controlnet_scales[i], x_in, t,
+                                              context)
         if extra is not None:
             x_in = jnp.concatenate([x_in, extra], axis=-1)
         tt = jnp.broadcast_to(t, (x_in.shape[0],))
-        eps = unet.apply({"params": params["unet"]}, x_in, tt, context, method=unet.nhwc)
+        eps = unet.apply({"params": params["unet"]}, x_in, tt, context, down, mid, method=unet.nhwc)
         eps = eps.astype(jnp.float32)
         if opts.do_cfg:  # examples with guidance <= 1 take the text prediction, as without CFG
             uncond, text = jnp.split(eps, 2)
