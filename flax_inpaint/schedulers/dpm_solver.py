@@ -106,7 +106,7 @@ def alpha_sigma_lambda(sigma: jax.Array) -> Tuple[jax.Array, jax.Array, jax.Arra
 
 class SigmaMultistepMixin:
     """What DPM-Solver and UniPC share: their state holds `sigmas` [N + 1], `timesteps` [N] and a
-    [solver_order, *shape] history `model_outputs`."""
+    [solver_order, *shape] history `model_outputs`; they define `_schedule`, `_convert` and `_data_prediction`."""
 
     def _validate(self) -> None:
         super()._validate()
@@ -119,14 +119,27 @@ class SigmaMultistepMixin:
                 f"{name}: final_sigmas_type={self.final_sigmas_type!r} must be one of {FINAL_SIGMAS_TYPES}."
             )
 
+    def set_timesteps(self, state, num_inference_steps: int, shape: tuple):
+        """Timesteps and sigmas for `num_inference_steps` (Python int) from the subclass's `_schedule`;
+        `shape` sizes the history buffer."""
+        timesteps, sigmas = self._schedule(num_inference_steps)
+        return state.replace(
+            timesteps=jnp.asarray(timesteps, jnp.int32),
+            sigmas=jnp.asarray(sigmas),
+            model_outputs=jnp.zeros((self.solver_order,) + tuple(shape), jnp.float32),
+            lower_order_nums=jnp.zeros((), jnp.int32),
+            step_index=jnp.zeros((), jnp.int32),
+            num_inference_steps=len(timesteps),
+        )
+
     def _start_step(self, state, model_output: jax.Array, sample: jax.Array):
         """Checks and fp32 casts; returns (x, m, x0): the sample, the converted output at the current node
         (what the solver integrates, x0 or eps) and the x0 estimate."""
         self._require_timesteps(state)
         if state.model_outputs.shape[1:] != model_output.shape:
             raise ValueError(
-                f"{type(self).__name__}.step: model_output has shape {model_output.shape} but set_timesteps sized the "
-                f"history for {state.model_outputs.shape[1:]}; pass that shape to set_timesteps."
+                f"{type(self).__name__}.step: model_output has shape {model_output.shape} but set_timesteps "
+                f"sized the history for {state.model_outputs.shape[1:]}; pass that shape to set_timesteps."
             )
         x = sample.astype(jnp.float32)
         alpha_s, sigma_s, _ = alpha_sigma_lambda(state.sigmas[state.step_index])
@@ -277,18 +290,6 @@ class FlaxDPMSolverMultistepScheduler(SigmaMultistepMixin, SchedulerMixin):
             sig = np.interp(timesteps, np.arange(0, len(sigmas)), sigmas)
         last = sigmas[0] if self.final_sigmas_type == "sigma_min" else 0.0
         return timesteps, np.concatenate([sig, [last]]).astype(np.float32)
-
-    def set_timesteps(self, state: DPMSolverMultistepState, num_inference_steps: int, shape: tuple):
-        """Timesteps and sigmas for `num_inference_steps` (Python int); `shape` sizes the history buffer."""
-        timesteps, sigmas = self._schedule(num_inference_steps)
-        return state.replace(
-            timesteps=jnp.asarray(timesteps, jnp.int32),
-            sigmas=jnp.asarray(sigmas),
-            model_outputs=jnp.zeros((self.solver_order,) + tuple(shape), jnp.float32),
-            lower_order_nums=jnp.zeros((), jnp.int32),
-            step_index=jnp.zeros((), jnp.int32),
-            num_inference_steps=len(timesteps),
-        )
 
     # -- one step --------------------------------------------------------------------------------
     @property

@@ -157,19 +157,9 @@ class FlaxUniPCMultistepScheduler(SigmaMultistepMixin, SchedulerMixin):
         return timesteps, np.concatenate([sig, [last]]).astype(np.float32)
 
     def set_timesteps(self, state: UniPCMultistepState, num_inference_steps: int, shape: tuple):
-        """Timesteps and sigmas for `num_inference_steps` (Python int); `shape` sizes the history buffers."""
-        timesteps, sigmas = self._schedule(num_inference_steps)
-        zero = jnp.zeros((), jnp.int32)
-        return state.replace(
-            timesteps=jnp.asarray(timesteps, jnp.int32),
-            sigmas=jnp.asarray(sigmas),
-            model_outputs=jnp.zeros((self.solver_order,) + tuple(shape), jnp.float32),
-            last_sample=jnp.zeros(tuple(shape), jnp.float32),
-            this_order=zero,
-            lower_order_nums=zero,
-            step_index=zero,
-            num_inference_steps=len(timesteps),
-        )
+        """Like DPM-Solver's, plus UniPC's corrector buffers: `shape` also sizes `last_sample`."""
+        state = super().set_timesteps(state, num_inference_steps, shape)
+        return state.replace(last_sample=jnp.zeros(tuple(shape), jnp.float32), this_order=jnp.zeros((), jnp.int32))
 
     # -- the B(h) update shared by UniP and UniC ------------------------------------------------
     def _bh_update(self, order: int, sigmas, s0, t, buf, x, model_t=None):
