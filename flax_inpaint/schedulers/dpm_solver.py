@@ -119,6 +119,20 @@ class SigmaMultistepMixin:
                 f"{name}: final_sigmas_type={self.final_sigmas_type!r} must be one of {FINAL_SIGMAS_TYPES}."
             )
 
+    @staticmethod
+    def _empty_state(state_class, **extra):
+        """A `state_class` whose arrays are empty until `set_timesteps` (which knows the sample shape)."""
+        empty = jnp.zeros((0,), jnp.float32)
+        return state_class(
+            timesteps=jnp.zeros((0,), jnp.int32),
+            sigmas=empty,
+            model_outputs=empty,
+            lower_order_nums=jnp.zeros((), jnp.int32),
+            step_index=jnp.zeros((), jnp.int32),
+            init_noise_sigma=jnp.ones((), jnp.float32),
+            **extra,
+        )
+
     def set_timesteps(self, state, num_inference_steps: int, shape: tuple):
         """Timesteps and sigmas for `num_inference_steps` (Python int) from the subclass's `_schedule`;
         `shape` sizes the history buffer."""
@@ -260,15 +274,7 @@ class FlaxDPMSolverMultistepScheduler(SigmaMultistepMixin, SchedulerMixin):
 
     # -- schedule --------------------------------------------------------------------------------
     def create_state(self) -> DPMSolverMultistepState:
-        empty = jnp.zeros((0,), jnp.float32)
-        return DPMSolverMultistepState(
-            timesteps=jnp.zeros((0,), jnp.int32),
-            sigmas=empty,
-            model_outputs=empty,
-            lower_order_nums=jnp.zeros((), jnp.int32),
-            step_index=jnp.zeros((), jnp.int32),
-            init_noise_sigma=jnp.ones((), jnp.float32),
-        )
+        return self._empty_state(DPMSolverMultistepState)
 
     def _schedule(self, num_inference_steps: int) -> Tuple[np.ndarray, np.ndarray]:
         """(int timesteps [N], fp32 sigmas [N + 1]) exactly as diffusers' set_timesteps computes them."""

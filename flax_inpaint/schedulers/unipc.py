@@ -127,17 +127,8 @@ class FlaxUniPCMultistepScheduler(SigmaMultistepMixin, SchedulerMixin):
 
     # -- schedule --------------------------------------------------------------------------------
     def create_state(self) -> UniPCMultistepState:
-        empty = jnp.zeros((0,), jnp.float32)
-        zero = jnp.zeros((), jnp.int32)
-        return UniPCMultistepState(
-            timesteps=jnp.zeros((0,), jnp.int32),
-            sigmas=empty,
-            model_outputs=empty,
-            last_sample=empty,
-            this_order=zero,
-            lower_order_nums=zero,
-            step_index=zero,
-            init_noise_sigma=jnp.ones((), jnp.float32),
+        return self._empty_state(
+            UniPCMultistepState, last_sample=jnp.zeros((0,), jnp.float32), this_order=jnp.zeros((), jnp.int32)
         )
 
     def _schedule(self, num_inference_steps: int) -> Tuple[np.ndarray, np.ndarray]:
