@@ -6,9 +6,12 @@ from flax_inpaint.models.safety import FlaxStableDiffusionSafetyChecker
 from flax_inpaint.models.unet import FlaxUNet2DConditionModel
 from flax_inpaint.models.vae import FlaxAutoencoderKL
 from flax_inpaint.pipelines import (
+    FlaxStableDiffusionControlNetInpaintPipeline,
+    FlaxStableDiffusionControlNetPipeline,
     FlaxStableDiffusionImg2ImgPipeline,
     FlaxStableDiffusionInpaintPipeline,
     FlaxStableDiffusionPipeline,
+    make_inpaint_condition,
 )
 from flax_inpaint.runtime import Runtime
 from flax_inpaint.schedulers import *  # noqa: F401,F403  (the Flax*Scheduler classes)
@@ -19,6 +22,8 @@ __all__ = [
     "FlaxAutoencoderKL",
     "FlaxCLIPTextModel",
     "FlaxControlNetModel",
+    "FlaxStableDiffusionControlNetInpaintPipeline",
+    "FlaxStableDiffusionControlNetPipeline",
     "FlaxStableDiffusionImg2ImgPipeline",
     "FlaxStableDiffusionInpaintPipeline",
     "FlaxStableDiffusionPipeline",
@@ -27,5 +32,6 @@ __all__ = [
     "Runtime",
     "VaeImageProcessor",
     "make_image_grid",
+    "make_inpaint_condition",
     *_schedulers,
 ]

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from diffusers import (
     AutoencoderKL,
+    ControlNetModel,
     DDIMScheduler,
     DPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
@@ -28,6 +29,9 @@ SCHEDULERS = {
     "dpm++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
     "euler": (EulerDiscreteScheduler, {}),
 }
+# The UNet's encoder half, which its ControlNets mirror.
+ENCODER = dict(layers_per_block=1, block_out_channels=(16, 32), norm_num_groups=8, cross_attention_dim=32,
+               attention_head_dim=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"))
 SD_SCHEDULE = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
 MAX_LENGTH = 16
 
@@ -56,9 +60,7 @@ def make_pipeline(tmp: Path, in_channels: int = 9, scheduler: str = "pndm", seed
     """Build, save and return (folder, torch pipeline) of a tiny random SD inpaint pipeline."""
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
-        sample_size=8, in_channels=in_channels, out_channels=4, layers_per_block=1,
-        block_out_channels=(16, 32), norm_num_groups=8, cross_attention_dim=32, attention_head_dim=4,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        sample_size=8, in_channels=in_channels, out_channels=4, **ENCODER,
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
     )
     vae = AutoencoderKL(
@@ -84,6 +86,17 @@ def make_pipeline(tmp: Path, in_channels: int = 9, scheduler: str = "pndm", seed
     folder = tmp / f"sd-{in_channels}-{scheduler}"
     pipe.save_pretrained(folder, safe_serialization=True)
     return folder, pipe
+
+
+def make_controlnet(seed: int = 0, **overrides) -> ControlNetModel:
+    """A tiny random ControlNet for make_pipeline's UNets, taking control images 4x the latent size (the
+    VAE's factor). Its zero convolutions get torch's default init instead, so its residuals matter."""
+    torch.manual_seed(seed)
+    net = ControlNetModel(in_channels=4, conditioning_embedding_out_channels=(4, 8, 16), **{**ENCODER, **overrides})
+    with torch.no_grad():
+        for conv in (*net.controlnet_down_blocks, net.controlnet_mid_block, net.controlnet_cond_embedding.conv_out):
+            conv.reset_parameters()
+    return net.eval()
 
 
 def sample_image_and_mask(size: int = 32, seed: int = 0):

@@ -1,0 +1,363 @@
+"""ControlNet pipelines: text-to-image and inpainting guided by control images (diffusers' API).
+
+They are the Stable Diffusion pipelines with one or more `FlaxControlNetModel`s in the static
+`Components` of `sampling.generate`: every step, each net sees the scaled latents (never an
+inpainting UNet's mask channels, as in diffusers), its control image and its conditioning scale,
+and the UNet adds the nets' summed residuals to its own. The scales and the guidance windows
+(`control_guidance_start/end`) become one traced table of per-step scales, so changing them reuses
+the compiled program; `guess_mode` is static.
+
+Control images are NCHW floats in [0, 1] (diffusers' control image processor: RGB, not normalised)
+at the generated size; inpaint ControlNets take `make_inpaint_condition`'s image, -1 where masked.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import numbers
+import os
+from typing import Any, Optional, Sequence, Tuple, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import PIL.Image
+from jax.sharding import Mesh
+
+from flax_inpaint.image_processor import CropCoords, ImageInput, VaeImageProcessor
+from flax_inpaint.models.controlnet import FlaxControlNetModel
+from flax_inpaint.pipelines.sampling import Batch, Components, Options
+from flax_inpaint.pipelines.stable_diffusion import _Base, FlaxStableDiffusionInpaintPipeline
+
+ControlNets = Union[FlaxControlNetModel, Sequence[FlaxControlNetModel]]
+
+
+def make_inpaint_condition(image: ImageInput, mask_image: ImageInput) -> np.ndarray:
+    """The control image of inpaint ControlNets (e.g. control_v11p_sd15_inpaint), as diffusers' docs
+    build it: the RGB image in [0, 1] with every pixel whose mask value exceeds 0.5 set to -1.
+
+    image / mask_image: PIL images (or channels-last arrays in [0, 1]) of one size, or lists of them.
+    Returns float32 NCHW [N, 3, H, W] at the image's own size; the pipelines resize it (nearest
+    neighbour, like diffusers resizes a tensor) to the generated size.
+    """
+    pixels = VaeImageProcessor(do_resize=False, do_normalize=False, do_convert_rgb=True)
+    masks = VaeImageProcessor.for_masks(do_resize=False, do_binarize=False)
+    rgb = pixels.preprocess(image, input_name="image")
+    mask = masks.preprocess(mask_image, input_name="mask_image")
+    if rgb.shape[2:] != mask.shape[2:] or mask.shape[0] not in (1, rgb.shape[0]):
+        raise ValueError(
+            f"image is {rgb.shape[0]} of {rgb.shape[3]}x{rgb.shape[2]} but mask_image {mask.shape[0]} of "
+            f"{mask.shape[3]}x{mask.shape[2]}; pass masks of the image's size, one or one per image."
+        )
+    return np.where(mask > 0.5, np.float32(-1.0), rgb)
+
+
+@functools.lru_cache(maxsize=64)
+def _num_iterations(scheduler, num_inference_steps: int) -> int:
+    """Length of the sampling loop: the scheduler's timesteps (e.g. one more than the steps for PNDM)."""
+    state = jax.eval_shape(lambda: scheduler.set_timesteps(scheduler.create_state(), num_inference_steps, (1, 1, 1, 1)))
+    return state.timesteps.shape[0]
+
+
+def controlnet_scales(scales: Sequence[float], starts: Sequence[float], ends: Sequence[float], begin: int,
+                      num_iterations: int) -> np.ndarray:
+    """[num_iterations, num_nets] fp32: each ControlNet's conditioning scale at each loop iteration.
+
+    Like diffusers' `controlnet_keep`: of the T iterations that run (from `begin`, set by strength),
+    net k is off at the j-th when j / T < start_k or (j + 1) / T > end_k, compared in float64 as
+    diffusers' Python floats are (a float32 comparison on the device could flip at a window's edge).
+    Iterations before `begin` never run; their rows are 0.
+    """
+    total = num_iterations - begin
+    j = np.arange(total, dtype=np.float64)[:, None]
+    off = (j / total < np.asarray(starts, np.float64)) | ((j + 1) / total > np.asarray(ends, np.float64))
+    table = np.zeros((num_iterations, len(scales)), np.float32)
+    table[begin:] = np.asarray(scales, np.float64) * (1.0 - off)
+    return table
+
+
+class _ControlNetMixin:
+    """What the ControlNet pipelines add to a Stable Diffusion pipeline: the nets, control images and
+    per-step conditioning scales. `controlnet` is one FlaxControlNetModel (params["controlnet"] is its
+    params) or a list of them (params["controlnet"] a tuple of their params, in order)."""
+
+    def __init__(self, vae, text_encoder, tokenizer, unet, controlnet: ControlNets, scheduler, safety_checker=None,
+                 feature_extractor=None, dtype: Any = jnp.float32):
+        super().__init__(vae, text_encoder, tokenizer, unet, scheduler, safety_checker, feature_extractor, dtype)
+        multi = isinstance(controlnet, (list, tuple))
+        nets = tuple(controlnet) if multi else (controlnet,)
+        if not nets or not all(isinstance(n, FlaxControlNetModel) for n in nets):
+            raise TypeError(f"controlnet must be a FlaxControlNetModel or a non-empty list of them; got "
+                            f"{[type(n).__name__ for n in nets] if multi else type(controlnet).__name__}.")
+        for k, net in enumerate(nets):
+            if net.in_channels != vae.latent_channels:
+                raise ValueError(
+                    f"ControlNet {k} has in_channels={net.in_channels}; it is fed the VAE's {vae.latent_channels} "
+                    "latent channels (an inpainting UNet's mask channels go to the UNet only, as in diffusers)."
+                )
+            if net.cond_downscale != self.vae_scale_factor:
+                raise ValueError(
+                    f"ControlNet {k} takes control images {net.cond_downscale}x its latent size, but the VAE "
+                    f"downsamples by {self.vae_scale_factor}; use a ControlNet made for this VAE."
+                )
+        self.controlnet = nets if multi else controlnet
+        self.controlnets: Tuple[FlaxControlNetModel, ...] = nets
+        self.control_image_processor = VaeImageProcessor(
+            vae_scale_factor=self.vae_scale_factor, do_convert_rgb=True, do_normalize=False
+        )
+
+    # -- loading / saving ---------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path: Union[str, os.PathLike], controlnet: Any = None, dtype: Any = jnp.float32,
+                        param_dtype: Optional[Any] = None, scheduler=None, safety_checker: Any = "default",
+                        attention: str = "auto", variant: Optional[str] = None, local_files_only: bool = False,
+                        revision: Optional[str] = None):
+        """Load `(pipeline, params)` from a diffusers pipeline folder (or hub repo id).
+
+        controlnet: None takes the folder's own (model_index.json "controlnet": a ControlNetModel or
+        a MultiControlNetModel). Otherwise a ControlNet folder (or hub id) or a list of them, loaded
+        with these dtypes into params["controlnet"]; or a FlaxControlNetModel or a list of them, whose
+        params you then set: params["controlnet"] = controlnet_params (a tuple for a list).
+        Other arguments as for the Stable Diffusion pipelines.
+        """
+        given = controlnet is not None
+        kwargs, params = cls._load_pretrained(
+            path, dtype, param_dtype, scheduler, safety_checker, attention, variant, local_files_only, revision,
+            skip=("controlnet",) if given else (),
+        )
+        if given:
+            items = list(controlnet) if isinstance(controlnet, (list, tuple)) else [controlnet]
+            is_path = [isinstance(x, (str, os.PathLike)) for x in items]
+            if any(is_path) and not all(is_path):
+                raise ValueError("controlnet mixes folders and FlaxControlNetModel objects; pass folders only "
+                                 "(loaded with their params) or models only (with params['controlnet'] set by you).")
+            if all(is_path):
+                loaded = [FlaxControlNetModel.from_pretrained(
+                    x, dtype=dtype, param_dtype=param_dtype or dtype, attention=attention, variant=variant,
+                    local_files_only=local_files_only, revision=revision) for x in items]
+                models, nets_params = (tuple(x) for x in zip(*loaded))
+                multi = isinstance(controlnet, (list, tuple))
+                controlnet = models if multi else models[0]
+                params["controlnet"] = nets_params if multi else nets_params[0]
+            kwargs["controlnet"] = controlnet
+        elif kwargs.get("controlnet") is None:
+            raise ValueError(f"{path} has no controlnet in its model_index.json; pass controlnet=<a ControlNet "
+                             "folder, a FlaxControlNetModel, or a list of either>.")
+        return cls(**kwargs, dtype=dtype), params
+
+    def _saved_components(self) -> dict:
+        return {**super()._saved_components(), "controlnet": self.controlnet}
+
+    # -- host-side inputs -----------------------------------------------------------------------
+    def _per_net(self, name: str, value) -> list:
+        """`value` given once for all ControlNets, or as a list with one entry per ControlNet."""
+        k = len(self.controlnets)
+        if isinstance(value, (list, tuple)):
+            if len(value) != k:
+                raise ValueError(f"{name} has {len(value)} entries for {k} ControlNet{'s' * (k > 1)}; give one per "
+                                 "ControlNet, in order, or a single value for all.")
+            return list(value)
+        return [value] * k
+
+    def _numbers(self, name: str, value) -> list:
+        values = self._per_net(name, value)
+        for v in values:
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not np.isfinite(v):
+                raise ValueError(f"{name}={value!r}: expected a finite float or one per ControlNet.")
+        return [float(v) for v in values]
+
+    def _net_images(self, name: str, image) -> list:
+        """Per-ControlNet control images: several nets take a list with one entry (image or batch) each."""
+        if len(self.controlnets) == 1:
+            return [image]
+        if not isinstance(image, (list, tuple)):
+            raise ValueError(f"{name} must be a list with one control image (or batch) per ControlNet for the "
+                             f"{len(self.controlnets)} ControlNets; got {type(image).__name__}.")
+        return self._per_net(name, image)
+
+    def prepare_control_image(self, image, height: Optional[int] = None, width: Optional[int] = None,
+                              crops_coords: Optional[CropCoords] = None, resize_mode: str = "default"):
+        """Control images for `__call__`: float32 NCHW at height x width (default: the image's size
+        floored to a multiple of the VAE factor), one array per ControlNet (a list for several).
+
+        An image (PIL, or a channels-last array in [0, 1], or a list of them) goes through diffusers'
+        control image processing: RGB, resized, values kept in [0, 1]. An array that is already NCHW
+        with the net's conditioning channels (e.g. `make_inpaint_condition`'s) is taken as processed and
+        only resized, nearest neighbour, as diffusers treats a tensor.
+        """
+        out = []
+        for net, x in zip(self.controlnets, self._net_images("control_image", image)):
+            c = net.conditioning_channels
+            if isinstance(x, np.ndarray) and x.ndim == 4 and x.shape[1] == c and x.shape[-1] != c:
+                x = np.transpose(x.astype(np.float32), (0, 2, 3, 1))
+                h, w = self.control_image_processor.get_default_height_width(x, height, width)
+                out.append(np.ascontiguousarray(self.control_image_processor.resize(x, h, w).transpose(0, 3, 1, 2)))
+            else:
+                out.append(self.control_image_processor.preprocess(
+                    x, height, width, resize_mode=resize_mode, crops_coords=crops_coords, input_name="control_image"))
+        return out if len(self.controlnets) > 1 else out[0]
+
+    def _control_images(self, name: str, image, lead: tuple, height: int, width: int) -> tuple:
+        """Processed control images checked against the nets and the generated size, broadcast to `lead`."""
+        images = self._net_images(name, image)
+        out = []
+        for k, (net, x) in enumerate(zip(self.controlnets, images)):
+            label = name if len(images) == 1 else f"{name}[{k}]"
+            x = np.asarray(x, np.float32)
+            item = (net.conditioning_channels, height, width)
+            batch_ok = x.ndim == len(lead) + 3 and all(d in (1, n) for d, n in zip(x.shape, lead))
+            if not batch_ok or x.shape[-3:] != item:
+                raise ValueError(
+                    f"{label} has shape {x.shape}; expected {lead + item}: NCHW with the ControlNet's "
+                    f"{item[0]} conditioning channels at the generated size {height}x{width}, one per prompt or "
+                    "one for all (after a leading device axis with jit=True). Use prepare_control_image."
+                )
+            out.append(np.broadcast_to(x, lead + item))
+        return tuple(out)
+
+    def _with_control(self, batch: Batch, opts: Options, lead: tuple, name: str, image, scale, start, end,
+                      guess_mode: bool) -> Tuple[Batch, Options]:
+        """`batch` with the control images and per-step scales, `opts` with guess mode (diffusers turns
+        it on for global-pooling ControlNets)."""
+        scales = self._numbers("controlnet_conditioning_scale", scale)
+        starts = self._numbers("control_guidance_start", start)
+        ends = self._numbers("control_guidance_end", end)
+        for s, e in zip(starts, ends):
+            if not 0.0 <= s < e <= 1.0:
+                raise ValueError(f"control_guidance_start={s} and control_guidance_end={e}: need 0 <= start < end "
+                                 "<= 1 (the fractions of the denoising steps during which a ControlNet acts).")
+        images = self._control_images(name, image, lead, opts.height, opts.width)
+        n_iter = _num_iterations(self.scheduler, opts.num_inference_steps)
+        table = controlnet_scales(scales, starts, ends, int(batch.begin_index), n_iter)
+        guess = bool(guess_mode) or self.controlnets[0].global_pool_conditions
+        return (batch.replace(control_images=images, controlnet_scales=table),
+                dataclasses.replace(opts, guess_mode=guess))
+
+    def _control_params(self, params) -> dict:
+        """`params` with params["controlnet"] as a tuple in the nets' order (what `generate` reads)."""
+        if "controlnet" not in params:
+            raise ValueError("params has no 'controlnet' entry; set params['controlnet'] = controlnet_params (from "
+                             "FlaxControlNetModel.from_pretrained; a tuple with one per ControlNet for several).")
+        nets = params["controlnet"]
+        if isinstance(self.controlnet, tuple):
+            if not isinstance(nets, (list, tuple)) or len(nets) != len(self.controlnets):
+                raise ValueError(f"params['controlnet'] must be a tuple with the params of each of the "
+                                 f"{len(self.controlnets)} ControlNets, in order; got {type(nets).__name__}.")
+            nets = tuple(nets)
+        else:
+            nets = (nets,)
+        return {**params, "controlnet": nets}
+
+    def _components(self) -> Components:
+        return dataclasses.replace(super()._components(), controlnets=self.controlnets)
+
+
+class FlaxStableDiffusionControlNetPipeline(_ControlNetMixin, _Base):
+    """Text-to-image guided by one or more ControlNets (diffusers' Flax API)."""
+
+    _pipeline_class = "StableDiffusionControlNetPipeline"
+
+    def prepare_image_inputs(self, image, height: Optional[int] = None, width: Optional[int] = None):
+        """Control images as `__call__` takes them (see `prepare_control_image`)."""
+        return self.prepare_control_image(image, height, width)
+
+    def __call__(self, prompt_ids, image, params, prng_seed, num_inference_steps: int = 50, guidance_scale=7.5,
+                 latents=None, neg_prompt_ids=None, controlnet_conditioning_scale=1.0, return_dict: bool = True,
+                 jit: bool = False, *, guess_mode: bool = False, control_guidance_start=0.0,
+                 control_guidance_end=1.0, num_images_per_prompt: int = 1, prompt_embeds=None,
+                 negative_prompt_embeds=None, clip_skip: Optional[int] = None, eta: float = 0.0,
+                 output_type: str = "np", mesh: Optional[Mesh] = None):
+        """Generate images the size of the control images `image` (from `prepare_image_inputs`: one
+        NCHW array, or a list with one per ControlNet). `controlnet_conditioning_scale` and
+        `control_guidance_start/end` are floats, or lists with one per ControlNet."""
+        first = np.shape(self._net_images("image", image)[0])
+        if len(first) < 4:
+            raise ValueError(f"image has shape {first}; expected NCHW control images (from prepare_image_inputs).")
+        opts = self._options(num_inference_steps, first[-2], first[-1], guidance_scale, output_type, clip_skip,
+                             num_images_per_prompt)
+        lead = self._lead(prompt_ids, prompt_embeds, jit)
+        batch = Batch(**self._text_batch(prompt_ids, neg_prompt_ids, prompt_embeds, negative_prompt_embeds,
+                                         lead, opts.do_cfg, guidance_scale),
+                      latents=self._check_latents("latents", latents, lead, opts), eta=np.float32(eta),
+                      **self._strength_fields(num_inference_steps, 1.0))
+        batch, opts = self._with_control(batch, opts, lead, "image", image, controlnet_conditioning_scale,
+                                         control_guidance_start, control_guidance_end, guess_mode)
+        return self._run(batch, opts, self._control_params(params), prng_seed, jit, mesh, lead, output_type,
+                         return_dict)
+
+
+class FlaxStableDiffusionControlNetInpaintPipeline(_ControlNetMixin, FlaxStableDiffusionInpaintPipeline):
+    """Inpainting guided by one or more ControlNets, with 9-channel inpainting or plain 4-channel UNets.
+
+    Called like the inpaint pipeline plus the keyword `control_image`; diffusers' default
+    controlnet_conditioning_scale here is 0.5.
+    """
+
+    _pipeline_class = "StableDiffusionControlNetInpaintPipeline"
+
+    def prepare_inputs(self, prompt, image, mask, control_image, height: Optional[int] = None,
+                       width: Optional[int] = None, padding_mask_crop: Optional[int] = None):
+        """(prompt_ids, masked_images, masks, images, control_images), one row per prompt.
+
+        As the inpaint pipeline's (with `return_image=True`), plus the control images processed at the
+        same size and crop (see `prepare_control_image`; a list with one per ControlNet for several).
+        """
+        ids, masked, masks, images = super().prepare_inputs(prompt, image, mask, height, width, True,
+                                                            padding_mask_crop)
+        control = self._prepare_control_like_mask(control_image, mask, images.shape[2], images.shape[3],
+                                                  padding_mask_crop)
+        n = ids.shape[0]
+        per_net = control if isinstance(control, list) else [control]
+        for k, c in enumerate(per_net):
+            if c.shape[0] not in (1, n):
+                raise ValueError(f"{c.shape[0]} control images (ControlNet {k}) for {n} prompts; pass one, or one "
+                                 "per prompt.")
+        per_net = [np.broadcast_to(c, (n,) + c.shape[1:]).copy() for c in per_net]
+        return ids, masked, masks, images, per_net if isinstance(control, list) else per_net[0]
+
+    def _prepare_control_like_mask(self, control_image, mask, height: int, width: int, padding_mask_crop):
+        """Control images at height x width, cut to the crop box `padding_mask_crop` gives the mask."""
+        crops = None
+        if padding_mask_crop is not None and isinstance(mask, PIL.Image.Image):  # else the inpaint preprocessing raises
+            crops = self.mask_processor.get_crop_region(mask, width, height, pad=padding_mask_crop)
+        return self.prepare_control_image(control_image, height, width, crops, "default" if crops is None else "fill")
+
+    def inpaint(self, prompt, image, mask_image, control_image, params, prng_seed, *,
+                height: Optional[int] = None, width: Optional[int] = None,
+                padding_mask_crop: Optional[int] = None, **kwargs):
+        """PyTorch-style convenience: strings and PIL images in, images out (one device).
+
+        `control_image`: images for the control image processor, or `make_inpaint_condition`'s output
+        (a list with one per ControlNet for several). Other arguments as the inpaint pipeline's
+        `inpaint` and this pipeline's `__call__`.
+        """
+        default_h, default_w = self.default_size()
+        height, width = height or default_h, width or default_w
+        control = self._prepare_control_like_mask(control_image, mask_image, height, width, padding_mask_crop)
+        return super().inpaint(prompt, image, mask_image, params, prng_seed, height=height, width=width,
+                               padding_mask_crop=padding_mask_crop, control_image=control, **kwargs)
+
+    def __call__(self, prompt_ids, mask, masked_image, params, prng_seed, num_inference_steps: int = 50,
+                 height: Optional[int] = None, width: Optional[int] = None, guidance_scale=7.5,
+                 latents=None, neg_prompt_ids=None, return_dict: bool = True, jit: bool = False, *,
+                 control_image, controlnet_conditioning_scale=0.5, guess_mode: bool = False,
+                 control_guidance_start=0.0, control_guidance_end=1.0, image=None, strength: float = 1.0,
+                 eta: float = 0.0, num_images_per_prompt: int = 1, prompt_embeds=None,
+                 negative_prompt_embeds=None, masked_image_latents=None, clip_skip: Optional[int] = None,
+                 output_type: str = "np", mesh: Optional[Mesh] = None):
+        """Inpaint as `FlaxStableDiffusionInpaintPipeline.__call__`, guided by `control_image` (from
+        `prepare_inputs`: NCHW at the mask's size; a list with one per ControlNet for several).
+        `controlnet_conditioning_scale` and `control_guidance_start/end` are floats or lists with one
+        per ControlNet; with strength < 1 the guidance windows are fractions of the steps that run."""
+        batch, opts, lead = self._inpaint_inputs(
+            prompt_ids, mask, masked_image, num_inference_steps, height, width, guidance_scale, latents,
+            neg_prompt_ids, jit, image=image, strength=strength, eta=eta,
+            num_images_per_prompt=num_images_per_prompt, prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds, masked_image_latents=masked_image_latents,
+            clip_skip=clip_skip, output_type=output_type,
+        )
+        batch, opts = self._with_control(batch, opts, lead, "control_image", control_image,
+                                         controlnet_conditioning_scale, control_guidance_start,
+                                         control_guidance_end, guess_mode)
+        return self._run(batch, opts, self._control_params(params), prng_seed, jit, mesh, lead, output_type,
+                         return_dict)
