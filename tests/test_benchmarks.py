@@ -1,0 +1,48 @@
+"""Smoke test of benchmarks/bench_inpaint.py: the tiny preset on the CPU, ours and diffusers eager.
+
+It checks that the script runs, that stdout is nothing but JSON lines and that each record carries
+its fields with sane types. No timing is asserted: the numbers depend on the machine.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_inpaint.py"
+COMMON = {"kind", "system", "preset", "height", "width", "steps", "scheduler", "guidance_scale", "dtype", "date",
+          "device", "versions", "batch"}
+SPEED = {"img_per_s", "s_per_img", "steady_s", "steady_runs_s", "first_call_s", "compile_s", "peak_mem_bytes",
+         "finite"}
+OURS = {"tflop_per_image", "achieved_tflops", "peak_tflops", "floor_s_per_img", "fraction_of_floor",
+        "persistent_cache_hits", "recompiled_in_steady_state", "attention"}
+
+
+def test_tiny_preset_prints_json_lines_with_all_fields():
+    cmd = [sys.executable, str(SCRIPT), "--preset", "tiny", "--batch", "1", "--steps", "2", "--repeat", "1",
+           "--torch", "eager"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    records = [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]  # stdout: JSON only
+    by_system = {(r["kind"], r.get("baseline", r["system"])): r for r in records}
+    assert set(by_system) == {("throughput", "flax-inpaint"), ("throughput", "diffusers-eager"),
+                              ("ratio", "diffusers-eager")}, sorted(by_system)
+
+    ours = by_system["throughput", "flax-inpaint"]
+    theirs = by_system["throughput", "diffusers-eager"]
+    for rec, keys in ((ours, COMMON | SPEED | OURS), (theirs, COMMON | SPEED)):
+        assert keys <= set(rec), keys - set(rec)
+        assert rec["preset"] == "tiny" and rec["batch"] == 1 and rec["steps"] == 2 and rec["height"] == 32
+        assert rec["finite"] is True
+        assert rec["img_per_s"] > 0 and rec["first_call_s"] > 0 and len(rec["steady_runs_s"]) == 1
+        assert rec["peak_mem_bytes"] is None  # CPUs report no allocator statistics
+    assert set(ours["versions"]) >= {"jax", "flax", "flax_inpaint"}
+    assert set(theirs["versions"]) >= {"torch", "diffusers", "transformers"}
+    assert ours["dtype"] == "bfloat16" and theirs["dtype"] == "float32"  # diffusers' CPU default
+    assert ours["compile_s"] > 0 and theirs["compile_s"] is None  # eager PyTorch compiles nothing
+    assert ours["tflop_per_image"] > 0 and ours["recompiled_in_steady_state"] is False
+    assert ours["peak_tflops"] is None and ours["fraction_of_floor"] is None  # no peak known for a CPU
+
+    ratio = by_system["ratio", "diffusers-eager"]
+    assert ratio["img_per_s"] > 0 and ratio["batch"] == 1 and ratio["peak_mem_bytes"] is None
