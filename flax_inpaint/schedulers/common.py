@@ -358,6 +358,22 @@ def make_alphas_cumprod(config) -> np.ndarray:
     return _cumprod_f32(np.float32(1.0) - make_betas(config))
 
 
+def sigma_alphas_cumprod(config) -> np.ndarray:
+    """`make_alphas_cumprod` for the sigma-based schedulers: with `rescale_betas_zero_snr` the last abar is
+    2**-24 instead of 0, like diffusers, so the largest sigma stays finite."""
+    ac = make_alphas_cumprod(config)
+    if getattr(config, "rescale_betas_zero_snr", False):
+        ac = ac.copy()
+        ac[-1] = 2.0**-24
+    return ac
+
+
+def train_sigmas(alphas_cumprod: np.ndarray) -> np.ndarray:
+    """fp32 sigma of every training timestep, sqrt((1 - abar) / abar), in fp32 like diffusers."""
+    ac = alphas_cumprod.astype(np.float32)
+    return np.sqrt((np.float32(1.0) - ac) / ac)
+
+
 # ----------------------------------------------------------------------------- timesteps
 
 def check_num_inference_steps(num_inference_steps, num_train_timesteps: int) -> int:

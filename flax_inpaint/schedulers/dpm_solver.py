@@ -39,9 +39,10 @@ from flax_inpaint.schedulers.common import (
     check_num_inference_steps,
     clip_or_threshold,
     karras_sigmas,
-    make_alphas_cumprod,
+    sigma_alphas_cumprod,
     sigma_to_t,
     to_x0_eps,
+    train_sigmas,
 )
 
 ALGORITHM_TYPES = ("dpmsolver++", "dpmsolver")
@@ -78,12 +79,6 @@ def multistep_timesteps(
     if spacing == "trailing":
         return np.arange(last, 0, -T / n).round().astype(np.int64) - 1
     raise ValueError(f"timestep_spacing={spacing!r} is not supported; use 'linspace', 'leading' or 'trailing'.")
-
-
-def train_sigmas(alphas_cumprod: np.ndarray) -> np.ndarray:
-    """fp32 sigma of every training timestep, sqrt((1 - abar) / abar), in fp32 like diffusers."""
-    ac = alphas_cumprod.astype(np.float32)
-    return np.sqrt((np.float32(1.0) - ac) / ac)
 
 
 def karras_schedule(
@@ -159,13 +154,6 @@ class SigmaMultistepMixin:
         alpha_s, sigma_s, _ = alpha_sigma_lambda(state.sigmas[state.step_index])
         m = self._convert(model_output.astype(jnp.float32), x, alpha_s, sigma_s)
         return x, m, m if self._data_prediction else (x - sigma_s * m) / alpha_s
-
-    def _alphas_cumprod(self) -> np.ndarray:
-        ac = make_alphas_cumprod(self)
-        if self.rescale_betas_zero_snr:
-            ac = ac.copy()
-            ac[-1] = 2.0**-24  # like diffusers: keeps the last sigma finite
-        return ac
 
     def add_noise(self, state, original: jax.Array, noise: jax.Array, timesteps) -> jax.Array:
         """x_t = alpha_t x0 + sigma_t noise, with the sigma of the loop iteration whose timestep is `timesteps`.
@@ -279,7 +267,7 @@ class FlaxDPMSolverMultistepScheduler(SigmaMultistepMixin, SchedulerMixin):
     def _schedule(self, num_inference_steps: int) -> Tuple[np.ndarray, np.ndarray]:
         """(int timesteps [N], fp32 sigmas [N + 1]) exactly as diffusers' set_timesteps computes them."""
         T = self.num_train_timesteps
-        ac = self._alphas_cumprod()
+        ac = sigma_alphas_cumprod(self)
         # lambda_min_clipped cuts the noisiest timesteps whose log-SNR falls below it.
         alpha, sigma = np.sqrt(ac), np.sqrt(np.float32(1.0) - ac)
         lambdas = np.log(alpha) - np.log(sigma)

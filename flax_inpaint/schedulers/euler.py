@@ -23,8 +23,9 @@ from flax_inpaint.schedulers.common import (
     div_exact,
     inference_timesteps,
     karras_sigmas,
-    make_alphas_cumprod,
+    sigma_alphas_cumprod,
     sigma_to_t,
+    train_sigmas,
 )
 
 
@@ -45,33 +46,22 @@ class SigmaSchedulerState:
 class SigmaSchedulerMixin(SchedulerMixin):
     """Shared sigma schedule, input scaling and forward noising for Euler / Euler-ancestral / LMS."""
 
-    def _alphas_cumprod(self) -> np.ndarray:
-        ac = make_alphas_cumprod(self)
-        if getattr(self, "rescale_betas_zero_snr", False):
-            ac = ac.copy()
-            ac[-1] = 2.0**-24  # as diffusers: keeps sigma_max finite
-        return ac
-
     def _sigma_schedule(self, num_inference_steps: int) -> Tuple[np.ndarray, np.ndarray]:
         """(timesteps f32 [n], sigmas f32 [n + 1]) exactly as diffusers' set_timesteps computes them."""
         n = num_inference_steps
         ts = inference_timesteps(
             self.num_train_timesteps, n, self.timestep_spacing, self.steps_offset, round_linspace=False
         ).astype(np.float32)
-        ac = self._alphas_cumprod()
-        train_sigmas = np.sqrt((np.float32(1.0) - ac) / ac)  # f32 like torch
-        sigmas = np.interp(ts, np.arange(0, len(train_sigmas)), train_sigmas)
+        train = train_sigmas(sigma_alphas_cumprod(self))
+        sigmas = np.interp(ts, np.arange(0, len(train)), train)
         if getattr(self, "use_karras_sigmas", False):
             smin = getattr(self, "sigma_min", None)
             smax = getattr(self, "sigma_max", None)
             sigmas = karras_sigmas(
                 smin if smin is not None else sigmas[-1].item(), smax if smax is not None else sigmas[0].item(), n
             )
-            ts = sigma_to_t(sigmas, np.log(train_sigmas)).astype(np.float32)
-        if getattr(self, "final_sigmas_type", "zero") == "sigma_min":
-            last = np.sqrt((np.float32(1.0) - ac[0]) / ac[0])
-        else:
-            last = 0.0
+            ts = sigma_to_t(sigmas, np.log(train)).astype(np.float32)
+        last = train[0] if getattr(self, "final_sigmas_type", "zero") == "sigma_min" else 0.0
         return ts, np.concatenate([sigmas, [last]]).astype(np.float32)
 
     def _history(self, sigmas: np.ndarray, shape: Optional[tuple]) -> Tuple[jax.Array, jax.Array]:

@@ -34,14 +34,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flax_inpaint.schedulers.common import SchedulerMixin, SchedulerOutput, clip_or_threshold, to_x0_eps
+from flax_inpaint.schedulers.common import (
+    SchedulerMixin,
+    SchedulerOutput,
+    clip_or_threshold,
+    sigma_alphas_cumprod,
+    to_x0_eps,
+    train_sigmas,
+)
 from flax_inpaint.schedulers.dpm_solver import (
     SigmaMultistepMixin,
     alpha_sigma_lambda,
     karras_schedule,
     multistep_timesteps,
     push,
-    train_sigmas,
 )
 
 SOLVER_TYPES = ("bh1", "bh2")
@@ -136,7 +142,7 @@ class FlaxUniPCMultistepScheduler(SigmaMultistepMixin, SchedulerMixin):
         timesteps = multistep_timesteps(
             self.num_train_timesteps, num_inference_steps, self.timestep_spacing, self.steps_offset
         )
-        sigmas = train_sigmas(self._alphas_cumprod())
+        sigmas = train_sigmas(sigma_alphas_cumprod(self))
         if self.use_karras_sigmas:
             sig, t = karras_schedule(sigmas, num_inference_steps, self.sigma_min, self.sigma_max)
             timesteps = t.round().astype(np.int64)
