@@ -444,6 +444,11 @@ def to_x0_eps(
     raise ValueError(f"prediction_type={prediction_type!r} is not supported; use one of {PREDICTION_TYPES}.")
 
 
+def alpha_cumprod_or_final(alphas_cumprod: jax.Array, t: jax.Array, final) -> jax.Array:
+    """abar_t at a traced timestep t, or `final` where t < 0 (the step past the last timestep)."""
+    return jnp.where(t >= 0, alphas_cumprod[jnp.maximum(t, 0)], final)
+
+
 def threshold_sample(x0: jax.Array, ratio: float, max_value: float) -> jax.Array:
     """Dynamic thresholding (Imagen, Saharia et al. 2022) per batch element, like diffusers.
 

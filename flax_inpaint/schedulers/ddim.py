@@ -17,6 +17,7 @@ import numpy as np
 from flax_inpaint.schedulers.common import (
     SchedulerMixin,
     SchedulerOutput,
+    alpha_cumprod_or_final,
     check_num_inference_steps,
     clip_or_threshold,
     inference_timesteps,
@@ -97,7 +98,7 @@ class FlaxDDIMScheduler(SchedulerMixin):
         # diffusers uses T // n as the stride for every spacing.
         prev_t = t - self.num_train_timesteps // state.num_inference_steps
         abar_t = state.alphas_cumprod[t]
-        abar_prev = jnp.where(prev_t >= 0, state.alphas_cumprod[jnp.maximum(prev_t, 0)], state.final_alpha_cumprod)
+        abar_prev = alpha_cumprod_or_final(state.alphas_cumprod, prev_t, state.final_alpha_cumprod)
         beta_t = 1.0 - abar_t
 
         x0, eps = to_x0_eps(model_output, sample, abar_t**0.5, beta_t**0.5, self.prediction_type)
@@ -161,7 +162,7 @@ class FlaxDDIMInverseScheduler(SchedulerMixin):
 
         t_next = state.timesteps[state.step_index]
         t = jnp.minimum(t_next - self.num_train_timesteps // state.num_inference_steps, self.num_train_timesteps - 1)
-        abar_t = jnp.where(t >= 0, state.alphas_cumprod[jnp.maximum(t, 0)], state.final_alpha_cumprod)
+        abar_t = alpha_cumprod_or_final(state.alphas_cumprod, t, state.final_alpha_cumprod)
         abar_next = state.alphas_cumprod[t_next]
         beta_t = 1.0 - abar_t
 

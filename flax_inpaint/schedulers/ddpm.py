@@ -18,6 +18,7 @@ import numpy as np
 from flax_inpaint.schedulers.common import (
     SchedulerMixin,
     SchedulerOutput,
+    alpha_cumprod_or_final,
     clip_or_threshold,
     inference_timesteps,
     make_alphas_cumprod,
@@ -115,7 +116,7 @@ class FlaxDDPMScheduler(SchedulerMixin):
         t = state.timesteps[state.step_index]
         prev_t = state.prev_timesteps[state.step_index]
         abar_t = state.alphas_cumprod[t]
-        abar_prev = jnp.where(prev_t >= 0, state.alphas_cumprod[jnp.maximum(prev_t, 0)], 1.0)
+        abar_prev = alpha_cumprod_or_final(state.alphas_cumprod, prev_t, 1.0)
         beta_prod_t = 1.0 - abar_t
         beta_prod_prev = 1.0 - abar_prev
         current_alpha_t = abar_t / abar_prev

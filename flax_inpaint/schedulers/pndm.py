@@ -23,6 +23,7 @@ import numpy as np
 from flax_inpaint.schedulers.common import (
     SchedulerMixin,
     SchedulerOutput,
+    alpha_cumprod_or_final,
     check_num_inference_steps,
     inference_timesteps,
     make_alphas_cumprod,
@@ -112,7 +113,7 @@ class FlaxPNDMScheduler(SchedulerMixin):
     # -- the transfer function phi ----------------------------------------------------------------
     def _prev_sample(self, state, sample, t, prev_t, model_output):
         abar_t = state.alphas_cumprod[t]
-        abar_prev = jnp.where(prev_t >= 0, state.alphas_cumprod[jnp.maximum(prev_t, 0)], state.final_alpha_cumprod)
+        abar_prev = alpha_cumprod_or_final(state.alphas_cumprod, prev_t, state.final_alpha_cumprod)
         beta_t = 1.0 - abar_t
         beta_prev = 1.0 - abar_prev
         if self.prediction_type == "v_prediction":
