@@ -1,0 +1,147 @@
+"""Measured quality of the tiny shapes models (what `benchmarks/quality_tiny_shapes.py` prints).
+
+* colour accuracy: scenes from `data.sample_scenes`; the captioned shape's silhouette, grown by
+  2 px, is masked and the prompt asks for that shape in another colour. A case passes when the mean
+  colour inside the mask is closer to the prompted palette colour than to any other palette colour.
+* overlay: with `apply_overlay=True` every unmasked pixel of the input comes back exactly.
+* ControlNet (fill the circle): a circle's outline is the control image, the whole image is masked
+  and the prompt names the circle's and the background's colours. The filled region (pixels nearer
+  the prompted circle colour than the background colour) is compared with the outline's interior
+  by intersection over union.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, NamedTuple
+
+import jax
+import numpy as np
+from PIL import Image
+
+from flax_inpaint.train import data
+
+MASK_GROWTH = 2.0  # px the evaluation masks extend past the shape (covers its anti-aliased edge)
+
+
+class InpaintCase(NamedTuple):
+    image: Image.Image
+    mask: Image.Image
+    prompt: str
+    colour: int  # index into data.COLOURS
+
+
+def _pil(images: np.ndarray) -> List[Image.Image]:
+    return [Image.fromarray(np.round(x * 255).astype(np.uint8)) for x in images]
+
+
+def colour_cases(n: int, seed: int = 0, size: int = 64) -> List[InpaintCase]:
+    """`n` inpainting cases; shapes cycle through SHAPES, prompted colours through the palette
+    (skipping the background's and the shape's original colour)."""
+    rng = np.random.default_rng(seed)
+    cases = []
+    for i in range(n):
+        shape = i % len(data.SHAPES)
+        scenes = data.sample_scenes(rng, 1, size, shapes=(shape,), min_radius=0.15)
+        avoid = {int(scenes.background[0]), int(scenes.colour[0])}
+        allowed = [c for c in range(len(data.COLOURS)) if c not in avoid]
+        colour = allowed[(i // len(data.SHAPES)) % len(allowed)]
+        mask = (scenes.distance()[0] < MASK_GROWTH).astype(np.uint8) * 255
+        prompt = data.caption(shape, colour, int(scenes.background[0]))
+        cases.append(InpaintCase(_pil(scenes.images)[0], Image.fromarray(mask), prompt, colour))
+    return cases
+
+
+def nearest_colour(rgb: np.ndarray) -> int:
+    """Index of the palette colour nearest (Euclidean, RGB in [0, 1]) to `rgb`."""
+    return int(np.argmin(np.linalg.norm(data.RGB - rgb, axis=-1)))
+
+
+def inpaint_cases(pipe, params, cases: List[InpaintCase], seed: int, steps: int, guidance: float,
+                  apply_overlay: bool = False) -> List[np.ndarray]:
+    """Inpaint each case (one call per case, one compiled program); HWC floats in [0, 1]."""
+    out = []
+    for i, case in enumerate(cases):
+        result = pipe.inpaint(
+            case.prompt, case.image, case.mask, params, jax.random.key(seed + i), num_inference_steps=steps,
+            guidance_scale=guidance, apply_overlay=apply_overlay, output_type="np",
+        )
+        out.append(np.asarray(result.images[0], np.float32))
+    return out
+
+
+def colour_accuracy(cases: List[InpaintCase], results: List[np.ndarray]) -> Dict[str, float]:
+    """Share of cases whose mean colour inside the mask is nearest to the prompted colour."""
+    hits = []
+    for case, result in zip(cases, results):
+        inside = np.asarray(case.mask) > 127
+        hits.append(nearest_colour(result[inside].mean(axis=0)) == case.colour)
+    return {"colour_accuracy": float(np.mean(hits)), "colour_cases": len(hits)}
+
+
+def overlay_preserved(cases: List[InpaintCase], results: List[np.ndarray]) -> Dict[str, float]:
+    """Share of unmasked pixels (over all cases) returned exactly, for results made with
+    apply_overlay=True."""
+    kept, total = 0, 0
+    for case, result in zip(cases, results):
+        outside = np.asarray(case.mask) <= 127
+        original = np.asarray(case.image)
+        got = np.round(result * 255).astype(np.uint8)
+        kept += int(np.all(got[outside] == original[outside], axis=-1).sum())
+        total += int(outside.sum())
+    return {"overlay_unchanged_fraction": kept / total}
+
+
+def evaluate_inpaint(pipe, params, n_cases: int = 36, steps: int = 25, guidance: float = 4.0,
+                     seed: int = 0, overlay_cases: int = 4) -> Dict[str, float]:
+    """Colour accuracy over `n_cases` and the overlay check over the first `overlay_cases`."""
+    cases = colour_cases(n_cases, seed)
+    scores = colour_accuracy(cases, inpaint_cases(pipe, params, cases, seed, steps, guidance))
+    few = cases[:overlay_cases]
+    scores.update(overlay_preserved(few, inpaint_cases(pipe, params, few, seed, steps, guidance, True)))
+    return scores
+
+
+class ControlCase(NamedTuple):
+    image: Image.Image  # the background the prompt names (irrelevant under the whole-image mask)
+    mask: Image.Image  # all white: generate everything
+    control: Image.Image  # the circle's outline, white on black
+    interior: np.ndarray  # [H, W] bool, inside the outline
+    prompt: str
+    colour: int
+    background: int
+
+
+def control_cases(n: int, seed: int = 0, size: int = 64) -> List[ControlCase]:
+    """`n` fill-the-circle cases: random circles, colours and backgrounds (plain and textured)."""
+    rng = np.random.default_rng(seed)
+    scenes = data.sample_scenes(rng, n, size, shapes=(data.SHAPES.index("circle"),), distractor=0.0,
+                                min_radius=0.15)
+    outlines = _pil(data.circle_outlines(scenes))
+    backgrounds = _pil(data.backgrounds(rng, scenes.background, size, textured=0.3))
+    full = Image.fromarray(np.full((size, size), 255, np.uint8))
+    return [
+        ControlCase(backgrounds[i], full, outlines[i], scenes.distance()[i] < 0, scenes.captions[i],
+                    int(scenes.colour[i]), int(scenes.background[i]))
+        for i in range(n)
+    ]
+
+
+def filled_region(result: np.ndarray, colour: int, background: int) -> np.ndarray:
+    """[H, W] bool: pixels nearer the palette's `colour` than its `background` colour."""
+    near = np.linalg.norm(result[..., None, :] - data.RGB[[colour, background]], axis=-1)
+    return near[..., 0] < near[..., 1]
+
+
+def controlnet_iou(pipe, params, cases: List[ControlCase], seed: int, steps: int, guidance: float,
+                   conditioning_scale: float = 1.0) -> Dict[str, float]:
+    """Mean IoU of the filled region with the outline's interior, and the share of cases >= 0.7."""
+    ious = []
+    for i, case in enumerate(cases):
+        out = pipe.inpaint(
+            case.prompt, case.image, case.mask, case.control, params, jax.random.key(seed + i),
+            num_inference_steps=steps, guidance_scale=guidance, controlnet_conditioning_scale=conditioning_scale,
+            output_type="np",
+        )
+        filled = filled_region(np.asarray(out.images[0], np.float32), case.colour, case.background)
+        ious.append((filled & case.interior).sum() / max(1, (filled | case.interior).sum()))
+    return {"controlnet_iou": float(np.mean(ious)), "controlnet_iou_min": float(np.min(ious)),
+            "controlnet_cases_iou_ge_0.7": float(np.mean(np.asarray(ious) >= 0.7)), "controlnet_cases": len(ious)}
