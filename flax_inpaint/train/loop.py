@@ -12,6 +12,7 @@ exactly as the uninterrupted one would. Checkpoints are msgpack (`flax.serializa
 from __future__ import annotations
 
 import dataclasses
+import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
@@ -68,6 +69,7 @@ class FitResult(NamedTuple):
     params: Params
     losses: List[float]  # per logged interval (mean over `log_every` steps), this run only
     start_step: int  # > 0 when resumed from a checkpoint
+    seconds: float  # wall time of this run, compilation and checkpoints included
 
     @property
     def final_loss(self) -> float:
@@ -126,6 +128,7 @@ def fit(
     Checkpoints go to `<out_dir>/<name>.ckpt.msgpack` every `checkpoint_every` steps and at the end;
     without `out_dir` nothing is written. A progress bar shows the running loss.
     """
+    began = time.perf_counter()
     mesh = mesh or data_mesh()
     n_dev = mesh.devices.size
     if config.batch_size % n_dev:
@@ -171,4 +174,4 @@ def fit(
         if path is not None and (done % config.checkpoint_every == 0 or done == config.steps):
             save_checkpoint(path, state)
     bar.close()
-    return FitResult(jax.device_get(state.params), losses, start)
+    return FitResult(jax.device_get(state.params), losses, start, time.perf_counter() - began)

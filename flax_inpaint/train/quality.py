@@ -19,7 +19,7 @@ from PIL import Image
 
 from flax_inpaint.train import data
 
-MASK_GROWTH = 2.0  # px the evaluation masks extend past the shape (covers its anti-aliased edge)
+MASK_GROWTH = 0.5  # px past the shape edge: the mask covers every pixel the old shape touched
 
 
 class InpaintCase(NamedTuple):

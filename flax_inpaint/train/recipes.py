@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +39,7 @@ IMAGE_SIZE = 64
 LATENT_SIZE = IMAGE_SIZE // 4  # the VAE's three levels downsample twice
 MAX_LENGTH = 16
 CFG_DROPOUT = 0.1  # fraction of captions replaced by "" so the UNet also learns the unconditional score
+MASK_LOSS_WEIGHT = 4.0  # extra loss weight of latents under the mask: the hole is what inpainting must learn
 KL_WEIGHT = 1e-3  # per latent element, against a per-pixel L1 + L2 reconstruction loss
 # Stable Diffusion's training noise schedule; the exported DDIM scheduler uses the same betas.
 SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
@@ -60,8 +61,8 @@ TEXT_CONFIG = dict(
 )
 
 VAE_TRAINING = TrainConfig(steps=800, batch_size=16, learning_rate=2e-3, warmup_steps=50)
-INPAINT_TRAINING = TrainConfig(steps=3000, batch_size=32, learning_rate=1e-3, warmup_steps=200)
-INPAINT_SCENES = 4096  # scenes encoded once by the frozen VAE, then sampled in epochs
+INPAINT_TRAINING = TrainConfig(steps=8000, batch_size=32, learning_rate=1e-3, warmup_steps=200)
+INPAINT_SCENES = 8192  # scenes encoded once by the frozen VAE, then sampled in epochs
 CONTROLNET_TRAINING = TrainConfig(steps=1500, batch_size=32, learning_rate=1e-3, warmup_steps=100)
 CONTROLNET_SCENES = 2048
 CONTROLNET_FULL_MASKS = 0.75  # share of whole-image masks (text-to-image, placed by the outline alone)
@@ -221,14 +222,23 @@ def _denoising_example(models: Models, alphas_cumprod, batch: Batch, key: jax.Ar
     return noisy, target, t, jnp.concatenate([batch["mask"], masked_latents], axis=-1)
 
 
+def masked_weighted_mse(pred: jax.Array, target: jax.Array, mask: jax.Array) -> jax.Array:
+    """MSE with latents under the mask weighted 1 + MASK_LOSS_WEIGHT (normalised by the mean weight).
+
+    A shape's hole covers a few percent of the latent; unweighted, most of the gradient teaches
+    copying the visible latents through, and a small UNet paints shapes smaller than the hole."""
+    weight = 1.0 + MASK_LOSS_WEIGHT * mask
+    return jnp.mean(weight * jnp.square(pred - target)) / jnp.mean(weight)
+
+
 def inpaint_loss(models: Models, params, frozen, batch: Batch, key: jax.Array):
-    """v-prediction MSE at uniform timesteps; gradients reach the UNet and the text encoder. The UNet
-    sees [noisy latents, mask, masked-image latents] as in `sampling.generate`."""
+    """Mask-weighted v-prediction MSE at uniform timesteps; gradients reach the UNet and the text
+    encoder. The UNet sees [noisy latents, mask, masked-image latents] as in `sampling.generate`."""
     noisy, target, t, extra = _denoising_example(models, frozen["alphas_cumprod"], batch, key)
     context = encode_text(models.text_encoder, params["text_encoder"], batch["ids"], None)
     unet = models.unet
     pred = unet.apply({"params": params["unet"]}, jnp.concatenate([noisy, extra], -1), t, context, method=unet.nhwc)
-    return jnp.mean(jnp.square(pred - target)), {}
+    return masked_weighted_mse(pred, target, batch["mask"]), {}
 
 
 def controlnet_loss(models: Models, params, frozen, batch: Batch, key: jax.Array):
@@ -241,7 +251,7 @@ def controlnet_loss(models: Models, params, frozen, batch: Batch, key: jax.Array
     down, mid = net.apply({"params": params}, noisy, t, context, control, method=net.nhwc)
     pred = unet.apply({"params": frozen["unet"]}, jnp.concatenate([noisy, extra], -1), t, context, down, mid,
                       method=unet.nhwc)
-    return jnp.mean(jnp.square(pred - target)), {}
+    return masked_weighted_mse(pred, target, batch["mask"]), {}
 
 
 def ddim_scheduler() -> FlaxDDIMScheduler:
@@ -342,22 +352,45 @@ def write_demo_sample(folder: Path) -> None:
     Image.fromarray((mask * 255).astype(np.uint8)).save(Path(folder) / "sample_mask.png")
 
 
+def export_assets(out_dir: Path, assets_dir: Path) -> None:
+    """Copy a run's models and demo inputs into `assets_dir` (the package's bundled assets) as plain
+    diffusers folders: config.json, safetensors and tokenizer files; our msgpack copies are left out,
+    so the bundled model loads through the same conversion path as any diffusers checkpoint."""
+    import shutil
+
+    out_dir, assets_dir = Path(out_dir), Path(assets_dir)
+    for name in ("tiny-shapes-inpaint", "tiny-shapes-controlnet"):
+        shutil.rmtree(assets_dir / name, ignore_errors=True)
+        shutil.copytree(out_dir / name, assets_dir / name, ignore=shutil.ignore_patterns("*.msgpack"))
+    for name in ("sample_image.png", "sample_mask.png"):
+        shutil.copyfile(out_dir / name, assets_dir / name)
+
+
+STAGES = ("vae", "inpaint", "controlnet")
+
+
 def train_all(out_dir: Path, vae_steps: Optional[int] = None, inpaint_steps: Optional[int] = None,
               controlnet_steps: Optional[int] = None, batch_size: Optional[int] = None, seed: int = 0,
-              progress: bool = True) -> Dict[str, FitResult]:
-    """Every stage in order (VAE, text encoder + UNet, ControlNet), each resuming from its checkpoint,
-    plus the demo sample; returns each stage's FitResult."""
-    def config(base: TrainConfig, steps: Optional[int]) -> TrainConfig:
+              stages: Sequence[str] = STAGES, progress: bool = True) -> Dict[str, FitResult]:
+    """The `stages` in order (VAE, text encoder + UNet, ControlNet; each needs the previous ones'
+    output in `out_dir`), each resuming from its checkpoint, plus the demo inputs. Steps and batch
+    size default to each recipe's; returns each stage's FitResult."""
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        raise ValueError(f"stages={list(stages)}: unknown {unknown}; choose from {list(STAGES)}.")
+    recipes = {
+        "vae": (train_vae, VAE_TRAINING, vae_steps),
+        "inpaint": (train_inpaint, INPAINT_TRAINING, inpaint_steps),
+        "controlnet": (train_controlnet, CONTROLNET_TRAINING, controlnet_steps),
+    }
+    results = {}
+    for stage in stages:
+        train, base, steps = recipes[stage]
         changes: Dict[str, Any] = {"seed": seed}
         if steps is not None:
             changes["steps"] = steps
         if batch_size is not None:
             changes["batch_size"] = batch_size
-        return dataclasses.replace(base, **changes)
-
-    results = {"vae": train_vae(out_dir, config(VAE_TRAINING, vae_steps), progress=progress)[2]}
-    results["inpaint"] = train_inpaint(out_dir, config(INPAINT_TRAINING, inpaint_steps), progress=progress)[2]
-    results["controlnet"] = train_controlnet(out_dir, config(CONTROLNET_TRAINING, controlnet_steps),
-                                             progress=progress)[2]
+        results[stage] = train(out_dir, dataclasses.replace(base, **changes), progress=progress)[-1]
     write_demo_sample(out_dir)
     return results
