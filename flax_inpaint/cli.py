@@ -104,7 +104,11 @@ def cmd_demo(args) -> None:
     pipe, params = _load(str(folder), "float32", None)
     images, _, seconds = _inpaint(pipe, params, image, mask, [args.prompt], None, args.steps, args.guidance,
                                   1.0, [args.seed], None, True)
-    grid = make_image_grid([im.convert("RGB").resize(image.size) for im in (image, mask, images[0])], rows=1, cols=3)
+    from PIL import Image
+
+    size = (image.width * args.scale, image.height * args.scale)  # nearest: every model pixel stays visible
+    panels = [im.convert("RGB").resize(size, Image.NEAREST) for im in (image, mask, images[0])]
+    grid = make_image_grid(panels, rows=1, cols=3)
     _write_png(grid, Path(args.out))
     print(f"wrote {args.out} (image | mask | result) for {args.prompt!r} in {seconds:.1f} s")
 
@@ -232,6 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=_seed, default=0)
     demo.add_argument("--steps", type=_positive(int), default=25)
     demo.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale")
+    demo.add_argument("--scale", type=_positive(int), default=4, help="enlarge each 64x64 panel this many times")
     demo.add_argument("--out", default="demo.png", help="PNG grid: image | mask | result")
     demo.set_defaults(func=cmd_demo)
 
