@@ -27,10 +27,12 @@ from flax_inpaint.schedulers import (
     FlaxDDIMInverseScheduler,
     FlaxDDIMScheduler,
     FlaxDDPMScheduler,
+    FlaxDPMSolverMultistepScheduler,
     FlaxEulerAncestralDiscreteScheduler,
     FlaxEulerDiscreteScheduler,
     FlaxLMSDiscreteScheduler,
     FlaxPNDMScheduler,
+    FlaxUniPCMultistepScheduler,
     begin_index_for_strength,
 )
 from flax_inpaint.schedulers.common import make_alphas_cumprod, make_betas
@@ -76,6 +78,12 @@ SCHEDULERS = {
     ),
 }
 STOCHASTIC = {"ddpm", "euler_a"}
+# Config handling covers the multistep solvers too (their parity tests: test_schedulers_multistep.py).
+CONFIG_PAIRS = {
+    **{name: pair[:2] for name, pair in SCHEDULERS.items()},
+    "dpm": (diffusers.DPMSolverMultistepScheduler, FlaxDPMSolverMultistepScheduler),
+    "unipc": (diffusers.UniPCMultistepScheduler, FlaxUniPCMultistepScheduler),
+}
 
 
 def g(t) -> float:
@@ -223,6 +231,7 @@ VARIANTS = [
     ("ddim", {"timestep_spacing": "trailing"}, {"eta": 0.5, "use_clipped_model_output": True}),
     ("ddim", {"trained_betas": make_betas(FlaxDDIMScheduler(beta_schedule="linear")).tolist()}, {}),
     ("ddim_inverse", {"clip_sample": True, "set_alpha_to_one": True}, {}),
+    ("ddim_inverse", {"prediction_type": "sample", "timestep_spacing": "trailing"}, {}),
     ("ddpm", {"variance_type": "fixed_large"}, {}),
     ("ddpm", {"variance_type": "fixed_small_log", "clip_sample": True}, {}),
     ("ddpm", {"thresholding": True, "timestep_spacing": "trailing"}, {}),
@@ -234,6 +243,9 @@ VARIANTS = [
     ("euler", {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing", "prediction_type": "v_prediction"}, {}),
     ("euler", {}, {"s_churn": 1.0, "s_tmin": 0.5, "s_tmax": 5.0}),
     ("euler_a", {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}, {}),
+] + [
+    # steps_offset=0 (BASE has SD's 1): "leading" then ends at t = 0 (PNDM: with the PRK warm-up).
+    (name, {"steps_offset": 0, "timestep_spacing": "leading"}, {}) for name in sorted(SCHEDULERS)
 ]
 
 
@@ -342,7 +354,7 @@ def test_begin_index_for_strength_values():
 
 # ----------------------------------------------------------------------------- jit + fori_loop
 
-def make_sampler(sched, traces):
+def make_sampler(sched, traces, **step_kw):
     """The pipeline's loop: one jitted program, fori_loop over iterations, begin index traced."""
 
     def sample(state, x, key, begin):
@@ -352,7 +364,7 @@ def make_sampler(sched, traces):
             x, state = carry
             t = state.timesteps[i]
             out = jax_model(sched.scale_model_input(state, x, t), t)
-            res = sched.step(state, out, t, x, key=jax.random.fold_in(key, i))
+            res = sched.step(state, out, t, x, key=jax.random.fold_in(key, i), **step_kw)
             return res.prev_sample, res.state
 
         state = sched.set_begin_index(state, begin)
@@ -362,30 +374,35 @@ def make_sampler(sched, traces):
     return jax.jit(sample)
 
 
-JIT_CASES = [
-    ("ddim", {}),
-    ("ddim_inverse", {}),
-    ("ddpm", {}),
-    ("pndm", {"skip_prk_steps": True}),
-    ("pndm", {"skip_prk_steps": False}),
-    ("lms", {}),
-    ("euler", {"use_karras_sigmas": True}),
-    ("euler_a", {}),
+JIT_CASES = [  # (name, config, step kwargs)
+    ("ddim", {}, {}),
+    ("ddim", {}, {"eta": 0.7}),
+    ("ddim_inverse", {}, {}),
+    ("ddpm", {}, {}),
+    ("pndm", {"skip_prk_steps": True}, {}),
+    ("pndm", {"skip_prk_steps": False}, {}),
+    ("lms", {}, {}),
+    ("euler", {"use_karras_sigmas": True}, {}),
+    ("euler_a", {}, {}),
 ]
 
 
-@pytest.mark.parametrize("name,extra", JIT_CASES, ids=[f"{n}-{e}" for n, e in JIT_CASES])
-def test_fori_loop_under_jit_matches_python_loop_and_compiles_once(name, extra):
+@pytest.mark.parametrize("name,extra,step_kw", JIT_CASES, ids=[f"{n}-{e}-{k}" for n, e, k in JIT_CASES])
+def test_fori_loop_under_jit_matches_python_loop_and_compiles_once(name, extra, step_kw):
     sched = SCHEDULERS[name][1].from_config({**SD_CONFIG, **extra})
     state = sched.set_timesteps(sched.create_state(), 10, SHAPE)
     traces = []
-    sampler = make_sampler(sched, traces)
+    sampler = make_sampler(sched, traces, **step_kw)
     for begin, x_start in ((0, X_T), (4, X_0)):
         x_jit, state_jit = sampler(state, jnp.asarray(x_start), KEY, jnp.int32(begin))
-        _, x_py, state_py = run_flax(sched, 10, begin, start=x_start, key=KEY, model=jax_model)
+        _, x_py, state_py = run_flax(sched, 10, begin, start=x_start, key=KEY, model=jax_model, **step_kw)
         assert rel_err(x_jit, x_py) <= 1e-5
         assert int(state_jit.step_index) == int(state_py.step_index) == state.timesteps.shape[0]
-    assert len(traces) == 1, "the sampling loop retraced for a new start sample / begin index"
+    # Reproducible with the key; stochastic steps draw new noise for a new key.
+    np.testing.assert_array_equal(sampler(state, jnp.asarray(X_0), KEY, jnp.int32(4))[0], x_jit)
+    other = sampler(state, jnp.asarray(X_0), jax.random.PRNGKey(7), jnp.int32(4))[0]
+    assert (name in STOCHASTIC or step_kw.get("eta", 0) > 0) == (not np.array_equal(other, x_jit))
+    assert len(traces) == 1, "the sampling loop retraced for a new start sample / begin index / key"
     # The scheduler object is hashable and usable as a static argument.
     static = jax.jit(lambda s, st, x: s.scale_model_input(st, x, st.timesteps[0]), static_argnums=0)
     static(sched, state, jnp.asarray(X_T))
@@ -470,18 +487,20 @@ def test_loop_noise_independent_across_steps():
 
 # ----------------------------------------------------------------------------- config handling
 
-@pytest.mark.parametrize("name", sorted(SCHEDULERS))
+@pytest.mark.parametrize("name", sorted(CONFIG_PAIRS))
 def test_config_keys_and_defaults_mirror_diffusers(name):
-    torch_cls, flax_cls, _ = SCHEDULERS[name]
+    torch_cls, flax_cls = CONFIG_PAIRS[name]
     ref = {k: v for k, v in torch_cls().config.items() if not k.startswith("_")}
     assert flax_cls().config == ref
 
 
-@pytest.mark.parametrize("name", sorted(SCHEDULERS))
+@pytest.mark.parametrize("name", sorted(CONFIG_PAIRS))
 def test_from_config_cross_loads_any_scheduler_config(name, tmp_path):
     """Like diffusers' scheduler swapping: another class's config loads; foreign keys are ignored."""
-    torch_cls, flax_cls, _ = SCHEDULERS[name]
-    for source in ("PNDMScheduler", "DDIMScheduler", "EulerDiscreteScheduler", "DPMSolverMultistepScheduler"):
+    torch_cls, flax_cls = CONFIG_PAIRS[name]
+    sources = ("PNDMScheduler", "DDIMScheduler", "EulerDiscreteScheduler", "DPMSolverMultistepScheduler",
+               "UniPCMultistepScheduler")
+    for source in sources:
         config = dict(getattr(diffusers, source).from_config(SD_CONFIG).config)
         ours = flax_cls.from_config(config)
         ref = torch_cls.from_config(config)
@@ -523,6 +542,9 @@ def test_sd_config_into_ddim_keeps_sd_values():
         (FlaxDDIMScheduler, {"num_train_timesteps": 0}, "num_train_timesteps"),
         (FlaxDDIMScheduler, {"steps_offset": -1}, "steps_offset"),
         (FlaxDDIMScheduler, {"trained_betas": [0.1, 0.2]}, "trained_betas"),
+        (FlaxDPMSolverMultistepScheduler, {"beta_schedule": "cosine"}, "beta_schedule='cosine'"),
+        (FlaxUniPCMultistepScheduler, {"beta_schedule": "sigmoid"}, "beta_schedule='sigmoid'"),
+        (FlaxUniPCMultistepScheduler, {"shift_terminal": 0.1}, "shift_terminal"),
     ],
 )
 def test_bad_configs_raise_clear_errors(cls, config, match):
@@ -530,9 +552,9 @@ def test_bad_configs_raise_clear_errors(cls, config, match):
         cls.from_config(config)
 
 
-@pytest.mark.parametrize("name", sorted(SCHEDULERS))
+@pytest.mark.parametrize("name", sorted(CONFIG_PAIRS))
 def test_bad_step_counts_raise(name):
-    sched = SCHEDULERS[name][1].from_config(SD_CONFIG)
+    sched = CONFIG_PAIRS[name][1].from_config(SD_CONFIG)
     state = sched.create_state()
     for n in (0, -3, 1001):
         with pytest.raises(ValueError, match="num_inference_steps"):

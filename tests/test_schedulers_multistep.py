@@ -108,7 +108,7 @@ def check_parity(kind, config, n, tmp_path):
 
 
 # Each row exercises several options at once; together they cover step counts 1/4/25/50, all three
-# spacings, epsilon/v_prediction, orders 1-3, Karras sigmas, lower_order_final on/off (and its < 15 step
+# spacings, epsilon/v_prediction/sample, orders 1-3, Karras sigmas, lower_order_final on/off (and its < 15 step
 # rule), both algorithm types and solver types, thresholding, euler_at_final, final sigma types.
 DPM_CASES = [
     (25, {}),
@@ -127,6 +127,9 @@ DPM_CASES = [
              prediction_type="v_prediction")),
     (25, dict(beta_schedule="squaredcos_cap_v2", use_karras_sigmas=True, lambda_min_clipped=-5.1)),
     (25, dict(beta_schedule="squaredcos_cap_v2", lambda_min_clipped=-5.1, timestep_spacing="trailing")),
+    (4, dict(prediction_type="sample", solver_order=3)),
+    (25, dict(prediction_type="sample", algorithm_type="dpmsolver", final_sigmas_type="sigma_min")),
+    (6, dict(prediction_type="sample", algorithm_type="dpmsolver", final_sigmas_type="sigma_min", solver_order=3)),
 ]
 
 UNIPC_CASES = [
@@ -143,6 +146,19 @@ UNIPC_CASES = [
     (1, dict(solver_order=3)),
     (50, dict(solver_type="bh1", predict_x0=False, final_sigmas_type="sigma_min", use_karras_sigmas=True,
               sigma_min=0.05, sigma_max=10.0)),
+    (25, dict(prediction_type="sample", timestep_spacing="trailing")),
+] + [
+    # The noise form with a sample / v model cancels ~10x per step (x_t = 9.1 x - 8.1 eps): one-ulp
+    # differences (XLA's fused multiply-adds, its exp / log) reach 5e-5 unless every op rounds like torch.
+    (n, dict(predict_x0=False, final_sigmas_type="sigma_min", prediction_type=pred, solver_type=solver, **extra))
+    for n, pred, solver, extra in [
+        (4, "sample", "bh2", {}),
+        (5, "sample", "bh1", {}),
+        (6, "sample", "bh1", dict(solver_order=3)),
+        (4, "v_prediction", "bh1", {}),
+        (5, "v_prediction", "bh2", {}),
+        (6, "v_prediction", "bh2", dict(timestep_spacing="leading")),
+    ]
 ]
 
 
@@ -202,11 +218,11 @@ def test_add_noise_without_begin_index_matches_diffusers(kind, tmp_path):
 
 
 def sample_fn(sched, n, model_dtype):
-    """The whole loop in one jitted function, like a pipeline; counts its traces."""
+    """The whole loop in one jitted function from a traced begin index, like a pipeline; counts its traces."""
     traces = []
 
     @jax.jit
-    def sample(x, state):
+    def sample(x, state, begin=0):
         traces.append(1)
 
         def body(i, carry):
@@ -216,7 +232,7 @@ def sample_fn(sched, n, model_dtype):
             out = sched.step(state, eps, t, x)
             return out.prev_sample, out.state
 
-        return jax.lax.fori_loop(0, n, body, (x, state))
+        return jax.lax.fori_loop(begin, n, body, (x, sched.set_begin_index(state, begin)))
 
     return sample, traces
 
@@ -231,21 +247,21 @@ FORI_CASES = {
 def test_fori_loop_compiles_once_and_matches_python_loop(kind):
     n = 12
     sched = PAIRS[kind][1](**FORI_CASES[kind])
-    state = sched.set_timesteps(sched.create_state(), n, SHAPE)
+    state0 = sched.set_timesteps(sched.create_state(), n, SHAPE)
     sample, traces = sample_fn(sched, n, jnp.float32)
-    x, final_state = sample(jnp.asarray(X_T), state)
-    sample(jnp.asarray(X_0), state)  # new values, same shapes: no retrace
-    assert len(traces) == 1
-    assert int(final_state.step_index) == n
-
-    # The Python loop with the same (in-graph) model: t -> sin(t / 100) computed the same way.
     step = jitted_step(sched)
-    xp = jnp.asarray(X_T)
-    for t in state.timesteps:
-        eps = 0.1 * xp + jnp.sin(t.astype(jnp.float32) / 100.0) * jnp.asarray(C)
-        out = step(state, eps, t, xp)
-        xp, state = out.prev_sample, out.state
-    assert rel_err(x, xp) <= 1e-6
+    for begin, x_start in ((0, X_T), (5, X_0)):  # new values and begin index, same shapes: no retrace
+        x, final_state = sample(jnp.asarray(x_start), state0, jnp.int32(begin))
+        assert int(final_state.step_index) == n
+
+        # The Python loop with the same (in-graph) model: t -> sin(t / 100) computed the same way.
+        state, xp = sched.set_begin_index(state0, begin), jnp.asarray(x_start)
+        for t in state.timesteps[begin:]:
+            eps = 0.1 * xp + jnp.sin(t.astype(jnp.float32) / 100.0) * jnp.asarray(C)
+            out = step(state, eps, t, xp)
+            xp, state = out.prev_sample, out.state
+        assert rel_err(x, xp) <= 1e-6
+    assert len(traces) == 1
 
 
 @pytest.mark.parametrize("kind", ["dpm", "unipc"])

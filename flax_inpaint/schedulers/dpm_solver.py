@@ -18,6 +18,12 @@ chosen like diffusers (warm-up, `lower_order_final`, `euler_at_final`, final sig
 difference: a zero-length last step (final sigma == last sigma, e.g. Karras with `final_sigmas_type=
 "sigma_min"`) is first order, i.e. the identity, where diffusers 0.42 divides by h = 0 and returns NaN.
 
+Numerics (both solvers): the node scalars alpha_t, sigma_t, lambda_t and each step's e^hh - 1 are
+computed on the host (`SigmaNodes`) and every array term is rounded before it is summed
+(`common.sum_rounded`), as diffusers' eager PyTorch does. The noise form with a sample / v model cancels
+~10x per step (x_t = 9.1 x - 8.1 eps), so XLA's one-ulp liberties (fused multiply-adds, its exp / log)
+otherwise reach 5e-5 relative within 5 steps.
+
 This module also holds what UniPC shares with it: the multistep timestep spacing, the sigma schedule
 (optionally Karras) and the sigma-based `add_noise`.
 """
@@ -40,7 +46,9 @@ from flax_inpaint.schedulers.common import (
     clip_or_threshold,
     karras_sigmas,
     sigma_alphas_cumprod,
+    rounded,
     sigma_to_t,
+    sum_rounded,
     to_x0_eps,
     train_sigmas,
 )
@@ -92,16 +100,53 @@ def karras_schedule(
     return ks, sigma_to_t(ks, log_sigmas)
 
 
-def alpha_sigma_lambda(sigma: jax.Array) -> Tuple[jax.Array, jax.Array, jax.Array]:
-    """(alpha_t, sigma_t, lambda_t) of a Karras sigma, in fp32; lambda = +inf at sigma = 0."""
-    alpha_t = 1.0 / jnp.sqrt(sigma * sigma + 1.0)
-    sigma_t = sigma * alpha_t
-    return alpha_t, sigma_t, jnp.log(alpha_t) - jnp.log(sigma_t)
+@flax.struct.dataclass
+class SigmaNodes:
+    """The scalars of each node of a sigma schedule (x_t = alpha_t x0 + sigma_t eps) and of each step.
+
+    Computed on the host (`from_sigmas`), every op rounded to fp32 like diffusers' eager torch ops and
+    log / exp correctly rounded like torch's. Not in the step, because XLA fuses sigma^2 + 1, turns
+    1 / sqrt into rsqrt, reassociates (1/a) / (1/b), and its fp32 log / exp / expm1 are one ulp off for
+    5-15% of arguments: the noise-form solvers amplify an ulp of lambda or phi_1 ~10x per step
+    (see `common.rounded`).
+    """
+
+    alpha_t: jax.Array  # [N + 1] f32, 1 / sqrt(sigma^2 + 1)
+    sigma_t: jax.Array  # [N + 1] f32, sigma * alpha_t
+    lambda_t: jax.Array  # [N + 1] f32, log(alpha_t) - log(sigma_t); +inf at sigma = 0
+    phi_1: jax.Array  # [N] f32, h phi_1(hh) = e^hh - 1 of the step from node i to i + 1
+
+    @classmethod
+    def from_sigmas(cls, sigmas: np.ndarray, data_prediction: bool, expm1: bool) -> "SigmaNodes":
+        """Nodes of the Karras `sigmas` [N + 1]. phi_1 uses h = lambda_(i+1) - lambda_i and hh = -h for data
+        prediction, +h for noise; `expm1`: torch.expm1(hh) (UniPC), else torch.exp(hh) - 1 (DPM-Solver)."""
+        s = np.asarray(sigmas, np.float32)
+        alpha = np.float32(1.0) / np.sqrt(s * s + np.float32(1.0))
+        sigma = s * alpha
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            lam = _log_f32(alpha) - _log_f32(sigma)
+            h = lam[1:] - lam[:-1]
+            hh = (-h if data_prediction else h).astype(np.float64)
+            phi_1 = np.expm1(hh).astype(np.float32) if expm1 else np.exp(hh).astype(np.float32) - np.float32(1.0)
+        return cls(*(jnp.asarray(v, jnp.float32) for v in (alpha, sigma, lam, phi_1)))
+
+    @classmethod
+    def empty(cls) -> "SigmaNodes":
+        return cls(*(jnp.zeros((0,), jnp.float32) for _ in range(4)))
+
+    def at(self, i) -> Tuple[jax.Array, jax.Array, jax.Array]:
+        """(alpha_t, sigma_t, lambda_t) of node i (traced int or int array)."""
+        return self.alpha_t[i], self.sigma_t[i], self.lambda_t[i]
+
+
+def _log_f32(x: np.ndarray) -> np.ndarray:
+    return np.log(x.astype(np.float64)).astype(np.float32)
 
 
 class SigmaMultistepMixin:
-    """What DPM-Solver and UniPC share: their state holds `sigmas` [N + 1], `timesteps` [N] and a
-    [solver_order, *shape] history `model_outputs`; they define `_schedule`, `_convert` and `_data_prediction`."""
+    """What DPM-Solver and UniPC share: their state holds `sigmas` [N + 1], their `nodes`, `timesteps` [N] and
+    a [solver_order, *shape] history `model_outputs`; they define `_schedule`, `_convert`, `_data_prediction`
+    and `_expm1` (how diffusers computes e^hh - 1)."""
 
     def _validate(self) -> None:
         super()._validate()
@@ -121,6 +166,7 @@ class SigmaMultistepMixin:
         return state_class(
             timesteps=jnp.zeros((0,), jnp.int32),
             sigmas=empty,
+            nodes=SigmaNodes.empty(),
             model_outputs=empty,
             lower_order_nums=jnp.zeros((), jnp.int32),
             step_index=jnp.zeros((), jnp.int32),
@@ -135,6 +181,7 @@ class SigmaMultistepMixin:
         return state.replace(
             timesteps=jnp.asarray(timesteps, jnp.int32),
             sigmas=jnp.asarray(sigmas),
+            nodes=SigmaNodes.from_sigmas(sigmas, self._data_prediction, self._expm1),
             model_outputs=jnp.zeros((self.solver_order,) + tuple(shape), jnp.float32),
             lower_order_nums=jnp.zeros((), jnp.int32),
             step_index=jnp.zeros((), jnp.int32),
@@ -151,9 +198,9 @@ class SigmaMultistepMixin:
                 f"sized the history for {state.model_outputs.shape[1:]}; pass that shape to set_timesteps."
             )
         x = sample.astype(jnp.float32)
-        alpha_s, sigma_s, _ = alpha_sigma_lambda(state.sigmas[state.step_index])
+        alpha_s, sigma_s, _ = state.nodes.at(state.step_index)
         m = self._convert(model_output.astype(jnp.float32), x, alpha_s, sigma_s)
-        return x, m, m if self._data_prediction else (x - sigma_s * m) / alpha_s
+        return x, m, m if self._data_prediction else to_x0_eps(m, x, alpha_s, sigma_s, "epsilon")[0]
 
     def add_noise(self, state, original: jax.Array, noise: jax.Array, timesteps) -> jax.Array:
         """x_t = alpha_t x0 + sigma_t noise, with the sigma of the loop iteration whose timestep is `timesteps`.
@@ -174,9 +221,9 @@ class SigmaMultistepMixin:
         found = jnp.where(count == 0, n - 1, jnp.where(count > 1, second, first))
         cur = jnp.minimum(state.step_index, n - 1)
         idx = jnp.where(flat == ts[cur], state.step_index, found).reshape(t.shape)
-        alpha_t, sigma_t, _ = alpha_sigma_lambda(state.sigmas[idx])
+        alpha_t, sigma_t, _ = state.nodes.at(idx)
         alpha_t, sigma_t = broadcast_to_sample(alpha_t, original), broadcast_to_sample(sigma_t, original)
-        x = alpha_t * original.astype(jnp.float32) + sigma_t * noise.astype(jnp.float32)
+        x = sum_rounded(alpha_t * original.astype(jnp.float32), sigma_t * noise.astype(jnp.float32))
         return x.astype(original.dtype)
 
 
@@ -191,6 +238,7 @@ def push(buffer: jax.Array, value: jax.Array) -> jax.Array:
 class DPMSolverMultistepState:
     timesteps: jax.Array  # [N] int32, model timesteps in loop order
     sigmas: jax.Array  # [N + 1] f32, Karras sigma of each iteration; sigmas[N] is the final one (0 or min)
+    nodes: SigmaNodes  # alpha_t / sigma_t / lambda_t [N + 1] and phi_1 [N] of those sigmas, f32
     model_outputs: jax.Array  # [solver_order, *shape] f32, converted outputs (x0 or eps), newest last
     lower_order_nums: jax.Array  # [] int32, steps taken since set_timesteps, capped at solver_order
     step_index: jax.Array  # [] int32, iteration the next `step` performs
@@ -220,6 +268,7 @@ class FlaxDPMSolverMultistepScheduler(SigmaMultistepMixin, SchedulerMixin):
     use_beta_sigmas: bool = False
     use_lu_lambdas: bool = False
     use_flow_sigmas: bool = False
+    flow_shift: float = 1.0  # (flow_shift, time_shift_type: only used with flow sigmas / dynamic shifting)
     final_sigmas_type: str = "zero"
     lambda_min_clipped: float = -float("inf")
     variance_type: Optional[str] = None
@@ -227,8 +276,10 @@ class FlaxDPMSolverMultistepScheduler(SigmaMultistepMixin, SchedulerMixin):
     steps_offset: int = 0
     rescale_betas_zero_snr: bool = False
     use_dynamic_shifting: bool = False
+    time_shift_type: str = "exponential"
 
     diffusers_class = "DPMSolverMultistepScheduler"
+    _expm1 = False  # diffusers: exp(hh) - 1
     unsupported_config = {
         "use_exponential_sigmas": (False,),
         "use_beta_sigmas": (False,),
@@ -296,39 +347,39 @@ class FlaxDPMSolverMultistepScheduler(SigmaMultistepMixin, SchedulerMixin):
         if self._data_prediction:
             return clip_or_threshold(x0, self)
         if self.thresholding:  # threshold the x0 that eps implies, then convert back
-            x0 = clip_or_threshold((sample - sigma_s * eps) / alpha_s, self)
-            eps = (sample - alpha_s * x0) / sigma_s
+            x0 = clip_or_threshold(to_x0_eps(eps, sample, alpha_s, sigma_s, "epsilon")[0], self)
+            eps = to_x0_eps(x0, sample, alpha_s, sigma_s, "sample")[1]
         return eps
 
-    def _update(self, order: int, sigmas, i, buf, x):
+    def _update(self, order: int, nodes: SigmaNodes, i, buf, x):
         """x at node i -> node i + 1 with the static `order`, from the newest `order` outputs of `buf`."""
-        alpha_t, sigma_t, lambda_t = alpha_sigma_lambda(sigmas[i + 1])
-        alpha_s0, sigma_s0, lambda_s0 = alpha_sigma_lambda(sigmas[i])
+        alpha_t, sigma_t, lambda_t = nodes.at(i + 1)
+        alpha_s0, sigma_s0, lambda_s0 = nodes.at(i)
         h = lambda_t - lambda_s0
         # Both algorithms in one form: ++ integrates x0 over -lambda, the other eps over lambda.
         if self._data_prediction:
             hh, ratio, scale = -h, sigma_t / sigma_s0, alpha_t
         else:
             hh, ratio, scale = h, alpha_t / alpha_s0, sigma_t
-        phi_1 = jnp.exp(hh) - 1.0  # h phi_1(h)
+        phi_1 = nodes.phi_1[i]  # h phi_1(hh) = e^hh - 1
         m0 = buf[-1]
-        x_t = ratio * x - (scale * phi_1) * m0
-        if order == 1:
-            return x_t
-        lambda_s = [lambda_s0] + [alpha_sigma_lambda(sigmas[i - k])[2] for k in range(1, order)]
-        r0 = (lambda_s[0] - lambda_s[1]) / h
-        d0 = (1.0 / r0) * (m0 - buf[-2])  # divided difference ~ h dD/dlambda
-        phi_2 = phi_1 / hh - 1.0
+        # Each term rounded before it is summed, like diffusers (the noise form cancels: see `rounded`).
+        terms = [ratio * x, -(scale * phi_1) * m0]
+        if order > 1:
+            lambda_s = [lambda_s0] + [nodes.lambda_t[i - k] for k in range(1, order)]
+            r0 = rounded((lambda_s[0] - lambda_s[1]) / h)  # (XLA would rewrite 1 / (a / h) as h / a)
+            d0 = rounded(rounded(1.0 / r0) * (m0 - buf[-2]))  # divided difference ~ h dD/dlambda
+            phi_2 = phi_1 / hh - 1.0
         if order == 2:
-            if self.solver_type == "midpoint":
-                return x_t - 0.5 * (scale * phi_1) * d0
-            return x_t - (scale * phi_2) * d0
-        r1 = (lambda_s[1] - lambda_s[2]) / h
-        d1 = (1.0 / r1) * (buf[-2] - buf[-3])
-        D1 = d0 + (r0 / (r0 + r1)) * (d0 - d1)
-        D2 = (1.0 / (r0 + r1)) * (d0 - d1)
-        phi_3 = (phi_1 - hh) / hh**2 - 0.5
-        return x_t - (scale * phi_2) * D1 - (scale * phi_3) * D2
+            terms.append(-0.5 * (scale * phi_1) * d0 if self.solver_type == "midpoint" else -(scale * phi_2) * d0)
+        if order == 3:
+            r1 = rounded((lambda_s[1] - lambda_s[2]) / h)
+            d1 = rounded(rounded(1.0 / r1) * (buf[-2] - buf[-3]))
+            D1 = sum_rounded(d0, (r0 / (r0 + r1)) * (d0 - d1))
+            D2 = (1.0 / (r0 + r1)) * (d0 - d1)
+            phi_3 = (phi_1 - hh) / hh**2 - 0.5
+            terms += [-(scale * phi_2) * D1, -(scale * phi_3) * D2]
+        return sum_rounded(*terms)
 
     def step(
         self,
@@ -354,7 +405,7 @@ class FlaxDPMSolverMultistepScheduler(SigmaMultistepMixin, SchedulerMixin):
         order = jnp.where(force_first | (lon < 1), 1, jnp.where(force_second | (lon < 2), 2, 3))
         order = jnp.minimum(order, self.solver_order)
         branches = [functools.partial(self._update, k) for k in range(1, self.solver_order + 1)]
-        prev = jax.lax.switch(order - 1, branches, state.sigmas, i, buf, x)
+        prev = jax.lax.switch(order - 1, branches, state.nodes, i, buf, x)
 
         new_state = state.replace(
             model_outputs=buf,

@@ -38,13 +38,16 @@ from flax_inpaint.schedulers.common import (
     SchedulerMixin,
     SchedulerOutput,
     clip_or_threshold,
+    div_exact,
+    rounded,
     sigma_alphas_cumprod,
+    sum_rounded,
     to_x0_eps,
     train_sigmas,
 )
 from flax_inpaint.schedulers.dpm_solver import (
     SigmaMultistepMixin,
-    alpha_sigma_lambda,
+    SigmaNodes,
     karras_schedule,
     multistep_timesteps,
     push,
@@ -54,14 +57,17 @@ SOLVER_TYPES = ("bh1", "bh2")
 
 
 def _weighted_sum(weights: jax.Array, terms) -> jax.Array:
-    """sum_j weights[j] * terms[j], accumulated in order."""
-    return sum((weights[j] * terms[j] for j in range(1, len(terms))), weights[0] * terms[0])
+    """sum_j weights[j] * terms[j] like diffusers' `einsum` on CPU: the first product rounded, then one
+    fused multiply-add per further term (XLA contracts `acc + w * t`; see `rounded`)."""
+    return functools.reduce(lambda acc, j: acc + weights[j] * terms[j], range(1, len(terms)),
+                            rounded(weights[0] * terms[0]))
 
 
 @flax.struct.dataclass
 class UniPCMultistepState:
     timesteps: jax.Array  # [N] int32, model timesteps in loop order
     sigmas: jax.Array  # [N + 1] f32, Karras sigma of each iteration; sigmas[N] is the final one (0 or min)
+    nodes: SigmaNodes  # alpha_t / sigma_t / lambda_t [N + 1] and phi_1 [N] of those sigmas, f32
     model_outputs: jax.Array  # [solver_order, *shape] f32, converted outputs (x0 or eps), newest last
     last_sample: jax.Array  # [*shape] f32, the sample the previous predictor started from (for UniC)
     this_order: jax.Array  # [] int32, order of the previous predictor (= order of the next corrector)
@@ -75,7 +81,7 @@ class UniPCMultistepState:
 class FlaxUniPCMultistepScheduler(SigmaMultistepMixin, SchedulerMixin):
     """UniPC multistep (bh2 + x0 prediction by default; `solver_order` 2 for guided sampling).
 
-    Not implemented (raise): `solver_p`, exponential / beta / flow sigmas, dynamic shifting.
+    Not implemented (raise): `solver_p`, exponential / beta / flow sigmas, `shift_terminal`, dynamic shifting.
     DPM-Solver's solver types map to bh2 like in diffusers.
     """
 
@@ -93,21 +99,26 @@ class FlaxUniPCMultistepScheduler(SigmaMultistepMixin, SchedulerMixin):
     use_exponential_sigmas: bool = False
     use_beta_sigmas: bool = False
     use_flow_sigmas: bool = False
+    flow_shift: float = 1.0  # (flow_shift, time_shift_type: only used with flow sigmas / dynamic shifting)
     timestep_spacing: str = "linspace"
     steps_offset: int = 0
     final_sigmas_type: str = "zero"
     rescale_betas_zero_snr: bool = False
     use_dynamic_shifting: bool = False
+    time_shift_type: str = "exponential"
     sigma_min: Optional[float] = None
     sigma_max: Optional[float] = None
+    shift_terminal: Optional[float] = None
 
     diffusers_class = "UniPCMultistepScheduler"
+    _expm1 = True  # diffusers: expm1(hh)
     unsupported_config = {
         "solver_p": (None,),
         "use_exponential_sigmas": (False,),
         "use_beta_sigmas": (False,),
         "use_flow_sigmas": (False,),
         "use_dynamic_shifting": (False,),
+        "shift_terminal": (None,),
     }
 
     def __post_init__(self):
@@ -159,25 +170,25 @@ class FlaxUniPCMultistepScheduler(SigmaMultistepMixin, SchedulerMixin):
         return state.replace(last_sample=jnp.zeros(tuple(shape), jnp.float32), this_order=jnp.zeros((), jnp.int32))
 
     # -- the B(h) update shared by UniP and UniC ------------------------------------------------
-    def _bh_update(self, order: int, sigmas, s0, t, buf, x, model_t=None):
+    def _bh_update(self, order: int, nodes: SigmaNodes, s0, t, buf, x, model_t=None):
         """One B(h) update of x from node s0 to node t with the newest `order` (static) outputs of `buf`.
 
         UniP (model_t None): rho from the (order - 1)-square system (1/2 for order 2).
         UniC (model_t = the converted output at t): rho from the order-square system (1/2 for order 1),
         its last entry weighting m_t - m_0.
         """
-        alpha_t, sigma_t, lambda_t = alpha_sigma_lambda(sigmas[t])
-        alpha_s0, sigma_s0, lambda_s0 = alpha_sigma_lambda(sigmas[s0])
+        alpha_t, sigma_t, lambda_t = nodes.at(t)
+        alpha_s0, sigma_s0, lambda_s0 = nodes.at(s0)
         h = lambda_t - lambda_s0
         m0 = buf[-1]
         r, D = [], []  # r_j = (lambda_sj - lambda_s0) / h,  D_j = (m_j - m_0) / r_j
         for j in range(1, order):
-            r.append((alpha_sigma_lambda(sigmas[s0 - j])[2] - lambda_s0) / h)
-            D.append((buf[-1 - j] - m0) / r[-1])
+            r.append((nodes.lambda_t[s0 - j] - lambda_s0) / h)
+            D.append(div_exact(buf[-1 - j] - m0, r[-1]))
         r = jnp.stack(r + [jnp.ones((), jnp.float32)])
 
         hh = -h if self.predict_x0 else h
-        h_phi_1 = jnp.expm1(hh)  # h phi_1(hh) = e^hh - 1
+        h_phi_1 = nodes.phi_1[s0]  # h phi_1(hh) = e^hh - 1 (t = s0 + 1)
         B_h = hh if self.solver_type == "bh1" else h_phi_1
         phi, b = h_phi_1 / hh - 1.0, []  # h phi_2(hh), then h phi_(k+1)(hh) / (...) recursively
         for k in range(1, order + 1):
@@ -186,22 +197,20 @@ class FlaxUniPCMultistepScheduler(SigmaMultistepMixin, SchedulerMixin):
         b = jnp.stack(b)
         R = jnp.stack([r**p for p in range(order)])
 
-        if self.predict_x0:
-            x_t = sigma_t / sigma_s0 * x - alpha_t * h_phi_1 * m0
-            scale = alpha_t * B_h
-        else:
-            x_t = alpha_t / alpha_s0 * x - sigma_t * h_phi_1 * m0
-            scale = sigma_t * B_h
+        # Every product rounded before it is summed, like diffusers: the noise form cancels (see `rounded`).
+        ratio, c = (sigma_t / sigma_s0, alpha_t) if self.predict_x0 else (alpha_t / alpha_s0, sigma_t)
+        x_t = sum_rounded(ratio * x, -(c * h_phi_1) * m0)
+        scale = c * B_h
         if model_t is None:  # UniP
             if order == 1:
                 return x_t  # (diffusers subtracts scale * 0: NaN when B(h) is infinite)
             rho = jnp.full((1,), 0.5, jnp.float32) if order == 2 else jnp.linalg.solve(R[:-1, :-1], b[:-1])
-            return x_t - scale * _weighted_sum(rho, D)
+            return sum_rounded(x_t, -scale * _weighted_sum(rho, D))
         rho = jnp.full((1,), 0.5, jnp.float32) if order == 1 else jnp.linalg.solve(R, b)
         res = rho[-1] * (model_t - m0)
         if order > 1:
-            res = _weighted_sum(rho[:-1], D) + res
-        return x_t - scale * res
+            res = sum_rounded(_weighted_sum(rho[:-1], D), res)
+        return sum_rounded(x_t, -scale * res)
 
     @property
     def _data_prediction(self) -> bool:
@@ -230,7 +239,7 @@ class FlaxUniPCMultistepScheduler(SigmaMultistepMixin, SchedulerMixin):
         if self.disable_corrector:
             use_corrector &= ~jnp.isin(i - 1, jnp.asarray(self.disable_corrector, jnp.int32))
         correctors = [lambda: x_in] + [
-            functools.partial(self._bh_update, k, state.sigmas, i - 1, i, state.model_outputs, state.last_sample, m)
+            functools.partial(self._bh_update, k, state.nodes, i - 1, i, state.model_outputs, state.last_sample, m)
             for k in range(1, self.solver_order + 1)
         ]
         x = jax.lax.switch(jnp.where(use_corrector, state.this_order, 0), correctors)
@@ -243,7 +252,7 @@ class FlaxUniPCMultistepScheduler(SigmaMultistepMixin, SchedulerMixin):
         limit = jnp.where((i == n - 1) & ((sigma_end == 0) | (sigma_end == sigma_last)), 1, limit)
         this_order = jnp.minimum(limit, state.lower_order_nums + 1).astype(jnp.int32)
         predictors = [
-            functools.partial(self._bh_update, k, state.sigmas, i, i + 1, buf, x)
+            functools.partial(self._bh_update, k, state.nodes, i, i + 1, buf, x)
             for k in range(1, self.solver_order + 1)
         ]
         prev = jax.lax.switch(this_order - 1, predictors)
