@@ -50,8 +50,9 @@ def docs_inpaint_condition(image, mask) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def cn(tmp_path_factory):
-    """9-channel UNet with one ControlNet (diffusers folder: ControlNetModel), 4-channel UNet with two
-    (MultiControlNetModel), text-to-image with the first net given as a FlaxControlNetModel."""
+    """Inpainting: a 9-channel UNet with one ControlNet (diffusers folder: ControlNetModel), a 4-channel
+    UNet with two (MultiControlNetModel). Text-to-image (4-channel UNet): the first net given as a
+    FlaxControlNetModel, and both nets from a saved MultiControlNetModel pipeline."""
     root = tmp_path_factory.mktemp("cn")
     sd9, base9 = tiny_sd.make_pipeline(root, in_channels=9)
     sd4, base4 = tiny_sd.make_pipeline(root, in_channels=4)
@@ -60,8 +61,11 @@ def cn(tmp_path_factory):
         net.save_pretrained(root / f"net{k}", safe_serialization=True)
     torch9 = StableDiffusionControlNetInpaintPipeline(**torch_components(base9), controlnet=nets[0])
     torch4 = StableDiffusionControlNetInpaintPipeline(**torch_components(base4), controlnet=nets)
+    torch_t2i = {k: StableDiffusionControlNetPipeline(**torch_components(base4), controlnet=nets[0] if k == 1 else nets)
+                 for k in (1, 2)}
     torch9.save_pretrained(root / "cn9", safe_serialization=True)
     torch4.save_pretrained(root / "cn4", safe_serialization=True)
+    torch_t2i[2].save_pretrained(root / "t2i2", safe_serialization=True)
     p9, params9 = FlaxStableDiffusionControlNetInpaintPipeline.from_pretrained(root / "cn9")
     p4, params4 = FlaxStableDiffusionControlNetInpaintPipeline.from_pretrained(root / "cn4")
     net, net_params = FlaxControlNetModel.from_pretrained(root / "net0")
@@ -72,8 +76,8 @@ def cn(tmp_path_factory):
     return SimpleNamespace(
         root=root, sd4=sd4, nets=nets, image=image, mask=mask, edges=edges,
         torch={9: torch9, 4: torch4}, ours={9: (p9, params9), 4: (p4, params4)},
-        torch_t2i=StableDiffusionControlNetPipeline(**torch_components(base4), controlnet=nets[0]),
-        t2i=t2i, t2i_params=t2i_params,
+        torch_t2i=torch_t2i,
+        t2i={1: (t2i, t2i_params), 2: FlaxStableDiffusionControlNetPipeline.from_pretrained(root / "t2i2")},
     )
 
 
@@ -91,6 +95,11 @@ def inpaint_control(cn, in_channels: int):
     an RGB image and the inpaint condition for the two nets of the 4-channel one."""
     ours, ref = make_inpaint_condition(cn.image, cn.mask), docs_inpaint_condition(cn.image, cn.mask)
     return (ours, ref) if in_channels == 9 else ([cn.edges, ours], [cn.edges, ref])
+
+
+def t2i_control(cn, nets: int):
+    """The control images (PIL) of the text-to-image pipeline with `nets` ControlNets."""
+    return cn.edges if nets == 1 else [cn.edges, cn.image]
 
 
 def ours_inpaint(cn, in_channels: int, key=0, **kwargs):
@@ -136,17 +145,28 @@ def test_inpaint_matches_diffusers(cn, in_channels, kwargs):
     np.testing.assert_allclose(ours, ref, atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("kwargs", [
-    dict(), dict(controlnet_conditioning_scale=0.7, control_guidance_end=0.5, num_images_per_prompt=2)])
-def test_text2img_matches_diffusers(cn, kwargs):
-    """diffusers' Flax API: prepare_text_inputs / prepare_image_inputs, the size of the control image."""
+# Two ControlNets with their own scales and guidance windows (the second net stops before the end).
+MULTI_T2I = dict(controlnet_conditioning_scale=[0.4, 1.2], control_guidance_start=[0.25, 0.0],
+                 control_guidance_end=[1.0, 0.75])
+
+
+@pytest.mark.parametrize("nets,kwargs", [
+    (1, dict()),
+    (1, dict(controlnet_conditioning_scale=0.7, control_guidance_end=0.5, num_images_per_prompt=2)),
+    (2, MULTI_T2I),
+    (2, dict(guess_mode=True, controlnet_conditioning_scale=[1.0, 0.6], control_guidance_start=0.3)),
+], ids=["1-net", "1-net-window-2-images", "2-nets-scales-windows", "2-nets-guess-mode-start"])
+def test_text2img_matches_diffusers(cn, nets, kwargs):
+    """diffusers' Flax API: prepare_text_inputs / prepare_image_inputs, the size of the control image;
+    two nets come from a saved MultiControlNetModel pipeline."""
     n = kwargs.get("num_images_per_prompt", 1)
     latents = torch.randn((n, *LATENT[1:]), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        ref = cn.torch_t2i("a red cat", image=cn.edges, num_inference_steps=STEPS, latents=latents,
-                           output_type="np", **kwargs).images
-    ids, image = cn.t2i.prepare_text_inputs("a red cat"), cn.t2i.prepare_image_inputs(cn.edges)
-    ours = cn.t2i(ids, image, cn.t2i_params, jax.random.key(0), STEPS, latents=latents.numpy(), **kwargs).images
+        ref = cn.torch_t2i[nets]("a red cat", image=t2i_control(cn, nets), num_inference_steps=STEPS,
+                                 latents=latents, output_type="np", **kwargs).images
+    pipe, params = cn.t2i[nets]
+    ids, image = pipe.prepare_text_inputs("a red cat"), pipe.prepare_image_inputs(t2i_control(cn, nets))
+    ours = pipe(ids, image, params, jax.random.key(0), STEPS, latents=latents.numpy(), **kwargs).images
     assert ours.shape == ref.shape == (n, 32, 32, 3)
     assert ref.std() > 0.02
     np.testing.assert_allclose(ours, ref, atol=ATOL, rtol=0)
@@ -203,18 +223,33 @@ def test_scales_windows_and_strength_do_not_recompile(cn):
         assert np.abs(other - base).max() > 1e-2
 
 
+def random_examples(seed: int, nets: int) -> dict:
+    """N_DEV examples' own control images (one array per ControlNet for several), latents and guidance."""
+    rng = np.random.default_rng(seed)
+    control = [rng.uniform(0, 1, (N_DEV, 3, 32, 32)).astype(np.float32) for _ in range(nets)]
+    return dict(control=control[0] if nets == 1 else control,
+                latents=rng.standard_normal((N_DEV, *LATENT[1:])).astype(np.float32),
+                guidance=np.linspace(2.0, 9.0, N_DEV).astype(np.float32))
+
+
+def with_single_device_rows(call, inputs: dict, params) -> SimpleNamespace:
+    """`call` (inputs dict -> images) with its N_DEV examples and the single-device call on each alone,
+    example d with key d."""
+    singles = np.concatenate([call(jax.tree_util.tree_map(lambda v: v[d:d + 1], inputs), key=jax.random.key(d))
+                              for d in range(N_DEV)])
+    return SimpleNamespace(inputs=inputs, call=call, singles=singles, params=params)
+
+
+PROMPTS = ["a red cat", "a cat"] * (N_DEV // 2)
+
+
 @pytest.fixture(scope="module")
 def per_example(cn):
-    """Eight prompts with their own control images, latents and guidance; the single-device call on
-    each (the 9-channel pipeline, a non-default scale and window)."""
+    """The 9-channel inpaint pipeline (one ControlNet, a non-default scale and window) on eight prompts
+    with their own control images, latents and guidance."""
     pipe, params = cn.ours[9]
-    prompts = ["a red cat", "a cat"] * (N_DEV // 2)
-    ids, masked, mask, image, _ = pipe.prepare_inputs(prompts, cn.image, cn.mask, cn.edges)
-    rng = np.random.default_rng(0)
-    inputs = dict(ids=ids, mask=mask, masked=masked, image=image,
-                  control=rng.uniform(0, 1, (N_DEV, 3, 32, 32)).astype(np.float32),
-                  latents=rng.standard_normal((N_DEV, *LATENT[1:])).astype(np.float32),
-                  guidance=np.linspace(2.0, 9.0, N_DEV).astype(np.float32))
+    ids, masked, mask, image, _ = pipe.prepare_inputs(PROMPTS, cn.image, cn.mask, cn.edges)
+    inputs = dict(ids=ids, mask=mask, masked=masked, image=image, **random_examples(0, nets=1))
     opts = dict(num_inference_steps=STEPS, controlnet_conditioning_scale=0.8, control_guidance_start=0.25)
 
     def call(x, **kwargs):
@@ -222,30 +257,45 @@ def per_example(cn):
                     control_image=x["control"], image=x["image"], latents=x["latents"],
                     guidance_scale=x["guidance"], **opts, **kwargs).images
 
-    singles = np.concatenate([call({k: v[d:d + 1] for k, v in inputs.items()}, key=jax.random.key(d))
-                              for d in range(N_DEV)])
-    return SimpleNamespace(inputs=inputs, call=call, singles=singles, params=params)
+    return with_single_device_rows(call, inputs, params)
 
 
-def test_pmap_over_8_devices_matches_single_device(per_example):
-    x = per_example.inputs
-    out = per_example.call({k: shard(v) for k, v in x.items()}, params=replicate(per_example.params), jit=True,
-                           key=jax.random.split(jax.random.key(0), N_DEV))
+@pytest.fixture(scope="module")
+def per_example_t2i(cn):
+    """The text-to-image pipeline with two ControlNets (MULTI_T2I's scales and windows) on eight prompts,
+    each with its own pair of control images, latents and guidance."""
+    pipe, params = cn.t2i[2]
+    inputs = dict(ids=pipe.prepare_text_inputs(PROMPTS), **random_examples(1, nets=2))
+
+    def call(x, **kwargs):
+        return pipe(x["ids"], x["control"], kwargs.pop("params", params), kwargs.pop("key"), STEPS,
+                    x["guidance"], x["latents"], **MULTI_T2I, **kwargs).images
+
+    return with_single_device_rows(call, inputs, params)
+
+
+@pytest.mark.parametrize("examples", ["per_example", "per_example_t2i"], ids=["inpaint-1-net", "t2i-2-nets"])
+def test_pmap_over_8_devices_matches_single_device(request, examples):
+    ex = request.getfixturevalue(examples)
+    out = ex.call(shard(ex.inputs), params=replicate(ex.params), jit=True,
+                  key=jax.random.split(jax.random.key(0), N_DEV))
     assert out.shape == (N_DEV, 1, 32, 32, 3)
-    np.testing.assert_allclose(out.reshape(per_example.singles.shape), per_example.singles, atol=DEVICE_ATOL, rtol=0)
-    assert np.abs(per_example.singles[0] - per_example.singles[2]).max() > 1e-2  # other control image, guidance
+    np.testing.assert_allclose(out.reshape(ex.singles.shape), ex.singles, atol=DEVICE_ATOL, rtol=0)
+    assert np.abs(ex.singles[0] - ex.singles[2]).max() > 1e-2  # other control images, guidance
 
 
-def test_mesh_over_8_devices_matches_single_device(per_example):
+@pytest.mark.parametrize("examples", ["per_example", "per_example_t2i"], ids=["inpaint-1-net", "t2i-2-nets"])
+def test_mesh_over_8_devices_matches_single_device(request, examples):
     """The latents are given, so the key plays no part: the global-batch call equals the per-prompt calls."""
+    ex = request.getfixturevalue(examples)
     mesh = Mesh(np.array(jax.devices()), ("data",))
-    out = per_example.call(per_example.inputs, mesh=mesh, key=jax.random.key(0))
-    np.testing.assert_allclose(out, per_example.singles, atol=DEVICE_ATOL, rtol=0)
+    out = ex.call(ex.inputs, mesh=mesh, key=jax.random.key(0))
+    np.testing.assert_allclose(out, ex.singles, atol=DEVICE_ATOL, rtol=0)
 
 
 def test_per_prompt_keys_match_single_prompt_calls(per_example):
     """One key per prompt samples each prompt as if alone: its control image goes with it."""
-    x = {k: v[:3] for k, v in per_example.inputs.items()}
+    x = jax.tree_util.tree_map(lambda v: v[:3], per_example.inputs)
     out = per_example.call(x, key=jax.random.split(jax.random.key(0), 3))
     np.testing.assert_allclose(out, per_example.singles[:3], atol=DEVICE_ATOL, rtol=0)
 
@@ -321,7 +371,7 @@ def test_error_guidance_window(multi_inputs, start, end):
 
 
 def test_error_bad_controlnets(cn):
-    p = cn.t2i
+    p, _ = cn.t2i[1]
     args = (p.vae, p.text_encoder, p.tokenizer, p.unet)
     with pytest.raises(ValueError, match=r"ControlNet 0 has in_channels=9; it is fed the VAE's 4 latent channels"):
         FlaxStableDiffusionControlNetPipeline(*args, p.controlnet.clone(in_channels=9), p.scheduler)

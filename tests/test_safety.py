@@ -2,10 +2,12 @@
 CLIP preprocessing against transformers' CLIPImageProcessor (PIL backend). Tiny random models, CPU.
 
 Tolerances: vision embeddings 1e-4 (fp32); nsfw flags and output images exactly equal; preprocessed
-pixel values exactly equal (we reproduce Pillow's integer resampling, see models/safety.py).
+pixel values exactly equal (we reproduce Pillow's integer resampling, see models/safety.py). In the
+pipelines (text-to-image, inpaint under pmap and a mesh, ControlNet): the same flags, images within 1e-3.
 """
 import json
 import warnings
+from types import SimpleNamespace
 
 import flax
 import jax
@@ -13,12 +15,24 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from diffusers import (
+    StableDiffusionControlNetPipeline,
+    StableDiffusionInpaintPipeline,
+    StableDiffusionPipeline,
+)
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker, cosine_distance
+from flax.training.common_utils import shard
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from PIL import Image
 from transformers import CLIPConfig, CLIPImageProcessorPil
 
+import tiny_sd
+from flax_inpaint import (
+    FlaxStableDiffusionControlNetPipeline,
+    FlaxStableDiffusionInpaintPipeline,
+    FlaxStableDiffusionPipeline,
+)
 from flax_inpaint.models.checkpoint import CheckpointError
 from flax_inpaint.models.safety import (
     CLIPImagePreprocessing,
@@ -355,58 +369,157 @@ def test_bad_inputs_and_weights_raise(checker_folder, tmp_path):
 
 
 # ----------------------------------------------------------------------------- pipeline wiring
+# Tiny diffusers pipelines (tests/tiny_sd.py) with a tiny checker; ours are loaded from their saved
+# folders. Images agree within 1e-3 (fp32); the checker's margins (aim_at) dwarf what that moves.
 
-def test_pipeline_flags_match_diffusers(tmp_path_factory):
-    """diffusers' StableDiffusionPipeline with a tiny checker vs ours loaded from its folder: the
-    same nsfw_content_detected (one image flagged, one not), the flagged image black, and
-    `safety_checker=None` skipping the check."""
-    import tiny_sd
-    from diffusers import StableDiffusionPipeline
+PROMPTS = ["a red cat", "a cat"]
+CALL = dict(num_inference_steps=2, guidance_scale=7.5)  # 32x32 images: every pipeline's default
 
-    from flax_inpaint.pipelines.loading import load_components
-    from flax_inpaint.pipelines.stable_diffusion import FlaxStableDiffusionPipeline
 
+@pytest.fixture(scope="module")
+def sd(tmp_path_factory):
+    """diffusers pipelines without a checker, 4- and 9-channel UNets, and the 4-channel one's folder."""
     root = tmp_path_factory.mktemp("sd")
-    _, inpaint = tiny_sd.make_pipeline(root, in_channels=4)
-    checker, fe = tiny_torch_checker(seed=1), tiny_feature_extractor()
-    torch_pipe = StableDiffusionPipeline(
-        **{**inpaint.components, "safety_checker": checker, "feature_extractor": fe}
-    )
-    prompts = ["a red cat", "a cat"]
-    noise = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(0))
-    common = dict(height=32, width=32, num_inference_steps=2, guidance_scale=7.5)
+    (folder4, torch4), (_, torch9) = (tiny_sd.make_pipeline(root, in_channels=c) for c in (4, 9))
+    return SimpleNamespace(folder4=folder4, torch4=torch4, torch9=torch9)
 
-    def run_torch():
-        with torch.no_grad():
-            return torch_pipe(prompts, latents=noise.clone(), output_type="np", **common)
 
-    with torch.no_grad():  # first pass, nothing reachable: the images the checker will see
+def with_checker(cls, base, **extra):
+    """A diffusers pipeline of class `cls` over `base`'s components, with a fresh tiny checker and its
+    feature extractor."""
+    return cls(**{**base.components, "safety_checker": tiny_torch_checker(seed=1),
+                  "feature_extractor": tiny_feature_extractor(), **extra})
+
+
+def out_of_reach(checker):
+    """Thresholds no cosine (at most 1) reaches: nothing is flagged."""
+    with torch.no_grad():
         checker.concept_embeds_weights.fill_(2.0)
         checker.special_care_embeds_weights.fill_(2.0)
-    images = run_torch().images
-    embeds = torch_embeds(checker, reference_clip_input(images, fe)).numpy().astype(np.float64)
-    direction = np.linalg.pinv(embeds / np.linalg.norm(embeds, axis=1, keepdims=True))[:, 0]
-    with torch.no_grad():  # concept 0 points at image 0 only: +0.1 for it, about -cos for image 1
-        checker.concept_embeds[0] = torch.tensor(direction)
-        cos = cosine_distance(torch_embeds(checker, reference_clip_input(images, fe)), checker.concept_embeds)
-        assert cos[0, 0] > 0.2
-        checker.concept_embeds_weights[0] = cos[0, 0] - 0.1
-    ref = run_torch()
-    assert ref.nsfw_content_detected == [True, False]
-    folder = root / "sd-with-checker"
-    torch_pipe.save_pretrained(folder, safe_serialization=True)
 
-    components, _, _ = load_components(folder)
-    assert components["safety_checker"].preprocessing == CLIPImagePreprocessing.from_config(fe.to_dict())
-    pipe, params = FlaxStableDiffusionPipeline.from_pretrained(folder)
-    ids = pipe.prepare_inputs(prompts)
-    out = pipe(ids, params, jax.random.key(0), latents=noise.numpy(), **common)
-    assert np.asarray(out.nsfw_content_detected).tolist() == [True, False]
-    assert not np.asarray(out.images)[0].any()
-    np.testing.assert_allclose(np.asarray(out.images)[1], ref.images[1], atol=1e-3, rtol=0)
 
-    pipe, params = FlaxStableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
+def aim_at(checker, images, targets):
+    """Point concept k at image targets[k] alone (a column of the pseudo-inverse of the normalised
+    embeddings: cosine 0 with every other image) with a threshold half its cosine, and put every other
+    concept out of reach: the targets are flagged, the rest are not, by margins over 0.025."""
+    clip_input = reference_clip_input(images, tiny_feature_extractor())
+    embeds = torch_embeds(checker, clip_input).numpy().astype(np.float64)
+    inv = np.linalg.pinv(embeds / np.linalg.norm(embeds, axis=1, keepdims=True))
+    out_of_reach(checker)
+    with torch.no_grad():
+        for k, i in enumerate(targets):
+            checker.concept_embeds[k] = torch.tensor(inv[:, i])
+        cos = cosine_distance(torch_embeds(checker, clip_input), checker.concept_embeds)
+        for k, i in enumerate(targets):
+            assert cos[i, k] > 0.05
+            checker.concept_embeds_weights[k] = cos[i, k] / 2
+
+
+def flagged_reference(torch_pipe, run, targets):
+    """(the images the checker sees, diffusers' output) of `run(torch_pipe)` with the pipe's checker aimed
+    at the images `targets`: a first run with no concept in reach gives the images."""
+    out_of_reach(torch_pipe.safety_checker)
+    with torch.no_grad():
+        images = run(torch_pipe).images
+    aim_at(torch_pipe.safety_checker, images, targets)
+    with torch.no_grad():
+        ref = run(torch_pipe)
+    assert ref.nsfw_content_detected == [i in targets for i in range(len(images))]
+    return images, ref
+
+
+def assert_matches_reference(out, ref):
+    """Our nsfw_content_detected equals diffusers' per image (a leading device axis flattened), the
+    flagged images are black and the others are diffusers' images."""
+    flags = np.asarray(out.nsfw_content_detected).reshape(-1)
+    images = np.asarray(out.images).reshape(ref.images.shape)
+    assert flags.tolist() == ref.nsfw_content_detected
+    assert not images[flags].any() and all(image.std() > 0.02 for image in images[~flags])
+    np.testing.assert_allclose(images, ref.images, atol=1e-3, rtol=0)
+
+
+def test_pipeline_flags_match_diffusers(sd, tmp_path):
+    """FlaxStableDiffusionPipeline loaded from diffusers' StableDiffusionPipeline folder: the same
+    nsfw_content_detected (one image flagged, one not), the feature extractor's preprocessing, and
+    `safety_checker=None` skipping the check."""
+    torch_pipe = with_checker(StableDiffusionPipeline, sd.torch4)
+    noise = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(0))
+    images, ref = flagged_reference(torch_pipe, lambda p: p(PROMPTS, latents=noise.clone(), output_type="np", **CALL),
+                                    targets=(0,))
+    torch_pipe.save_pretrained(tmp_path, safe_serialization=True)
+
+    pipe, params = FlaxStableDiffusionPipeline.from_pretrained(tmp_path)
+    assert pipe.safety_checker.preprocessing == CLIPImagePreprocessing.from_config(tiny_feature_extractor().to_dict())
+    ids = pipe.prepare_inputs(PROMPTS)
+    assert_matches_reference(pipe(ids, params, jax.random.key(0), latents=noise.numpy(), **CALL), ref)
+
+    pipe, params = FlaxStableDiffusionPipeline.from_pretrained(tmp_path, safety_checker=None)
     assert pipe.safety_checker is None and "safety_checker" not in params
-    out = pipe(ids, params, jax.random.key(0), latents=noise.numpy(), **common)
+    out = pipe(ids, params, jax.random.key(0), latents=noise.numpy(), **CALL)
     assert out.nsfw_content_detected is None
     np.testing.assert_allclose(np.asarray(out.images)[0], images[0], atol=1e-3, rtol=0)
+
+
+def test_inpaint_pipeline_flags_match_diffusers_under_pmap_and_mesh(sd, tmp_path):
+    """FlaxStableDiffusionInpaintPipeline (9-channel UNet) on 8 prompts, 3 flagged, over the 8 fake
+    devices: pmap (one image per device) and a mesh give diffusers' StableDiffusionInpaintPipeline flags
+    and images."""
+    n = jax.device_count()
+    torch_pipe = with_checker(StableDiffusionInpaintPipeline, sd.torch9)
+    image, mask = tiny_sd.sample_image_and_mask()
+    prompts = PROMPTS * (n // 2)
+    noise = torch.randn((n, 4, 8, 8), generator=torch.Generator().manual_seed(0))
+    _, ref = flagged_reference(
+        torch_pipe, lambda p: p(prompts, image=image, mask_image=mask, latents=noise.clone(), output_type="np", **CALL),
+        targets=(0, 3, 6))
+    torch_pipe.save_pretrained(tmp_path, safe_serialization=True)
+
+    pipe, params = FlaxStableDiffusionInpaintPipeline.from_pretrained(tmp_path)
+    ids, masked, masks = pipe.prepare_inputs(prompts, image, mask)
+    out = pipe(shard(ids), shard(masks), shard(masked), flax.jax_utils.replicate(params),
+               jax.random.split(jax.random.key(0), n), latents=shard(noise.numpy()), jit=True, **CALL)
+    assert np.shape(out.nsfw_content_detected) == (n, 1)
+    assert_matches_reference(out, ref)
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    out = pipe(ids, masks, masked, params, jax.random.key(0), latents=noise.numpy(), mesh=mesh, **CALL)
+    assert_matches_reference(out, ref)
+
+
+def test_controlnet_pipeline_flags_match_diffusers(sd, tmp_path):
+    """FlaxStableDiffusionControlNetPipeline loaded from diffusers' StableDiffusionControlNetPipeline
+    folder (ControlNet, checker, feature extractor): the same flags, the second image flagged."""
+    torch_pipe = with_checker(StableDiffusionControlNetPipeline, sd.torch4, controlnet=tiny_sd.make_controlnet(1))
+    control, _ = tiny_sd.sample_image_and_mask(seed=1)
+    noise = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(0))
+    _, ref = flagged_reference(
+        torch_pipe, lambda p: p(PROMPTS, image=control, latents=noise.clone(), output_type="np", **CALL),
+        targets=(1,))
+    torch_pipe.save_pretrained(tmp_path, safe_serialization=True)
+
+    pipe, params = FlaxStableDiffusionControlNetPipeline.from_pretrained(tmp_path)
+    ids, image = pipe.prepare_text_inputs(PROMPTS), pipe.prepare_image_inputs(control)
+    assert_matches_reference(pipe(ids, image, params, jax.random.key(0), latents=noise.numpy(), **CALL), ref)
+
+
+def test_feature_extractor_configures_the_checker_however_the_pipeline_is_built(sd, checker_folder):
+    """The constructor applies feature_extractor (its preprocessor config) to the checker: pipelines
+    built directly and with from_pipe preprocess as the config says, not with CLIP's 224 defaults."""
+    checker, _ = FlaxStableDiffusionSafetyChecker.from_pretrained(checker_folder[1])
+    assert checker.preprocessing == CLIPImagePreprocessing()  # config.json does not hold it
+    plain, _ = FlaxStableDiffusionPipeline.from_pretrained(sd.folder4)
+    parts = (plain.vae, plain.text_encoder, plain.tokenizer, plain.unet, plain.scheduler)
+    config = tiny_feature_extractor().to_dict()
+    small = {**config, "size": {"shortest_edge": 24}, "crop_size": {"height": 24, "width": 24}}
+
+    built = FlaxStableDiffusionInpaintPipeline(*parts, checker, config)
+    assert built.safety_checker.preprocessing == CLIPImagePreprocessing.from_config(config)
+    assert (built.safety_checker.preprocessing.size, built.feature_extractor) == (SIZE, config)
+    assert FlaxStableDiffusionPipeline.from_pipe(built).safety_checker == built.safety_checker
+    swapped = FlaxStableDiffusionPipeline.from_pipe(built, feature_extractor=small)
+    assert swapped.safety_checker.preprocessing.crop_size == (24, 24) and swapped.feature_extractor == small
+    added = FlaxStableDiffusionInpaintPipeline.from_pipe(plain, safety_checker=checker, feature_extractor=config)
+    assert added.safety_checker == built.safety_checker
+    assert FlaxStableDiffusionPipeline(*parts, checker).safety_checker.preprocessing == CLIPImagePreprocessing()
+    with pytest.raises(TypeError, match=r"feature_extractor must be its preprocessor_config.json dict .*got "
+                                        r"CLIPImageProcessorPil"):
+        FlaxStableDiffusionPipeline(*parts, checker, tiny_feature_extractor())

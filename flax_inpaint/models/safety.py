@@ -371,6 +371,11 @@ class FlaxStableDiffusionSafetyChecker(PretrainedMixin, nn.Module):
         concept = jnp.round(concept + 0.01 * special_care, 3)
         return jnp.any(concept > 0, axis=1)
 
+    def with_preprocessor_config(self, config: Mapping[str, Any]) -> "FlaxStableDiffusionSafetyChecker":
+        """This checker with the preprocessing a `preprocessor_config.json` dict sets (the pipeline's
+        feature_extractor); the params are unchanged."""
+        return self.clone(preprocessing=CLIPImagePreprocessing.from_config(config))
+
     def check_images(self, images: jax.Array) -> Tuple[jax.Array, jax.Array]:
         """NHWC images in [0, 1] [B, H, W, 3] -> (the images, flagged ones black; nsfw bool [B])."""
         nsfw = self(self.preprocessing(images))

@@ -36,8 +36,8 @@ def _model_classes() -> Dict[str, Any]:
     }
 
 
-# The feature extractor is kept as its preprocessor_config.json dict; it configures the safety
-# checker's in-program CLIP preprocessing.
+# The feature extractor is kept as its preprocessor_config.json dict; the pipeline's constructor
+# configures the safety checker's in-program CLIP preprocessing with it.
 IMAGE_PROCESSORS = (
     "CLIPImageProcessor", "CLIPImageProcessorPil", "CLIPImageProcessorFast", "CLIPFeatureExtractor",
 )
@@ -120,12 +120,6 @@ def load_components(
             components[name] = None
         else:
             raise CheckpointError(f"{folder}/model_index.json: component {name}={cls_name} is not supported.")
-    checker, preprocessor = components.get("safety_checker"), components.get("feature_extractor")
-    if checker is not None and preprocessor is not None:
-        from flax_inpaint.models.safety import CLIPImagePreprocessing
-
-        preprocessing = CLIPImagePreprocessing.from_config(preprocessor)
-        components["safety_checker"] = checker.clone(preprocessing=preprocessing)
     for required in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
         if components.get(required) is None:
             raise CheckpointError(f"{folder}/model_index.json lacks the required component {required!r}.")

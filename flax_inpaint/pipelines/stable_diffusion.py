@@ -14,7 +14,7 @@ from __future__ import annotations
 import inspect
 import os
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -62,6 +62,13 @@ class _Base:
                 f"The UNet has in_channels={unet.in_channels}; these pipelines support 4 (plain) or 9 "
                 "(inpainting: latents + mask + masked-image latents)."
             )
+        if feature_extractor is not None and not isinstance(feature_extractor, Mapping):
+            raise TypeError(f"feature_extractor must be its preprocessor_config.json dict (or None); got "
+                            f"{type(feature_extractor).__name__}. Pass e.g. image_processor.to_dict().")
+        if safety_checker is not None and feature_extractor is not None:
+            # The one place the feature extractor configures the checker's CLIP preprocessing, however
+            # the pipeline is built (from_pretrained, directly, from_pipe).
+            safety_checker = safety_checker.with_preprocessor_config(feature_extractor)
         self.vae, self.text_encoder, self.tokenizer, self.unet = vae, text_encoder, tokenizer, unet
         self.scheduler, self.safety_checker, self.feature_extractor = scheduler, safety_checker, feature_extractor
         self.dtype = dtype
