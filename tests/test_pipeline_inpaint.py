@@ -15,7 +15,7 @@ from flax_inpaint import FlaxStableDiffusionInpaintPipeline
 from flax_inpaint.pipelines.loading import scheduler_class
 
 ATOL = 1e-3
-LATENT_SHAPE = (1, 4, 8, 8)
+LATENT = (4, 8, 8)  # per image: 32x32 pixels, VAE factor 4
 
 
 @pytest.fixture(scope="module")
@@ -25,58 +25,88 @@ def models(tmp_path_factory):
     return {c: tiny_sd.make_pipeline(root, in_channels=c) for c in (9, 4)}
 
 
-def diffusers_noise(in_channels: int, strength: float, seed: int = 0) -> torch.Tensor:
-    """The initial noise diffusers draws from `Generator().manual_seed(seed)`: the image's posterior
-    sample comes first when the image is encoded (strength < 1 or a 4-channel UNet)."""
+@pytest.fixture(scope="module")
+def loaded(models):
+    """Our pipeline and params for (in_channels, scheduler), loaded once per module."""
+    cache = {}
+
+    def load(in_channels: int, scheduler: str):
+        if (in_channels, scheduler) not in cache:
+            folder, torch_pipe = models[in_channels]
+            cls, extra = tiny_sd.SCHEDULERS[scheduler]
+            config = cls.from_config(torch_pipe.scheduler.config, **extra).config
+            flax_sched = scheduler_class(cls.__name__).from_config(dict(config))
+            cache[in_channels, scheduler] = FlaxStableDiffusionInpaintPipeline.from_pretrained(
+                folder, scheduler=flax_sched)
+        return cache[in_channels, scheduler]
+
+    return load
+
+
+def diffusers_noise(in_channels: int, strength: float, n_images: int = 1, seed: int = 0) -> torch.Tensor:
+    """The initial noise diffusers draws from `Generator().manual_seed(seed)` for one prompt: the
+    image's posterior sample (one, repeated per image) comes first when the image is encoded
+    (strength < 1 or a 4-channel UNet)."""
     g = torch.Generator().manual_seed(seed)
     if strength < 1.0 or in_channels == 4:
-        torch.randn(LATENT_SHAPE, generator=g)
-    return torch.randn(LATENT_SHAPE, generator=g)
+        torch.randn((1, *LATENT), generator=g)
+    return torch.randn((n_images, *LATENT), generator=g)
 
 
-def run_both(models, in_channels=9, scheduler="pndm", steps=4, guidance=7.5, strength=1.0,
-             negative=None, padding_mask_crop=None, output_type="np"):
-    folder, torch_pipe = models[in_channels]
+def run_both(models, loaded, in_channels=9, scheduler="pndm", steps=4, guidance=7.5, strength=1.0,
+             negative=None, n_images=1, padding_mask_crop=None, output_type="np"):
+    """(diffusers, ours) images for one prompt, float32 [n_images, 32, 32, 3]."""
+    _, torch_pipe = models[in_channels]
     cls, extra = tiny_sd.SCHEDULERS[scheduler]
     torch_pipe.scheduler = cls.from_config(torch_pipe.scheduler.config, **extra)
-    flax_sched = scheduler_class(cls.__name__).from_config(dict(torch_pipe.scheduler.config))
-    pipe, params = FlaxStableDiffusionInpaintPipeline.from_pretrained(folder, scheduler=flax_sched)
+    pipe, params = loaded(in_channels, scheduler)
     image, mask = tiny_sd.sample_image_and_mask()
     common = dict(height=32, width=32, num_inference_steps=steps, guidance_scale=guidance,
-                  strength=strength, padding_mask_crop=padding_mask_crop, output_type=output_type)
+                  strength=strength, num_images_per_prompt=n_images, padding_mask_crop=padding_mask_crop,
+                  output_type=output_type)
     with torch.no_grad():
         ref = torch_pipe("a red cat", image=image, mask_image=mask, negative_prompt=negative,
                          generator=torch.Generator().manual_seed(0), **common).images
-    noise = diffusers_noise(in_channels, strength).numpy()
+    noise = diffusers_noise(in_channels, strength, n_images).numpy()
     ours = pipe.inpaint("a red cat", image, mask, params, jax.random.key(0), negative_prompt=negative,
                         latents=noise, **common).images
     return np.asarray(ref, np.float32), np.asarray(ours, np.float32)
 
 
+# A pairwise grid: every scheduler with both UNets, both strengths, guidance 1 (no CFG) and 7.5 with a
+# negative prompt. Rows sharing (in_channels, scheduler, CFG on/off) share one compiled program.
 @pytest.mark.parametrize(
-    "in_channels,scheduler,strength,guidance,negative",
+    "in_channels,scheduler,strength,guidance,negative,n_images",
     [
-        (9, "pndm", 1.0, 7.5, None),
-        (9, "ddim", 0.6, 7.5, "blurry"),
-        (9, "dpm++", 1.0, 1.0, None),
-        (9, "euler", 0.6, 7.5, None),
-        (4, "pndm", 1.0, 7.5, "blurry"),
-        (4, "ddim", 0.6, 1.0, None),
-        (4, "dpm++", 0.6, 7.5, None),
-        (4, "euler", 1.0, 7.5, None),
+        (9, "pndm", 1.0, 7.5, None, 1),  # CFG against the empty prompt
+        (9, "pndm", 0.6, 7.5, "blurry", 1),
+        (4, "pndm", 0.6, 1.0, None, 1),
+        (9, "ddim", 0.6, 7.5, "blurry", 1),
+        (4, "ddim", 1.0, 1.0, None, 1),
+        (9, "dpm++", 1.0, 1.0, None, 1),
+        (4, "dpm++", 0.6, 7.5, "blurry", 2),  # the encoded image repeated per image
+        (9, "euler", 0.6, 1.0, None, 1),
+        (4, "euler", 1.0, 7.5, "blurry", 1),
     ],
 )
-def test_matches_diffusers(models, in_channels, scheduler, strength, guidance, negative):
-    ref, ours = run_both(models, in_channels, scheduler, guidance=guidance, strength=strength,
-                         negative=negative)
-    assert ref.shape == ours.shape == (1, 32, 32, 3)
+def test_matches_diffusers(models, loaded, in_channels, scheduler, strength, guidance, negative, n_images):
+    ref, ours = run_both(models, loaded, in_channels, scheduler, guidance=guidance, strength=strength,
+                         negative=negative, n_images=n_images)
+    assert ref.shape == ours.shape == (n_images, 32, 32, 3)
     assert ref.std() > 0.02  # a real image, not a constant
     np.testing.assert_allclose(ours, ref, atol=ATOL, rtol=0)
+    if n_images > 1:
+        assert np.abs(ours[0] - ours[1]).max() > 1e-2  # each image its own noise
 
 
-def test_padding_mask_crop_matches_diffusers(models):
+@pytest.mark.parametrize(
+    "in_channels,scheduler,strength,negative",
+    [(9, "pndm", 1.0, None), (4, "euler", 0.6, "blurry")],  # the programs of grid rows
+)
+def test_padding_mask_crop_matches_diffusers(models, loaded, in_channels, scheduler, strength, negative):
     """With padding_mask_crop both return the crop pasted into the original image as PIL (uint8):
     rounding to 8 bits can move a value by one level where the float images differ by < 1e-3."""
-    ref, ours = run_both(models, 9, padding_mask_crop=2, output_type="pil")
+    ref, ours = run_both(models, loaded, in_channels, scheduler, strength=strength, negative=negative,
+                         padding_mask_crop=2, output_type="pil")
     assert ref.shape == ours.shape == (1, 32, 32, 3)
     assert np.abs(ours - ref).max() <= 1

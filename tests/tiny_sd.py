@@ -5,9 +5,11 @@ ours agree without sharing a random generator.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
+import jax
 import numpy as np
 import torch
 from diffusers import (
@@ -106,3 +108,23 @@ def sample_image_and_mask(size: int = 32, seed: int = 0):
     mask = np.zeros((size, size), np.uint8)
     mask[size // 4: size * 3 // 4, size // 8: size // 2] = 255
     return image, Image.fromarray(mask)
+
+
+@contextlib.contextmanager
+def count_compiles():
+    """Yields a list that gets one entry per XLA compilation inside the `with` block. Entering checks
+    that the listener sees compilations (a fresh jitted function must register one)."""
+    compiles = []
+
+    def listener(event, duration, **_):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(duration)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        jax.jit(lambda x: x * 3)(np.float32(1))
+        assert len(compiles) == 1, "the compile listener saw no compilation"
+        compiles.clear()
+        yield compiles
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)

@@ -63,7 +63,9 @@ class Batch:
     mask: Optional[Array] = None  # [B, 1, H, W]
     masked_image: Optional[Array] = None  # [B, 3, H, W]
     masked_image_latents: Optional[Array] = None  # [B, 4, h, w], already scaled
-    latents: Optional[Array] = None  # [B, 4, h, w] initial noise (unscaled)
+    # [B, 4, h, w] unscaled noise: the start is noise * init_noise_sigma, or at strength < 1
+    # add_noise(image latents, noise, first timestep); 4-channel blending re-noises with it too.
+    latents: Optional[Array] = None
     guidance_scale: Array = 7.5  # [B] or scalar
     begin_index: Array = 0  # first loop iteration (strength), int32
     strength_is_max: Array = True  # strength == 1: start from pure noise

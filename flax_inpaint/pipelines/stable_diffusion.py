@@ -204,9 +204,10 @@ class _Base:
             wide = {f: v for f in CALL_WIDE_FIELDS if (v := getattr(batch, f)) is not None}
             batch = batch.replace(**{f: np.broadcast_to(v, (n,) + np.shape(v)) for f, v in wide.items()})
             keys = jnp.asarray(prng_seed)
-            if keys.shape[0] != n:
+            if keys.shape[:1] != (n,):
                 raise ValueError(f"prng_seed must hold one key per device ({n}); got shape {keys.shape}. "
-                                 "Use jax.random.split(key, jax.device_count()).")
+                                 "Use jax.random.split(key, jax.local_device_count()).")
+            _check_replicated(params, n)
             images, nsfw = _generate_pmap(comps, opts, params, batch, keys)
         else:
             key_data = _per_prompt_keys(prng_seed, lead[0])
@@ -268,7 +269,8 @@ class _Base:
             neg_prompt_ids = negative_prompt_embeds = None
         g = np.asarray(guidance_scale, np.float32)
         if g.ndim and g.shape != lead[-g.ndim:] and g.shape != lead:
-            raise ValueError(f"guidance_scale has shape {g.shape}; use a scalar or one value per prompt {lead}.")
+            raise ValueError(f"guidance_scale has shape {g.shape}; use a scalar or one value per prompt {lead}"
+                             + (" (shard() it like prompt_ids)." if len(lead) == 2 else "."))
         return dict(prompt_ids=prompt_ids, neg_prompt_ids=neg_prompt_ids, prompt_embeds=prompt_embeds,
                     negative_prompt_embeds=negative_prompt_embeds,
                     guidance_scale=np.broadcast_to(g, lead).astype(np.float32))
@@ -481,9 +483,24 @@ class FlaxStableDiffusionInpaintPipeline(_Base):
 
         `image` (the unmasked, processed image from `prepare_inputs(..., return_image=True)`, or its
         scaled latents, e.g. another pipeline's output_type="latent") is needed for 4-channel UNets and
-        for strength < 1. `latents` is the initial noise (unscaled), also for strength < 1, where it is
-        added to the image latents. `masked_image_latents` (scaled, one per prompt) replaces
-        `masked_image`, which may then be None.
+        for strength < 1. `masked_image_latents` (scaled, one per prompt) replaces `masked_image`, which
+        may then be None.
+
+        `latents` (one per image, unscaled) is the noise the call would otherwise draw from `prng_seed`:
+        at strength 1 sampling starts from latents * init_noise_sigma; at strength < 1 from the image
+        latents noised with it to the first timestep (scheduler.add_noise), i.e. what diffusers does with
+        noise from its generator. diffusers' StableDiffusionInpaintPipeline (0.42) given `latents=`
+        instead starts from latents * init_noise_sigma at every strength (at strength < 1 too, from the
+        later first timestep), so the image is not in its starting point. Both re-noise a 4-channel
+        UNet's unmasked region with this noise.
+
+        With `jit=True` every batched input (prompt_ids, mask, masked_image, image, per-example
+        guidance_scale, latents, ...) needs a leading axis of jax.local_device_count() devices (=
+        jax.device_count() on one host) and the same per-device batch. `flax.training.common_utils.shard`
+        reshapes to (devices, -1, ...), so the batch must be divisible by the device count (shard itself
+        fails with a numpy reshape error otherwise); params go through `flax.jax_utils.replicate` and
+        `prng_seed` holds one key per device. With `mesh=`, the global batch must be divisible by the
+        mesh's data axis instead.
         """
         batch, opts, lead = self._inpaint_inputs(
             prompt_ids, mask, masked_image, num_inference_steps, height, width, guidance_scale, latents,
@@ -543,6 +560,21 @@ def _check_spatial(name: str, arr: np.ndarray, height, width, channels: Optional
 
 
 def _check_batch(name: str, arr: np.ndarray, lead: tuple):
-    if tuple(arr.shape[: len(lead)]) != lead:
-        raise ValueError(f"{name} has batch dims {arr.shape[:len(lead)]} but prompt_ids has {lead}; "
-                         "give one per prompt (shard every input alike with jit=True).")
+    """`arr` [*lead, C, H, W]: the batch dims of prompt_ids (device axis, per-device batch with jit=True)."""
+    if arr.ndim == len(lead) + 3 and tuple(arr.shape[: len(lead)]) == lead:
+        return
+    want = lead + tuple(arr.shape[-3:])
+    fix = (f"with jit=True shard() every input alike: a leading device axis of {lead[0]}, then the per-device "
+           f"batch of {lead[1]}" if len(lead) == 2 else "give one per prompt")
+    raise ValueError(f"{name} has shape {arr.shape}; expected {want} (the batch dims of prompt_ids, then C, H, W): "
+                     f"{fix}.")
+
+
+def _check_replicated(params, n: int):
+    """With jit=True every params leaf needs a leading axis of `n` copies (flax.jax_utils.replicate)."""
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        if np.shape(leaf)[:1] != (n,):
+            raise ValueError(
+                f"With jit=True params must be replicated over the {n} local devices: "
+                f"params{jax.tree_util.keystr(path)} has shape {np.shape(leaf)}, without a leading axis of {n}. "
+                "Use flax.jax_utils.replicate(params).")
