@@ -57,10 +57,13 @@ def _load(model: str, dtype: str, scheduler: Optional[str]):
     import jax.numpy as jnp
 
     from flax_inpaint import FlaxStableDiffusionInpaintPipeline
-    from flax_inpaint.sweep import with_scheduler
+    from flax_inpaint.sweep import model_error, with_scheduler
 
     _say(f"loading {model} ({dtype}) ...")
-    pipe, params = FlaxStableDiffusionInpaintPipeline.from_pretrained(model, dtype=getattr(jnp, dtype))
+    try:
+        pipe, params = FlaxStableDiffusionInpaintPipeline.from_pretrained(model, dtype=getattr(jnp, dtype))
+    except (ValueError, OSError) as e:  # CheckpointError, a bad config, or a component the loader cannot read
+        _fail(model_error("--model", model, e))
     return with_scheduler(pipe, params, scheduler)
 
 
@@ -74,8 +77,15 @@ def _write_png(image, path: Path) -> None:
 
 
 def _inpaint(pipe, params, image, mask, prompts: Sequence[str], negative: Optional[str], steps: int,
-             guidance: float, strength: float, seeds: Sequence[int], size: Optional[int], overlay: bool):
-    """One image per (prompt, seed) pair, each sampled with its own key; returns (PIL images, nsfw, seconds)."""
+             guidance: float, strength: float, seeds: Sequence[int], size: Optional[int], overlay: bool,
+             batch: Optional[int] = None, progress: Optional[bool] = False):
+    """One image per (prompt, seed) pair, each sampled with its own key; returns (PIL images, nsfw, seconds).
+
+    Calls of `batch` pairs each (default: all at once) advance a progress bar (`progress`: True,
+    False, or None for only on a terminal); a pair's image does not depend on its batch companions.
+    """
+    from tqdm import tqdm
+
     from flax_inpaint.sweep import seed_keys
 
     f = pipe.vae_scale_factor
@@ -84,12 +94,22 @@ def _inpaint(pipe, params, image, mask, prompts: Sequence[str], negative: Option
         _fail(f"--overlay pastes the unmasked pixels of --image back, so the output must be the image's size "
               f"{image.width}x{image.height}, but it is {width}x{height} (--size, or flooring to a multiple of "
               f"{f}); drop --overlay or --size, or resize the image.")
+    batch = batch or len(prompts)
+    images, nsfw = [], []
+    quiet = None if progress is None else not progress  # tqdm: None disables the bar off a terminal
     start = time.perf_counter()
-    out = pipe.inpaint(list(prompts), image, mask, params, seed_keys(seeds),
-                       negative_prompt=None if negative is None else [negative] * len(prompts),
-                       height=height, width=width, num_inference_steps=steps, guidance_scale=guidance,
-                       strength=strength, apply_overlay=overlay)
-    return out.images, out.nsfw_content_detected, time.perf_counter() - start
+    with tqdm(total=len(prompts), unit="img", desc="inpaint", disable=quiet) as bar:
+        for lo in range(0, len(prompts), batch):
+            chunk = list(prompts[lo:lo + batch])
+            out = pipe.inpaint(chunk, image, mask, params, seed_keys(seeds[lo:lo + batch]),
+                               negative_prompt=None if negative is None else [negative] * len(chunk),
+                               height=height, width=width, num_inference_steps=steps, guidance_scale=guidance,
+                               strength=strength, apply_overlay=overlay)
+            images += list(out.images)
+            flags = out.nsfw_content_detected  # None without a safety checker
+            nsfw = None if flags is None else nsfw + list(flags)
+            bar.update(len(chunk))
+    return images, nsfw, time.perf_counter() - start
 
 
 def cmd_demo(args) -> None:
@@ -124,9 +144,11 @@ def cmd_inpaint(args) -> None:
     pipe, params = _load(args.model, args.dtype, args.scheduler)
     prompts = [p for p in args.prompt for _ in range(args.batch)]
     seeds = [args.seed + k for _ in args.prompt for k in range(args.batch)]
-    _say(f"inpainting {len(prompts)} image(s), {args.steps} steps (the first call compiles) ...")
+    _say(f"inpainting {len(prompts)} image(s) in batches of {args.batch}, {args.steps} steps (the first batch "
+         "compiles) ...")
     images, nsfw, seconds = _inpaint(pipe, params, image, mask, prompts, args.negative_prompt, args.steps,
-                                     args.guidance, args.strength, seeds, args.size, args.overlay)
+                                     args.guidance, args.strength, seeds, args.size, args.overlay, args.batch,
+                                     progress=False if args.no_progress else None)
     out_dir = Path(args.out)
     for j, (im, seed) in enumerate(zip(images, seeds)):
         _write_png(im, out_dir / f"prompt{j // args.batch}_seed{seed}.png")
@@ -255,13 +277,15 @@ def build_parser() -> argparse.ArgumentParser:
     inp.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (<= 1: off)")
     inp.add_argument("--strength", type=_unit, default=1.0, help="1 repaints from noise; lower keeps more of --image")
     inp.add_argument("--seed", type=_seed, default=0, help="seed of the first image of each prompt")
-    inp.add_argument("--batch", type=_positive(int), default=1, help="images per prompt")
+    inp.add_argument("--batch", type=_positive(int), default=1,
+                     help="images per prompt, sampled together in one call")
     inp.add_argument("--size", type=_size, default=None, help="square output size; default: the image's size "
                                                              "floored to the VAE factor")
     inp.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                      help="compute and params dtype (bfloat16 for TPUs and GPUs)")
     inp.add_argument("--overlay", action="store_true", help="paste the unmasked pixels of --image back exactly")
     inp.add_argument("--out", default="outputs", help="output folder")
+    inp.add_argument("--no-progress", action="store_true", help="no progress bar (there is none off a terminal)")
     inp.set_defaults(func=cmd_inpaint)
 
     sw = sub.add_parser(

@@ -307,6 +307,13 @@ class _Group:
                 f"-{'cfg' if self.cfg else 'nocfg'}")
 
 
+def model_error(option: str, model: str, error: BaseException) -> str:
+    """What to tell a user whose `model` (given as `option`, e.g. "--model") failed to load, and the fix."""
+    return (f"{option} {model!r} could not be loaded: {error}\nFix {option}: name a local diffusers inpainting "
+            "folder (the one holding model_index.json) or a hub repo id 'org/name' that is in the local hub "
+            "cache or reachable online.")
+
+
 def with_scheduler(pipe, params, name: Optional[str]):
     """(pipeline, params) with the diffusers scheduler class `name` (e.g. "DDIMScheduler") built from
     the pipeline's scheduler config, as diffusers' `from_config` swap does; None keeps the pipeline's."""
@@ -409,7 +416,10 @@ def _compute(spec: SweepSpec, todo: List[Tuple[str, Config]], pipeline, mesh: Op
     if pipeline is None:
         import jax.numpy as jnp
 
-        pipeline = FlaxStableDiffusionInpaintPipeline.from_pretrained(spec.model, dtype=getattr(jnp, spec.dtype))
+        try:
+            pipeline = FlaxStableDiffusionInpaintPipeline.from_pretrained(spec.model, dtype=getattr(jnp, spec.dtype))
+        except (ValueError, OSError) as e:  # CheckpointError, a bad config, or a component the loader cannot read
+            raise SweepSpecError(model_error("sweep spec 'model'", spec.model, e)) from e
     base_pipe, base_params = pipeline
     mesh = mesh or data_mesh()
     global_batch = spec.per_device_batch * mesh.devices.size

@@ -2,6 +2,7 @@
 import json
 
 import flax.linen as nn
+import huggingface_hub
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -208,3 +209,38 @@ def test_missing_folder_and_weights(tmp_path):
 def test_hub_id_respects_local_files_only():
     with pytest.raises(CheckpointError, match="local_files_only=True"):
         TinyNet.from_pretrained("nobody/not-a-model", local_files_only=True)
+
+
+def test_hub_id_loads_the_snapshot_folder(tmp_path, monkeypatch, inputs):
+    """An org/name id goes to huggingface_hub.snapshot_download with its revision and local_files_only;
+    the returned snapshot (with the model in a subfolder) loads and matches the torch model."""
+    tm = torch_twin()
+    snapshot = tmp_path / "snapshot"
+    write_folder(snapshot / "tiny", state(tm))
+    calls = []
+
+    def snapshot_download(repo_id, revision=None, local_files_only=False, **kwargs):
+        calls.append((repo_id, revision, local_files_only))
+        return str(snapshot)
+
+    monkeypatch.chdir(tmp_path)  # no local folder named org/tiny-net
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    for local_files_only in (True, False):
+        model, params = TinyNet.from_pretrained("org/tiny-net", subfolder="tiny", revision="v1",
+                                                local_files_only=local_files_only)
+        np.testing.assert_allclose(model.apply({"params": params}, *inputs), reference_output(tm, *inputs), atol=1e-5)
+    assert calls == [("org/tiny-net", "v1", True), ("org/tiny-net", "v1", False)]
+    with pytest.raises(CheckpointError, match=r"'org/tiny-net' \(.*snapshot\) has no subfolder 'unet'"):
+        TinyNet.from_pretrained("org/tiny-net", subfolder="unet")
+
+
+@pytest.mark.parametrize("name", ["nosuchmodel", "./no/such/model", "a/b/c"])
+def test_name_that_is_neither_a_folder_nor_a_repo_id(tmp_path, monkeypatch, name):
+    """Not a folder and not of the org/name form (a single word, a ./ path, several slashes): the error
+    names both readings and the hub is never asked."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: pytest.fail("asked the hub"))
+    with pytest.raises(CheckpointError) as err:
+        TinyNet.from_pretrained(name)
+    assert str(err.value) == (f"{name!r} does not exist as a local folder ({tmp_path / name}), and it is not a hub "
+                              "repo id either (those have the form 'org/name').")

@@ -1,5 +1,6 @@
-"""The `flax-inpaint` command line end to end on tiny_sd's random 9-channel model (2 steps): inpaint,
-sweep (and its resume), convert, bench, help texts and errors that name the argument.
+"""The `flax-inpaint` command line end to end on tiny_sd's random 9-channel model (2 steps): inpaint
+(with its progress bar forced on), sweep (and its resume), convert, bench, help texts and errors that
+name the argument and the fix.
 
 `inpaint` and `sweep` sample every image with its own key jax.random.key(seed), so image k of a prompt
 from `inpaint --seed s` equals the sweep's result for that prompt and seed s + k: within 1 level of
@@ -29,9 +30,10 @@ def sd(tmp_path_factory):
     return root, folder
 
 
-def run(capsys, *argv) -> str:
+def run(capsys, *argv):
+    """(stdout, stderr) of a successful command."""
     cli.main([str(a) for a in argv])
-    return capsys.readouterr().out
+    return capsys.readouterr()
 
 
 def fails(capsys, *argv) -> str:
@@ -45,12 +47,14 @@ def pixels(path) -> np.ndarray:
     return np.asarray(Image.open(path).convert("RGB"), np.int16)
 
 
-def test_inpaint_and_sweep_agree_and_sweep_resumes(sd, tmp_path, capsys):
+def test_inpaint_and_sweep_agree_and_sweep_resumes(sd, tmp_path, capsys, monkeypatch):
     root, folder = sd
-    out = run(capsys, "inpaint", "--model", folder, "--image", root / "image.png", "--mask", root / "mask.png",
-              "--prompt", "a red cat", "a cat", "--batch", "2", "--seed", "3", "--steps", STEPS,
-              "--guidance", "6", "--negative-prompt", "blurry", "--out", tmp_path / "inpaint")
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # as on a terminal: the progress bar shows
+    out, err = run(capsys, "inpaint", "--model", folder, "--image", root / "image.png", "--mask", root / "mask.png",
+                   "--prompt", "a red cat", "a cat", "--batch", "2", "--seed", "3", "--steps", STEPS,
+                   "--guidance", "6", "--negative-prompt", "blurry", "--out", tmp_path / "inpaint")
     assert "wrote 4 image(s)" in out
+    assert "inpaint:  50%" in err and "inpaint: 100%" in err and "4/4" in err  # one batch of 2 per prompt
     names = sorted(p.name for p in (tmp_path / "inpaint").iterdir())
     assert names == ["prompt0_seed3.png", "prompt0_seed4.png", "prompt1_seed3.png", "prompt1_seed4.png"]
     a, b = pixels(tmp_path / "inpaint/prompt0_seed3.png"), pixels(tmp_path / "inpaint/prompt0_seed4.png")
@@ -60,7 +64,7 @@ def test_inpaint_and_sweep_agree_and_sweep_resumes(sd, tmp_path, capsys):
             "steps": int(STEPS), "guidance": 6, "negative_prompt": "blurry",
             "grid": {"prompt": ["a red cat", "a cat"], "seed": [3, 4]}}
     (tmp_path / "spec.json").write_text(json.dumps(spec))
-    out = run(capsys, "sweep", tmp_path / "spec.json", "--out", tmp_path / "sweep", "--no-progress")
+    out = run(capsys, "sweep", tmp_path / "spec.json", "--out", tmp_path / "sweep", "--no-progress").out
     assert "4 result(s)" in out and "0 found, 4 computed" in out
     records = list(iter_manifest(tmp_path / "sweep"))
     assert len(records) == 4 and (tmp_path / "sweep/contact_sheet.png").is_file()
@@ -69,7 +73,7 @@ def test_inpaint_and_sweep_agree_and_sweep_resumes(sd, tmp_path, capsys):
         mine = pixels(tmp_path / "inpaint" / f"prompt{['a red cat', 'a cat'].index(c['prompt'])}_seed{c['seed']}.png")
         assert np.abs(pixels(tmp_path / "sweep" / r["file"]) - mine).max() <= 1, c
 
-    out = run(capsys, "sweep", tmp_path / "spec.json", "--out", tmp_path / "sweep", "--no-progress")
+    out = run(capsys, "sweep", tmp_path / "spec.json", "--out", tmp_path / "sweep", "--no-progress").out
     assert "4 found, 0 computed" in out and len(list(iter_manifest(tmp_path / "sweep"))) == 4
 
 
@@ -87,7 +91,7 @@ def test_inpaint_scheduler_and_overlay_errors(sd, tmp_path, capsys):
 def test_convert_caches_msgpack_and_writes_a_loadable_folder(sd, tmp_path, capsys, monkeypatch):
     _, folder = sd
     monkeypatch.setenv("FLAX_INPAINT_CACHE", str(tmp_path / "cache"))
-    out = run(capsys, "convert", "--model", folder, "--out", tmp_path / "flax")
+    out = run(capsys, "convert", "--model", folder, "--out", tmp_path / "flax").out
     assert str(tmp_path / "cache") in out
     cached = sorted(p.name.split("-")[0] for p in (tmp_path / "cache").glob("*.msgpack"))
     assert cached == ["FlaxAutoencoderKL", "FlaxCLIPTextModel", "FlaxUNet2DConditionModel"]
@@ -137,11 +141,33 @@ def test_help_reads_well(capsys):
     (["inpaint", "--model", "m", "--image", "nope.png", "--mask", "k", "--prompt", "p"],
      "--image 'nope.png' does not exist; pass the path of a PNG/JPEG file."),
     (["sweep", "nope.json"], "sweep spec 'nope.json' does not exist"),
-    (["convert", "--model", "./no/such/folder"], "Checkpoint folder './no/such/folder' does not exist"),
     (["sweep", "s.json", "--bogus"], "unrecognized arguments: --bogus"),
 ])
 def test_errors_name_the_argument(capsys, argv, message):
     assert message in fails(capsys, *argv)
+
+
+@pytest.mark.parametrize("model,reason", [
+    ("./no/such/folder", "'./no/such/folder' does not exist as a local folder"),
+    ("nobody/not-a-model", "'nobody/not-a-model' is not a local folder, and as a hub repo id it could not be "
+                           "fetched (local_files_only=False): LocalEntryNotFoundError: "),  # conftest: HF_HUB_OFFLINE
+], ids=["missing-folder", "unfetchable-hub-id"])
+@pytest.mark.parametrize("command", ["inpaint", "sweep", "convert"])
+def test_model_errors_name_the_option_and_the_fix(sd, tmp_path, capsys, command, model, reason):
+    root, _ = sd
+    images = {"image": str(root / "image.png"), "mask": str(root / "mask.png")}
+    if command == "sweep":
+        (tmp_path / "s.json").write_text(json.dumps({"model": model, "prompt": "p", **images}))
+        argv, option = ["sweep", tmp_path / "s.json", "--out", tmp_path / "out"], "sweep spec 'model'"
+    else:
+        argv, option = [command, "--model", model], "--model"
+        if command == "inpaint":
+            argv += ["--image", images["image"], "--mask", images["mask"], "--prompt", "p", "--out", tmp_path / "out"]
+    err = fails(capsys, *argv)
+    assert f"error: {option} {model!r} could not be loaded: {reason}" in err
+    assert (f"\nFix {option}: name a local diffusers inpainting folder (the one holding model_index.json) or a hub "
+            "repo id 'org/name' that is in the local hub cache or reachable online.") in err
+    assert "Traceback" not in err
 
 
 def test_sweep_spec_errors_and_yaml_without_pyyaml(sd, tmp_path, capsys, monkeypatch):

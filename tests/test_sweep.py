@@ -19,6 +19,7 @@ import jax
 import numpy as np
 import pytest
 import torch
+from jax.sharding import Mesh
 from PIL import Image
 
 import tiny_sd
@@ -202,6 +203,31 @@ def test_kill_and_resume_one_compile_per_group_and_diffusers_parity(sd, tmp_path
         ours = pixels(spec.out / records[rid]["file"]) / 255.0
         assert ref.std() > 0.02
         np.testing.assert_allclose(ours, ref, atol=2 / 255, rtol=0)
+
+
+def test_scheduler_steps_and_image_axes_compile_once_per_group(sd, tmp_path):
+    """Steps x scheduler x two image/mask pairs: one compilation per (steps, scheduler) group, whose second
+    batch (on a 1-device mesh, one image/mask pair per batch) reuses the program; every result once, and
+    each axis changes the image."""
+    image, mask = tiny_sd.sample_image_and_mask(seed=1)
+    image.save(sd.root / "image2.png")
+    mask.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(sd.root / "mask2.png")
+    spec = make_spec(sd, tmp_path / "out", prompt="a cat", guidance=1.0,
+                     grid={"steps": [2, 3], "scheduler": [None, "DDIMScheduler"]},
+                     list=[{"image": "image.png", "mask": "mask.png"}, {"image": "image2.png", "mask": "mask2.png"}])
+    assert len(spec.configs) == 8
+    jax.clear_caches()
+    summary = run_sweep(spec, pipeline=(sd.pipe, sd.params), mesh=Mesh(np.array(jax.devices()[:1]), ("data",)))
+    assert summary.compiles == {f"32x32-{n}steps-{s}-nocfg": 1 for n in (2, 3)
+                                for s in ("model-scheduler", "DDIMScheduler")}
+    assert (summary.total, summary.computed) == (8, 8) and summary.contact_sheet.is_file()
+    records = check_folder(spec)
+    for rid, c in zip(spec.ids(), spec.configs):
+        r = records[rid]
+        assert (r["config"]["image"], r["config"]["mask"], r["config"]["steps"]) == (c.image, c.mask, c.steps)
+        assert r["group"] == f"32x32-{c.steps}steps-{c.scheduler or 'model-scheduler'}-nocfg"
+        assert r["batch"] == {"size": 1, "real": 1, "devices": 1, "processes": 1}
+    assert len({pixels(spec.out / r["file"]).tobytes() for r in records.values()}) == 8
 
 
 def iter_manifest_lines(out: Path):

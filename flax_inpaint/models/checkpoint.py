@@ -121,32 +121,54 @@ def write_safetensors_atomic(path: os.PathLike, tensors: Mapping[str, np.ndarray
 
 # ----------------------------------------------------------------------------- folder resolution
 
+_REPO_ID = re.compile(r"[\w.-]+/[\w.-]+")
+
+
+def _looks_like_repo_id(name: str) -> bool:
+    """True for the hub's "org/name" form; paths (absolute, ./, several slashes) and single words are not."""
+    return _REPO_ID.fullmatch(name) is not None and not name.startswith(".")
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0][:300].rstrip('.') if lines else '(no message)'}"
+
+
 def resolve_folder(
     path: os.PathLike | str,
     subfolder: Optional[str] = None,
     local_files_only: bool = False,
     revision: Optional[str] = None,
 ) -> Path:
-    """A local folder as is; otherwise a hub repo id through `huggingface_hub.snapshot_download`."""
+    """A local folder as is; otherwise a hub repo id ("org/name") through `huggingface_hub.snapshot_download`.
+
+    A name that is not an existing folder and not of the org/name form (a single word, an absolute
+    or ./ path, several slashes) never reaches the hub: the error names both readings.
+    """
+    name = str(path)
     p = Path(path)
     if not p.exists():
-        if os.path.isabs(str(path)) or str(path).startswith(".") or str(path).count("/") != 1:
-            raise CheckpointError(f"Checkpoint folder {str(path)!r} does not exist.")
+        if not _looks_like_repo_id(name):
+            raise CheckpointError(
+                f"{name!r} does not exist as a local folder ({p.absolute()}), and it is not a hub repo id "
+                "either (those have the form 'org/name')."
+            )
         from huggingface_hub import snapshot_download
 
         try:
-            p = Path(
-                snapshot_download(str(path), revision=revision, local_files_only=local_files_only)
-            )
-        except Exception as e:  # network, auth, or not in the local hub cache
+            p = Path(snapshot_download(name, revision=revision, local_files_only=local_files_only))
+        except Exception as e:  # network, auth, unknown repo, or not in the local hub cache
             raise CheckpointError(
-                f"{str(path)!r} is not a local folder and could not be fetched from the hub "
-                f"(local_files_only={local_files_only}): {e}"
+                f"{name!r} is not a local folder, and as a hub repo id it could not be fetched "
+                f"(local_files_only={local_files_only}" + (f", revision={revision!r}" if revision else "")
+                + f"): {_first_line(e)}."
             ) from e
-    if subfolder:
-        p = p / subfolder
     if not p.is_dir():
-        raise CheckpointError(f"Checkpoint folder {str(p)!r} does not exist.")
+        raise CheckpointError(f"{name!r} is a file; pass the folder that holds the model, not a file in it.")
+    if subfolder:
+        if not (p / subfolder).is_dir():
+            raise CheckpointError(f"{name!r} ({p}) has no subfolder {subfolder!r}.")
+        p = p / subfolder
     return p
 
 
