@@ -16,6 +16,7 @@ from flax_inpaint import FlaxUNet2DConditionModel
 from flax_inpaint.models import CheckpointError
 from flax_inpaint.models.layers import _nearest_indices
 from flax_inpaint.models.unet import FlaxUNet2DConditionOutput, broadcast_timesteps, timestep_embedding
+from flax_inpaint.runtime import Runtime
 
 TOL = 1e-4
 
@@ -217,6 +218,29 @@ def test_nhwc_method_and_tuple_output(sd1):
     assert isinstance(jax.eval_shape(lambda: m.apply(p, x, t, ctx)), FlaxUNet2DConditionOutput)
     (tup,) = jax.eval_shape(lambda: m.apply(p, x, t, ctx, return_dict=False))
     assert tup.shape == sd1.out.shape
+
+
+def test_diffusers_flax_keywords_train_and_added_cond_kwargs(sd1):
+    """diffusers' removed Flax UNet took `train` and `added_cond_kwargs` keywords: accepted; inference is
+    deterministic either way, and added conditioning (SDXL only) is refused rather than ignored."""
+    m, x, t, ctx = sd1.model, sd1.x, sd1.t, sd1.ctx
+
+    def program(**kw):  # traced, not compiled: the same program computes the same output
+        return str(jax.make_jaxpr(lambda p: m.apply({"params": p}, x, t, ctx, **kw).sample)(sd1.params))
+
+    assert program(added_cond_kwargs=None, train=True) == program(train=False) == program()
+    with pytest.raises(ValueError, match=r"added_cond_kwargs=\['text_embeds', 'time_ids'\].*pass None"):
+        m.apply({"params": sd1.params}, x, t, ctx, added_cond_kwargs={"text_embeds": 0, "time_ids": 0})
+
+
+def test_runtime_attention_choices(sd1):
+    """'xla' runs the model exactly like 'auto' (which picks xla for fp32, and on a CPU always);
+    anything else is refused with the allowed values."""
+    with pytest.raises(ValueError, match=r"attention='bogus' is not supported; use 'auto', 'xla' or 'cudnn'"):
+        Runtime(attention="bogus")
+    assert sd1.model.runtime.attention == "auto"
+    xla = sd1.model.clone(runtime=Runtime(attention="xla"))
+    np.testing.assert_array_equal(jitted(xla)(sd1.params, sd1.x, sd1.t, sd1.ctx), sd1.out)
 
 
 def test_bad_inputs_raise(sd1):

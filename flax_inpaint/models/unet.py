@@ -8,7 +8,7 @@ with explicit fields so a ControlNet can reuse the time embedding, down blocks a
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Sequence, Tuple, Union
+from typing import Any, Mapping, Optional, Sequence, Tuple, Union
 
 import flax
 import flax.linen as nn
@@ -525,8 +525,24 @@ class FlaxUNet2DConditionModel(nn.Module, PretrainedMixin):
         down_block_additional_residuals: Optional[Sequence[jax.Array]] = None,
         mid_block_additional_residual: Optional[jax.Array] = None,
         return_dict: bool = True,
+        *,
+        added_cond_kwargs: Optional[Mapping[str, jax.Array]] = None,
+        train: bool = False,
     ):
-        """NCHW in and out, like diffusers. ControlNet residuals are NCHW too."""
+        """NCHW in and out, like diffusers. ControlNet residuals are NCHW too.
+
+        `added_cond_kwargs` and `train` are accepted, by keyword, for code written against diffusers'
+        removed Flax UNet: inference is deterministic whatever `train` says (the model has no dropout
+        or other train-time behaviour, so True gives the same output), and `added_cond_kwargs` must be
+        None or empty because it only feeds the SDXL addition embedding (`addition_embed_type`), which
+        this model does not implement.
+        """
+        del train  # no train-time behaviour: see above
+        if added_cond_kwargs:
+            raise ValueError(
+                f"added_cond_kwargs={sorted(added_cond_kwargs)} feeds an addition embedding "
+                "(addition_embed_type='text_time', SDXL), which this UNet does not have; pass None."
+            )
 
         def to_nhwc(x):
             return None if x is None else jnp.transpose(x, (0, 2, 3, 1))
