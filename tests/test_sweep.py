@@ -25,7 +25,6 @@ from PIL import Image
 import tiny_sd
 from flax_inpaint import FlaxStableDiffusionInpaintPipeline
 from flax_inpaint.sweep import (
-    COMPILE_EVENT,
     MANIFEST,
     ResultStore,
     SweepSpec,
@@ -153,23 +152,14 @@ def test_kill_and_resume_one_compile_per_group_and_diffusers_parity(sd, tmp_path
         real_write(self, record, png)
         written.append(record["id"])
 
-    compiles = []
-
-    def listener(event, duration, fun_name="", **_):
-        if event == COMPILE_EVENT and "generate_per_example" in fun_name:
-            compiles.append(fun_name)
-
     jax.clear_caches()
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
+    with tiny_sd.count_compiles(only="generate_per_example") as compiles:
         monkeypatch.setattr(ResultStore, "write", dying_write)
         with pytest.raises(KeyboardInterrupt):
             run_sweep(spec, pipeline=(sd.pipe, sd.params))
         assert len(list(iter_manifest_lines(spec.out))) == 27 and len(list((spec.out / "images").iterdir())) == 27
         monkeypatch.setattr(ResultStore, "write", real_write)
         summary = run_sweep(spec, pipeline=(sd.pipe, sd.params))
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
     assert len(compiles) == 2  # one per shape group, over the killed and the resumed run
     assert summary.compiles == {"16x16-2steps-model-scheduler-cfg": 0}  # resumed: only that group was left
     assert (summary.total, summary.already_done, summary.computed) == (36, 26, 10)

@@ -25,6 +25,8 @@ from diffusers import (
 from PIL import Image
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from flax_inpaint.sweep import COMPILE_EVENT
+
 SCHEDULERS = {
     "pndm": (PNDMScheduler, {"skip_prk_steps": True, "set_alpha_to_one": False}),
     "ddim": (DDIMScheduler, {"clip_sample": False, "set_alpha_to_one": False}),
@@ -111,19 +113,22 @@ def sample_image_and_mask(size: int = 32, seed: int = 0):
 
 
 @contextlib.contextmanager
-def count_compiles():
-    """Yields a list that gets one entry per XLA compilation inside the `with` block. Entering checks
-    that the listener sees compilations (a fresh jitted function must register one)."""
-    compiles = []
+def count_compiles(only: str = ""):
+    """Yields a list that gets the function name of each XLA compilation inside the `with` block,
+    of functions whose name contains `only`. Entering checks that the listener sees compilations
+    (a fresh jitted function must register one)."""
+    compiles, seen = [], []
 
-    def listener(event, duration, **_):
-        if event == "/jax/core/compile/backend_compile_duration":
-            compiles.append(duration)
+    def listener(event, duration, fun_name="", **_):
+        if event == COMPILE_EVENT:
+            seen.append(fun_name)
+            if only in fun_name:
+                compiles.append(fun_name)
 
     jax.monitoring.register_event_duration_secs_listener(listener)
     try:
         jax.jit(lambda x: x * 3)(np.float32(1))
-        assert len(compiles) == 1, "the compile listener saw no compilation"
+        assert len(seen) == 1, "the compile listener saw no compilation"
         compiles.clear()
         yield compiles
     finally:
