@@ -55,6 +55,7 @@ def test_inpaint_and_sweep_agree_and_sweep_resumes(sd, tmp_path, capsys, monkeyp
                    "--guidance", "6", "--negative-prompt", "blurry", "--out", tmp_path / "inpaint")
     assert "wrote 4 image(s)" in out
     assert "inpaint:  50%" in err and "inpaint: 100%" in err and "4/4" in err  # one batch of 2 per prompt
+    assert "Loading pipeline components" in err
     names = sorted(p.name for p in (tmp_path / "inpaint").iterdir())
     assert names == ["prompt0_seed3.png", "prompt0_seed4.png", "prompt1_seed3.png", "prompt1_seed4.png"]
     a, b = pixels(tmp_path / "inpaint/prompt0_seed3.png"), pixels(tmp_path / "inpaint/prompt0_seed4.png")

@@ -70,14 +70,16 @@ def _batches(step):
 CONFIG = TrainConfig(steps=6, batch_size=8, learning_rate=0.5, warmup_steps=1, checkpoint_every=2, log_every=2)
 
 
-def _fit(steps, out_dir=None, mesh=None, batches=_batches):
+def _fit(steps, out_dir=None, mesh=None, batches=_batches, progress=False):
     params = {"w": jnp.zeros(3)}
     return fit("toy", _quadratic, params, batches, dataclasses.replace(CONFIG, steps=steps), out_dir,
-               frozen=jnp.float32(1.0), mesh=mesh, progress=False)
+               frozen=jnp.float32(1.0), mesh=mesh, progress=progress)
 
 
-def test_fit_learns():
-    result = _fit(24)
+def test_fit_learns_and_its_progress_bar_shows_the_loss(capsys):
+    result = _fit(24, progress=True)
+    bar = capsys.readouterr().err.replace("\r", "\n").splitlines()[-1]
+    assert bar.startswith("toy: 100%") and "24/24" in bar and f"loss={result.losses[-1]:.4f}" in bar, bar
     assert result.losses[-1] < 0.1 * result.losses[0]
     np.testing.assert_allclose(result.params["w"], [1.0, -2.0, 0.5], atol=0.25)
 

@@ -84,17 +84,20 @@ def load_components(
     Models and schedulers map by class name to our Flax classes; the tokenizer loads with
     transformers; a MultiControlNetModel loads as a tuple of ControlNets with a tuple of params.
     Optional components (safety checker, feature extractor, ...) that are absent or null are set
-    to None; a required one we cannot load raises.
+    to None; a required one we cannot load raises. On a terminal a progress bar counts the components
+    (converting a real checkpoint's weights takes a while).
     """
+    from tqdm import tqdm
+
     folder = resolve_folder(path, None, local_files_only, revision)
     index = read_config(folder, "model_index.json")
     models = _model_classes()
     components: Dict[str, Any] = {}
     params: Dict[str, Any] = {}
-    for name, spec in index.items():
-        if name.startswith("_") or not isinstance(spec, (list, tuple)) or len(spec) != 2:
-            continue
-        library, cls_name = spec
+    listed = {name: spec for name, spec in index.items()
+              if not name.startswith("_") and isinstance(spec, (list, tuple)) and len(spec) == 2}
+    for name, (library, cls_name) in tqdm(listed.items(), desc="Loading pipeline components", unit="component",
+                                          disable=None, leave=False):
         if cls_name is None or name in skip:
             components[name] = None
             continue
