@@ -19,8 +19,10 @@ so neither framework's allocator holds memory while the other is measured. See R
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import datetime
+import gzip
 import inspect
 import json
 import platform
@@ -146,7 +148,7 @@ PRESETS: Dict[str, Preset] = {
 PROMPT = "a red circle on a blue background"
 # Dense bf16 TFLOP/s the floor is measured against, by device kind (gpu-facts: ~790 on an H100,
 # which makes SD1.5's 82.5 TFLOP/image a floor of ~9.6 img/s). Others: pass --peak-tflops.
-PEAK_TFLOPS = {"H100": 790.0}
+PEAK_TFLOPS = {"H100": 790.0, "H200": 790.0}  # the H200 has the H100's compute (788 measured here)
 
 
 # ----------------------------------------------------------------------------- shared helpers
@@ -353,7 +355,8 @@ def bench_ours(args, preset: Preset, common: Dict[str, Any], clock: CompileClock
                 seed=args.seed)
     peak = peak_tflops(args, jax.devices()[0].device_kind)
     records = []
-    for batch in sorted(args.batch):  # ascending: the process-wide memory high-water mark is this batch's
+    # ascending: the process-wide memory high-water mark is this batch's
+    for batch in [] if args.no_throughput else sorted(args.batch):
         inputs = ours.inputs(batch, args.size)
         before, hits = clock.seconds, clock.cache_hits
         out = {}
@@ -377,6 +380,8 @@ def bench_ours(args, preset: Preset, common: Dict[str, Any], clock: CompileClock
         rec["fraction_of_floor"] = None if peak is None else rec["floor_s_per_img"] / rec["s_per_img"]
         emit(rec)
         records.append(rec)
+    if args.profile:
+        emit(_profile(args, ours, common))
     if args.largest_batch:
         emit(_largest_ours(args, ours, common))
     if args.psnr:
@@ -385,6 +390,41 @@ def bench_ours(args, preset: Preset, common: Dict[str, Any], clock: CompileClock
         for rec in _nan_check(args, preset, ours, common):
             emit(rec)
     return records
+
+
+def _profile(args, ours: Ours, common, top: int = 40) -> Dict[str, Any]:
+    """Trace one call at the largest batch (already compiled) with the JAX profiler; the Chrome trace
+    stays in --profile, and the record sums device time per kernel name (the `top` largest)."""
+    batch = max(args.batch)
+    inputs = ours.inputs(batch, args.size)
+    ours.run(inputs, args.steps, args.guidance)  # compiled before the trace starts
+    with jax.profiler.trace(args.profile):
+        wall = once(lambda: ours.run(inputs, args.steps, args.guidance))
+    trace = max(Path(args.profile).glob("plugins/profile/*/*.trace.json.gz"), key=lambda f: f.stat().st_mtime)
+    events = json.loads(gzip.decompress(trace.read_bytes()))["traceEvents"]
+    # Device timelines are processes named "/device:..."; of their threads, the "Stream #..." ones hold
+    # the kernels (the "XLA Ops" / "XLA Modules" lines repeat the same time per HLO op and per program).
+    meta = [(e["name"], e["pid"], e.get("tid"), str(e.get("args", {}).get("name", ""))) for e in events
+            if e.get("ph") == "M"]
+    device = {pid for kind, pid, _, name in meta if kind == "process_name" and name.startswith("/device:")}
+    threads = {(pid, tid): name for kind, pid, tid, name in meta if kind == "thread_name"}
+    per_line: Dict[str, float] = collections.defaultdict(float)
+    per_kernel: Dict[str, List[float]] = collections.defaultdict(lambda: [0.0, 0])
+    for e in events:
+        if e.get("ph") != "X" or e.get("pid") not in device:
+            continue
+        line = threads.get((e["pid"], e.get("tid")), "")
+        per_line[line] += e.get("dur", 0) / 1e6
+        if line.startswith("Stream"):
+            acc = per_kernel[e["name"]]
+            acc[0] += e.get("dur", 0) / 1e6
+            acc[1] += 1
+    busy = sum(v[0] for v in per_kernel.values())
+    ranked = sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[:top]
+    return {"kind": "profile", "system": "flax-inpaint", **common, "batch": batch, "wall_s": wall,
+            "device_busy_s": busy, "kernel_launches": sum(v[1] for v in per_kernel.values()),
+            "distinct_kernels": len(per_kernel), "trace": str(trace), "seconds_per_line": per_line,
+            "top_kernels": [{"name": k, "s": v[0], "count": v[1]} for k, v in ranked]}
 
 
 def _largest_ours(args, ours: Ours, common) -> Dict[str, Any]:
@@ -522,6 +562,10 @@ def parse_args(argv=None, torch_side: bool = False) -> argparse.Namespace:
         p.add_argument("--psnr", action="store_true", help="PSNR of --dtype images against float32 ones")
         p.add_argument("--nan-check", action="store_true", help="finite images with every scheduler")
         p.add_argument("--flops-only", action="store_true", help="only TFLOP per image (lowering, no run)")
+        p.add_argument("--no-throughput", action="store_true",
+                       help="skip the timed runs: only the other measurements asked for (--psnr, --nan-check, ...)")
+        p.add_argument("--profile", default=None, metavar="DIR",
+                       help="trace one call at the largest batch into DIR; a 'profile' record sums time per kernel")
         p.add_argument("--peak-tflops", type=float, default=None,
                        help=f"dense TFLOP/s the floor is measured against (default: {PEAK_TFLOPS}, by device)")
     args = p.parse_args(argv)
