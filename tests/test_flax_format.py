@@ -187,6 +187,18 @@ def test_save_pretrained_writes_the_reference_layout(name, tmp_path):
     jax.tree_util.tree_map(np.testing.assert_array_equal, params2, params)
 
 
+def test_pipeline_save_writes_the_tokenizer_vocabulary(tmp_path):
+    """transformers 5 saves tokenizer.json alone; diffusers 0.39's Flax pipelines load the tokenizer with
+    transformers 4's CLIPTokenizer, which reads vocab.json and merges.txt: those are written too, and a
+    tokenizer built from them alone tokenizes like the pipeline's."""
+    pipe, params = FlaxStableDiffusionInpaintPipeline.from_pretrained(FLAX, safety_checker=None)
+    pipe.save_pretrained(tmp_path, params)
+    folder = tmp_path / "tokenizer"
+    from_files = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
+    for text in ("a red cat", "red, a cat"):
+        assert from_files(text).input_ids == pipe.tokenizer(text).input_ids
+
+
 def test_mismatched_flax_params_list_both_names(tmp_path):
     """A reference-layout array with no place in the model is named as in the file; a missing parameter
     by our name; a wrong shape by both."""

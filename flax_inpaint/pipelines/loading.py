@@ -131,6 +131,14 @@ def load_components(
     return components, params, folder
 
 
+def _save_bpe_vocabulary(tokenizer, folder: Path) -> None:
+    """Add vocab.json and merges.txt where transformers 5 saved tokenizer.json alone: transformers 4's
+    CLIPTokenizer (what diffusers 0.39's Flax pipelines load) reads only those two files."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and type(backend.model).__name__ == "BPE" and not (folder / "vocab.json").is_file():
+        backend.model.save(str(folder))
+
+
 def save_components(folder: os.PathLike, pipeline_class: str, components: Dict[str, Any], params) -> None:
     """Write a diffusers-format pipeline folder: per model, PyTorch safetensors and the Flax msgpack of
     diffusers'/transformers' Flax save_pretrained, so diffusers (PyTorch, and 0.39's Flax) loads it too."""
@@ -144,6 +152,7 @@ def save_components(folder: os.PathLike, pipeline_class: str, components: Dict[s
             index[name] = ["diffusers", comp.diffusers_class]
         elif name == "tokenizer":
             comp.save_pretrained(folder / name)
+            _save_bpe_vocabulary(comp, folder / name)
             index[name] = ["transformers", type(comp).__name__]
         elif isinstance(comp, dict):  # the feature extractor's preprocessor config
             write_bytes_atomic(folder / name / "preprocessor_config.json", json.dumps(comp, indent=2).encode())

@@ -30,7 +30,6 @@ conditioning embedding has four stages because diffusers' Flax `init_weights` as
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
@@ -246,19 +245,14 @@ def verify(out: Path, saved: Path) -> None:
     def checker(folder):
         return FlaxStableDiffusionSafetyChecker.from_pretrained(folder, input_shape=(1, SIZE, SIZE, 3)).params
 
-    _, want = FlaxStableDiffusionInpaintPipeline.from_pretrained(out / f"{PIPELINE}-flax", safety_checker=None)
+    want_pipe, want = FlaxStableDiffusionInpaintPipeline.from_pretrained(out / f"{PIPELINE}-flax", safety_checker=None)
     want["safety_checker"] = checker(out / f"{PIPELINE}-flax" / "safety_checker")
-    try:
-        _, got = FlaxStableDiffusionInpaintPipeline.from_pretrained(saved / PIPELINE, safety_checker=None)
-    except TypeError as e:
-        # transformers 4's (slow) CLIPTokenizer needs vocab.json, which transformers 5 no longer writes, and
-        # diffusers' Flax loader refuses a CLIPTokenizerFast object: model_index.json is changed to name it.
-        print(f"  NOTE: diffusers' Flax pipeline cannot load the tokenizer folder transformers 5 wrote ({e}); "
-              "loading with model_index.json naming CLIPTokenizerFast instead")
-        index = json.loads((saved / PIPELINE / "model_index.json").read_text())
-        index["tokenizer"] = ["transformers", "CLIPTokenizerFast"]
-        (saved / PIPELINE / "model_index.json").write_text(json.dumps(index))
-        _, got = FlaxStableDiffusionInpaintPipeline.from_pretrained(saved / PIPELINE, safety_checker=None)
+    pipe, got = FlaxStableDiffusionInpaintPipeline.from_pretrained(saved / PIPELINE, safety_checker=None)
+    ids = [pipe.tokenizer(text).input_ids for text in ("a red cat", "red, a cat")]
+    if ids != [want_pipe.tokenizer(text).input_ids for text in ("a red cat", "red, a cat")]:
+        raise SystemExit(f"our pipeline folder's tokenizer ({type(pipe.tokenizer).__name__}) tokenizes differently")
+    print(f"  tokenizer of our pipeline folder, loaded by diffusers (Flax) as {type(pipe.tokenizer).__name__}: "
+          "the same token ids")
     got["safety_checker"] = checker(saved / PIPELINE / "safety_checker")
     for name in COMPONENTS:
         _same_tree(f"{name} of our pipeline folder, loaded by diffusers (Flax)", got[name], want[name])
