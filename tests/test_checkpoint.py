@@ -1,6 +1,7 @@
 """The generic checkpoint machinery: file discovery, safe reading, checked conversion, msgpack cache."""
 import json
 
+import flax
 import flax.linen as nn
 import huggingface_hub
 import jax
@@ -150,17 +151,46 @@ def test_second_load_uses_msgpack_cache(tmp_path, monkeypatch):
     jax.tree_util.tree_map(np.testing.assert_array_equal, first, second)
 
 
-def test_save_pretrained_is_loaded_directly(tmp_path, inputs):
+def test_weight_format_precedence(tmp_path):
+    """A folder loads its safetensors, else its Flax msgpack, else its pickled .bin: here each holds
+    different weights, and removing the preferred file falls through to the next."""
+    folder = write_folder(tmp_path / "m", state(torch_twin()))
+    model, first = TinyNet.from_pretrained(folder, use_cache=False)
+    second = jax.tree_util.tree_map(lambda x: x + 1, first)
+    (folder / "diffusion_flax_model.msgpack").write_bytes(flax.serialization.msgpack_serialize(second))
+    (folder / "flax_model.msgpack").write_bytes(b"transformers' name: second choice of a diffusers model")
+    torch.save({k: v + 2 for k, v in state(torch_twin()).items()}, folder / "diffusion_pytorch_model.bin")
+    third = jax.tree_util.tree_map(lambda x: x + 2, first)
+    for expected, then_remove in (
+        (first, "diffusion_pytorch_model.safetensors"), (second, "diffusion_flax_model.msgpack"),
+        (None, "flax_model.msgpack"), (third, None),
+    ):
+        if expected is None:
+            with pytest.raises(CheckpointError, match="flax_model.msgpack: corrupt msgpack"):
+                TinyNet.from_pretrained(folder, use_cache=False)
+        else:
+            _, got = TinyNet.from_pretrained(folder, use_cache=False)
+            jax.tree_util.tree_map(np.testing.assert_array_equal, got, expected)
+        if then_remove:
+            (folder / then_remove).unlink()
+
+
+def test_save_pretrained_leaves_one_set_of_weights(tmp_path):
+    """A later save into the same folder removes the weight files it does not rewrite: the safetensors
+    of an earlier `pytorch_format=True` save would otherwise be loaded instead of the new msgpack."""
     model, params = TinyNet.from_pretrained(write_folder(tmp_path / "m", state(torch_twin())))
-    model.save_pretrained(tmp_path / "saved", params, pytorch_format=True)
-    assert sorted(p.name for p in (tmp_path / "saved").iterdir()) == [
-        "config.json", ckpt.FLAX_WEIGHTS, "diffusion_pytorch_model.safetensors",
+    saved = tmp_path / "saved"
+    model.save_pretrained(saved, params, pytorch_format=True)
+    assert sorted(p.name for p in saved.iterdir()) == [
+        "config.json", "diffusion_flax_model.msgpack", "diffusion_pytorch_model.safetensors",
     ]
-    again, p2 = TinyNet.from_pretrained(tmp_path / "saved")
-    jax.tree_util.tree_map(np.testing.assert_array_equal, params, p2)
-    (tmp_path / "saved" / ckpt.FLAX_WEIGHTS).unlink()  # now converted from the safetensors copy
-    _, p3 = TinyNet.from_pretrained(tmp_path / "saved")
-    jax.tree_util.tree_map(np.testing.assert_array_equal, params, p3)
+    _, again = TinyNet.from_pretrained(saved)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, again, params)
+    tuned = jax.tree_util.tree_map(lambda x: x * 2, params)
+    model.save_pretrained(saved, tuned)
+    assert sorted(p.name for p in saved.iterdir()) == ["config.json", "diffusion_flax_model.msgpack"]
+    _, again = TinyNet.from_pretrained(saved)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, again, tuned)
 
 
 @pytest.mark.parametrize("damage", ["truncate", "header", "empty"])

@@ -318,7 +318,7 @@ def test_pytorch_format_loads_into_diffusers(checker_folder, tmp_path):
     reloaded = StableDiffusionSafetyChecker.from_pretrained(tmp_path).eval()
     for key, value in model.state_dict().items():
         torch.testing.assert_close(reloaded.state_dict()[key], value, atol=0, rtol=0)
-    # And back through our msgpack.
+    # And back through our loader (which prefers the safetensors).
     ours2, params2 = FlaxStableDiffusionSafetyChecker.from_pretrained(tmp_path)
     assert ours2.config == checker.config
     jax.tree_util.tree_map(np.testing.assert_array_equal, params2, params)

@@ -9,6 +9,13 @@ Conversion is mechanical because Flax module names mirror the PyTorch attribute 
 
 Each model may first canonicalise legacy key names (`torch_rename`). Every source tensor must be
 used, every target leaf filled and every shape must match, otherwise one error lists them all.
+
+Flax msgpack files written by diffusers' and transformers' Flax `save_pretrained` hold Flax params named
+almost like ours; the few path fragments that differ are an explicit table per model (`flax_names`, e.g.
+transformers' `layers/3` for our `layers_3`), and they are checked the same way.
+
+A folder's weights are read from the first of these that exists (see `find_weight_files`):
+safetensors, then the Flax msgpack, then pickled PyTorch files (.bin, .pt, .ckpt).
 """
 from __future__ import annotations
 
@@ -31,8 +38,6 @@ import numpy as np
 from flax_inpaint.runtime import Runtime
 
 Params = Dict[str, Any]
-FLAX_WEIGHTS = "diffusion_flax_model.msgpack"
-_FLAX_WEIGHTS_ALIASES = (FLAX_WEIGHTS, "flax_model.msgpack")
 _CACHE_ENV = "FLAX_INPAINT_CACHE"
 
 # Names of list-valued submodules: torch `name.3` <-> Flax `name_3`.
@@ -189,30 +194,81 @@ def _variant(filename: str, variant: Optional[str]) -> str:
     return ".".join(parts[:-1] + [variant, parts[-1]])
 
 
-def find_weight_files(folder: Path, stems: Sequence[str], variant: Optional[str] = None) -> list[Path]:
-    """The PyTorch weight files of `folder`, safetensors first, sharded checkpoints included."""
-    for ext in ("safetensors", "bin", "pt", "ckpt"):
-        for stem in stems:
-            single = folder / _variant(f"{stem}.{ext}", variant)
-            if single.is_file():
-                return [single]
-            index = folder / _variant(f"{stem}.{ext}.index.json", variant)
-            if index.is_file():
-                try:
-                    weight_map = json.loads(index.read_text())["weight_map"]
-                except (json.JSONDecodeError, KeyError) as e:
-                    raise CheckpointError(f"{index} is not a valid shard index: {e}") from None
-                shards = [folder / s for s in sorted(set(weight_map.values()))]
-                missing = [s.name for s in shards if not s.is_file()]
-                if missing:
-                    raise CheckpointError(f"{index} names missing shard files: {missing}")
-                return shards
+# Weight files in order of preference: safetensors (safe, and what diffusers and transformers write by
+# default), then the Flax msgpack (safe; what their Flax save_pretrained writes), then pickled PyTorch
+# files, read only through torch.load(weights_only=True). The flag marks the Flax file stems.
+WEIGHT_FORMATS = (("safetensors", False), ("msgpack", True), ("bin", False), ("pt", False), ("ckpt", False))
+
+
+def _weight_names(stems: Sequence[str], flax_stems: Sequence[str], variant: Optional[str]):
+    """(single file, shard index) names in order of preference."""
+    for ext, flax_file in WEIGHT_FORMATS:
+        for stem in flax_stems if flax_file else stems:
+            yield _variant(f"{stem}.{ext}", variant), _variant(f"{stem}.{ext}.index.json", variant)
+
+
+def _shards(index: Path) -> list[Path]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{index} is not a valid shard index: {e}") from None
+    return [index.parent / s for s in sorted(set(weight_map.values()))]
+
+
+def find_weight_files(
+    folder: Path, stems: Sequence[str], flax_stems: Sequence[str] = (), variant: Optional[str] = None
+) -> list[Path]:
+    """The weight files of `folder` in the first format of `WEIGHT_FORMATS` it has, shards included.
+
+    `stems` name the PyTorch files (e.g. "diffusion_pytorch_model"), `flax_stems` the Flax msgpack
+    files (e.g. "diffusion_flax_model"); a `variant` ("fp16") goes before the extension.
+    """
+    for single, index in _weight_names(stems, flax_stems, variant):
+        if (folder / single).is_file():
+            return [folder / single]
+        if (folder / index).is_file():
+            shards = _shards(folder / index)
+            missing = [s.name for s in shards if not s.is_file()]
+            if missing:
+                raise CheckpointError(f"{folder / index} names missing shard files: {missing}")
+            return shards
     wanted = [_variant(f"{s}.safetensors", variant) for s in stems]
+    wanted += [_variant(f"{s}.msgpack", variant) for s in flax_stems]
     raise CheckpointError(
         f"No weights in {folder}: expected one of {wanted} (or .bin/.pt, or a sharded index)"
         + (f" for variant={variant!r}" if variant else "")
         + "."
     )
+
+
+def remove_weight_files(folder: Path, stems: Sequence[str], flax_stems: Sequence[str], keep: Sequence[Path]) -> None:
+    """Delete the (non-variant) weight files `find_weight_files` could read in `folder`, except `keep`:
+    what an earlier save left there must not be loaded instead of, or before, a new save."""
+    for single, index in _weight_names(stems, flax_stems, None):
+        stale = [folder / single]
+        if (folder / index).is_file():
+            try:
+                stale += _shards(folder / index)
+            except CheckpointError:
+                pass  # an unreadable index: remove it alone
+            stale.append(folder / index)
+        for f in stale:
+            if f.is_file() and f not in keep:
+                f.unlink()
+
+
+def read_msgpack(files: Sequence[Path]) -> Dict[Tuple[str, ...], np.ndarray]:
+    """The flat params (path -> array) of Flax msgpack files; shards of one checkpoint merge."""
+    flat: Dict[Tuple[str, ...], np.ndarray] = {}
+    for f in files:
+        try:
+            tree = flax.serialization.msgpack_restore(f.read_bytes())
+        except Exception as e:
+            raise CheckpointError(f"{f}: corrupt msgpack params ({e}); download or save it again.") from e
+        if not isinstance(tree, dict):
+            raise CheckpointError(f"{f}: holds a {type(tree).__name__}, not a tree of Flax params.")
+        flat.update(flax.traverse_util.flatten_dict(tree))
+    return flat
 
 
 def read_state_dict(files: Sequence[Path]) -> Dict[str, np.ndarray]:
@@ -306,6 +362,16 @@ def convert_state_dict(
             mismatched.append(f"{key} {list(value.shape)} -> {'/'.join(path)} expects {list(shape)}")
             continue
         filled[path] = arr
+    return _complete(filled, target, unused, mismatched)
+
+
+def _complete(
+    filled: Dict[Tuple[str, ...], np.ndarray],
+    target: Mapping[Tuple[str, ...], Any],
+    unused: Sequence[str],
+    mismatched: Sequence[str],
+) -> Params:
+    """The params tree of `filled`, or one CheckpointError listing every problem of the conversion."""
     missing = sorted("/".join(p) for p in target if p not in filled)
     if unused or missing or mismatched:
         lines = ["The checkpoint does not match the model configuration:"]
@@ -320,6 +386,51 @@ def convert_state_dict(
         lines.append("Check that config.json belongs to these weights.")
         raise CheckpointError("\n".join(lines))
     return flax.traverse_util.unflatten_dict(filled)
+
+
+def _fragment(template: str) -> re.Pattern:
+    """A path fragment such as "layers/{n}" as a regex matching whole "/"-separated names."""
+    body = re.escape(template).replace(re.escape("{n}"), r"(\d+)")
+    return re.compile(rf"(?<![^/]){body}(?![^/])")
+
+
+def rename_flax_path(
+    path: Tuple[str, ...], names: Sequence[Tuple[str, str]], to_reference: bool = False
+) -> Tuple[str, ...]:
+    """Map a Flax param path from the reference Flax libraries' names to ours (or back, `to_reference`).
+
+    `names` pairs a reference path fragment with ours, e.g. ("layers/{n}", "layers_{n}") where `{n}`
+    stands for a number. Paths with none of the fragments (ours, or names both sides share) are unchanged.
+    """
+    joined = "/".join(path)
+    for reference, ours in names:
+        source, dest = (ours, reference) if to_reference else (reference, ours)
+        joined = _fragment(source).sub(dest.replace("{n}", r"\1"), joined)
+    return tuple(joined.split("/"))
+
+
+def convert_flax_params(
+    flat: Mapping[Tuple[str, ...], np.ndarray],
+    target: Mapping[Tuple[str, ...], Any],
+    names: Sequence[Tuple[str, str]] = (),
+) -> Params:
+    """Map flat Flax params, named by diffusers'/transformers' Flax models or by us, onto `target`.
+
+    Raises CheckpointError listing unused source arrays, unfilled targets and shape mismatches.
+    """
+    filled: Dict[Tuple[str, ...], np.ndarray] = {}
+    unused, mismatched = [], []
+    for source, value in flat.items():
+        path = rename_flax_path(source, names)
+        if path not in target:
+            unused.append("/".join(source))
+            continue
+        shape = tuple(target[path].shape)
+        if tuple(np.shape(value)) != shape:
+            mismatched.append(f"{'/'.join(source)} {list(np.shape(value))} -> {'/'.join(path)} expects {list(shape)}")
+            continue
+        filled[path] = np.asarray(value)
+    return _complete(filled, target, unused, mismatched)
 
 
 def to_torch_state_dict(params: Params) -> Dict[str, np.ndarray]:
@@ -353,6 +464,10 @@ class PretrainedMixin:
     A model class declares:
       torch_class: the diffusers/transformers class name written to config.json.
       weight_stems: file stems of its PyTorch weights (e.g. "diffusion_pytorch_model").
+      flax_weight_stems: file stems of its Flax msgpack weights; the first is what diffusers' (or
+        transformers') Flax save_pretrained writes, and what we write.
+      flax_names: (reference Flax name, ours) pairs of the param path fragments that diffusers'
+        or transformers' Flax model of this family names differently from us (see rename_flax_path).
       ignored_config_keys: config keys that do not change the computation.
       fixed_config: architecture keys we do not implement, with the values we accept.
       dummy_inputs(): example inputs for `init`.
@@ -361,6 +476,8 @@ class PretrainedMixin:
 
     torch_class: ClassVar[str] = ""
     weight_stems: ClassVar[Tuple[str, ...]] = ("diffusion_pytorch_model",)
+    flax_weight_stems: ClassVar[Tuple[str, ...]] = ("diffusion_flax_model", "flax_model")
+    flax_names: ClassVar[Tuple[Tuple[str, str], ...]] = ()
     ignored_config_keys: ClassVar[frozenset] = frozenset()
     fixed_config: ClassVar[Mapping[str, Tuple[Any, ...]]] = {}
     _always_ignored = frozenset(
@@ -423,6 +540,10 @@ class PretrainedMixin:
     def convert_torch_state_dict(self, state: Mapping[str, np.ndarray]) -> Params:
         return convert_state_dict(state, self.param_shapes(), self.torch_rename)
 
+    def convert_flax_params(self, flat: Mapping[Tuple[str, ...], np.ndarray]) -> Params:
+        """Flat Flax params named by diffusers'/transformers' Flax models (or by us) -> our params, checked."""
+        return convert_flax_params(flat, self.param_shapes(), self.flax_names)
+
     def _check_tree(self, params: Params, source: str) -> Params:
         shapes = self.param_shapes()
         flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params))
@@ -463,26 +584,27 @@ class PretrainedMixin:
     ):
         """Load `(model, params)` from a local diffusers/transformers folder (or a hub repo id).
 
-        Flax weights saved by `save_pretrained` load directly. PyTorch weights (safetensors first;
-        .bin/.pt only through `torch.load(weights_only=True)`) are converted, and the converted
-        params are cached as msgpack under `cache_dir` ($FLAX_INPAINT_CACHE, default
-        ~/.cache/flax_inpaint) so the next load skips conversion.
+        The weights come from the first format the folder has (`WEIGHT_FORMATS`): safetensors, the Flax
+        msgpack that diffusers'/transformers' Flax `save_pretrained` (and ours) write, then pickled
+        PyTorch files (only through `torch.load(weights_only=True)`). A hub `revision` (e.g. "flax", the
+        branch where hub repos keep Flax weights) selects the snapshot. Flax params load directly;
+        PyTorch weights are converted, and the converted params are cached as msgpack under
+        `cache_dir` ($FLAX_INPAINT_CACHE, default ~/.cache/flax_inpaint) so the next load skips conversion.
         """
         folder = resolve_folder(path, subfolder, local_files_only, revision)
         model = cls.from_config(
             read_config(folder), Runtime(dtype=dtype, param_dtype=param_dtype, attention=attention)
         )
-        for name in _FLAX_WEIGHTS_ALIASES:
-            if (folder / name).is_file():
-                return model, model._cast(model._load_msgpack(folder / name))
-        files = find_weight_files(folder, cls.weight_stems, variant)
+        files = find_weight_files(folder, cls.weight_stems, cls.flax_weight_stems, variant)
+        if files[0].suffix == ".msgpack":
+            return model, model._cast(model.convert_flax_params(read_msgpack(files)))
         cache = None
         if use_cache:
             key = _fingerprint(files, f"{cls.__name__}|{json.dumps(model.config, default=str)}")
             cache = Path(cache_dir or default_cache_dir()) / f"{cls.__name__}-{key}.msgpack"
             if cache.is_file():
                 try:
-                    return model, model._cast(model._load_msgpack(cache))
+                    return model, model._cast(model.convert_flax_params(read_msgpack([cache])))
                 except CheckpointError:
                     cache.unlink(missing_ok=True)  # stale or damaged cache entry: rebuild it
         params = model.convert_torch_state_dict(read_state_dict(files))
@@ -490,18 +612,15 @@ class PretrainedMixin:
             write_bytes_atomic(cache, flax.serialization.msgpack_serialize(params))
         return model, model._cast(params)
 
-    def _load_msgpack(self, file: Path) -> Params:
-        try:
-            params = flax.serialization.msgpack_restore(file.read_bytes())
-        except Exception as e:
-            raise CheckpointError(f"{file}: corrupt msgpack params ({e}); delete it and reload.") from e
-        return self._check_tree(params, str(file))
-
     def save_pretrained(self, folder: os.PathLike, params: Params, pytorch_format: bool = False) -> None:
-        """Write config.json and the params as msgpack (and, optionally, diffusers safetensors).
+        """Write config.json and the params as a Flax msgpack (and, optionally, PyTorch safetensors).
 
-        Every file is written atomically. `pytorch_format=True` also writes
-        `<stem>.safetensors` with diffusers/transformers names, loadable by PyTorch.
+        The msgpack is what diffusers' (UNet, VAE, ControlNet: `diffusion_flax_model.msgpack`) or
+        transformers' (CLIP, safety checker: `flax_model.msgpack`) Flax `save_pretrained(params=...)`
+        writes, with their param names, so their Flax `from_pretrained` loads it too.
+        `pytorch_format=True` also writes `<stem>.safetensors` with diffusers/transformers names,
+        loadable by PyTorch (and preferred by our loader). Every file is written atomically; weight files
+        of an earlier save that this one does not rewrite are removed, so the folder loads what was saved.
         """
         folder = Path(folder)
         params = self._check_tree(jax.device_get(params), "params")
@@ -510,9 +629,16 @@ class PretrainedMixin:
             config = {"architectures": [self.torch_class], **self.config}
             if "model_type" in self.fixed_config:  # transformers' Auto* classes dispatch on it
                 config["model_type"] = self.fixed_config["model_type"][0]
-        write_bytes_atomic(folder / "config.json", json.dumps(config, indent=2, default=list).encode())
-        write_bytes_atomic(folder / FLAX_WEIGHTS, flax.serialization.msgpack_serialize(flax.core.unfreeze(params)))
+        flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params))
+        reference = {rename_flax_path(p, self.flax_names, to_reference=True): v for p, v in flat.items()}
+        written = {folder / f"{self.flax_weight_stems[0]}.msgpack": flax.traverse_util.unflatten_dict(reference)}
         if pytorch_format:
-            write_safetensors_atomic(
-                folder / f"{self.weight_stems[0]}.safetensors", to_torch_state_dict(params)
-            )
+            written[folder / f"{self.weight_stems[0]}.safetensors"] = to_torch_state_dict(params)
+        if folder.is_dir():
+            remove_weight_files(folder, self.weight_stems, self.flax_weight_stems, keep=list(written))
+        write_bytes_atomic(folder / "config.json", json.dumps(config, indent=2, default=list).encode())
+        for file, tree in written.items():
+            if file.suffix == ".msgpack":
+                write_bytes_atomic(file, flax.serialization.msgpack_serialize(tree))
+            else:
+                write_safetensors_atomic(file, tree)

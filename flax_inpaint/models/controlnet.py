@@ -107,9 +107,11 @@ class FlaxControlNetModel(nn.Module, PretrainedMixin):
 
     torch_class = "ControlNetModel"
     weight_stems = ("diffusion_pytorch_model",)
-    # Keys that only configure the embeddings the fixed keys below rule out.
+    # Keys that only configure the embeddings the fixed keys below rule out, and two that diffusers'
+    # Flax ControlNet writes: dropout (training only) and sample_size (its init_weights' input size).
     ignored_config_keys = frozenset(
-        {"addition_time_embed_dim", "projection_class_embeddings_input_dim", "addition_embed_type_num_heads"}
+        {"addition_time_embed_dim", "projection_class_embeddings_input_dim", "addition_embed_type_num_heads",
+         "dropout", "sample_size"}
     )
     fixed_config = {
         "num_attention_heads": (None,),

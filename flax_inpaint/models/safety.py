@@ -27,6 +27,8 @@ import numpy as np
 
 from flax_inpaint.models.checkpoint import Params, PretrainedMixin
 from flax_inpaint.models.clip import (
+    TRANSFORMERS_FLAX_NAMES,
+    TRANSFORMERS_FLAX_STEMS,
     TRANSFORMERS_GENERIC_CONFIG_KEYS,
     CLIPEncoderConfig,
     CLIPVisionModel,
@@ -267,6 +269,8 @@ class FlaxStableDiffusionSafetyChecker(PretrainedMixin, nn.Module):
 
     torch_class = "StableDiffusionSafetyChecker"
     weight_stems = ("model", "pytorch_model")
+    flax_weight_stems = TRANSFORMERS_FLAX_STEMS
+    flax_names = TRANSFORMERS_FLAX_NAMES
     ignored_config_keys = (
         _CLIP_TRAINING_KEYS | TRANSFORMERS_GENERIC_CONFIG_KEYS
         | {"text_config", "text_config_dict", "logit_scale_init_value"}

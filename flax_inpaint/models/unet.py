@@ -479,13 +479,14 @@ class FlaxUNet2DConditionModel(nn.Module, PretrainedMixin):
 
     torch_class = "UNet2DConditionModel"
     weight_stems = ("diffusion_pytorch_model",)
-    # Keys that do not change this computation: dropout is inference-irrelevant; the others only
+    # Keys that do not change this computation: dropout is inference-irrelevant; diffusers' Flax UNet
+    # writes its attention implementation choices (ours are Runtime settings); the others only
     # configure block types or embeddings that the fixed keys below already rule out.
     ignored_config_keys = frozenset(
         {
             "dropout", "mid_block_only_cross_attention", "cross_attention_norm", "resnet_skip_time_act",
             "resnet_out_scale_factor", "addition_embed_type_num_heads", "addition_time_embed_dim",
-            "projection_class_embeddings_input_dim",
+            "projection_class_embeddings_input_dim", "use_memory_efficient_attention", "split_head_dim",
         }
     )
     fixed_config = {

@@ -258,6 +258,11 @@ class FlaxAutoencoderKL(nn.Module, PretrainedMixin):
 
     torch_class = "AutoencoderKL"
     weight_stems = ("diffusion_pytorch_model",)
+    # diffusers' Flax VAE keeps the old names of the mid-block attention projections.
+    flax_names = (
+        ("attentions_{n}/query", "attentions_{n}/to_q"), ("attentions_{n}/key", "attentions_{n}/to_k"),
+        ("attentions_{n}/value", "attentions_{n}/to_v"), ("attentions_{n}/proj_attn", "attentions_{n}/to_out_0"),
+    )
     fixed_config = {"shift_factor": (None,), "latents_mean": (None,), "latents_std": (None,)}
 
     def __post_init__(self):

@@ -20,7 +20,8 @@ OPTIONAL = ("safety_checker", "feature_extractor", "image_encoder", "controlnet"
 
 
 def _model_classes() -> Dict[str, Any]:
-    """PyTorch class name in model_index.json -> our Flax class."""
+    """PyTorch class name in model_index.json -> our Flax class (a folder that diffusers' Flax pipelines
+    saved names the Flax classes, e.g. "FlaxUNet2DConditionModel": the "Flax" prefix is dropped first)."""
     from flax_inpaint.models.clip import FlaxCLIPTextModel
     from flax_inpaint.models.controlnet import FlaxControlNetModel
     from flax_inpaint.models.safety import FlaxStableDiffusionSafetyChecker
@@ -102,6 +103,7 @@ def load_components(
             components[name] = None
             continue
         sub = folder / name
+        cls_name = cls_name.removeprefix("Flax")
         if name == "scheduler":
             components[name] = scheduler_class(cls_name).from_pretrained(sub, subfolder=None)
             params[name] = components[name].create_state()
@@ -129,8 +131,17 @@ def load_components(
     return components, params, folder
 
 
+def _save_bpe_vocabulary(tokenizer, folder: Path) -> None:
+    """Add vocab.json and merges.txt where transformers 5 saved tokenizer.json alone: transformers 4's
+    CLIPTokenizer (what diffusers 0.39's Flax pipelines load) reads only those two files."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and type(backend.model).__name__ == "BPE" and not (folder / "vocab.json").is_file():
+        backend.model.save(str(folder))
+
+
 def save_components(folder: os.PathLike, pipeline_class: str, components: Dict[str, Any], params) -> None:
-    """Write a diffusers-format pipeline folder (PyTorch safetensors + our msgpack per model)."""
+    """Write a diffusers-format pipeline folder: per model, PyTorch safetensors and the Flax msgpack of
+    diffusers'/transformers' Flax save_pretrained, so diffusers (PyTorch, and 0.39's Flax) loads it too."""
     folder = Path(folder)
     index: Dict[str, Any] = {"_class_name": pipeline_class, "_diffusers_version": "0.42.1"}
     for name, comp in components.items():
@@ -141,6 +152,7 @@ def save_components(folder: os.PathLike, pipeline_class: str, components: Dict[s
             index[name] = ["diffusers", comp.diffusers_class]
         elif name == "tokenizer":
             comp.save_pretrained(folder / name)
+            _save_bpe_vocabulary(comp, folder / name)
             index[name] = ["transformers", type(comp).__name__]
         elif isinstance(comp, dict):  # the feature extractor's preprocessor config
             write_bytes_atomic(folder / name / "preprocessor_config.json", json.dumps(comp, indent=2).encode())
