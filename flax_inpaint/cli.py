@@ -496,7 +496,9 @@ def run_command(command: str, body: Callable[[], None]) -> None:
         if os.environ.get(TRACEBACK_ENV):
             raise
         if isinstance(e, MemoryError) or "RESOURCE_EXHAUSTED" in str(e):
-            _fail(f"out of memory ({_first_line(e)}); {MEMORY_HINT.get(command, 'lower the batch size')}.")
+            # XLA's message may say "Failed to get configs ... Example failure:" first, the size on a later line
+            said = next((line.strip() for line in str(e).splitlines() if "Out of memory" in line), _first_line(e))
+            _fail(f"out of memory ({said}); {MEMORY_HINT.get(command, 'lower the batch size')}.")
         _fail(f"unexpected {_first_line(e)}; this is a bug: rerun with {TRACEBACK_ENV}=1 and report the traceback.")
     finally:
         if in_main_thread:
