@@ -18,10 +18,12 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
-ASSETS = Path(__file__).resolve().parent / "assets"
+PACKAGE = Path(__file__).resolve().parent
+ASSETS = PACKAGE / "assets"
 DEMO_MODEL = "tiny-shapes-inpaint"
 BENCH_SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_inpaint.py"
 
@@ -482,6 +484,16 @@ def run_command(command: str, body: Callable[[], None]) -> None:
     cleaned up). Unexpected errors say so; with FLAX_INPAINT_TRACEBACK=1 they raise instead."""
     in_main_thread = threading.current_thread() is threading.main_thread()  # signal handlers live there
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main_thread else None
+    shown = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        """Our own warnings in one line like our errors, not Python's file:line and source; others as usual."""
+        if Path(filename).resolve().is_relative_to(PACKAGE):
+            print(f"flax-inpaint: warning: {message}", file=sys.stderr if file is None else file)
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
     try:
         body()
     except KeyboardInterrupt:
@@ -501,6 +513,7 @@ def run_command(command: str, body: Callable[[], None]) -> None:
             _fail(f"out of memory ({said}); {MEMORY_HINT.get(command, 'lower the batch size')}.")
         _fail(f"unexpected {_first_line(e)}; this is a bug: rerun with {TRACEBACK_ENV}=1 and report the traceback.")
     finally:
+        warnings.showwarning = shown
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous)
 

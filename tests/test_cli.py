@@ -12,6 +12,7 @@ import errno
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -441,6 +442,18 @@ def test_interrupted_sweep_says_how_to_resume(sd, tmp_path, capsys, monkeypatch)
     monkeypatch.setattr(ResultStore, "write", real_write)
     out = run(capsys, *argv).out
     assert "9 result(s)" in out and "1 found, 8 computed" in out
+
+
+def test_our_warnings_show_as_one_line(sd, tmp_path, capsys):
+    """A warning of ours (here: an unknown UNet config key) reads like our errors, not file:line + source."""
+    _, folder = sd
+    model = tmp_path / "model"
+    shutil.copytree(folder, model)
+    config = json.loads((model / "unet/config.json").read_text())
+    (model / "unet/config.json").write_text(json.dumps({**config, "shiny_new_key": 1}))
+    err = run(capsys, "convert", "--model", model).err
+    assert "flax-inpaint: warning: FlaxUNet2DConditionModel: ignoring unknown config keys ['shiny_new_key']." in err
+    assert "warnings.warn" not in err and "UserWarning" not in err
 
 
 @pytest.mark.parametrize("argv,message", [
