@@ -1,4 +1,16 @@
 """flax-inpaint: JAX/Flax Stable Diffusion inpainting, the maintained home of diffusers' Flax pipelines."""
+import logging as _logging
+
+
+class _NoTorchNoticeFilter(_logging.Filter):
+    """Drops the notice `import transformers` logs without PyTorch: we use transformers only for its
+    tokenizers, which need no PyTorch. Every other transformers message still shows."""
+
+    def filter(self, record: _logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("PyTorch was not found.")
+
+
+_logging.getLogger("transformers").addFilter(_NoTorchNoticeFilter())  # transformers' top-level logger
 from flax_inpaint.image_processor import VaeImageProcessor, make_image_grid
 from flax_inpaint.models.clip import FlaxCLIPTextModel
 from flax_inpaint.models.controlnet import FlaxControlNetModel

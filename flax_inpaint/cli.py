@@ -1,16 +1,29 @@
-"""The `flax-inpaint` command line: demo, inpaint, sweep, convert and bench."""
+"""The `flax-inpaint` command line: demo, inpaint, sweep, convert and bench.
+
+Errors from user input end in one line `flax-inpaint: error: ...` naming the option and the fix (exit
+status 2), never a traceback; Ctrl-C and SIGTERM stop with one line too (130, 143). Outputs are
+checked before any model loads and written atomically, so no file is ever half-written.
+"""
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import importlib.util
 import io
+import math
+import os
+import shutil
+import signal
 import sys
+import tempfile
+import threading
 import time
+import warnings
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
-ASSETS = Path(__file__).resolve().parent / "assets"
+PACKAGE = Path(__file__).resolve().parent
+ASSETS = PACKAGE / "assets"
 DEMO_MODEL = "tiny-shapes-inpaint"
 BENCH_SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_inpaint.py"
 
@@ -23,7 +36,17 @@ EPILOG = """examples:
   flax-inpaint bench --preset tiny --batch 1 --steps 2
 
 A model is a local diffusers folder (model_index.json) or a hub repo id (org/name).
+FLAX_INPAINT_TRACEBACK=1 shows the traceback of an unexpected error.
 """
+TRACEBACK_ENV = "FLAX_INPAINT_TRACEBACK"
+# What to lower when the device runs out of memory, per command.
+MEMORY_HINT = {
+    "demo": "lower --scale",
+    "inpaint": "lower --batch or --size, or pass --dtype bfloat16",
+    "sweep": "lower --per-device-batch or the spec's 'size', or set its 'dtype' to 'bfloat16'",
+    "convert": "convert on a machine with more memory",
+    "train": "lower --batch-size",
+}
 
 
 def _asset(name: str) -> Path:
@@ -44,12 +67,42 @@ def _load_image(path: str, arg: str):
 
     p = Path(path)
     if not p.is_file():
-        _fail(f"{arg} {path!r} does not exist; pass the path of a PNG/JPEG file.")
+        what = "is a folder" if p.is_dir() else "does not exist"
+        _fail(f"{arg} {path!r} {what}; pass the path of a PNG/JPEG file.")
     try:
         with Image.open(p) as im:
             return im.convert("RGB" if arg == "--image" else "L")
-    except OSError as e:
-        _fail(f"{arg} {path!r} is not a readable image ({e}).")
+    except (OSError, ValueError) as e:  # not an image, truncated, unreadable
+        _fail(f"{arg} {path!r} is not a readable image ({e}); pass a PNG/JPEG file.")
+
+
+def check_folder(path: Path, option: str) -> None:
+    """Fail unless `path` is, or can be created as, a folder we may write into."""
+    if path.exists() and not path.is_dir():
+        _fail(f"{option} {str(path)!r} is a file, not a folder; pass a folder path (it is created if missing).")
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        _fail(f"{option} {str(path)!r} cannot be created: {str(existing)!r} is a file; pass another folder.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        _fail(f"{option} {str(path)!r}: {str(existing)!r} is not writable; pass a folder you can write to.")
+
+
+def _check_png(path: Path, option: str) -> None:
+    """Fail unless `path` can be written as a PNG file."""
+    if path.suffix.lower() != ".png":
+        _fail(f"{option} {str(path)!r} must end in .png (a PNG file is written).")
+    if path.is_dir():
+        _fail(f"{option} {str(path)!r} is a folder; pass a file path such as {str(path / 'demo.png')!r}.")
+    check_folder(path.parent, f"{option} {str(path)!r}: its folder")
+
+
+def _check_cache() -> None:
+    """Fail unless the params cache that loading writes converted weights into is usable."""
+    from flax_inpaint.models.checkpoint import default_cache_dir
+
+    check_folder(default_cache_dir(), "the params cache ($FLAX_INPAINT_CACHE, default ~/.cache/flax_inpaint)")
 
 
 def _load(model: str, dtype: str, scheduler: Optional[str]):
@@ -59,6 +112,7 @@ def _load(model: str, dtype: str, scheduler: Optional[str]):
     from flax_inpaint import FlaxStableDiffusionInpaintPipeline
     from flax_inpaint.sweep import model_error, with_scheduler
 
+    _check_cache()
     _say(f"loading {model} ({dtype}) ...")
     try:
         pipe, params = FlaxStableDiffusionInpaintPipeline.from_pretrained(model, dtype=getattr(jnp, dtype))
@@ -67,28 +121,54 @@ def _load(model: str, dtype: str, scheduler: Optional[str]):
     return with_scheduler(pipe, params, scheduler)
 
 
-def _write_png(image, path: Path) -> None:
+def _check_scheduler(name: Optional[str]) -> None:
+    from flax_inpaint.pipelines.loading import scheduler_class
+
+    if name is not None:
+        try:
+            scheduler_class(name)
+        except ValueError as e:
+            _fail(f"--scheduler {name!r}: {e}")
+
+
+def _check_steps(pipe, steps: int, strength: float) -> None:
+    try:
+        pipe._strength_fields(steps, strength)
+    except ValueError:
+        _fail(f"--strength {strength} with --steps {steps} leaves no denoising step; raise --strength or --steps "
+              "(steps x strength must reach 1).")
+
+
+def _write_png(image, path: Path, option: str) -> None:
     """Save atomically: a killed run never leaves a half-written PNG."""
     from flax_inpaint.models.checkpoint import write_bytes_atomic
 
     buf = io.BytesIO()
     image.save(buf, format="PNG")
-    write_bytes_atomic(path, buf.getvalue())
+    try:
+        write_bytes_atomic(path, buf.getvalue())
+    except OSError as e:  # e.g. the disk is full
+        _fail(f"{option}: could not write {str(path)!r} ({e.strerror or e}); free space or pass another {option}.")
 
 
 def _inpaint(pipe, params, image, mask, prompts: Sequence[str], negative: Optional[str], steps: int,
              guidance: float, strength: float, seeds: Sequence[int], size: Optional[int], overlay: bool,
-             batch: Optional[int] = None, progress: Optional[bool] = False):
+             batch: Optional[int] = None, progress: Optional[bool] = False,
+             save: Optional[Callable[[int, list], None]] = None):
     """One image per (prompt, seed) pair, each sampled with its own key; returns (PIL images, nsfw, seconds).
 
     Calls of `batch` pairs each (default: all at once) advance a progress bar (`progress`: True,
     False, or None for only on a terminal); a pair's image does not depend on its batch companions.
+    `save(first_index, images)` receives each call's images as soon as they exist.
     """
     from tqdm import tqdm
 
     from flax_inpaint.sweep import seed_keys
 
     f = pipe.vae_scale_factor
+    if not size and min(image.size) < f:
+        _fail(f"--image is {image.width}x{image.height}; the model needs at least {f}x{f} pixels (its VAE factor): "
+              "pass a larger image or --size.")
     height, width = (size, size) if size else (image.height - image.height % f, image.width - image.width % f)
     if overlay and (width, height) != image.size:
         _fail(f"--overlay pastes the unmasked pixels of --image back, so the output must be the image's size "
@@ -105,6 +185,8 @@ def _inpaint(pipe, params, image, mask, prompts: Sequence[str], negative: Option
                                negative_prompt=None if negative is None else [negative] * len(chunk),
                                height=height, width=width, num_inference_steps=steps, guidance_scale=guidance,
                                strength=strength, apply_overlay=overlay)
+            if save is not None:
+                save(lo, list(out.images))
             images += list(out.images)
             flags = out.nsfw_content_detected  # None without a safety checker
             nsfw = None if flags is None else nsfw + list(flags)
@@ -116,6 +198,7 @@ def cmd_demo(args) -> None:
     """Inpaint the bundled sample with the bundled tiny model; writes image | mask | result."""
     from flax_inpaint import make_image_grid
 
+    _check_png(Path(args.out), "--out")
     folder = _asset(DEMO_MODEL)
     if not (folder / "model_index.json").is_file():
         _fail(f"the bundled demo model is missing from {folder}; reinstall flax-inpaint.")
@@ -129,7 +212,7 @@ def cmd_demo(args) -> None:
     size = (image.width * args.scale, image.height * args.scale)  # nearest: every model pixel stays visible
     panels = [im.convert("RGB").resize(size, Image.NEAREST) for im in (image, mask, images[0])]
     grid = make_image_grid(panels, rows=1, cols=3)
-    _write_png(grid, Path(args.out))
+    _write_png(grid, Path(args.out), "--out")
     print(f"wrote {args.out} (image | mask | result) for {args.prompt!r} in {seconds:.1f} s")
 
 
@@ -141,35 +224,59 @@ def cmd_inpaint(args) -> None:
     if args.seed + args.batch > 2**32:
         _fail(f"--seed {args.seed} with --batch {args.batch} uses seeds up to {args.seed + args.batch - 1}; "
               "seeds must lie in [0, 2**32).")
+    out_dir = Path(args.out)
+    check_folder(out_dir, "--out")
+    _check_scheduler(args.scheduler)
     pipe, params = _load(args.model, args.dtype, args.scheduler)
+    _check_steps(pipe, args.steps, args.strength)
     prompts = [p for p in args.prompt for _ in range(args.batch)]
     seeds = [args.seed + k for _ in args.prompt for k in range(args.batch)]
+    names = [f"prompt{j // args.batch}_seed{seed}.png" for j, seed in enumerate(seeds)]
+    replaced = sum((out_dir / name).exists() for name in names)
+
+    def save(first: int, images: list) -> None:
+        for name, im in zip(names[first:], images):
+            _write_png(im, out_dir / name, "--out")
+
     _say(f"inpainting {len(prompts)} image(s) in batches of {args.batch}, {args.steps} steps (the first batch "
          "compiles) ...")
     images, nsfw, seconds = _inpaint(pipe, params, image, mask, prompts, args.negative_prompt, args.steps,
                                      args.guidance, args.strength, seeds, args.size, args.overlay, args.batch,
-                                     progress=False if args.no_progress else None)
-    out_dir = Path(args.out)
-    for j, (im, seed) in enumerate(zip(images, seeds)):
-        _write_png(im, out_dir / f"prompt{j // args.batch}_seed{seed}.png")
+                                     progress=False if args.no_progress else None, save=save)
     flagged = 0 if nsfw is None else int(sum(bool(x) for x in nsfw))
     print(f"wrote {len(images)} image(s) to {out_dir} in {seconds:.1f} s"
+          + (f", replacing {replaced} of the same name" if replaced else "")
           + (f"; the safety checker blacked out {flagged}" if flagged else ""))
 
 
 def cmd_sweep(args) -> None:
-    from flax_inpaint.sweep import SweepSpec, run_sweep
+    from flax_inpaint.sweep import SweepLockError, SweepSpec, run_sweep
 
     out = None if args.out is None else str(Path(args.out).resolve())
     spec = SweepSpec.from_file(args.spec, out=out)
+    out_option = "--out" if args.out is not None else f"the 'out' of {args.spec}"
+    check_folder(spec.out, out_option)
+    _check_cache()
     if args.per_device_batch is not None:
         spec = dataclasses.replace(spec, per_device_batch=args.per_device_batch)
     cluster = {k: getattr(args, k) for k in ("coordinator_address", "num_processes", "process_id")}
+    if (args.process_id is None) != (args.num_processes is None) or (
+            args.process_id is not None and not 0 <= args.process_id < args.num_processes):
+        _fail(f"--process-id {args.process_id} with --num-processes {args.num_processes}: give both, with the "
+              "process id in 0 .. num-processes - 1.")
     if args.distributed or any(v is not None for v in cluster.values()):
         import jax
 
-        jax.distributed.initialize(**{k: v for k, v in cluster.items() if v is not None})
-    summary = run_sweep(spec, progress=False if args.no_progress else None)
+        try:
+            jax.distributed.initialize(**{k: v for k, v in cluster.items() if v is not None})
+        except Exception as e:  # no cluster found, an unreachable coordinator, a timeout
+            _fail(f"--distributed: jax.distributed.initialize() failed ({_first_line(e)}); pass "
+                  "--coordinator-address HOST:PORT, --num-processes and --process-id, or run on a TPU pod or "
+                  "under SLURM.")
+    try:
+        summary = run_sweep(spec, progress=False if args.no_progress else None)
+    except SweepLockError as e:
+        _fail(f"{out_option}: {e}")
     print(f"sweep {args.spec}: {summary.total} result(s) in {summary.out}, {summary.already_done} found, "
           f"{summary.computed} computed; contact sheet {summary.contact_sheet}")
 
@@ -179,10 +286,22 @@ def cmd_convert(args) -> None:
     --out into a folder that both diffusers and flax-inpaint load."""
     from flax_inpaint.models.checkpoint import default_cache_dir
 
+    out = None if args.out is None else Path(args.out)
+    if out is not None:
+        if out.is_dir() and any(out.iterdir()):
+            _fail(f"--out {args.out!r} already exists and is not empty; pass a new folder (convert writes a "
+                  "whole pipeline folder) or delete it.")
+        check_folder(out, "--out")
     pipe, params = _load(args.model, args.dtype, None)
     print(f"cached Flax msgpack params under {default_cache_dir()}: the next load of {args.model} skips conversion")
-    if args.out:
-        pipe.save_pretrained(args.out, params)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+        try:  # written aside, then renamed into place: --out holds a complete pipeline folder or nothing
+            pipe.save_pretrained(tmp, params)
+            os.rename(tmp, out)  # replaces an empty folder
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
         print(f"wrote Flax msgpack + safetensors weights to {args.out}")
 
 
@@ -199,27 +318,38 @@ def cmd_bench(args, rest: List[str]) -> None:
     raise SystemExit(module.main(rest))
 
 
-def _positive(kind):
+def _number(kind, text):
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be {'an int' if kind is int else 'a number'}, got {text!r}") from None
+
+
+def _positive(kind, most=None):
     def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be a {kind.__name__} > 0, got {text!r}") from None
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        value = _number(kind, text)
+        if value <= 0 or (most is not None and value > most):
+            raise argparse.ArgumentTypeError(f"must be > 0{'' if most is None else f' and <= {most}'}, got {text}")
         return value
     return parse
 
 
+def _finite(text):
+    value = _number(float, text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
 def _unit(text):
-    value = float(text)
+    value = _number(float, text)
     if not 0.0 <= value <= 1.0:
         raise argparse.ArgumentTypeError(f"must lie in [0, 1], got {text}")
     return value
 
 
 def _seed(text):
-    value = int(text)
+    value = _number(int, text)
     if not 0 <= value < 2**32:
         raise argparse.ArgumentTypeError(f"must lie in [0, 2**32), got {text}")
     return value
@@ -257,8 +387,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--prompt", default="a red circle on a blue background")
     demo.add_argument("--seed", type=_seed, default=0)
     demo.add_argument("--steps", type=_positive(int), default=25)
-    demo.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale")
-    demo.add_argument("--scale", type=_positive(int), default=4, help="enlarge each 64x64 panel this many times")
+    demo.add_argument("--guidance", type=_finite, default=4.0, help="classifier-free guidance scale")
+    demo.add_argument("--scale", type=_positive(int, most=32), default=4,
+                      help="enlarge each 64x64 panel this many times")
     demo.add_argument("--out", default="demo.png", help="PNG grid: image | mask | result")
     demo.set_defaults(func=cmd_demo)
 
@@ -274,7 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
     inp.add_argument("--scheduler", default=None, help="diffusers class name, e.g. DDIMScheduler; "
                                                        "default: the model's")
     inp.add_argument("--steps", type=_positive(int), default=50, help="denoising steps")
-    inp.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (<= 1: off)")
+    inp.add_argument("--guidance", type=_finite, default=7.5, help="classifier-free guidance scale (<= 1: off)")
     inp.add_argument("--strength", type=_unit, default=1.0, help="1 repaints from noise; lower keeps more of --image")
     inp.add_argument("--seed", type=_seed, default=0, help="seed of the first image of each prompt")
     inp.add_argument("--batch", type=_positive(int), default=1,
@@ -327,17 +458,75 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Terminated(Exception):
+    """SIGTERM, raised in the main thread so that cleanup (temporary files, the sweep's lock) runs."""
+
+
+def _on_sigterm(signum, frame):
+    raise _Terminated
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else '(no message)'}"
+
+
+def _stop(code: int, how: str, command: str) -> None:
+    resume = "; rerun the same command to resume" if command in ("sweep", "train") else ""
+    print(f"flax-inpaint: {how}; every file written so far is complete (none is half-written){resume}.",
+          file=sys.stderr)
+    raise SystemExit(code)
+
+
+def run_command(command: str, body: Callable[[], None]) -> None:
+    """Run a command's `body` so that every way it can fail ends in one line on stderr: SystemExit 2 for
+    errors, 130 for Ctrl-C, 143 for SIGTERM (raised as an exception, so temporary files and locks are
+    cleaned up). Unexpected errors say so; with FLAX_INPAINT_TRACEBACK=1 they raise instead."""
+    in_main_thread = threading.current_thread() is threading.main_thread()  # signal handlers live there
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main_thread else None
+    shown = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        """Our own warnings in one line like our errors, not Python's file:line and source; others as usual."""
+        if Path(filename).resolve().is_relative_to(PACKAGE):
+            print(f"flax-inpaint: warning: {message}", file=sys.stderr if file is None else file)
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+    try:
+        body()
+    except KeyboardInterrupt:
+        _stop(130, "interrupted", command)
+    except _Terminated:
+        _stop(143, "terminated (SIGTERM)", command)
+    except ValueError as e:  # raised below the CLI (a spec, a checkpoint); the message names the value
+        _fail(str(e))
+    except OSError as e:  # a file that vanished or cannot be written (e.g. a full disk)
+        _fail(f"{e.filename!r}: {e.strerror}." if e.filename else _first_line(e))
+    except Exception as e:
+        if os.environ.get(TRACEBACK_ENV):
+            raise
+        if isinstance(e, MemoryError) or "RESOURCE_EXHAUSTED" in str(e):
+            # XLA's message may say "Failed to get configs ... Example failure:" first, the size on a later line
+            said = next((line.strip() for line in str(e).splitlines() if "Out of memory" in line), _first_line(e))
+            _fail(f"out of memory ({said}); {MEMORY_HINT.get(command, 'lower the batch size')}.")
+        _fail(f"unexpected {_first_line(e)}; this is a bug: rerun with {TRACEBACK_ENV}=1 and report the traceback.")
+    finally:
+        warnings.showwarning = shown
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     if args.command == "bench":
-        return cmd_bench(args, rest)
+        run_command("bench", lambda: cmd_bench(args, rest))
+        return
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)} (see flax-inpaint {args.command} --help)")
-    try:
-        args.func(args)
-    except (ValueError, FileNotFoundError) as e:
-        _fail(str(e))
+    run_command(args.command, lambda: args.func(args))
 
 
 if __name__ == "__main__":

@@ -21,20 +21,27 @@ How it runs (`run_sweep`):
   * Each result is written atomically as `images/<id>.png` and then recorded by one line of
     `manifest.jsonl` (flushed and fsynced); `<id>` hashes the configuration, model and dtype. A result
     counts once both exist: on restart, lines without their PNG (or torn by a kill) are dropped and
-    PNGs without a line are deleted, then only the missing results are computed.
+    our PNGs without a line are deleted, then only the missing results are computed.
+  * One run at a time per folder: a run holds an advisory lock on `.sweep.lock` (flock, which the
+    kernel releases when the holder exits or is killed); a second run is refused with the holder's
+    pid and host, which the lock file records.
   * With several processes (`jax.distributed`) each process prepares its own rows of every global
     batch; process 0 alone reads and writes the output folder and tells the others what is done.
   * At the end `contact_sheet.png` tiles every result of the spec, captioned with what varies.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import io
 import itertools
 import json
 import math
 import os
+import re
+import socket
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -51,6 +58,9 @@ from flax_inpaint.models.checkpoint import write_bytes_atomic
 MANIFEST = "manifest.jsonl"
 IMAGES = "images"
 CONTACT_SHEET = "contact_sheet.png"
+LOCK = ".sweep.lock"
+# What `recover` may delete from images/: <id>.png, and write_bytes_atomic's temporary .<id>.png.*.tmp
+_OWN_FILE = re.compile(r"[0-9a-f]{16}\.png|\.[0-9a-f]{16}\.png\..+\.tmp")
 DTYPES = ("float32", "bfloat16")
 COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 _SETTINGS = ("model", "out", "dtype", "per_device_batch", "grid", "list")
@@ -58,6 +68,10 @@ _SETTINGS = ("model", "out", "dtype", "per_device_batch", "grid", "list")
 
 class SweepSpecError(ValueError):
     """A sweep spec that cannot run; the message names the key, the value and the fix."""
+
+
+class SweepLockError(RuntimeError):
+    """The output folder is in use by another sweep (or cannot be locked); the message names the holder."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,12 +162,21 @@ class SweepSpec:
         if not isinstance(out_dir, str) or not out_dir:
             fail(f"'out' must be the output folder (a path), got {out_dir!r}; set it or pass --out.")
 
+        sizes: Dict[str, Tuple[int, int]] = {}  # image/mask path -> (width, height), each file read once
+
         def check(key, value, where):
             test, allowed = _CHECKS[key]
             if not test(value):
                 fail(f"{where} = {value!r}: {key} must be {allowed}.")
-            if key in ("image", "mask") and not (base / value).is_file():
-                fail(f"{where} = {value!r}: no such file under {base.resolve()}; paths are relative to the spec.")
+            if key in ("image", "mask") and value not in sizes:
+                if not (base / value).is_file():
+                    fail(f"{where} = {value!r}: no such file under {base.resolve()}; paths are relative to the spec.")
+                try:
+                    with Image.open(base / value) as im:
+                        im.load()
+                        sizes[value] = im.size
+                except (OSError, ValueError) as e:  # not an image, truncated, unreadable
+                    fail(f"{where} = {value!r}: not a readable image ({e}); pass a PNG/JPEG file.")
             if key == "scheduler" and value is not None:
                 from flax_inpaint.pipelines.loading import scheduler_class
 
@@ -199,6 +222,10 @@ class SweepSpec:
                 if missing:
                     fail(f"list[{i}] has no {missing}; give them at the top level, in the grid or in the entry.")
                 config = Config(**values)
+                if sizes[config.image] != sizes[config.mask]:
+                    (iw, ih), (mw, mh) = sizes[config.image], sizes[config.mask]
+                    fail(f"image {config.image!r} is {iw}x{ih} but its mask {config.mask!r} is {mw}x{mh}; pair "
+                         "each image with a mask of its size (list entries pair them; a grid crosses them).")
                 if config not in seen:
                     seen.add(config)
                     configs.append(config)
@@ -210,8 +237,12 @@ class SweepSpec:
         """Read a .json spec (or .yaml / .yml with PyYAML installed)."""
         path = Path(path)
         if not path.is_file():
-            raise SweepSpecError(f"sweep spec {str(path)!r} does not exist; pass the path of a .json or .yaml file.")
-        text = path.read_text()
+            what = "is a folder" if path.is_dir() else "does not exist"
+            raise SweepSpecError(f"sweep spec {str(path)!r} {what}; pass the path of a .json or .yaml file.")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise SweepSpecError(f"sweep spec {str(path)!r} is not readable UTF-8 text ({e}).") from None
         if path.suffix.lower() in (".yaml", ".yml"):
             try:
                 import yaml
@@ -243,12 +274,44 @@ class ResultStore:
         self.manifest = self.out / MANIFEST
         self.images = self.out / IMAGES
 
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the folder for one run, or raise SweepLockError naming the process that holds it.
+
+        An advisory flock on `.sweep.lock`: taken atomically, released by the kernel when the holder
+        exits or is killed (so a dead holder never blocks the next run). The file itself records the
+        holder's pid, host and start time for the refusal message; it is never deleted, since a
+        recreated file would be a second lock.
+        """
+        self.out.mkdir(parents=True, exist_ok=True)
+        path = self.out / LOCK
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise SweepLockError(
+                    f"{self.out} is in use by another sweep ({_holder(os.pread(fd, 4096, 0))}; lock file {path}); "
+                    "wait for it to finish or stop it, or write to another folder.") from None
+            except OSError as e:  # e.g. ENOLCK: a network filesystem without lock support
+                raise SweepLockError(f"cannot lock {path} ({e.strerror}); its filesystem does not support file "
+                                     "locks: write to a folder on another filesystem.") from None
+            holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(holder).encode() + b"\n", 0)
+            try:
+                yield
+            finally:
+                os.ftruncate(fd, 0)  # a free lock names nobody
+        finally:
+            os.close(fd)  # releases the flock
+
     def recover(self) -> Dict[str, dict]:
         """Make the folder consistent after a kill and return {id: manifest record} of finished results.
 
         Kept: parseable lines whose PNG exists (first line per id). Dropped: torn or orphaned lines,
-        PNGs without a line and temporary files of interrupted writes. The manifest is rewritten only
-        when something was dropped.
+        our PNGs without a line and temporary files of interrupted writes; files of other names are
+        left alone. The manifest is rewritten only when something was dropped.
         """
         self.images.mkdir(parents=True, exist_ok=True)
         raw = self.manifest.read_bytes() if self.manifest.exists() else b""
@@ -266,7 +329,10 @@ class ResultStore:
             write_bytes_atomic(self.manifest, kept)
         wanted = {Path(r["file"]).name for r in records.values()}
         for path in self.images.iterdir():
-            if path.name not in wanted:
+            if path.name not in wanted and _OWN_FILE.fullmatch(path.name):
+                path.unlink()
+        for name in (MANIFEST, CONTACT_SHEET):  # interrupted atomic writes of the folder's own files
+            for path in self.out.glob(f".{name}.*.tmp"):
                 path.unlink()
         return records
 
@@ -277,6 +343,15 @@ class ResultStore:
             f.write(json.dumps(record, sort_keys=True).encode() + b"\n")
             f.flush()
             os.fsync(f.fileno())
+
+
+def _holder(text: bytes) -> str:
+    """Who holds a lock, from the lock file's JSON line."""
+    try:
+        holder = json.loads(text)
+        return f"pid {holder['pid']} on host {holder['host']}, since {holder['since']}"
+    except (ValueError, TypeError, KeyError):
+        return "a process that has not recorded its pid yet"
 
 
 @dataclasses.dataclass
@@ -390,17 +465,27 @@ def run_sweep(spec: SweepSpec, pipeline: Optional[Tuple[Any, Any]] = None, mesh:
     writer = jax.process_index() == 0
     store = ResultStore(spec.out)
     ids = spec.ids()
-    done = store.recover() if writer else {}
-    done_mask = np.array([i in done for i in ids])
-    if jax.process_count() > 1:  # process 0 alone reads the folder; everyone computes the same plan
-        done_mask = np.asarray(multihost_utils.broadcast_one_to_all(done_mask))
-    todo = [(i, c) for i, c, d in zip(ids, spec.configs, done_mask) if not d]
-    compiles = _compute(spec, todo, pipeline, mesh, progress, store if writer else None, done) if todo else {}
+    with contextlib.ExitStack() as held:
+        done, refused = {}, None
+        if writer:  # process 0 alone locks, reads and writes the folder
+            try:
+                held.enter_context(store.lock())
+            except SweepLockError as e:
+                refused = e
+            else:
+                done = store.recover()
+        plan = np.array([refused is None] + [i in done for i in ids])
+        if jax.process_count() > 1:  # everyone follows process 0's plan
+            plan = np.asarray(multihost_utils.broadcast_one_to_all(plan))
+        if not plan[0]:
+            raise refused or SweepLockError(f"process 0 could not lock {spec.out}; see its error.")
+        todo = [(i, c) for i, c, d in zip(ids, spec.configs, plan[1:]) if not d]
+        compiles = _compute(spec, todo, pipeline, mesh, progress, store if writer else None, done) if todo else {}
 
-    sheet = None
-    if writer:
-        sheet = spec.out / CONTACT_SHEET
-        write_bytes_atomic(sheet, _contact_sheet(spec, ids, done))
+        sheet = None
+        if writer:
+            sheet = spec.out / CONTACT_SHEET
+            write_bytes_atomic(sheet, _contact_sheet(spec, ids, done))
     return SweepSummary(out=spec.out, total=len(ids), already_done=len(ids) - len(todo), computed=len(todo),
                         compiles=compiles, contact_sheet=sheet)
 
@@ -432,6 +517,9 @@ def _compute(spec: SweepSpec, todo: List[Tuple[str, Config]], pipeline, mesh: Op
         else:
             with Image.open(spec.base_dir / c.image) as im:
                 w, h = im.size
+            if min(w, h) < f:
+                raise SweepSpecError(f"image {c.image!r} is {w}x{h}; the model needs at least {f}x{f} pixels "
+                                     "(its VAE factor): pass a larger image or set 'size'.")
         return _Group(h - h % f, w - w % f, c.steps, c.scheduler, c.guidance > 1)
 
     groups: Dict[_Group, List[Tuple[str, Config]]] = defaultdict(list)
@@ -460,46 +548,45 @@ def _compute(spec: SweepSpec, todo: List[Tuple[str, Config]], pipeline, mesh: Op
 
     compiles: Dict[str, int] = {}
     quiet = True if store is None else None if progress is None else not progress  # None: only on a terminal
-    bar = tqdm(total=len(todo), unit="img", desc="sweep", disable=quiet)
-    for g, items in groups.items():
-        pipe, params = pipes[g.scheduler]
-        compiles[g.label] = 0
-        by_strength: Dict[float, List[Tuple[str, Config]]] = defaultdict(list)
-        for item in items:  # strength is one value per call
-            by_strength[item[1].strength].append(item)
-        for strength, sub in by_strength.items():
-            for start in range(0, len(sub), global_batch):
-                chunk = sub[start:start + global_batch]
-                padded = chunk + [chunk[-1]] * (global_batch - len(chunk))
-                local = [c for _, c in padded[rows]]
-                masked, masks, images = (np.concatenate(a) for a in zip(*(prepared(pipe, c, g) for c in local)))
-                neg = [c.negative_prompt or "" for c in local]
-                tic = time.perf_counter()
-                with _CompileCounter() as counter:
-                    out = pipe(pipe.tokenize([c.prompt for c in local]), masks, masked, params,
-                               seed_keys([c.seed for c in local]), num_inference_steps=g.steps,
-                               height=g.height, width=g.width, image=images, strength=strength,
-                               guidance_scale=np.array([c.guidance for c in local], np.float32),
-                               neg_prompt_ids=pipe.tokenize(neg), mesh=mesh)
-                seconds = time.perf_counter() - tic
-                compiles[g.label] += counter.count
-                if store is not None:
-                    timings = {"batch_s": round(seconds, 4), "per_image_s": round(seconds / len(chunk), 4),
-                               "compile_s": round(counter.seconds, 4)}
-                    nsfw = out.nsfw_content_detected
-                    for row, (rid, c) in enumerate(chunk):
-                        record = {
-                            "id": rid, "file": f"{IMAGES}/{rid}.png", "config": dataclasses.asdict(c),
-                            "seed": c.seed, "model": spec.model, "dtype": spec.dtype, "height": g.height,
-                            "width": g.width, "group": g.label, "nsfw": None if nsfw is None else bool(nsfw[row]),
-                            "timings": timings, "batch": {"size": global_batch, "real": len(chunk),
-                                                          "devices": int(mesh.devices.size),
-                                                          "processes": jax.process_count()},
-                        }
-                        store.write(record, _png(out.images[row]))
-                        done[rid] = record
-                bar.update(len(chunk))
-    bar.close()
+    with tqdm(total=len(todo), unit="img", desc="sweep", disable=quiet) as bar:
+        for g, items in groups.items():
+            pipe, params = pipes[g.scheduler]
+            compiles[g.label] = 0
+            by_strength: Dict[float, List[Tuple[str, Config]]] = defaultdict(list)
+            for item in items:  # strength is one value per call
+                by_strength[item[1].strength].append(item)
+            for strength, sub in by_strength.items():
+                for start in range(0, len(sub), global_batch):
+                    chunk = sub[start:start + global_batch]
+                    padded = chunk + [chunk[-1]] * (global_batch - len(chunk))
+                    local = [c for _, c in padded[rows]]
+                    masked, masks, images = (np.concatenate(a) for a in zip(*(prepared(pipe, c, g) for c in local)))
+                    neg = [c.negative_prompt or "" for c in local]
+                    tic = time.perf_counter()
+                    with _CompileCounter() as counter:
+                        out = pipe(pipe.tokenize([c.prompt for c in local]), masks, masked, params,
+                                   seed_keys([c.seed for c in local]), num_inference_steps=g.steps,
+                                   height=g.height, width=g.width, image=images, strength=strength,
+                                   guidance_scale=np.array([c.guidance for c in local], np.float32),
+                                   neg_prompt_ids=pipe.tokenize(neg), mesh=mesh)
+                    seconds = time.perf_counter() - tic
+                    compiles[g.label] += counter.count
+                    if store is not None:
+                        timings = {"batch_s": round(seconds, 4), "per_image_s": round(seconds / len(chunk), 4),
+                                   "compile_s": round(counter.seconds, 4)}
+                        nsfw = out.nsfw_content_detected
+                        for row, (rid, c) in enumerate(chunk):
+                            record = {
+                                "id": rid, "file": f"{IMAGES}/{rid}.png", "config": dataclasses.asdict(c),
+                                "seed": c.seed, "model": spec.model, "dtype": spec.dtype, "height": g.height,
+                                "width": g.width, "group": g.label, "nsfw": None if nsfw is None else bool(nsfw[row]),
+                                "timings": timings, "batch": {"size": global_batch, "real": len(chunk),
+                                                              "devices": int(mesh.devices.size),
+                                                              "processes": jax.process_count()},
+                            }
+                            store.write(record, _png(out.images[row]))
+                            done[rid] = record
+                    bar.update(len(chunk))
     return compiles
 
 

@@ -1,21 +1,34 @@
 """The `flax-inpaint` command line end to end on tiny_sd's random 9-channel model (2 steps): inpaint
-(with its progress bar forced on), sweep (and its resume), convert, bench, help texts and errors that
-name the argument and the fix.
+(with its progress bar forced on), sweep (and its resume), convert, bench, help texts; every error path
+ends in one line naming the option and the fix, with no traceback and no file written; Ctrl-C and
+SIGTERM stop cleanly; without PyTorch nothing but our own output shows; a second sweep on a folder is
+refused while the first runs, and a SIGKILLed one does not block the next run, which resumes.
 
 `inpaint` and `sweep` sample every image with its own key jax.random.key(seed), so image k of a prompt
 from `inpaint --seed s` equals the sweep's result for that prompt and seed s + k: within 1 level of
 8 bits (two compiled programs, one on a device, one over the 8-device mesh).
 """
+import errno
 import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
 import sys
+import time
+from types import SimpleNamespace
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
 
 import tiny_sd
 from flax_inpaint import FlaxStableDiffusionInpaintPipeline, cli
-from flax_inpaint.sweep import iter_manifest
+from flax_inpaint.models import checkpoint
+from flax_inpaint.sweep import LOCK, ResultStore, iter_manifest
 
 STEPS = "2"
 
@@ -36,11 +49,18 @@ def run(capsys, *argv):
     return capsys.readouterr()
 
 
-def fails(capsys, *argv) -> str:
+def fails(capsys, *argv, code: int = 2) -> str:
+    """stderr of a command that must fail with exit status `code` and no traceback."""
     with pytest.raises(SystemExit) as exit_info:
         cli.main([str(a) for a in argv])
-    assert exit_info.value.code == 2
-    return capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert exit_info.value.code == code, err
+    assert "Traceback" not in err
+    return err
+
+
+def last_line(err: str) -> str:
+    return err.strip().splitlines()[-1]
 
 
 def pixels(path) -> np.ndarray:
@@ -179,3 +199,342 @@ def test_sweep_spec_errors_and_yaml_without_pyyaml(sd, tmp_path, capsys, monkeyp
     monkeypatch.setitem(sys.modules, "yaml", None)  # import yaml -> ImportError
     assert "needs PyYAML: `pip install pyyaml`, or write the spec as .json" in fails(capsys, "sweep",
                                                                                     tmp_path / "s.yaml")
+
+
+# ----------------------------------------------------------------------------- every error path
+
+INPAINT = ["inpaint", "--model", "{M}", "--image", "{R}/image.png", "--mask", "{R}/mask.png", "--prompt", "p",
+           "--steps", STEPS]
+SPEC = {"model": "{M}", "prompt": "p", "image": "{R}/image.png", "mask": "{R}/mask.png", "steps": 2, "out": "{T}/out"}
+SWEEP = ["sweep", "{T}/spec.json"]
+
+
+def _with(argv, option, value):
+    argv = list(argv)
+    argv[argv.index(option) + 1] = value
+    return argv
+
+
+# (argv, spec written to {T}/spec.json or None, environment, the error line); {M}: the model, {R}: its
+# folder with image.png and mask.png (32x32), {B}: the `bad` files, {T}: the test's folder.
+ERRORS = {
+    "inpaint --out is a file": (
+        [*INPAINT, "--out", "{B}/file"], None, {},
+        "--out '{B}/file' is a file, not a folder; pass a folder path (it is created if missing)."),
+    "inpaint --out below a file": (
+        [*INPAINT, "--out", "{B}/file/out"], None, {},
+        "--out '{B}/file/out' cannot be created: '{B}/file' is a file; pass another folder."),
+    "--image is a folder": (
+        _with(INPAINT, "--image", "{B}/folder.png"), None, {},
+        "--image '{B}/folder.png' is a folder; pass the path of a PNG/JPEG file."),
+    "--image is not an image": (
+        _with(INPAINT, "--image", "{B}/text.png"), None, {},
+        "--image '{B}/text.png' is not a readable image (cannot identify image file '{B}/text.png'); pass a "
+        "PNG/JPEG file."),
+    "--image is truncated": (
+        _with(INPAINT, "--image", "{B}/truncated.png"), None, {},
+        "--image '{B}/truncated.png' is not a readable image ("),
+    "--mask is not an image": (
+        _with(INPAINT, "--mask", "{B}/text.png"), None, {}, "--mask '{B}/text.png' is not a readable image ("),
+    "--mask size": (
+        _with(INPAINT, "--mask", "{B}/mask16.png"), None, {},
+        "--image is 32x32 but --mask is 16x16; they must be the same size."),
+    "--image too small": (
+        _with(_with(INPAINT, "--image", "{B}/small.png"), "--mask", "{B}/small_mask.png"), None, {},
+        "--image is 3x3; the model needs at least 4x4 pixels (its VAE factor): pass a larger image or --size."),
+    "--guidance nan": (
+        [*INPAINT, "--guidance", "nan"], None, {}, "argument --guidance: must be a finite number, got nan"),
+    "--guidance text": (
+        [*INPAINT, "--guidance", "high"], None, {}, "argument --guidance: must be a number, got 'high'"),
+    "--strength too low for --steps": (
+        [*INPAINT, "--strength", "0.2"], None, {},
+        "--strength 0.2 with --steps 2 leaves no denoising step; raise --strength or --steps (steps x strength must "
+        "reach 1)."),
+    "--scheduler": (
+        [*INPAINT, "--scheduler", "Fancy"], None, {}, "--scheduler 'Fancy': Scheduler 'Fancy' is not supported"),
+    "--seed with --batch": (
+        [*INPAINT, "--seed", "4294967295", "--batch", "2"], None, {},
+        "--seed 4294967295 with --batch 2 uses seeds up to 4294967296; seeds must lie in [0, 2**32)."),
+    "params cache is a file": (
+        [*INPAINT, "--out", "{T}/out"], None, {"FLAX_INPAINT_CACHE": "{B}/file"},
+        "the params cache ($FLAX_INPAINT_CACHE, default ~/.cache/flax_inpaint) '{B}/file' is a file, not a folder"),
+    "demo --out not .png": (["demo", "--out", "{T}/demo.jpg"], None, {}, "--out '{T}/demo.jpg' must end in .png"),
+    "demo --out is a folder": (
+        ["demo", "--out", "{B}/folder.png"], None, {},
+        "--out '{B}/folder.png' is a folder; pass a file path such as '{B}/folder.png/demo.png'."),
+    "demo --out below a file": (
+        ["demo", "--out", "{B}/file/demo.png"], None, {},
+        "--out '{B}/file/demo.png': its folder '{B}/file' is a file, not a folder"),
+    "demo --scale": (["demo", "--scale", "1000"], None, {}, "argument --scale: must be > 0 and <= 32, got 1000"),
+    "sweep spec is a folder": (
+        ["sweep", "{B}/folder.png"], None, {},
+        "sweep spec '{B}/folder.png' is a folder; pass the path of a .json or .yaml file."),
+    "sweep spec not UTF-8": (
+        ["sweep", "{B}/latin1.json"], None, {}, "sweep spec '{B}/latin1.json' is not readable UTF-8 text"),
+    "sweep spec not JSON": (["sweep", "{B}/broken.json"], None, {}, "{B}/broken.json is not valid JSON: "),
+    "sweep image not an image": (
+        SWEEP, {**SPEC, "image": "{B}/text.png"}, {},
+        "{T}/spec.json: image = '{B}/text.png': not a readable image (cannot identify image file"),
+    "sweep mask size": (
+        SWEEP, {**SPEC, "mask": "{B}/mask16.png"}, {},
+        "{T}/spec.json: image '{R}/image.png' is 32x32 but its mask '{B}/mask16.png' is 16x16; pair each image with "
+        "a mask of its size"),
+    "sweep image too small": (
+        SWEEP, {**SPEC, "image": "{B}/small.png", "mask": "{B}/small_mask.png"}, {},
+        "image '{B}/small.png' is 3x3; the model needs at least 4x4 pixels (its VAE factor): pass a larger image or "
+        "set 'size'."),
+    "sweep --out is a file": ([*SWEEP, "--out", "{B}/file"], SPEC, {}, "--out '{B}/file' is a file, not a folder"),
+    "sweep spec out is a file": (
+        SWEEP, {**SPEC, "out": "{B}/file"}, {}, "the 'out' of {T}/spec.json '{B}/file' is a file, not a folder"),
+    "sweep --process-id out of range": (
+        [*SWEEP, "--num-processes", "2", "--process-id", "2"], SPEC, {},
+        "--process-id 2 with --num-processes 2: give both, with the process id in 0 .. num-processes - 1."),
+    "sweep --process-id alone": (
+        [*SWEEP, "--process-id", "0"], SPEC, {}, "--process-id 0 with --num-processes None: give both"),
+    "convert --out is a file": (
+        ["convert", "--model", "{M}", "--out", "{B}/file"], None, {}, "--out '{B}/file' is a file, not a folder"),
+    "convert --out not empty": (
+        ["convert", "--model", "{M}", "--out", "{B}/full"], None, {},
+        "--out '{B}/full' already exists and is not empty; pass a new folder"),
+}
+
+
+@pytest.fixture(scope="module")
+def bad(sd):
+    """Inputs that make commands fail."""
+    root, _ = sd
+    d = root / "bad"
+    d.mkdir()
+    (d / "text.png").write_text("not an image")
+    png = (root / "image.png").read_bytes()
+    (d / "truncated.png").write_bytes(png[:len(png) // 2])
+    Image.new("RGB", (3, 3)).save(d / "small.png")
+    Image.new("L", (3, 3)).save(d / "small_mask.png")
+    Image.new("L", (16, 16)).save(d / "mask16.png")
+    (d / "file").write_text("a file, not a folder")
+    (d / "folder.png").mkdir()
+    (d / "full").mkdir()
+    (d / "full" / "x").write_text("x")
+    (d / "latin1.json").write_bytes('{"prompt": "caf\xe9"}'.encode("latin-1"))
+    (d / "broken.json").write_text('{"model": ')
+    return d
+
+
+@pytest.mark.parametrize("case", ERRORS)
+def test_every_error_path_ends_in_one_line_naming_the_option(sd, bad, tmp_path, capsys, monkeypatch, case):
+    """Exit status 2, no traceback, the last line of stderr names the option (or spec key) and the fix, and
+    no file is written (a sweep that has started may leave its empty folders and lock file)."""
+    root, folder = sd
+    argv, spec, env, message = ERRORS[case]
+    paths = {"M": folder, "R": root, "B": bad, "T": tmp_path}
+    if spec is not None:
+        (tmp_path / "spec.json").write_text(json.dumps({k: v.format(**paths) if isinstance(v, str) else v
+                                                        for k, v in spec.items()}))
+    for k, v in env.items():
+        monkeypatch.setenv(k, v.format(**paths))
+    before = sorted(p.relative_to(root) for p in root.rglob("*"))
+    err = fails(capsys, *(a.format(**paths) for a in argv))
+    assert message.format(**paths) in last_line(err), err
+    assert sorted(p.relative_to(root) for p in root.rglob("*")) == before
+    assert [p for p in (tmp_path / "out").rglob("*") if p.is_file() and p.name != LOCK] == []
+
+
+def test_distributed_failure_names_the_options(sd, tmp_path, capsys, monkeypatch):
+    root, folder = sd
+    (tmp_path / "spec.json").write_text(json.dumps({"model": str(folder), "prompt": "p", "out": "out",
+                                                    "image": str(root / "image.png"), "mask": str(root / "mask.png")}))
+
+    def no_cluster(**kwargs):  # what jax says on a machine that is not part of a cluster
+        raise ValueError("coordinator_address should be defined.")
+
+    monkeypatch.setattr(jax.distributed, "initialize", no_cluster)
+    err = fails(capsys, "sweep", tmp_path / "spec.json", "--distributed")
+    assert last_line(err) == (
+        "flax-inpaint: error: --distributed: jax.distributed.initialize() failed (ValueError: coordinator_address "
+        "should be defined.); pass --coordinator-address HOST:PORT, --num-processes and --process-id, or run on a "
+        "TPU pod or under SLURM.")
+
+
+def fake_inpaint(monkeypatch, *events):
+    """Replace the pipeline's `inpaint`: call k does events[k] (raise an exception, send SIGTERM to this
+    process), or returns gray images. Returns the prompts of each call."""
+    calls = []
+
+    def inpaint(self, prompts, *args, **kwargs):
+        event = events[len(calls)] if len(calls) < len(events) else None
+        calls.append(prompts)
+        if isinstance(event, BaseException):
+            raise event
+        if event == signal.SIGTERM:
+            os.kill(os.getpid(), signal.SIGTERM)  # the CLI's handler raises here
+        return SimpleNamespace(images=[Image.new("RGB", (32, 32), "gray")] * len(prompts), nsfw_content_detected=None)
+
+    monkeypatch.setattr(FlaxStableDiffusionInpaintPipeline, "inpaint", inpaint)
+    return calls
+
+
+def test_interrupts_and_failures_while_sampling(sd, tmp_path, capsys, monkeypatch):
+    """Ctrl-C after the first of two batches keeps that batch's complete files; SIGTERM, device memory
+    running out, a full disk and a bug each end in one line (a bug's traceback on request)."""
+    root, folder = sd
+    argv = [*(a.format(M=folder, R=root) for a in INPAINT), "--prompt", "a", "b", "--out", tmp_path / "out"]
+
+    calls = fake_inpaint(monkeypatch, None, KeyboardInterrupt())
+    err = fails(capsys, *argv, code=130)
+    assert last_line(err) == ("flax-inpaint: interrupted; every file written so far is complete (none is "
+                              "half-written).")
+    assert len(calls) == 2 and sorted(p.name for p in (tmp_path / "out").iterdir()) == ["prompt0_seed0.png"]
+    assert Image.open(tmp_path / "out/prompt0_seed0.png").size == (32, 32)
+
+    fake_inpaint(monkeypatch, signal.SIGTERM)
+    assert last_line(fails(capsys, *argv, code=143)).startswith("flax-inpaint: terminated (SIGTERM); every file")
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # main() put the handler back
+
+    # What jax 0.11.2 raised on an H200 for `inpaint --size 4096` with the bundled model (2 TiB of attention).
+    oom = jax.errors.JaxRuntimeError(
+        "RESOURCE_EXHAUSTED: Failed to get configs for: 4 out of 238 instructions. See logs for all failures. "
+        "Example failure: \nOut of memory while trying to allocate 2.00TiB with allocator GPU_0_bfc on device 0. "
+        "[tf-allocator-allocation-error='']")
+    fake_inpaint(monkeypatch, oom)
+    assert last_line(fails(capsys, *argv)) == (
+        "flax-inpaint: error: out of memory (Out of memory while trying to allocate 2.00TiB with allocator "
+        "GPU_0_bfc on device 0. [tf-allocator-allocation-error='']); lower --batch or --size, or pass --dtype "
+        "bfloat16.")
+
+    def disk_full(path, payload):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    fake_inpaint(monkeypatch)
+    monkeypatch.setattr(checkpoint, "write_bytes_atomic", disk_full)
+    assert last_line(fails(capsys, *argv)) == (
+        f"flax-inpaint: error: --out: could not write '{tmp_path / 'out/prompt0_seed0.png'}' (No space left on "
+        "device); free space or pass another --out.")
+    monkeypatch.undo()
+
+    fake_inpaint(monkeypatch, RuntimeError("boom"))
+    assert last_line(fails(capsys, *argv)) == (
+        "flax-inpaint: error: unexpected RuntimeError: boom; this is a bug: rerun with FLAX_INPAINT_TRACEBACK=1 "
+        "and report the traceback.")
+    monkeypatch.setenv("FLAX_INPAINT_TRACEBACK", "1")
+    fake_inpaint(monkeypatch, RuntimeError("boom"))
+    with pytest.raises(RuntimeError, match="boom"):
+        cli.main([str(a) for a in argv])
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["prompt0_seed0.png"]  # no temp files left
+
+
+def test_interrupted_sweep_says_how_to_resume(sd, tmp_path, capsys, monkeypatch):
+    root, folder = sd
+    spec = {"model": str(folder), "image": str(root / "image.png"), "mask": str(root / "mask.png"), "prompt": "p",
+            "steps": int(STEPS), "guidance": 6, "negative_prompt": "blurry",  # the first test's program
+            "grid": {"seed": list(range(9))}}
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    real_write = ResultStore.write
+
+    def write_then_stop(self, record, png):
+        real_write(self, record, png)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ResultStore, "write", write_then_stop)
+    argv = ["sweep", tmp_path / "spec.json", "--out", tmp_path / "out", "--no-progress"]
+    assert last_line(fails(capsys, *argv, code=130)) == (
+        "flax-inpaint: interrupted; every file written so far is complete (none is half-written); rerun the same "
+        "command to resume.")
+    monkeypatch.setattr(ResultStore, "write", real_write)
+    out = run(capsys, *argv).out
+    assert "9 result(s)" in out and "1 found, 8 computed" in out
+
+
+def test_our_warnings_show_as_one_line(sd, tmp_path, capsys):
+    """A warning of ours (here: an unknown UNet config key) reads like our errors, not file:line + source."""
+    _, folder = sd
+    model = tmp_path / "model"
+    shutil.copytree(folder, model)
+    config = json.loads((model / "unet/config.json").read_text())
+    (model / "unet/config.json").write_text(json.dumps({**config, "shiny_new_key": 1}))
+    err = run(capsys, "convert", "--model", model).err
+    assert "flax-inpaint: warning: FlaxUNet2DConditionModel: ignoring unknown config keys ['shiny_new_key']." in err
+    assert "warnings.warn" not in err and "UserWarning" not in err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["vae", "--out", "{B}/file"], "flax-inpaint: error: --out '{B}/file' is a file, not a folder"),
+    (["vae", "--out", "{T}/run", "--export-to", "{B}/file/assets"],
+     "flax-inpaint: error: --export-to '{B}/file/assets' cannot be created: '{B}/file' is a file"),
+    (["controlnet", "--out", "{T}/run"],
+     "error: stage controlnet reads the inpaint stage's output {T}/run/tiny-shapes-inpaint, which is missing; train "
+     "inpaint first (or 'all') with the same --out."),
+], ids=["out-is-a-file", "export-to-below-a-file", "missing-stage"])
+def test_train_errors_name_the_option(bad, tmp_path, capsys, argv, message):
+    """`python -m flax_inpaint.train` fails before training, in one line (it trained first, then raised)."""
+    from flax_inpaint.train.__main__ import main as train_main
+
+    paths = {"B": bad, "T": tmp_path}
+    with pytest.raises(SystemExit) as exit_info:
+        train_main([a.format(**paths) for a in argv])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err
+    assert message.format(**paths) in last_line(err)
+    assert not (tmp_path / "run").exists()
+
+
+# ----------------------------------------------------------------------------- real processes, without PyTorch
+
+# Users install without PyTorch; transformers decides by importlib.util.find_spec("torch"), which a None
+# in sys.modules answers with None.
+HIDE_TORCH = "import sys; sys.modules['torch'] = None; "
+
+
+def cli_argv(*argv) -> list:
+    """The `flax-inpaint` entry point (cli.main) in a fresh interpreter that has no PyTorch."""
+    return [sys.executable, "-c", HIDE_TORCH + "from flax_inpaint.cli import main; main()", *map(str, argv)]
+
+
+def test_transformers_notice_about_pytorch_is_silenced():
+    notice = "PyTorch was not found. Models won't be available"
+    plain = subprocess.run([sys.executable, "-c", HIDE_TORCH + "import transformers"], capture_output=True, text=True)
+    assert notice in plain.stderr  # what every command printed before
+    ours = subprocess.run([sys.executable, "-c", HIDE_TORCH + "import flax_inpaint, transformers, logging; "
+                           "logging.getLogger('transformers').warning('other messages still show')"],
+                          capture_output=True, text=True)
+    assert ours.returncode == 0 and ours.stderr == "[transformers] other messages still show\n", ours.stderr
+
+
+def test_second_sweep_is_refused_and_a_killed_holder_does_not_block(sd, tmp_path):
+    """Sweep A holds the folder mid-run (stopped with SIGSTOP): sweep B is refused with A's pid and host and
+    computes nothing. A is SIGKILLed; sweep C is not blocked by A's lock, keeps A's finished results and
+    computes only the rest, each result once. No process shows anything but our own output."""
+    root, folder = sd
+    spec = {"model": str(folder), "image": str(root / "image.png"), "mask": str(root / "mask.png"),
+            "prompt": "a cat", "guidance": 1.0, "grid": {"steps": [2, 3], "seed": [0, 1, 2]}}  # 2 groups: 2 compiles
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    out = (tmp_path / "out").resolve()
+    argv = cli_argv("sweep", tmp_path / "spec.json", "--out", out, "--no-progress")
+    manifest = out / "manifest.jsonl"
+
+    a = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (manifest.is_file() and manifest.read_bytes()):  # A has written a result of its first group
+            assert a.poll() is None, a.communicate()
+            assert time.monotonic() < deadline, "sweep A wrote no result in 300 s"
+            time.sleep(0.02)
+        os.kill(a.pid, signal.SIGSTOP)
+        b = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    finally:
+        a.kill()
+        a.communicate()
+    assert b.returncode == 2 and b.stdout == "", b.stderr
+    holder = rf"pid {a.pid} on host {socket.gethostname()}, since \d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d"
+    assert re.fullmatch(
+        rf"flax-inpaint: error: --out: {out} is in use by another sweep \({holder}; lock file {out / LOCK}\); wait "
+        r"for it to finish or stop it, or write to another folder\.\n", b.stderr), b.stderr
+    found = len(list(iter_manifest(out)))
+    assert 1 <= found < 6  # A was killed mid-run
+
+    c = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    assert c.returncode == 0 and c.stderr == "", c.stderr
+    assert f"6 result(s) in {out}, {found} found, {6 - found} computed" in c.stdout
+    ids = [r["id"] for r in iter_manifest(out)]
+    assert len(ids) == len(set(ids)) == 6
+    assert sorted(p.name for p in (out / "images").iterdir()) == sorted(f"{i}.png" for i in ids)
+    assert (out / LOCK).read_bytes() == b""  # released: names nobody

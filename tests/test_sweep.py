@@ -225,19 +225,25 @@ def iter_manifest_lines(out: Path):
 
 
 def test_recover_drops_orphans_and_torn_lines(tmp_path):
-    """Folder states a kill can leave: orphan PNG, line without PNG, torn last line, temp file."""
+    """Folder states a kill can leave: orphan PNG, line without PNG, torn last line, temp files. Files
+    that are not ours (other names) stay: --out may point at a folder holding the user's own images."""
     store = ResultStore(tmp_path)
     store.images.mkdir(parents=True)
-    ok = {"id": "a", "file": "images/a.png"}
+    a, b, c, d = (f"{k:x}" * 16 for k in (10, 11, 12, 13))  # result ids are 16 hex digits
+    ok = {"id": a, "file": f"images/{a}.png"}
     store.write(ok, b"png-a")
-    (store.images / "b.png").write_bytes(b"orphan")  # PNG whose line never came
-    (store.images / ".c.png.123.tmp").write_bytes(b"half")  # interrupted atomic write
+    (store.images / f"{b}.png").write_bytes(b"orphan")  # PNG whose line never came
+    (store.images / f".{c}.png.x1y2z3.tmp").write_bytes(b"half")  # interrupted atomic write
+    (tmp_path / f".{MANIFEST}.x1y2z3.tmp").write_bytes(b"half")  # interrupted manifest rewrite
+    (store.images / "photo.png").write_bytes(b"the user's")
+    (store.images / f"{b}.png.bak").write_bytes(b"the user's")
     with open(store.manifest, "ab") as f:
-        f.write(json.dumps({"id": "d", "file": "images/d.png"}).encode() + b"\n")  # line whose PNG is gone
+        f.write(json.dumps({"id": d, "file": f"images/{d}.png"}).encode() + b"\n")  # line whose PNG is gone
         f.write(json.dumps(ok).encode() + b"\n")  # duplicate
         f.write(b'{"id": "e", "fi')  # torn
-    assert store.recover() == {"a": ok}
-    assert sorted(p.name for p in store.images.iterdir()) == ["a.png"]
+    assert store.recover() == {a: ok}
+    assert sorted(p.name for p in store.images.iterdir()) == sorted([f"{a}.png", "photo.png", f"{b}.png.bak"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["images", MANIFEST]
     assert store.manifest.read_text() == json.dumps(ok, sort_keys=True) + "\n"
 
 

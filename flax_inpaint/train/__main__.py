@@ -10,7 +10,11 @@ import argparse
 import json
 from pathlib import Path
 
+from flax_inpaint.cli import check_folder, run_command
 from flax_inpaint.train import recipes
+
+# stage -> (the stage before it, the folder of DIR it reads)
+NEEDS = {"inpaint": ("vae", "vae"), "controlnet": ("inpaint", "tiny-shapes-inpaint")}
 
 
 def main(argv=None) -> None:
@@ -31,12 +35,24 @@ def main(argv=None) -> None:
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     stages = recipes.STAGES if args.stage == "all" else (args.stage,)
-    results = recipes.train_all(args.out, **{f"{s}_steps": args.steps for s in stages}, batch_size=args.batch_size,
-                                seed=args.seed, stages=stages)
-    if args.export_to is not None:
-        recipes.export_assets(args.out, args.export_to)
-    print(json.dumps({stage: {"final_loss": round(r.final_loss, 5), "resumed_from_step": r.start_step,
-                              "seconds": round(r.seconds, 1)} for stage, r in results.items()}))
+    for stage in stages:
+        before, folder = NEEDS.get(stage, (None, None))
+        if before is not None and before not in stages and not (args.out / folder).is_dir():
+            parser.error(f"stage {stage} reads the {before} stage's output {args.out / folder}, which is missing; "
+                         f"train {before} first (or 'all') with the same --out.")
+
+    def train() -> None:
+        check_folder(args.out, "--out")
+        if args.export_to is not None:
+            check_folder(args.export_to, "--export-to")
+        results = recipes.train_all(args.out, **{f"{s}_steps": args.steps for s in stages},
+                                    batch_size=args.batch_size, seed=args.seed, stages=stages)
+        if args.export_to is not None:
+            recipes.export_assets(args.out, args.export_to)
+        print(json.dumps({stage: {"final_loss": round(r.final_loss, 5), "resumed_from_step": r.start_step,
+                                  "seconds": round(r.seconds, 1)} for stage, r in results.items()}))
+
+    run_command("train", train)
 
 
 if __name__ == "__main__":
