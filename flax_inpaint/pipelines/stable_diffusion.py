@@ -92,6 +92,35 @@ class _Base:
         return cls(**kwargs, dtype=dtype), params
 
     @classmethod
+    def from_single_file(cls, path: Union[str, os.PathLike], config: Optional[Union[str, os.PathLike]] = None, *,
+                         prediction_type: Optional[str] = None, image_size: Optional[int] = None,
+                         num_in_channels: Optional[int] = None, tokenizer=None, scheduler=None,
+                         dtype: Any = jnp.float32, param_dtype: Optional[Any] = None, attention: str = "auto",
+                         **components):
+        """Load `(pipeline, params)` from one `.safetensors`/`.ckpt` file in the original Stable Diffusion layout
+        (SD 1.x, SD 2.x, their inpainting models); see `flax_inpaint.loaders.single_file`.
+
+        The architecture is read from the tensors, or from `config` (a local diffusers folder), which also
+        supplies the tokenizer and scheduler; without it the known families' defaults are used (nothing is
+        fetched from the network). `prediction_type` overrides the scheduler's, `image_size` the default
+        size; no safety checker is loaded. `save_pretrained` then writes a diffusers folder, so the file is
+        converted once. Other keyword arguments are passed to the constructor (e.g. `controlnet=`).
+        """
+        from flax_inpaint.loaders import single_file
+        from flax_inpaint.runtime import Runtime
+
+        kwargs, params = single_file.load_pipeline(
+            path, config, prediction_type=prediction_type, image_size=image_size, num_in_channels=num_in_channels,
+            tokenizer=tokenizer, scheduler=scheduler, runtime=Runtime(dtype, param_dtype or dtype, attention),
+            with_controlnet=cls._controlnet_in_file(path, components))
+        return cls(**kwargs, **components, dtype=dtype), params
+
+    @classmethod
+    def _controlnet_in_file(cls, path, components: dict) -> bool:
+        """Whether `from_single_file` reads a ControlNet from the file itself (ControlNet pipelines only)."""
+        return False
+
+    @classmethod
     def _load_pretrained(cls, path, dtype, param_dtype, scheduler, safety_checker, attention, variant,
                          local_files_only, revision, skip: tuple) -> tuple:
         """(constructor keyword arguments, params) from a pipeline folder; `skip` names components not
