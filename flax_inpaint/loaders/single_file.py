@@ -371,10 +371,13 @@ def unet_shape_config(state: StateDict, prefix: str, controlnet: bool = False) -
     attn = [get(f"input_blocks.{lv[0]}.1.proj_in.weight") is not None for lv in levels]
     proj = next((get(f"input_blocks.{lv[0]}.1.proj_in.weight") for lv, a in zip(levels, attn) if a), None)
     layers = [len(lv) for lv in levels]
+    depth = [len({k.split(".transformer_blocks.")[1].split(".")[0] for k in state
+                  if k.startswith(f"{prefix}input_blocks.{lv[0]}.1.transformer_blocks.")}) or 1 for lv in levels]
     cfg = {
         "in_channels": int(conv_in.shape[1]),
         "block_out_channels": tuple(int(get(f"input_blocks.{lv[0]}.0.out_layers.3.weight").shape[0]) for lv in levels),
         "layers_per_block": layers[0] if len(set(layers)) == 1 else tuple(layers),
+        "transformer_layers_per_block": depth[0] if len(set(depth)) == 1 else tuple(depth),
         "down_block_types": tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn),
         "mid_block_type": "UNetMidBlock2DCrossAttn" if get("middle_block.1.proj_in.weight") is not None
         else "UNetMidBlock2D",
