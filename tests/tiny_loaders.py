@@ -7,6 +7,7 @@ instead of being trusted twice.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,7 @@ from safetensors.numpy import save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
 import tiny_sd
+from flax_inpaint.loaders import lora
 from flax_inpaint.loaders import single_file as sf
 
 SIZE = 64  # pixels; the VAE downsamples 8x like Stable Diffusion's
@@ -129,4 +131,85 @@ def write_file(state: dict, path: Path) -> Path:
     else:
         torch.save({"state_dict": {k: torch.from_numpy(np.array(v)) for k, v in state.items()}, "global_step": 10},
                    path)
+    return path
+
+
+# ------------------------------------------------------------------ LoRA files
+def lora_modules(model, kinds=(torch.nn.Linear,)) -> dict:
+    """name -> module of the layers a LoRA can target (text encoder names with `text_model.`)."""
+    out = {}
+    for name, module in model.named_modules():
+        if isinstance(module, kinds) and name:
+            if isinstance(model, CLIPTextModel) and not name.startswith("text_model."):
+                name = f"text_model.{name}"
+            out[name] = module
+    return out
+
+
+def lora_factors(module, rank: int, rng) -> tuple:
+    """Random (down, up) factors for a Linear or Conv2d (LoCon: a conv down, a 1x1 conv up)."""
+    if isinstance(module, torch.nn.Conv2d):
+        k = module.kernel_size
+        down = rng.standard_normal((rank, module.in_channels, *k)).astype(np.float32) * 0.3
+        up = rng.standard_normal((module.out_channels, rank, 1, 1)).astype(np.float32) * 0.3
+    else:
+        down = rng.standard_normal((rank, module.in_features)).astype(np.float32) * 0.3
+        up = rng.standard_normal((module.out_features, rank)).astype(np.float32) * 0.3
+    return down, up
+
+
+def write_lora(pipe, fmt: str, path: Path, seed: int = 0, rank: int = 4, alphas=None) -> Path:
+    """A random LoRA for `pipe`'s UNet and text encoder in one of the formats people share:
+
+    "peft": diffusers' current files (`unet.<m>.lora_A.weight`, text encoder names without `text_model.`),
+      with the adapter metadata diffusers writes (lora_alpha 8 and an alpha_pattern for the UNet, 2 for the
+      text encoder);
+    "kohya": `lora_unet_...` / `lora_te_...` with `.alpha` (one value per component unless `alphas` maps
+      module -> alpha), LoCon on the resnets' convs, every linear of the text encoder;
+    "old": diffusers' attention-processor format (`unet.<block>.attn1.processor.to_q_lora.down.weight`,
+      the text encoder's `to_q_lora` and `mlp.fc1.lora_linear_layer`).
+    """
+    rng = np.random.default_rng(seed)
+    unet_linear = {n: m for n, m in lora_modules(pipe.unet).items() if "transformer_blocks" in n or "proj_" in n}
+    unet_conv = {n: m for n, m in lora_modules(pipe.unet, (torch.nn.Conv2d,)).items()
+                 if ".resnets." in n and n.endswith(("conv1", "conv2")) or n.endswith("proj_in")}
+    text = lora_modules(pipe.text_encoder)
+    state, metadata = {}, None
+    if fmt == "peft":
+        for prefix, mods in (("unet.", {**unet_linear, **unet_conv}), ("text_encoder.", text)):
+            for name, module in mods.items():
+                down, up = lora_factors(module, rank, rng)
+                name = name.removeprefix("text_model.") if prefix == "text_encoder." else name
+                state[f"{prefix}{name}.lora_A.weight"], state[f"{prefix}{name}.lora_B.weight"] = down, up
+        metadata = {"unet.r": rank, "unet.lora_alpha": 8, "unet.alpha_pattern": {"attn2.to_k": 2},
+                    "unet.target_modules": sorted({**unet_linear, **unet_conv}),
+                    "text_encoder.r": rank, "text_encoder.lora_alpha": 2,
+                    "text_encoder.target_modules": sorted(n.removeprefix("text_model.") for n in text)}
+    elif fmt == "kohya":
+        for prefix, mods, alpha in (("lora_unet_", {**unet_linear, **unet_conv}, 2.0), ("lora_te_", text, 8.0)):
+            for name, module in mods.items():
+                down, up = lora_factors(module, rank, rng)
+                key = prefix + name.replace(".", "_")
+                state[f"{key}.lora_down.weight"], state[f"{key}.lora_up.weight"] = down, up
+                state[f"{key}.alpha"] = np.array((alphas or {}).get(name, alpha), np.float32)
+    elif fmt == "old":
+        processor = {"to_q": "to_q_lora", "to_k": "to_k_lora", "to_v": "to_v_lora", "to_out.0": "to_out_lora"}
+        for name, module in unet_linear.items():
+            block, _, proj = name.rpartition(".attn")
+            if proj[1:].split(".", 1)[-1] in processor:
+                attn, leaf = proj.split(".", 1)
+                down, up = lora_factors(module, rank, rng)
+                key = f"unet.{block}.attn{attn}.processor.{processor[leaf]}"
+                state[f"{key}.down.weight"], state[f"{key}.up.weight"] = down, up
+        te_old = {"q_proj": "to_q_lora", "k_proj": "to_k_lora", "v_proj": "to_v_lora", "out_proj": "to_out_lora"}
+        for name, module in text.items():
+            down, up = lora_factors(module, rank, rng)
+            base, _, leaf = name.rpartition(".")
+            key = f"text_encoder.{base}.{te_old[leaf]}" if leaf in te_old else f"text_encoder.{name}.lora_linear_layer"
+            state[f"{key}.down.weight"], state[f"{key}.up.weight"] = down, up
+    else:
+        raise ValueError(fmt)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = None if metadata is None else {"format": "pt", lora.METADATA_KEY: json.dumps(metadata)}
+    save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, str(path), metadata=header)
     return path

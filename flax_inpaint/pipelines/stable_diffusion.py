@@ -23,6 +23,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from flax_inpaint.image_processor import VaeImageProcessor, postprocess_inpaint, preprocess_inpaint
+from flax_inpaint.loaders.lora import LoraLoaderMixin
 from flax_inpaint.pipelines import loading
 from flax_inpaint.pipelines.sampling import (
     CALL_WIDE_FIELDS,
@@ -50,7 +51,7 @@ class FlaxStableDiffusionPipelineOutput:
     nsfw_content_detected: Any
 
 
-class _Base:
+class _Base(LoraLoaderMixin):
     """Components, loading and the host-side plumbing shared by all Stable Diffusion pipelines."""
 
     _pipeline_class = "StableDiffusionPipeline"
