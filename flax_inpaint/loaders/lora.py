@@ -13,17 +13,24 @@ Formats (detected per key, several may mix in one file):
 The adapters live in the params, so every function here is pure (params in, new params out):
 
   params["lora"] = {
-    "adapters": {name: {component: {module: {"down": [..., in, r], "up": [r, out], "scale": ()}}}},
-    "state":    {name: {component: {"weight": (), "active": (), "fused": ()}}},   # fp32 scalars
-    "originals": {component: {module: kernel}},   # after fuse_lora: the kernels before fusing
+    "adapters":  {name: {component: {module: {"down": [..., in, r], "up": [r, out], "scale": ()}}}},
+    "state":     {name: {component: {"weight": (), "active": ()}}},   # fp32 scalars
+    "fused":     {name: {component: {module: ...}}},   # after fuse_lora: the factors written into the kernels
+    "originals": {component: {module: kernel}},        # after fuse_lora: the kernels before fusing
   }
 
 `module` is the target kernel's Flax path joined with "/"; `down`/`up` are the factors in the kernel's own
 layout (dense [in, r] / conv [kh, kw, in, r], then [r, out]), so the update is one einsum. The sampling
-program calls `merge_adapters` first: kernel + sum over adapters of weight * active * (1 - fused) * scale *
+program calls `merge_adapters` first: kernel + sum over the unfused adapters of weight * active * scale *
 down @ up, all traced, so `set_adapters` never recompiles. `fuse_lora` writes that update into the kernels
-(keeping the originals, which `unfuse_lora` puts back bit for bit); only loading and deleting adapters
-change the params' structure, and so compile again.
+and moves the factors aside, so the program no longer computes them; it keeps the original kernels, which
+`unfuse_lora` puts back bit for bit. Loading, deleting, fusing and unfusing change the params' structure,
+and so compile again; weights and the active set do not.
+
+Why merge in the program rather than fuse on the host for every weight change: the merge is one rank-r
+product per targeted kernel per call, next to every UNet weight being read twice per step, while a host
+fuse moves every targeted kernel through host memory and back to the device on each change
+(benchmarks/bench_lora.py measures both; benchmarks/README.md has the numbers).
 """
 from __future__ import annotations
 
@@ -287,15 +294,15 @@ def load_lora(params: Mapping[str, Any], source: Source, adapter_name: Optional[
     """New params with the LoRA of `source` as adapter `adapter_name` (default "default_<n>"), active with
     weight 1 next to the adapters already active; `params` is left as it is."""
     lora = _lora(params)
-    name = adapter_name or f"default_{len(lora['adapters'])}"
-    if name in lora["adapters"]:
+    name = adapter_name or f"default_{len(lora['state'])}"
+    if name in lora["state"]:
         raise ValueError(f"adapter_name={name!r} is already loaded; pick another name or delete_adapters it first.")
     tensors, metadata = read_lora(source, weight_name)
     modules = {c: targets(params[c]) for c in COMPONENTS if c in params}
     parsed = parse(tensors, metadata, modules)
     adapters = {c: {"/".join(modules[c][m][0][:-1]): jax.tree_util.tree_map(jnp.asarray, f) for m, f in mods.items()}
                 for c, mods in parsed.items()}
-    state = {c: _scalars(weight=1.0, active=1.0, fused=0.0) for c in adapters}
+    state = {c: _scalars(weight=1.0, active=1.0) for c in adapters}
     return _with(params, {**lora, "adapters": {**lora["adapters"], name: adapters},
                           "state": {**lora["state"], name: state}})
 
@@ -305,18 +312,17 @@ def _scalars(**values) -> Dict[str, jax.Array]:
 
 
 def list_adapters(params) -> Dict[str, List[str]]:
-    """component -> names of the adapters loaded into it (diffusers' get_list_adapters)."""
+    """component -> names of the adapters loaded into it, fused or not (diffusers' get_list_adapters)."""
     out: Dict[str, List[str]] = {}
-    for name, adapters in _lora(params)["adapters"].items():
-        for component in adapters:
+    for name, comps in _lora(params)["state"].items():
+        for component in comps:
             out.setdefault(component, []).append(name)
     return out
 
 
 def active_adapters(params) -> List[str]:
-    """The names of the active adapters, in loading order."""
-    lora = _lora(params)
-    return [n for n, comps in lora["state"].items() if any(float(s["active"]) for s in comps.values())]
+    """The names of the active adapters, in loading order (fused ones included, as in diffusers)."""
+    return [n for n, comps in _lora(params)["state"].items() if any(float(s["active"]) for s in comps.values())]
 
 
 def set_adapters(params, adapter_names: Union[str, Sequence[str]],
@@ -330,9 +336,9 @@ def set_adapters(params, adapter_names: Union[str, Sequence[str]],
     if len(weights) != len(names):
         raise ValueError(f"{len(names)} adapter_names but {len(weights)} adapter_weights; give one weight per adapter "
                          "or a single one for all.")
-    missing = [n for n in names if n not in lora["adapters"]]
+    missing = [n for n in names if n not in lora["state"]]
     if missing:
-        raise ValueError(f"adapters {missing} are not loaded; loaded: {list(lora['adapters'])}.")
+        raise ValueError(f"adapters {missing} are not loaded; loaded: {list(lora['state'])}.")
     chosen = dict(zip(names, weights))
     for name, given in chosen.items():
         if isinstance(given, Mapping) and set(given) - set(COMPONENTS):
@@ -353,15 +359,15 @@ def delete_adapters(params, adapter_names: Union[str, Sequence[str]]) -> Dict[st
     """Params without these adapters (unfuse first if they are fused)."""
     lora = _lora(params)
     names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
-    missing = [n for n in names if n not in lora["adapters"]]
+    missing = [n for n in names if n not in lora["state"]]
     if missing:
-        raise ValueError(f"adapters {missing} are not loaded; loaded: {list(lora['adapters'])}.")
-    fused = [n for n in names if any(float(s["fused"]) for s in lora["state"][n].values())]
+        raise ValueError(f"adapters {missing} are not loaded; loaded: {list(lora['state'])}.")
+    fused = [n for n in names if lora.get("fused", {}).get(n)]
     if fused:
         raise ValueError(f"adapters {fused} are fused into the weights; unfuse_lora first, then delete them.")
     keep = lambda d: {k: v for k, v in d.items() if k not in names}  # noqa: E731
     out = {**lora, "adapters": keep(lora["adapters"]), "state": keep(lora["state"])}
-    if not out["adapters"] and not out.get("originals"):
+    if not out["state"]:
         return {k: v for k, v in params.items() if k != "lora"}
     return _with(params, out)
 
@@ -387,16 +393,32 @@ def _add(tree, deltas: Mapping[str, jax.Array]):
 
 
 def merge_adapters(params) -> Dict[str, Any]:
-    """The params the models run with: every active, unfused adapter added to its kernels (traceable; the
-    sampling program calls it first). Params without adapters pass through unchanged."""
+    """The params the models run with: every unfused adapter added to its kernels at weight * active (traceable;
+    the sampling program calls it first). Params without adapters pass through unchanged."""
     if "lora" not in params:
         return params
     lora, out = params["lora"], {k: v for k, v in params.items() if k != "lora"}
-    live = lambda s: s["weight"] * s["active"] * (1.0 - s["fused"])  # noqa: E731
     for component in COMPONENTS:
-        deltas = _deltas(lora, component, live)
+        deltas = _deltas(lora, component, lambda s: s["weight"] * s["active"])
         if deltas:
             out[component] = _add(out[component], deltas)
+    return out
+
+
+def _move(tree: Mapping[str, Mapping[str, Any]], names: Sequence[str], components: Sequence[str]):
+    """(tree without the (name, component) parts listed, those parts)."""
+    kept, moved = {}, {}
+    for name, comps in tree.items():
+        for component, part in comps.items():
+            target = moved if name in names and component in components else kept
+            target.setdefault(name, {})[component] = part
+    return {n: kept.get(n, {}) for n in tree if n in kept or n not in names}, moved
+
+
+def _merge_trees(a: Mapping[str, Mapping[str, Any]], b: Mapping[str, Mapping[str, Any]]):
+    out = {n: dict(c) for n, c in a.items()}
+    for name, comps in b.items():
+        out.setdefault(name, {}).update(comps)
     return out
 
 
@@ -404,18 +426,19 @@ def fuse_lora(params, lora_scale: float = 1.0, components: Sequence[str] = COMPO
               adapter_names: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """Write the active (or the named) adapters, at their weights times `lora_scale`, into the kernels of
     `components`; the kernels before the first fuse are kept for `unfuse_lora`."""
-    lora = _lora(params)
+    if "lora" not in params:
+        raise ValueError("No LoRA adapters are loaded: load_lora_weights first.")
+    lora = params["lora"]
     names = list(adapter_names) if adapter_names is not None else active_adapters(params)
-    missing = [n for n in names if n not in lora["adapters"]]
+    missing = [n for n in names if n not in lora["state"]]
     if missing:
-        raise ValueError(f"adapters {missing} are not loaded; loaded: {list(lora['adapters'])}.")
+        raise ValueError(f"adapters {missing} are not loaded; loaded: {list(lora['state'])}.")
+    live, chosen = _move(lora["adapters"], names, components)
     out = dict(params)
     originals = {c: dict(m) for c, m in lora.get("originals", {}).items()}
-    state = {n: dict(comps) for n, comps in lora["state"].items()}
     for component in components:
-        chosen = {"adapters": {n: a for n, a in lora["adapters"].items() if n in names and component in a},
-                  "state": lora["state"]}
-        deltas = _deltas(chosen, component, lambda s: lora_scale * s["weight"] * (1.0 - s["fused"]))
+        deltas = _deltas({"adapters": chosen, "state": lora["state"]}, component,
+                         lambda s: lora_scale * s["weight"])
         if not deltas:
             continue
         flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params[component]))
@@ -423,29 +446,27 @@ def fuse_lora(params, lora_scale: float = 1.0, components: Sequence[str] = COMPO
         for module in deltas:
             saved.setdefault(module, flat[tuple(module.split("/")) + ("kernel",)])
         out[component] = jax.jit(_add)(params[component], deltas)
-        for n in chosen["adapters"]:
-            state[n][component] = {**state[n][component], "fused": jnp.float32(1.0)}
-    return _with(out, {**lora, "state": state, "originals": originals})
+    fused = _merge_trees(lora.get("fused", {}), chosen)
+    return _with(out, {**lora, "adapters": live, "fused": fused, "originals": originals})
 
 
 def unfuse_lora(params, components: Sequence[str] = COMPONENTS) -> Dict[str, Any]:
-    """Put back the kernels `fuse_lora` replaced in `components` (exactly) and unfuse their adapters."""
-    lora = _lora(params)
+    """Put back the kernels `fuse_lora` replaced in `components` (exactly) and make their adapters live again."""
+    if "lora" not in params:
+        return params
+    lora = params["lora"]
     out = dict(params)
-    originals = {c: m for c, m in lora.get("originals", {}).items() if c not in components}
     for component in components:
         saved = lora.get("originals", {}).get(component)
-        if not saved:
-            continue
-        flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params[component]))
-        flat.update({tuple(m.split("/")) + ("kernel",): k for m, k in saved.items()})
-        out[component] = flax.traverse_util.unflatten_dict(flat)
-    state = {n: {c: ({**s, "fused": jnp.float32(0.0)} if c in components else s) for c, s in comps.items()}
-             for n, comps in lora["state"].items()}
-    new = {**lora, "state": state, "originals": originals}
-    if not originals:
-        new.pop("originals")
-    return _with(out, new)
+        if saved:
+            flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params[component]))
+            flat.update({tuple(m.split("/")) + ("kernel",): k for m, k in saved.items()})
+            out[component] = flax.traverse_util.unflatten_dict(flat)
+    still, back = _move(lora.get("fused", {}), list(lora["state"]), components)
+    new = {**lora, "adapters": _merge_trees(lora["adapters"], back),
+           "fused": {n: c for n, c in still.items() if c},
+           "originals": {c: m for c, m in lora.get("originals", {}).items() if c not in components}}
+    return _with(out, {k: v for k, v in new.items() if k in ("adapters", "state") or v})
 
 
 class LoraLoaderMixin:

@@ -30,9 +30,11 @@ import re
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
+import jax.numpy as jnp
 import numpy as np
 
 from flax_inpaint.models.checkpoint import CheckpointError, read_safetensors, to_torch_state_dict
+from flax_inpaint.runtime import Runtime
 
 StateDict = Dict[str, np.ndarray]
 # A transform between an original tensor and a diffusers one: None (same tensor), "conv1x1" (the
@@ -765,8 +767,6 @@ def load(source: Union[str, os.PathLike, Mapping[str, Any]], components: Sequenc
     under the loaded components' prefixes. `image_size` sets the UNet's sample_size (image_size / the
     VAE factor) and the VAE's; `num_in_channels` must agree with the file's UNet.
     """
-    from flax_inpaint.runtime import Runtime
-
     runtime = runtime or Runtime()
     name = "the state dict" if isinstance(source, Mapping) else str(source)
     state, extras = read_checkpoint(source)
@@ -883,3 +883,33 @@ def load_pipeline(source, config=None, *, prediction_type: Optional[str] = None,
         scheduler = type(scheduler).from_config(scheduler.config, prediction_type=prediction_type)
     kwargs = {**loaded.models, "tokenizer": tokenizer, "scheduler": scheduler}
     return kwargs, {**loaded.params, "scheduler": scheduler.create_state()}
+
+
+class FromSingleFileMixin:
+    """`from_single_file` on a pipeline class."""
+
+    @classmethod
+    def from_single_file(cls, path: Union[str, os.PathLike], config: Optional[Union[str, os.PathLike]] = None, *,
+                         prediction_type: Optional[str] = None, image_size: Optional[int] = None,
+                         num_in_channels: Optional[int] = None, tokenizer=None, scheduler=None,
+                         dtype: Any = jnp.float32, param_dtype: Optional[Any] = None, attention: str = "auto",
+                         **components):
+        """Load `(pipeline, params)` from one `.safetensors`/`.ckpt` file in the original Stable Diffusion layout
+        (SD 1.x, SD 2.x, their inpainting models); see `flax_inpaint.loaders.single_file`.
+
+        The architecture is read from the tensors, or from `config` (a local diffusers folder), which also
+        supplies the tokenizer and scheduler; without it the known families' defaults are used (nothing is
+        fetched from the network). `prediction_type` overrides the scheduler's, `image_size` the default
+        size; no safety checker is loaded. `save_pretrained` then writes a diffusers folder, so the file is
+        converted once. Other keyword arguments are passed to the constructor (e.g. `controlnet=`).
+        """
+        kwargs, params = load_pipeline(
+            path, config, prediction_type=prediction_type, image_size=image_size, num_in_channels=num_in_channels,
+            tokenizer=tokenizer, scheduler=scheduler, runtime=Runtime(dtype, param_dtype or dtype, attention),
+            with_controlnet=cls._controlnet_in_file(path, components))
+        return cls(**kwargs, **components, dtype=dtype), params
+
+    @classmethod
+    def _controlnet_in_file(cls, path, components: dict) -> bool:
+        """Whether `from_single_file` reads a ControlNet from the file itself (ControlNet pipelines only)."""
+        return False

@@ -24,6 +24,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from flax_inpaint.image_processor import VaeImageProcessor, postprocess_inpaint, preprocess_inpaint
 from flax_inpaint.loaders.lora import LoraLoaderMixin
+from flax_inpaint.loaders.single_file import FromSingleFileMixin
+from flax_inpaint.loaders.textual_inversion import TextualInversionLoaderMixin
 from flax_inpaint.pipelines import loading
 from flax_inpaint.pipelines.sampling import (
     CALL_WIDE_FIELDS,
@@ -51,7 +53,7 @@ class FlaxStableDiffusionPipelineOutput:
     nsfw_content_detected: Any
 
 
-class _Base(LoraLoaderMixin):
+class _Base(FromSingleFileMixin, LoraLoaderMixin, TextualInversionLoaderMixin):
     """Components, loading and the host-side plumbing shared by all Stable Diffusion pipelines."""
 
     _pipeline_class = "StableDiffusionPipeline"
@@ -91,35 +93,6 @@ class _Base(LoraLoaderMixin):
         kwargs, params = cls._load_pretrained(path, dtype, param_dtype, scheduler, safety_checker, attention,
                                               variant, local_files_only, revision, skip=("controlnet",))
         return cls(**kwargs, dtype=dtype), params
-
-    @classmethod
-    def from_single_file(cls, path: Union[str, os.PathLike], config: Optional[Union[str, os.PathLike]] = None, *,
-                         prediction_type: Optional[str] = None, image_size: Optional[int] = None,
-                         num_in_channels: Optional[int] = None, tokenizer=None, scheduler=None,
-                         dtype: Any = jnp.float32, param_dtype: Optional[Any] = None, attention: str = "auto",
-                         **components):
-        """Load `(pipeline, params)` from one `.safetensors`/`.ckpt` file in the original Stable Diffusion layout
-        (SD 1.x, SD 2.x, their inpainting models); see `flax_inpaint.loaders.single_file`.
-
-        The architecture is read from the tensors, or from `config` (a local diffusers folder), which also
-        supplies the tokenizer and scheduler; without it the known families' defaults are used (nothing is
-        fetched from the network). `prediction_type` overrides the scheduler's, `image_size` the default
-        size; no safety checker is loaded. `save_pretrained` then writes a diffusers folder, so the file is
-        converted once. Other keyword arguments are passed to the constructor (e.g. `controlnet=`).
-        """
-        from flax_inpaint.loaders import single_file
-        from flax_inpaint.runtime import Runtime
-
-        kwargs, params = single_file.load_pipeline(
-            path, config, prediction_type=prediction_type, image_size=image_size, num_in_channels=num_in_channels,
-            tokenizer=tokenizer, scheduler=scheduler, runtime=Runtime(dtype, param_dtype or dtype, attention),
-            with_controlnet=cls._controlnet_in_file(path, components))
-        return cls(**kwargs, **components, dtype=dtype), params
-
-    @classmethod
-    def _controlnet_in_file(cls, path, components: dict) -> bool:
-        """Whether `from_single_file` reads a ControlNet from the file itself (ControlNet pipelines only)."""
-        return False
 
     @classmethod
     def _load_pretrained(cls, path, dtype, param_dtype, scheduler, safety_checker, attention, variant,
@@ -169,7 +142,7 @@ class _Base(LoraLoaderMixin):
         if not all(isinstance(p, str) for p in prompts):
             raise TypeError(f"prompt must be a string or a list of strings, got {type(prompt).__name__}.")
         return self.tokenizer(
-            prompts, padding="max_length", max_length=self.max_length, truncation=True, return_tensors="np"
+            self.maybe_convert_prompt(prompts), padding="max_length", max_length=self.max_length, truncation=True, return_tensors="np"
         ).input_ids.astype(np.int32)
 
     def prepare_text_inputs(self, prompt) -> np.ndarray:
