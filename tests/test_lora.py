@@ -211,3 +211,20 @@ def test_api_errors(setup):
         ours.set_adapters(params, ["peft", "old"], [1, 2, 3])
     with pytest.raises(ValueError, match="unfuse_lora first"):
         ours.delete_adapters(ours.fuse_lora(params), "peft")
+
+
+def test_bench_lora_analysis_runs():
+    """benchmarks/bench_lora.py's size analysis (abstract params: no weights, no sampling) prints one JSON line."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_lora.py"
+    proc = subprocess.run([sys.executable, str(script), "--preset", "tiny", "--analysis", "--steps", "2"],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads(proc.stdout)
+    assert record["mode"] == "analysis" and record["targeted_kernels"] > 0
+    assert 0 < record["merge_fraction_of_program"] < 1

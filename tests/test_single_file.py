@@ -281,11 +281,24 @@ def test_model_class_reads_its_component_of_a_pipeline_file(files):
     assert_same_tensors(to_torch_state_dict(params), tl.diffusers_state(pipe.unet), "unet")
 
 
+def test_standalone_vae_file(files, tmp_path):
+    """A VAE-only file (no prefix, like vae-ft-mse-840000) loads into the VAE class."""
+    from flax_inpaint import FlaxAutoencoderKL
+
+    folder, pipe, _ = files["sd1-ckpt"]
+    layout = sf.Layout("vae", "", "vae")
+    path = tl.write_file(sf.to_original(tl.diffusers_state(pipe.vae), layout, tl.torch_config(pipe.vae)),
+                         tmp_path / "vae.safetensors")
+    _, params = FlaxAutoencoderKL.from_single_file(path, config=folder / "vae")
+    assert_same_tensors(to_torch_state_dict(params), tl.diffusers_state(pipe.vae), "vae")
+
+
 @pytest.mark.parametrize("keys,family", [
     ({"conditioner.embedders.1.model.transformer.resblocks.0.ln_1.weight": (4,)}, "SDXL base"),
     ({"conditioner.embedders.0.model.text_projection": (4, 4)}, "SDXL refiner"),
     ({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": (4, 4)}, "LoRA"),
     ({"string_to_param.*": (1, 4)}, "textual-inversion"),
+    ({"conv_in.weight": (4, 4, 3, 3), "conv_in.bias": (4,)}, "diffusers-format weights file"),
 ])
 def test_other_families_are_named(tmp_path, keys, family):
     path = tl.write_file({k: np.zeros(s, np.float32) for k, s in keys.items()}, tmp_path / "other.safetensors")

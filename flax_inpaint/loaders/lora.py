@@ -30,7 +30,7 @@ and so compile again; weights and the active set do not.
 Why merge in the program rather than fuse on the host for every weight change: the merge is one rank-r
 product per targeted kernel per call, next to every UNet weight being read twice per step, while a host
 fuse moves every targeted kernel through host memory and back to the device on each change
-(benchmarks/bench_lora.py measures both; benchmarks/README.md has the numbers).
+(benchmarks/bench_lora.py measures both; the README has the numbers).
 """
 from __future__ import annotations
 

@@ -303,6 +303,9 @@ _OTHER_FAMILIES: Tuple[Tuple[Callable[[StateDict], bool], str], ...] = (
      "a LoRA adapter (load it with pipeline.load_lora_weights)"),
     (lambda s: _has(s, "string_to_param.") or (len(s) == 1 and next(iter(s.values())).ndim <= 2),
      "a textual-inversion embedding (load it with pipeline.load_textual_inversion)"),
+    (lambda s: any(k in s for k in ("conv_in.weight", "encoder.down_blocks.0.resnets.0.conv1.weight",
+                                    "text_model.embeddings.token_embedding.weight")),
+     "a diffusers-format weights file (load the folder holding it with from_pretrained)"),
 )
 
 
@@ -554,7 +557,8 @@ def component_config(state: StateDict, layout: Layout, config: Optional[Union[st
                                   "architecture.")
         out.update({k: v for k, v in shape.items() if k not in out or k == "in_channels"})
         return out
-    if family is None:
+    sd_vae = layout.kind == "vae" and shape["block_out_channels"] == SD_VAE_CHANNELS
+    if family is None and not sd_vae:
         raise CheckpointError(
             f"{source}: its {layout.component} ({_summary(shape)}) is not one of the known families "
             f"({', '.join(f.name for f in FAMILIES)} at their released sizes), so its attention heads and norm groups "
