@@ -65,7 +65,7 @@ _PROCESSOR = {"unet": {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out":
               "text_encoder": {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}}
 _UNSUPPORTED = (  # (key pattern, what it is)
     (r"(dora_scale|lora_magnitude_vector)", "DoRA magnitudes (DoRA adapters are not supported)"),
-    (r"\.(hada_|lokr_|lora_mid|t1|t2)", "LyCORIS LoHa/LoKr/Tucker factors (only plain LoRA and LoCon are supported)"),
+    (r"\.(hada_|lokr_|lora_mid)", "LyCORIS LoHa/LoKr/Tucker factors (only plain LoRA and LoCon are supported)"),
     (r"lora_[AB]\.bias$", "LoRA biases (lora_bias adapters are not supported)"),
     (r"(^|\.)(text_encoder_2\.|lora_te2_)", "a second text encoder: an SDXL LoRA"),
     (r"(add_embedding|label_emb)", "SDXL's added-conditioning embedding: an SDXL LoRA"),
@@ -167,13 +167,15 @@ def _unet_structure(modules: Mapping[str, Any]) -> Dict[str, Any]:
 
 # ----------------------------------------------------------------------------- parsing
 
+_SUFFIXES = sorted(_ROLES, key=len, reverse=True)
+
+
 def _split(key: str) -> Tuple[Optional[str], str, Optional[str]]:
     """(component or None, module name as written, role) of one LoRA key."""
-    role = next((r for s, r in sorted(_ROLES.items(), key=lambda x: -len(x[0])) if key.endswith(s)), None)
-    if role is None:
+    suffix = next((s for s in _SUFFIXES if key.endswith(s)), None)
+    if suffix is None:
         return None, key, None
-    suffix = next(s for s in sorted(_ROLES, key=len, reverse=True) if key.endswith(s))
-    name = key[: -len(suffix)]
+    role, name = _ROLES[suffix], key[: -len(suffix)]
     for prefix, component in _KOHYA.items():
         if name.startswith(prefix):
             return component, name[len(prefix):], role
@@ -208,6 +210,7 @@ def parse(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, Any],
             problems.append(f"{what}: {hits[:3]}{' ...' if len(hits) > 3 else ''}")
     if problems:
         raise CheckpointError("This LoRA cannot be loaded: " + "; ".join(problems) + ".")
+    _check_text_width(tensors, modules)
     flats = {c: _flat_names(modules[c], c) for c in modules}
     found: Dict[str, Dict[str, Dict[str, Any]]] = {}
     for key, value in tensors.items():
@@ -232,6 +235,21 @@ def parse(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, Any],
     if problems:
         raise CheckpointError("This LoRA does not fit the model:\n    " + "\n    ".join(sorted(problems)))
     return parsed
+
+
+_TEXT_WIDTHS = {768: "Stable Diffusion 1.x", 1024: "Stable Diffusion 2.x", 2048: "SDXL", 1280: "the SDXL refiner"}
+
+
+def _check_text_width(tensors: Mapping[str, np.ndarray], modules: Mapping[str, Mapping[str, Any]]) -> None:
+    """Name the family a LoRA was made for when its cross-attention keys take another text width than
+    this UNet's (an SDXL or SD 2.x LoRA on SD 1.5, ...)."""
+    ours = next((shape[-2] for m, (_, shape) in modules.get("unet", {}).items() if m.endswith("attn2.to_k")), None)
+    theirs = next((int(v.shape[1]) for k, v in tensors.items() if re.search(r"attn2[._]to_k", k)
+                   and _split(k)[2] == "down" and v.ndim == 2), None)
+    if ours is not None and theirs is not None and theirs != ours:
+        raise CheckpointError(
+            f"This LoRA was made for a UNet with {theirs}-wide text embeddings ({_TEXT_WIDTHS.get(theirs, 'another model')})"
+            f"; this pipeline's takes {ours} ({_TEXT_WIDTHS.get(ours, 'this model')}). Use a LoRA made for this model.")
 
 
 def _pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any:
