@@ -176,8 +176,15 @@ def test_original_unet_names_load_like_diffusers_names(setup, tmp_path):
                                lora.merge_adapters(b)[component])
 
 
-def rank4(shape_in, shape_out, rank=4):
-    return np.ones((rank, shape_in), np.float32), np.ones((shape_out, rank), np.float32)
+def test_oldest_files_without_the_unet_prefix(setup):
+    """The first diffusers LoRA files (attention processors) name UNet modules without `unet.`."""
+    _, files, ours, base, _ = setup
+    tensors, _ = lora.read_lora(files["old"])
+    unprefixed = {k.removeprefix("unet."): v for k, v in tensors.items()}
+    a, b = ours.load_lora_weights(base, tensors), ours.load_lora_weights(base, unprefixed)
+    for component in ("unet", "text_encoder"):
+        jax.tree_util.tree_map(np.testing.assert_array_equal, lora.merge_adapters(a)[component],
+                               lora.merge_adapters(b)[component])
 
 
 @pytest.mark.parametrize("tensors,message", [

@@ -5,6 +5,8 @@ Each tiny random model is written as one file with flax_inpaint's inverse table;
 checks that table against diffusers' own mapping. Ours must then load every tensor equal to diffusers'
 and produce the same images (fp32, 1e-3 max abs on values in [0, 1]).
 """
+import shutil
+
 import jax
 import numpy as np
 import pytest
@@ -279,6 +281,19 @@ def test_model_class_reads_its_component_of_a_pipeline_file(files):
     unet, params = FlaxUNet2DConditionModel.from_single_file(path, config=folder, image_size=128)
     assert unet.sample_size == 128 // 8
     assert_same_tensors(to_torch_state_dict(params), tl.diffusers_state(pipe.unet), "unet")
+
+
+def test_components_missing_from_the_file_come_from_config(files, tmp_path):
+    """A file without a text encoder (e.g. a UNet+VAE export) takes it from config='s folder weights."""
+    folder, pipe, _ = files["sd1-ckpt"]
+    state = {k: v for k, v in tl.original_state(pipe, "sd1").items() if not k.startswith(sf.CLIP_PREFIX)}
+    path = tl.write_file(state, tmp_path / "no-text.safetensors")
+    _, params = FlaxStableDiffusionInpaintPipeline.from_single_file(path, config=folder)
+    assert_same_tensors(to_torch_state_dict(params["text_encoder"]), tl.diffusers_state(pipe.text_encoder),
+                        "text_encoder")
+    partial = shutil.copytree(folder, tmp_path / "partial", ignore=shutil.ignore_patterns("text_encoder"))
+    with pytest.raises(CheckpointError, match="has no text_encoder .* and config= supplies none"):
+        FlaxStableDiffusionInpaintPipeline.from_single_file(path, config=partial)
 
 
 def test_standalone_vae_file(files, tmp_path):

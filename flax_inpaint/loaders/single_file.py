@@ -520,11 +520,15 @@ def folder_config(config: Union[str, os.PathLike], component: str) -> Optional[D
         raise CheckpointError(f"config={str(config)!r} is not a local folder; pass a diffusers pipeline or model "
                               "folder of the same architecture (single files never fetch configs from the hub).")
     for candidate in (folder / SUBFOLDERS[component] / "config.json", folder / "config.json"):
-        if candidate.is_file() and (candidate.parent != folder or not (folder / "model_index.json").is_file()):
-            try:
-                return json.loads(candidate.read_text())
-            except json.JSONDecodeError as e:
-                raise CheckpointError(f"{candidate} is not valid JSON: {e}") from None
+        if not candidate.is_file():
+            continue
+        try:
+            config = json.loads(candidate.read_text())
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{candidate} is not valid JSON: {e}") from None
+        names = {config.get("_class_name"), *config.get("architectures", [])}
+        if candidate.parent != folder or _model_class(component).torch_class in names:
+            return config  # a pipeline's subfolder, or a model folder of this component's class
     return None
 
 
