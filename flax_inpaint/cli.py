@@ -21,7 +21,7 @@ EPILOG = """examples:
   flax-inpaint sweep sweep.json            (run again after a kill: it resumes)
   flax-inpaint convert --model path/to/sd-inpainting
   flax-inpaint convert --single-file sd-v1-5-inpainting.safetensors --out sd15-inpainting
-  flax-inpaint inpaint --single-file model.safetensors --lora style.safetensors:0.8 \
+  flax-inpaint inpaint --single-file model.safetensors --lora style.safetensors:0.8 \\
       --textual-inversion negemb.pt:negemb --negative-prompt negemb --image photo.png --mask mask.png --prompt "a cat"
   flax-inpaint bench --preset tiny --batch 1 --steps 2
 

@@ -142,7 +142,8 @@ class _Base(FromSingleFileMixin, LoraLoaderMixin, TextualInversionLoaderMixin):
         if not all(isinstance(p, str) for p in prompts):
             raise TypeError(f"prompt must be a string or a list of strings, got {type(prompt).__name__}.")
         return self.tokenizer(
-            self.maybe_convert_prompt(prompts), padding="max_length", max_length=self.max_length, truncation=True, return_tensors="np"
+            self.maybe_convert_prompt(prompts), padding="max_length", max_length=self.max_length, truncation=True,
+            return_tensors="np",
         ).input_ids.astype(np.int32)
 
     def prepare_text_inputs(self, prompt) -> np.ndarray:
