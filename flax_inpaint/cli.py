@@ -33,9 +33,13 @@ EPILOG = """examples:
       --prompt "a cat on a bench" "a dog on a bench" --batch 2 --steps 30 --out outputs
   flax-inpaint sweep sweep.json            (run again after a kill: it resumes)
   flax-inpaint convert --model path/to/sd-inpainting
+  flax-inpaint convert --single-file sd-v1-5-inpainting.safetensors --out sd15-inpainting
+  flax-inpaint inpaint --single-file model.safetensors --lora style.safetensors:0.8 \\
+      --textual-inversion negemb.pt:negemb --negative-prompt negemb --image photo.png --mask mask.png --prompt "a cat"
   flax-inpaint bench --preset tiny --batch 1 --steps 2
 
-A model is a local diffusers folder (model_index.json) or a hub repo id (org/name).
+A model is a local diffusers folder (model_index.json) or a hub repo id (org/name), or with --single-file
+one .safetensors/.ckpt in the original Stable Diffusion layout.
 FLAX_INPAINT_TRACEBACK=1 shows the traceback of an unexpected error.
 """
 TRACEBACK_ENV = "FLAX_INPAINT_TRACEBACK"
@@ -105,19 +109,32 @@ def _check_cache() -> None:
     check_folder(default_cache_dir(), "the params cache ($FLAX_INPAINT_CACHE, default ~/.cache/flax_inpaint)")
 
 
-def _load(model: str, dtype: str, scheduler: Optional[str]):
-    """(pipeline, params) of `model`, with `scheduler` (a diffusers class name) swapped in."""
+def _load(model: Optional[str], dtype: str, scheduler: Optional[str], single_file: Optional[str] = None,
+          config: Optional[str] = None, loras=(), embeddings=()):
+    """(pipeline, params) of `model` (or of `single_file`, with `config`), with `scheduler` (a diffusers class
+    name) swapped in and the LoRAs and textual-inversion embeddings loaded."""
     import jax.numpy as jnp
 
     from flax_inpaint import FlaxStableDiffusionInpaintPipeline
+    from flax_inpaint.loaders import options
     from flax_inpaint.sweep import model_error, with_scheduler
 
+    if (model is None) == (single_file is None):
+        _fail("give --model (a diffusers folder or hub id) or --single-file (a .safetensors/.ckpt), not both or "
+              "neither.")
     _check_cache()
-    _say(f"loading {model} ({dtype}) ...")
+    _say(f"loading {model or single_file} ({dtype}) ...")
     try:
-        pipe, params = FlaxStableDiffusionInpaintPipeline.from_pretrained(model, dtype=getattr(jnp, dtype))
+        pipe, params = options.load(FlaxStableDiffusionInpaintPipeline, model, single_file, config,
+                                    dtype=getattr(jnp, dtype))
     except (ValueError, OSError) as e:  # CheckpointError, a bad config, or a component the loader cannot read
-        _fail(model_error("--model", model, e))
+        _fail(model_error("--model", model, e) if single_file is None else
+              f"--single-file {single_file!r} could not be loaded: {e}\nFix --single-file (a Stable Diffusion 1.x/2.x "
+              "checkpoint in the original layout) or pass --config a local diffusers folder of its architecture.")
+    try:
+        params = options.apply(pipe, params, loras, embeddings)
+    except (ValueError, OSError) as e:
+        _fail(f"--lora / --textual-inversion could not be loaded: {e}")
     return with_scheduler(pipe, params, scheduler)
 
 
@@ -227,7 +244,8 @@ def cmd_inpaint(args) -> None:
     out_dir = Path(args.out)
     check_folder(out_dir, "--out")
     _check_scheduler(args.scheduler)
-    pipe, params = _load(args.model, args.dtype, args.scheduler)
+    pipe, params = _load(args.model, args.dtype, args.scheduler, args.single_file, args.config, args.lora,
+                         args.textual_inversion)
     _check_steps(pipe, args.steps, args.strength)
     prompts = [p for p in args.prompt for _ in range(args.batch)]
     seeds = [args.seed + k for _ in args.prompt for k in range(args.batch)]
@@ -292,8 +310,9 @@ def cmd_convert(args) -> None:
             _fail(f"--out {args.out!r} already exists and is not empty; pass a new folder (convert writes a "
                   "whole pipeline folder) or delete it.")
         check_folder(out, "--out")
-    pipe, params = _load(args.model, args.dtype, None)
-    print(f"cached Flax msgpack params under {default_cache_dir()}: the next load of {args.model} skips conversion")
+    pipe, params = _load(args.model, args.dtype, None, args.single_file, args.config)
+    if args.single_file is None:
+        print(f"cached Flax msgpack params under {default_cache_dir()}: the next load of {args.model} skips conversion")
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
@@ -355,6 +374,39 @@ def _seed(text):
     return value
 
 
+def _loader_arg(kind: str, parse):
+    def check(text):
+        from flax_inpaint.loaders import options
+
+        try:
+            value = parse(text)
+            options.check_exists(kind, value[0])
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        return value
+    return check
+
+
+def _add_source_options(parser, loaders: bool) -> None:
+    """--model or --single-file (with --config); with `loaders` also --lora and --textual-inversion."""
+    from flax_inpaint.loaders import options
+
+    parser.add_argument("--model", default=None, help="local diffusers folder or hub repo id")
+    parser.add_argument("--single-file", default=None, metavar="FILE",
+                        help="instead of --model: a Stable Diffusion 1.x/2.x checkpoint in the original layout "
+                             "(.safetensors, or .ckpt read with torch.load(weights_only=True))")
+    parser.add_argument("--config", default=None, metavar="FOLDER",
+                        help="with --single-file: a local diffusers folder of the same architecture (tokenizer, "
+                             "scheduler, sizes); default: the known family's built-in defaults")
+    if loaders:
+        parser.add_argument("--lora", action="append", default=[], metavar="PATH[:WEIGHT]",
+                            type=_loader_arg("--lora", options.parse_lora),
+                            help="a LoRA (diffusers/PEFT, kohya/A1111) at WEIGHT (default 1); repeatable")
+        parser.add_argument("--textual-inversion", action="append", default=[], metavar="PATH[:TOKEN]",
+                            type=_loader_arg("--textual-inversion", options.parse_embedding),
+                            help="a textual-inversion embedding, as TOKEN (default: the file's); repeatable")
+
+
 def _size(text):
     value = _positive(int)(text)
     if value % 8:
@@ -397,7 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
         "inpaint", help="inpaint one image with a diffusers-format model", formatter_class=fmt,
         description="Repaint the white part of --mask in --image. Image k of every prompt uses seed --seed + k, "
                     "so `sweep` with that seed reproduces it. Writes OUT/prompt<i>_seed<s>.png.")
-    inp.add_argument("--model", required=True, help="local diffusers folder or hub repo id")
+    _add_source_options(inp, loaders=True)
     inp.add_argument("--image", required=True, help="RGB image file")
     inp.add_argument("--mask", required=True, help="mask file of the image's size; white = repaint")
     inp.add_argument("--prompt", required=True, nargs="+", help="one or more prompts")
@@ -444,7 +496,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Convert a PyTorch diffusers model (folder or hub id) to Flax params, cached as msgpack so later "
                     "loads skip conversion ($FLAX_INPAINT_CACHE, default ~/.cache/flax_inpaint); with --out, also "
                     "write a folder with both the Flax msgpack and the PyTorch safetensors weights.")
-    conv.add_argument("--model", required=True, help="local diffusers folder or hub repo id")
+    _add_source_options(conv, loaders=False)
     conv.add_argument("--out", default=None, help="also write the converted pipeline folder here")
     conv.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="params dtype")
     conv.set_defaults(func=cmd_convert)

@@ -11,6 +11,11 @@ A spec (a dict, or a .json / .yaml file) names the model and the configurations.
 The configurations are every `list` entry (or one empty entry) crossed with every combination of the
 `grid` axes, over the top-level defaults. Relative paths are relative to the spec file.
 
+Instead of "model", "single_file" (with an optional "config" folder) loads an original-layout checkpoint;
+"lora": ["style.safetensors:0.8", ...] and "textual_inversion": ["negemb.pt:negemb", ...] load adapters
+and embeddings (as the CLI's --lora / --textual-inversion), and the option "lora_weight" (a number for
+every LoRA, or one per LoRA) may vary in the grid: the weights are traced, so it never recompiles.
+
 How it runs (`run_sweep`):
   * Configurations are grouped by what the compiled program depends on (height, width, steps,
     scheduler, guidance > 1), so each group compiles once; prompts, seeds, guidance, strength and
@@ -63,7 +68,8 @@ LOCK = ".sweep.lock"
 _OWN_FILE = re.compile(r"[0-9a-f]{16}\.png|\.[0-9a-f]{16}\.png\..+\.tmp")
 DTYPES = ("float32", "bfloat16")
 COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
-_SETTINGS = ("model", "out", "dtype", "per_device_batch", "grid", "list")
+_SETTINGS = ("model", "single_file", "config", "lora", "textual_inversion", "out", "dtype", "per_device_batch", "grid",
+             "list")
 
 
 class SweepSpecError(ValueError):
@@ -88,10 +94,12 @@ class Config:
     steps: int = 50
     scheduler: Optional[str] = None  # a diffusers scheduler class name; None keeps the model's
     size: Optional[int] = None  # square output size; None keeps the image's size (floored to 8)
+    lora_weight: Optional[Union[float, Tuple[float, ...]]] = None  # the spec's LoRAs' weights (traced: no recompile)
 
     def result_id(self, model: str, dtype: str) -> str:
         """Deterministic id: a hash of this configuration, the model and the dtype."""
-        payload = json.dumps({"model": model, "dtype": dtype, **dataclasses.asdict(self)}, sort_keys=True)
+        fields = {k: v for k, v in dataclasses.asdict(self).items() if k != "lora_weight" or v is not None}
+        payload = json.dumps({"model": model, "dtype": dtype, **fields}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -120,6 +128,8 @@ _CHECKS = {
     "scheduler": (lambda v: v is None or isinstance(v, str),
                   "a scheduler class name such as 'DDIMScheduler', or null for the model's"),
     "size": (lambda v: v is None or (_is_int(v) and v > 0 and v % 8 == 0), "a positive multiple of 8, or null"),
+    "lora_weight": (lambda v: v is None or _is_number(v) or (isinstance(v, list) and all(map(_is_number, v))),
+                    "a number (every LoRA of the spec) or a list of numbers (one per LoRA)"),
 }
 
 
@@ -133,6 +143,10 @@ class SweepSpec:
     dtype: str = "float32"
     per_device_batch: int = 1
     base_dir: Path = Path(".")
+    single_file: Optional[str] = None  # instead of `model`: an original-layout checkpoint (with `config`)
+    config: Optional[str] = None
+    loras: Tuple[Tuple[str, float], ...] = ()  # (path, default weight)
+    embeddings: Tuple[Tuple[str, Optional[str]], ...] = ()  # (path, token)
 
     @classmethod
     def from_dict(cls, spec: Mapping[str, Any], base_dir: Union[str, os.PathLike] = ".",
@@ -147,9 +161,11 @@ class SweepSpec:
         if unknown:
             fail(f"unknown key(s) {unknown}; allowed: settings {list(_SETTINGS)} and options {list(AXES)}.")
         base = Path(base_dir)
-        model = spec.get("model")
-        if not isinstance(model, str) or not model:
-            fail(f"'model' must name a diffusers model folder or hub id, got {model!r}.")
+        loaders = _loaders(spec, base, fail)
+        model = spec.get("model", loaders["single_file"])
+        if not isinstance(model, str) or not model or ("model" in spec) == (loaders["single_file"] is not None):
+            fail(f"give 'model' (a diffusers model folder or hub id) or 'single_file' (a .safetensors/.ckpt), one of "
+                 f"them; got model={spec.get('model')!r}, single_file={spec.get('single_file')!r}.")
         if (base / model).exists():
             model = str(base / model)
         dtype = spec.get("dtype", "float32")
@@ -221,6 +237,13 @@ class SweepSpec:
                 missing = [k for k in _REQUIRED if k not in values]
                 if missing:
                     fail(f"list[{i}] has no {missing}; give them at the top level, in the grid or in the entry.")
+                if isinstance(values.get("lora_weight"), list):
+                    values["lora_weight"] = tuple(values["lora_weight"])
+                weight = values.get("lora_weight")
+                count = len(weight) if isinstance(weight, tuple) else 1
+                if weight is not None and (not loaders["loras"] or count not in (1, len(loaders["loras"]))):
+                    fail(f"lora_weight={weight!r} needs the spec's 'lora' list, one weight for all or one per LoRA "
+                         f"({len(loaders['loras'])}).")
                 config = Config(**values)
                 if sizes[config.image] != sizes[config.mask]:
                     (iw, ih), (mw, mh) = sizes[config.image], sizes[config.mask]
@@ -230,7 +253,7 @@ class SweepSpec:
                     seen.add(config)
                     configs.append(config)
         return cls(model=model, out=base / out_dir, configs=tuple(configs), dtype=dtype,
-                   per_device_batch=per_device, base_dir=base)
+                   per_device_batch=per_device, base_dir=base, **loaders)
 
     @classmethod
     def from_file(cls, path: Union[str, os.PathLike], out: Optional[str] = None) -> "SweepSpec":
@@ -263,7 +286,49 @@ class SweepSpec:
         return cls.from_dict(spec, base_dir=path.parent, source=str(path), out=out)
 
     def ids(self) -> List[str]:
-        return [c.result_id(self.model, self.dtype) for c in self.configs]
+        from flax_inpaint.loaders import options
+
+        extra = options.describe(self.loras, self.embeddings)  # ids of specs without loaders stay as they were
+        return [c.result_id(f"{self.model}|{extra}" if extra else self.model, self.dtype) for c in self.configs]
+
+    def lora_weights(self, config: Config) -> Optional[List[float]]:
+        """The LoRA weights of one configuration (None: the spec's)."""
+        w = config.lora_weight
+        if w is None:
+            return None
+        w = w if isinstance(w, tuple) else (w,)
+        return list(w) * len(self.loras) if len(w) == 1 else list(w)
+
+
+def _loaders(spec: Mapping[str, Any], base: Path, fail) -> Dict[str, Any]:
+    """single_file / config / lora / textual_inversion of a spec, paths resolved against `base`."""
+    from flax_inpaint.loaders import options
+
+    def path(key, value):
+        if not isinstance(value, str) or not (base / value).exists():
+            fail(f"{key} = {value!r}: no such file or folder under {base.resolve()}; paths are relative to the spec.")
+        return str(base / value)
+
+    out = {"single_file": None, "config": None, "loras": (), "embeddings": ()}
+    for key in ("single_file", "config"):
+        if spec.get(key) is not None:
+            out[key] = path(key, spec[key])
+    for key, parse, field in (("lora", options.parse_lora, "loras"),
+                              ("textual_inversion", options.parse_embedding, "embeddings")):
+        entries = spec.get(key, [])
+        if not isinstance(entries, list):
+            fail(f"'{key}' must be a list of \"PATH[:{'WEIGHT' if key == 'lora' else 'TOKEN'}]\" strings.")
+        parsed = []
+        for i, entry in enumerate(entries):
+            if not isinstance(entry, str):
+                fail(f"{key}[{i}] = {entry!r} is not a string.")
+            try:
+                p, extra = parse(entry)
+            except ValueError as e:
+                fail(f"{key}[{i}]: {e}")
+            parsed.append((path(f"{key}[{i}]", p), extra))
+        out[field] = tuple(parsed)
+    return out
 
 
 class ResultStore:
@@ -498,14 +563,25 @@ def _compute(spec: SweepSpec, todo: List[Tuple[str, Config]], pipeline, mesh: Op
 
     from flax_inpaint.pipelines.stable_diffusion import FlaxStableDiffusionInpaintPipeline
 
+    from flax_inpaint.loaders import options
+
     if pipeline is None:
         import jax.numpy as jnp
 
         try:
-            pipeline = FlaxStableDiffusionInpaintPipeline.from_pretrained(spec.model, dtype=getattr(jnp, spec.dtype))
+            pipeline = options.load(FlaxStableDiffusionInpaintPipeline, None if spec.single_file else spec.model,
+                                    spec.single_file, spec.config, dtype=getattr(jnp, spec.dtype))
         except (ValueError, OSError) as e:  # CheckpointError, a bad config, or a component the loader cannot read
+            if spec.single_file:
+                raise SweepSpecError(f"sweep spec 'single_file' {spec.single_file!r} could not be loaded: {e}") from e
             raise SweepSpecError(model_error("sweep spec 'model'", spec.model, e)) from e
     base_pipe, base_params = pipeline
+    if spec.loras or spec.embeddings:  # on a copy: a given pipeline keeps its tokenizer
+        base_pipe = type(base_pipe).from_pipe(base_pipe)
+        try:
+            base_params = options.apply(base_pipe, base_params, spec.loras, spec.embeddings)
+        except (ValueError, OSError) as e:
+            raise SweepSpecError(f"sweep spec 'lora' / 'textual_inversion' could not be loaded: {e}") from e
     mesh = mesh or data_mesh()
     global_batch = spec.per_device_batch * mesh.devices.size
     rows = _local_rows(mesh, global_batch)
@@ -552,10 +628,13 @@ def _compute(spec: SweepSpec, todo: List[Tuple[str, Config]], pipeline, mesh: Op
         for g, items in groups.items():
             pipe, params = pipes[g.scheduler]
             compiles[g.label] = 0
-            by_strength: Dict[float, List[Tuple[str, Config]]] = defaultdict(list)
-            for item in items:  # strength is one value per call
-                by_strength[item[1].strength].append(item)
-            for strength, sub in by_strength.items():
+            by_call: Dict[tuple, List[Tuple[str, Config]]] = defaultdict(list)
+            for item in items:  # strength and the LoRA weights are one value per call (both traced)
+                weights = spec.lora_weights(item[1])
+                by_call[item[1].strength, None if weights is None else tuple(weights)].append(item)
+            for (strength, weights), sub in by_call.items():
+                call_params = params if weights is None else pipe.set_adapters(
+                    params, options.lora_names(spec.loras), list(weights))
                 for start in range(0, len(sub), global_batch):
                     chunk = sub[start:start + global_batch]
                     padded = chunk + [chunk[-1]] * (global_batch - len(chunk))
@@ -564,7 +643,7 @@ def _compute(spec: SweepSpec, todo: List[Tuple[str, Config]], pipeline, mesh: Op
                     neg = [c.negative_prompt or "" for c in local]
                     tic = time.perf_counter()
                     with _CompileCounter() as counter:
-                        out = pipe(pipe.tokenize([c.prompt for c in local]), masks, masked, params,
+                        out = pipe(pipe.tokenize([c.prompt for c in local]), masks, masked, call_params,
                                    seed_keys([c.seed for c in local]), num_inference_steps=g.steps,
                                    height=g.height, width=g.width, image=images, strength=strength,
                                    guidance_scale=np.array([c.guidance for c in local], np.float32),

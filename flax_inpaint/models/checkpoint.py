@@ -612,6 +612,23 @@ class PretrainedMixin:
             write_bytes_atomic(cache, flax.serialization.msgpack_serialize(params))
         return model, model._cast(params)
 
+    @classmethod
+    def from_single_file(
+        cls,
+        path: os.PathLike | str,
+        config: Optional[os.PathLike | str] = None,
+        dtype: Any = jnp.float32,
+        param_dtype: Any = jnp.float32,
+        attention: str = "auto",
+        **overrides,
+    ):
+        """Load `(model, params)` from a single file in the original Stable Diffusion layout (a whole
+        pipeline's file, or a standalone UNet/VAE/ControlNet file); see `flax_inpaint.loaders.single_file`.
+        `config`: a local diffusers folder of the same architecture; `overrides`: image_size, num_in_channels."""
+        from flax_inpaint.loaders.single_file import load_model
+
+        return load_model(cls, path, config, runtime=Runtime(dtype, param_dtype, attention), **overrides)
+
     def save_pretrained(self, folder: os.PathLike, params: Params, pytorch_format: bool = False) -> None:
         """Write config.json and the params as a Flax msgpack (and, optionally, PyTorch safetensors).
 

@@ -145,6 +145,32 @@ class _ControlNetMixin:
                              "folder, a FlaxControlNetModel, or a list of either>.")
         return cls(**kwargs, dtype=dtype), params
 
+    @classmethod
+    def from_single_file(cls, path: Union[str, os.PathLike], config: Optional[Union[str, os.PathLike]] = None, *,
+                         controlnet: Any = None, dtype: Any = jnp.float32, param_dtype: Optional[Any] = None,
+                         attention: str = "auto", **kwargs):
+        """`_Base.from_single_file` plus the ControlNet(s). controlnet: None reads it from the file itself (the
+        original ControlNet releases hold the whole pipeline); a ControlNet single file or diffusers folder, or a
+        list of them, is loaded into params["controlnet"]; FlaxControlNetModel(s) are used as given (then set
+        params["controlnet"] yourself)."""
+        common = dict(dtype=dtype, param_dtype=param_dtype, attention=attention)
+        items = list(controlnet) if isinstance(controlnet, (list, tuple)) else [controlnet]
+        if controlnet is None or not all(isinstance(x, (str, os.PathLike)) for x in items):
+            extra = {} if controlnet is None else {"controlnet": controlnet}
+            return super().from_single_file(path, config, **common, **extra, **kwargs)
+        runtime = dict(dtype=dtype, param_dtype=param_dtype or dtype, attention=attention)
+        loaded = [FlaxControlNetModel.from_single_file(x, config, **runtime) if os.path.isfile(x)
+                  else FlaxControlNetModel.from_pretrained(x, **runtime) for x in items]
+        models, nets_params = (tuple(x) for x in zip(*loaded))
+        multi = isinstance(controlnet, (list, tuple))
+        pipe, params = super().from_single_file(path, config, controlnet=models if multi else models[0], **common,
+                                                **kwargs)
+        return pipe, {**params, "controlnet": nets_params if multi else nets_params[0]}
+
+    @classmethod
+    def _controlnet_in_file(cls, path, components: dict) -> bool:
+        return "controlnet" not in components
+
     def _saved_components(self) -> dict:
         return {**super()._saved_components(), "controlnet": self.controlnet}
 

@@ -21,6 +21,8 @@ import flax
 import jax
 import jax.numpy as jnp
 
+from flax_inpaint.loaders.lora import merge_adapters
+
 Array = jax.Array
 
 
@@ -160,6 +162,7 @@ def _controlnet_residuals(c: Components, opts: Options, params, control_images, 
 def generate(c: Components, opts: Options, params, batch: Batch, key: Array):
     """Run the full sampling program; returns (images or latents, nsfw flags or None)."""
     unet, vae, sched = c.unet, c.vae, c.scheduler
+    params = merge_adapters(params)  # LoRA adapters at their (traced) weights, once per call
     n_img = opts.num_images_per_prompt
     context = _prompt_context(c, opts, params, batch)
     bsz = context.shape[0] // (2 if opts.do_cfg else 1)

@@ -23,6 +23,9 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from flax_inpaint.image_processor import VaeImageProcessor, postprocess_inpaint, preprocess_inpaint
+from flax_inpaint.loaders.lora import LoraLoaderMixin
+from flax_inpaint.loaders.single_file import FromSingleFileMixin
+from flax_inpaint.loaders.textual_inversion import TextualInversionLoaderMixin
 from flax_inpaint.pipelines import loading
 from flax_inpaint.pipelines.sampling import (
     CALL_WIDE_FIELDS,
@@ -50,7 +53,7 @@ class FlaxStableDiffusionPipelineOutput:
     nsfw_content_detected: Any
 
 
-class _Base:
+class _Base(FromSingleFileMixin, LoraLoaderMixin, TextualInversionLoaderMixin):
     """Components, loading and the host-side plumbing shared by all Stable Diffusion pipelines."""
 
     _pipeline_class = "StableDiffusionPipeline"
@@ -139,7 +142,8 @@ class _Base:
         if not all(isinstance(p, str) for p in prompts):
             raise TypeError(f"prompt must be a string or a list of strings, got {type(prompt).__name__}.")
         return self.tokenizer(
-            prompts, padding="max_length", max_length=self.max_length, truncation=True, return_tensors="np"
+            self.maybe_convert_prompt(prompts), padding="max_length", max_length=self.max_length, truncation=True,
+            return_tensors="np",
         ).input_ids.astype(np.int32)
 
     def prepare_text_inputs(self, prompt) -> np.ndarray:
