@@ -149,7 +149,9 @@ PRESETS: Dict[str, Preset] = {
 PROMPT = "a red circle on a blue background"
 # Dense bf16 TFLOP/s the floor is measured against, by device kind (gpu-facts: ~790 on an H100,
 # which makes SD1.5's 82.5 TFLOP/image a floor of ~9.6 img/s). Others: pass --peak-tflops.
-PEAK_TFLOPS = {"H100": 790.0, "H200": 790.0}  # the H200 has the H100's compute (788 measured here)
+# TPUs: Google's published bf16 peaks per chip (device_kind "TPU v5 lite" is a v5e).
+PEAK_TFLOPS = {"H100": 790.0, "H200": 790.0,  # the H200 has the H100's compute (788 measured here)
+               "TPU v5 lite": 197.0, "TPU v4": 275.0}
 
 
 # ----------------------------------------------------------------------------- shared helpers
