@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import dataclasses
 import datetime
 import gzip
@@ -39,6 +40,7 @@ import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental.pallas import tpu as pltpu
 from PIL import Image
 
 import flax_inpaint
@@ -361,7 +363,7 @@ def kernel_calls(text: str) -> Dict[str, tuple]:
     callees, kernels = {}, {}
     for body in funcs[1:]:
         name = re.match(r"(?:public |private )?@([\w.$-]+)", body).group(1)
-        callees[name] = collections.Counter(re.findall(r"call @([\w.$-]+)\(", body))
+        callees[name] = collections.Counter(re.findall(r"(?<!_)call @([\w.$-]+)\(", body))
         flops = re.findall(r"tpu_custom_call.*?\\22flops\\22:(\d+)", body)
         if flops:
             kernels[name] = sum(map(int, flops))
@@ -580,15 +582,17 @@ def compile_only(args, preset: Preset, common, clock: CompileClock) -> None:
                "attention": ours.runtime.attention, "lowered_for": args.platform or jax.default_backend(),
                "setup_s": rec.get("setup_s"), "setup_cpu_s": rec.get("setup_cpu_s")}
         hits = clock.cache_hits
-        with Phase(rec, "trace"):
-            traced = fn.trace(*call)
-        with Phase(rec, "lower"):
-            lowered = traced.lower(lowering_platforms=platforms)
         memory = None
-        if compiles:
-            with Phase(rec, "compile"):
-                compiled = lowered.compile()
-            memory = compiled.memory_analysis()
+        with pltpu.force_tpu_interpret_mode() if args.pallas_interpret else contextlib.nullcontext():
+            with Phase(rec, "trace"):
+                traced = fn.trace(*call)
+            with Phase(rec, "lower"):
+                lowered = traced.lower(lowering_platforms=platforms)
+            if compiles:
+                with Phase(rec, "compile"):
+                    compiled = lowered.compile()
+                memory = compiled.memory_analysis()
+        rec["pallas_interpret"] = args.pallas_interpret
         rec["total_s"] = sum(rec.get(f"{k}_s") or 0.0 for k in ("trace", "lower", "compile"))
         rec["total_cpu_s"] = sum(rec.get(f"{k}_cpu_s") or 0.0 for k in ("trace", "lower", "compile"))
         rec["persistent_cache_hits"] = clock.cache_hits - hits
@@ -685,6 +689,9 @@ def parse_args(argv=None, torch_side: bool = False) -> argparse.Namespace:
                        help="shortest sequence the Pallas TPU kernel takes (Runtime.flash_min_length)")
         p.add_argument("--compile-only", action="store_true",
                        help="only trace/lower/compile seconds and the compiled program's memory per batch (no run)")
+        p.add_argument("--pallas-interpret", action="store_true",
+                       help="with --compile-only --attention pallas off a TPU: compile the Pallas kernels in TPU "
+                            "interpret mode, for this host's memory analysis of the TPU program's buffers")
         p.add_argument("--platform", choices=["tpu"], default=None,
                        help="with --flops-only/--compile-only: lower for this platform from any host (no compile "
                             "unless it is this host's)")
@@ -703,6 +710,8 @@ def parse_args(argv=None, torch_side: bool = False) -> argparse.Namespace:
             p.error(f"--torch {' '.join(args.torch)}: 'none' cannot be combined with eager/compile.")
         if args.platform and not (args.flops_only or args.compile_only):
             p.error(f"--platform {args.platform} only lowers: combine it with --flops-only or --compile-only.")
+        if args.pallas_interpret and not args.compile_only:
+            p.error("--pallas-interpret only applies to --compile-only (interpreted kernels are for analysis).")
         if args.psnr and args.dtype == "float32":
             p.error("--psnr compares --dtype against float32; pass --dtype bfloat16 or float16.")
     return args

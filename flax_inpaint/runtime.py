@@ -7,12 +7,14 @@ unchanged, so no block grows a keyword argument per setting.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Literal, Optional
 
 import jax
 import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu import flash_attention as pallas_flash
+from jax.sharding import PartitionSpec as P
 
 AttentionImpl = Literal["auto", "xla", "cudnn", "pallas"]
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "pallas")
@@ -109,7 +111,15 @@ def _flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> 
 
     block = flash_block_size(q.shape[1], k.shape[1], padded, q.dtype.itemsize)
     sizes = pallas_flash.BlockSizes(block_q=block, block_k_major=block, block_k=block, block_b=1)
-    out = pallas_flash.flash_attention(prepare(q), prepare(k), prepare(v), sm_scale=scale, block_sizes=sizes)
+    kernel = functools.partial(pallas_flash.flash_attention, sm_scale=scale, block_sizes=sizes)
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty and q.shape[0] % mesh.shape[mesh.axis_names[0]] == 0:
+        # XLA cannot split a custom call across devices (it would gather the batch onto each one):
+        # under a mesh, each device runs the kernel on its rows of the mesh's first (data) axis,
+        # the axis the pipelines shard batches along.
+        rows = P(mesh.axis_names[0])
+        kernel = jax.shard_map(kernel, mesh=mesh, in_specs=(rows,) * 3, out_specs=rows, check_vma=False)
+    out = kernel(prepare(q), prepare(k), prepare(v))
     return jnp.swapaxes(out[..., :head_dim], 1, 2)
 
 
