@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import dataclasses
 import datetime
 import gzip
 import inspect
 import json
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -38,6 +40,7 @@ import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental.pallas import tpu as pltpu
 from PIL import Image
 
 import flax_inpaint
@@ -148,7 +151,9 @@ PRESETS: Dict[str, Preset] = {
 PROMPT = "a red circle on a blue background"
 # Dense bf16 TFLOP/s the floor is measured against, by device kind (gpu-facts: ~790 on an H100,
 # which makes SD1.5's 82.5 TFLOP/image a floor of ~9.6 img/s). Others: pass --peak-tflops.
-PEAK_TFLOPS = {"H100": 790.0, "H200": 790.0}  # the H200 has the H100's compute (788 measured here)
+# TPUs: Google's published bf16 peaks per chip (device_kind "TPU v5 lite" is a v5e).
+PEAK_TFLOPS = {"H100": 790.0, "H200": 790.0,  # the H200 has the H100's compute (788 measured here)
+               "TPU v5 lite": 197.0, "TPU v4": 275.0}
 
 
 # ----------------------------------------------------------------------------- shared helpers
@@ -286,15 +291,10 @@ class Ours:
                          num_inference_steps=steps, guidance_scale=guidance,
                          neg_prompt_ids=inputs["neg_prompt_ids"]).images
 
-    def flops(self, inputs, steps: int, guidance: float, size: int) -> Dict[str, float]:
-        """Compute per image from XLA's cost analysis of the lowered sampling program.
-
-        XLA counts a while loop's body once, so the loop's remaining iterations are added as UNet
-        passes (the scheduler and guidance arithmetic per step is elementwise and negligible).
-        Attention is costed as the XLA einsum form: a cuDNN kernel is a custom call without a count.
-        """
-        xla = dataclasses.replace(self.runtime, attention="xla")
-        unet, vae, text_encoder = (m.clone(runtime=xla) for m in self.models)
+    def program(self, inputs, steps: int, guidance: float, size: int, runtime=None):
+        """(the jitted sampling program, its arguments) for one pipeline call, the models running with
+        `runtime` (default: this pipeline's): what the pipeline compiles, without its host plumbing."""
+        unet, vae, text_encoder = (m.clone(runtime=runtime or self.runtime) for m in self.models)
         sched = self.pipe.scheduler
         do_cfg = guidance > 1.0
         opts = Options(num_inference_steps=steps, height=size, width=size, do_cfg=do_cfg,
@@ -305,25 +305,77 @@ class Ours:
                       guidance_scale=np.full((batch_size,), guidance, np.float32), begin_index=np.int32(0),
                       strength_is_max=np.bool_(True), eta=np.float32(0.0))
         comps = Components(unet, vae, text_encoder, sched)
-        program = _flops(jax.jit(generate, static_argnums=(0, 1)).lower(comps, opts, self.params, batch, self.key))
+        return jax.jit(generate, static_argnums=(0, 1)), (comps, opts, self.params, batch, self.key)
 
-        f = 2 ** (len(vae.block_out_channels) - 1)
-        n = batch_size * (2 if do_cfg else 1)
+    def flops(self, inputs, steps: int, guidance: float, size: int, platform: Optional[str] = None) -> Dict[str, Any]:
+        """Compute per image from XLA's cost analysis of the lowered sampling program.
+
+        XLA counts a while loop's body once, so the loop's remaining iterations are added as UNet
+        passes (the scheduler and guidance arithmetic per step is elementwise and negligible).
+        Lowered for this host, attention is costed as the XLA einsum form (a cuDNN kernel is a custom
+        call without a count). Lowered for `platform="tpu"` (possible on any host), long attention is
+        the Pallas flash kernel, costed by the kernel's own estimate at its padded head dim.
+        """
+        runtime = dataclasses.replace(self.runtime, attention="pallas" if platform == "tpu" else "xla")
+        platforms = None if platform is None else (platform,)
+        fn, call = self.program(inputs, steps, guidance, size, runtime)
+        program = _flops(fn.trace(*call).lower(lowering_platforms=platforms))
+
+        unet = self.models[0].clone(runtime=runtime)
+        f = 2 ** (len(self.models[1].block_out_channels) - 1)
+        batch_size = inputs["prompt_ids"].shape[0]
+        n = batch_size * (2 if guidance > 1.0 else 1)
         latent = (n, size // f, size // f, unet.in_channels)
-        context = (n, self.pipe.max_length, text_encoder.hidden_size)
-        n_iter = int(sched.set_timesteps(self.params["scheduler"], steps, latent).timesteps.shape[0])
-        unet_pass = _flops(jax.jit(lambda p, x, t, c: unet.apply({"params": p}, x, t, c, method=unet.nhwc)).lower(
-            self.params["unet"], jax.ShapeDtypeStruct(latent, xla.dtype), jax.ShapeDtypeStruct((n,), jnp.int32),
-            jax.ShapeDtypeStruct(context, xla.dtype)))
-        return {"tflop_per_image": (program + (n_iter - 1) * unet_pass) / batch_size / 1e12,
-                "unet_tflop_per_pass": unet_pass / n / 1e12,  # one sample through the UNet once
-                "unet_passes_per_image": n_iter * n // batch_size}
+        context = (n, self.pipe.max_length, self.models[2].hidden_size)
+        n_iter = int(self.pipe.scheduler.set_timesteps(self.params["scheduler"], steps, latent).timesteps.shape[0])
+        unet_fn = jax.jit(lambda p, x, t, c: unet.apply({"params": p}, x, t, c, method=unet.nhwc))
+        unet_pass = _flops(unet_fn.trace(
+            self.params["unet"], jax.ShapeDtypeStruct(latent, runtime.dtype), jax.ShapeDtypeStruct((n,), jnp.int32),
+            jax.ShapeDtypeStruct(context, runtime.dtype)).lower(lowering_platforms=platforms))
+        total = {k: program[k] + (n_iter - 1) * unet_pass[k] for k in program}
+        out = {"tflop_per_image": total["flops"] / batch_size / 1e12,
+               "unet_tflop_per_pass": unet_pass["flops"] / n / 1e12,  # one sample through the UNet once
+               "unet_passes_per_image": n_iter * n // batch_size}
+        if platform == "tpu":
+            out["kernel_tflop_per_image"] = total["kernel_flops"] / batch_size / 1e12
+            out["kernel_calls_per_unet_pass"] = unet_pass["kernel_calls"]
+        return out
 
 
-def _flops(lowered) -> float:
+def _flops(lowered) -> Dict[str, float]:
+    """XLA's flop count of a lowered program plus, where it holds Pallas TPU kernels (custom calls XLA
+    does not count), each kernel's own cost estimate times the number of times the program runs it."""
     cost = lowered.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return float(cost["flops"])
+    calls = kernel_calls(lowered.as_text())
+    kernel = sum(flops * n for flops, n in calls.values())
+    return {"flops": float(cost["flops"]) + kernel, "kernel_flops": kernel,
+            "kernel_calls": sum(n for _, n in calls.values())}
+
+
+def kernel_calls(text: str) -> Dict[str, tuple]:
+    """{function: (kernel flops, times run)} for each StableHLO function holding a tpu_custom_call.
+
+    jax outlines nested jits (the kernel's, and repeated model blocks) as private functions, so a
+    kernel's run count is the product of call counts down the call graph from @main (a while loop's
+    body counted once, as XLA's cost analysis does)."""
+    funcs = re.split(r"\n\s*func\.func ", text)
+    callees, kernels = {}, {}
+    for body in funcs[1:]:
+        name = re.match(r"(?:public |private )?@([\w.$-]+)", body).group(1)
+        callees[name] = collections.Counter(re.findall(r"(?<!_)call @([\w.$-]+)\(", body))
+        flops = re.findall(r"tpu_custom_call.*?\\22flops\\22:(\d+)", body)
+        if flops:
+            kernels[name] = sum(map(int, flops))
+    runs: Dict[str, int] = collections.Counter()
+
+    def visit(name: str, times: int) -> None:
+        runs[name] += times
+        for callee, n in callees.get(name, {}).items():
+            visit(callee, times * n)
+
+    visit("main", 1)
+    return {name: (flops, runs[name]) for name, flops in kernels.items()}
 
 
 def jax_context() -> Dict[str, Any]:
@@ -350,9 +402,7 @@ def peak_tflops(args, device_kind: str) -> Optional[float]:
 
 
 def bench_ours(args, preset: Preset, common: Dict[str, Any], clock: CompileClock) -> List[Dict[str, Any]]:
-    dtype = jnp.dtype(args.dtype)
-    ours = Ours(preset, args.scheduler, Runtime(dtype=dtype, param_dtype=dtype, attention=args.attention),
-                seed=args.seed)
+    ours = Ours(preset, args.scheduler, runtime_for(args), seed=args.seed)
     peak = peak_tflops(args, jax.devices()[0].device_kind)
     records = []
     # ascending: the process-wide memory high-water mark is this batch's
@@ -480,15 +530,87 @@ def _nan_check(args, preset: Preset, ours: Ours, common):
                "max": float(np.nanmax(images))}
 
 
+def runtime_for(args) -> Runtime:
+    """The models' runtime: --dtype, and --attention ("auto" lowered for a TPU from another host is
+    what it would pick there: the Pallas kernel)."""
+    dtype = jnp.dtype(args.dtype)
+    attention = "pallas" if args.platform == "tpu" and args.attention == "auto" else args.attention
+    return Runtime(dtype=dtype, param_dtype=dtype, attention=attention, flash_min_length=args.flash_min_length)
+
+
 def flops_only(args, preset: Preset, common) -> None:
     """TFLOP per image for each batch size from the lowered program: no weights, nothing run."""
-    dtype = jnp.dtype(args.dtype)
-    ours = Ours(preset, args.scheduler, Runtime(dtype=dtype, param_dtype=dtype, attention="xla"), abstract=True,
-                seed=args.seed)
+    ours = Ours(preset, args.scheduler, runtime_for(args), abstract=True, seed=args.seed)
+    attention = "pallas" if args.platform == "tpu" else "xla"
     for batch in sorted(args.batch):
-        flops = ours.flops(ours.inputs(batch, args.size), args.steps, args.guidance, args.size)
-        emit({"kind": "flops", "system": "flax-inpaint", **common, "attention": "xla", "batch": batch, **flops,
+        flops = ours.flops(ours.inputs(batch, args.size), args.steps, args.guidance, args.size, args.platform)
+        emit({"kind": "flops", "system": "flax-inpaint", **common, "attention": attention, "batch": batch,
+              "lowered_for": args.platform or jax.default_backend(), **flops,
               "reference_tflop_per_image": preset.reference_tflop_per_image})
+
+
+class Phase:
+    """Wall and process CPU seconds of a `with` block. CPU time counts every thread of this process
+    (XLA compiles on several) and is less disturbed than wall time by other jobs on a shared host."""
+
+    def __init__(self, record: Dict[str, Any], name: str):
+        self.record, self.name = record, name
+
+    def __enter__(self):
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+
+    def __exit__(self, *exc):
+        self.record[f"{self.name}_s"] = time.perf_counter() - self.wall
+        self.record[f"{self.name}_cpu_s"] = time.process_time() - self.cpu
+
+
+def compile_only(args, preset: Preset, common, clock: CompileClock) -> None:
+    """Per batch size: seconds tracing, lowering and compiling the sampling program (cold: in-memory
+    caches cleared first; the persistent cache, if given, is used), the lowered program's size, and the
+    compiled program's memory analysis (weights included: they are arguments). Abstract weights,
+    nothing runs. Lowered for another platform (--platform tpu on a CPU host) nothing compiles, so
+    there is no compile time or memory figure."""
+    rec = {}
+    with Phase(rec, "setup"):  # models, abstract params, tokenizer
+        ours = Ours(preset, args.scheduler, runtime_for(args), abstract=True, seed=args.seed)
+    platforms = None if args.platform is None else (args.platform,)
+    compiles = args.platform in (None, jax.default_backend())
+    for batch in sorted(args.batch):
+        jax.clear_caches()
+        fn, call = ours.program(ours.inputs(batch, args.size), args.steps, args.guidance, args.size)
+        rec = {"kind": "compile", "system": "flax-inpaint", **common, "batch": batch,
+               "attention": ours.runtime.attention, "lowered_for": args.platform or jax.default_backend(),
+               "setup_s": rec.get("setup_s"), "setup_cpu_s": rec.get("setup_cpu_s")}
+        hits = clock.cache_hits
+        memory = None
+        with pltpu.force_tpu_interpret_mode() if args.pallas_interpret else contextlib.nullcontext():
+            with Phase(rec, "trace"):
+                traced = fn.trace(*call)
+            with Phase(rec, "lower"):
+                lowered = traced.lower(lowering_platforms=platforms)
+            if compiles:
+                with Phase(rec, "compile"):
+                    compiled = lowered.compile()
+                memory = compiled.memory_analysis()
+        rec["pallas_interpret"] = args.pallas_interpret
+        rec["total_s"] = sum(rec.get(f"{k}_s") or 0.0 for k in ("trace", "lower", "compile"))
+        rec["total_cpu_s"] = sum(rec.get(f"{k}_cpu_s") or 0.0 for k in ("trace", "lower", "compile"))
+        rec["persistent_cache_hits"] = clock.cache_hits - hits
+        rec["stablehlo_chars"] = len(lowered.as_text())
+        rec["kernel_calls"] = sum(n for _, n in kernel_calls(lowered.as_text()).values())
+        rec.update(memory_fields(memory))
+        emit(rec)
+
+
+def memory_fields(memory) -> Dict[str, Optional[int]]:
+    """Bytes of a compiled program's buffers as XLA assigned them; total = arguments + outputs +
+    temporaries - aliased (None where the backend gives no analysis)."""
+    names = ("argument", "output", "temp", "alias", "generated_code")
+    if memory is None:
+        return {f"{n}_bytes": None for n in (*names, "total")}
+    out = {f"{n}_bytes": int(getattr(memory, f"{n}_size_in_bytes")) for n in names}
+    out["total_bytes"] = out["argument_bytes"] + out["output_bytes"] + out["temp_bytes"] - out["alias_bytes"]
+    return out
 
 
 # ----------------------------------------------------------------------------- diffusers (subprocess)
@@ -554,7 +676,8 @@ def parse_args(argv=None, torch_side: bool = False) -> argparse.Namespace:
                        help="auto: float16 on CUDA (diffusers' usual choice), float32 on CPU")
     else:
         p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
-        p.add_argument("--attention", choices=["auto", "xla", "cudnn"], default="auto")
+        p.add_argument("--attention", choices=["auto", "xla", "cudnn", "pallas"], default="auto",
+                       help="auto: cuDNN flash attention on NVIDIA GPUs, the Pallas flash kernel on TPUs, else XLA")
         p.add_argument("--torch", nargs="+", choices=["none", "eager", "compile"], default=["none"],
                        help="also run diffusers: eager and/or torch.compile(mode='reduce-overhead')")
         p.add_argument("--torch-dtype", choices=["auto", "float16", "bfloat16", "float32"], default="auto")
@@ -562,6 +685,16 @@ def parse_args(argv=None, torch_side: bool = False) -> argparse.Namespace:
         p.add_argument("--psnr", action="store_true", help="PSNR of --dtype images against float32 ones")
         p.add_argument("--nan-check", action="store_true", help="finite images with every scheduler")
         p.add_argument("--flops-only", action="store_true", help="only TFLOP per image (lowering, no run)")
+        p.add_argument("--flash-min-length", type=int, default=Runtime.flash_min_length,
+                       help="shortest sequence the Pallas TPU kernel takes (Runtime.flash_min_length)")
+        p.add_argument("--compile-only", action="store_true",
+                       help="only trace/lower/compile seconds and the compiled program's memory per batch (no run)")
+        p.add_argument("--pallas-interpret", action="store_true",
+                       help="with --compile-only --attention pallas off a TPU: compile the Pallas kernels in TPU "
+                            "interpret mode, for this host's memory analysis of the TPU program's buffers")
+        p.add_argument("--platform", choices=["tpu"], default=None,
+                       help="with --flops-only/--compile-only: lower for this platform from any host (no compile "
+                            "unless it is this host's)")
         p.add_argument("--no-throughput", action="store_true",
                        help="skip the timed runs: only the other measurements asked for (--psnr, --nan-check, ...)")
         p.add_argument("--profile", default=None, metavar="DIR",
@@ -575,6 +708,10 @@ def parse_args(argv=None, torch_side: bool = False) -> argparse.Namespace:
     if not torch_side:
         if "none" in args.torch and len(args.torch) > 1:
             p.error(f"--torch {' '.join(args.torch)}: 'none' cannot be combined with eager/compile.")
+        if args.platform and not (args.flops_only or args.compile_only):
+            p.error(f"--platform {args.platform} only lowers: combine it with --flops-only or --compile-only.")
+        if args.pallas_interpret and not args.compile_only:
+            p.error("--pallas-interpret only applies to --compile-only (interpreted kernels are for analysis).")
         if args.psnr and args.dtype == "float32":
             p.error("--psnr compares --dtype against float32; pass --dtype bfloat16 or float16.")
     return args
@@ -591,7 +728,7 @@ def main(argv=None) -> int:
     preset = PRESETS[args.preset]
     common = common_fields(args)
     theirs = {}
-    if not args.flops_only:  # before JAX allocates device memory, which it holds until exit
+    if not (args.flops_only or args.compile_only):  # before JAX allocates device memory, held until exit
         theirs = {mode: run_torch(args, mode) for mode in args.torch if mode != "none"}
 
     if args.cache_dir:
@@ -602,6 +739,9 @@ def main(argv=None) -> int:
     common.update(jax_context(), attention=args.attention, persistent_cache=bool(args.cache_dir))
     if args.flops_only:
         flops_only(args, preset, common)
+        return 0
+    if args.compile_only:
+        compile_only(args, preset, common, clock)
         return 0
     ours = bench_ours(args, preset, common, clock)
     for records in theirs.values():

@@ -46,3 +46,33 @@ def test_tiny_preset_prints_json_lines_with_all_fields():
 
     ratio = by_system["ratio", "diffusers-eager"]
     assert ratio["img_per_s"] > 0 and ratio["batch"] == 1 and ratio["peak_mem_bytes"] is None
+
+
+def run_script(*args: str) -> list:
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--preset", "tiny", "--batch", "1", *args],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
+
+
+def test_flops_lowered_for_tpu_count_the_flash_kernels():
+    """Lowered for TPU on the CPU: at 64x64 pixels with the kernel taking 256-token sequences, each UNet
+    pass runs 3 kernels (down block 1 layer, up block 2), whose own cost estimates add to XLA's count."""
+    cpu, = run_script("--steps", "2", "--size", "64", "--flops-only", "--flash-min-length", "256")
+    tpu, = run_script("--steps", "2", "--size", "64", "--flops-only", "--flash-min-length", "256",
+                      "--platform", "tpu")
+    assert (cpu["lowered_for"], cpu["attention"]) == ("cpu", "xla") and "kernel_calls_per_unet_pass" not in cpu
+    assert (tpu["lowered_for"], tpu["attention"]) == ("tpu", "pallas")
+    assert tpu["kernel_calls_per_unet_pass"] == 3 and tpu["kernel_tflop_per_image"] > 0
+    # the kernels pad the head dim (4 here) to 128 lanes, so they count more work than XLA's attention
+    assert tpu["tflop_per_image"] > cpu["tflop_per_image"] > 0
+
+
+def test_compile_only_reports_phases_and_memory():
+    rec, = run_script("--steps", "2", "--compile-only")
+    assert rec["kind"] == "compile" and rec["lowered_for"] == "cpu"
+    for phase in ("setup", "trace", "lower", "compile"):
+        assert rec[f"{phase}_s"] > 0 and rec[f"{phase}_cpu_s"] > 0
+    assert rec["stablehlo_chars"] > 0 and rec["persistent_cache_hits"] == 0
+    assert rec["argument_bytes"] > 0 and rec["temp_bytes"] > 0  # the CPU compiler reports its buffers
+    assert rec["total_bytes"] == rec["argument_bytes"] + rec["output_bytes"] + rec["temp_bytes"] - rec["alias_bytes"]

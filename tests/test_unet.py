@@ -236,7 +236,7 @@ def test_diffusers_flax_keywords_train_and_added_cond_kwargs(sd1):
 def test_runtime_attention_choices(sd1):
     """'xla' runs the model exactly like 'auto' (which picks xla for fp32, and on a CPU always);
     anything else is refused with the allowed values."""
-    with pytest.raises(ValueError, match=r"attention='bogus' is not supported; use 'auto', 'xla' or 'cudnn'"):
+    with pytest.raises(ValueError, match=r"attention='bogus' is not supported; use 'auto', 'xla', 'cudnn' or 'pallas'"):
         Runtime(attention="bogus")
     assert sd1.model.runtime.attention == "auto"
     xla = sd1.model.clone(runtime=Runtime(attention="xla"))

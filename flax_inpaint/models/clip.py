@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from flax_inpaint.models.checkpoint import PretrainedMixin
-from flax_inpaint.models.layers import dense, get_activation, layer_norm
+from flax_inpaint.models.layers import dense, get_activation, layer_norm, traced_once
 from flax_inpaint.runtime import Runtime, attention
 
 # Keys that transformers' `PretrainedConfig` has written into config.json over the versions (older
@@ -122,6 +122,7 @@ class CLIPEncoderLayer(nn.Module):
     runtime: Runtime
     causal: bool = False
 
+    @traced_once
     @nn.compact
     def __call__(self, x: jax.Array, mask: Optional[jax.Array] = None) -> jax.Array:
         cfg, rt = self.config, self.runtime

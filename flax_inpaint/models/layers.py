@@ -6,6 +6,7 @@ Submodule names mirror diffusers' PyTorch attribute names (`conv1`, `time_emb_pr
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional, Tuple
 
 import flax.linen as nn
@@ -36,6 +37,18 @@ def get_activation(name: str):
         ) from None
 
 
+def _shape_cached(init):
+    """A flax initializer jitted with static shape and dtype: the same values, but flax checks every
+    parameter's shape at each `apply` by tracing its initializer, and jit's trace cache turns the
+    repeats (one per layer, each sampling program traced) into lookups."""
+    jitted = jax.jit(init, static_argnums=(1, 2))
+    return lambda key, shape, dtype=jnp.float32: jitted(key, tuple(shape), dtype)
+
+
+_KERNEL_INIT = _shape_cached(nn.initializers.lecun_normal())  # nn.Dense's and nn.Conv's default
+_ZEROS, _ONES = _shape_cached(nn.initializers.zeros_init()), _shape_cached(nn.initializers.ones_init())
+
+
 def conv(features: int, runtime: Runtime, kernel: int = 3, stride: int = 1, padding=None, name=None):
     """A 2D convolution (HWIO kernel) with PyTorch's symmetric padding default of kernel // 2."""
     if padding is None:
@@ -49,13 +62,16 @@ def conv(features: int, runtime: Runtime, kernel: int = 3, stride: int = 1, padd
         padding=padding,
         dtype=runtime.dtype,
         param_dtype=runtime.param_dtype,
+        kernel_init=_KERNEL_INIT,
+        bias_init=_ZEROS,
         name=name,
     )
 
 
 def dense(features: int, runtime: Runtime, use_bias: bool = True, name=None):
     return nn.Dense(
-        features, use_bias=use_bias, dtype=runtime.dtype, param_dtype=runtime.param_dtype, name=name
+        features, use_bias=use_bias, dtype=runtime.dtype, param_dtype=runtime.param_dtype,
+        kernel_init=_KERNEL_INIT, bias_init=_ZEROS, name=name,
     )
 
 
@@ -66,13 +82,36 @@ def group_norm(groups: int, eps: float, runtime: Runtime, name=None):
         epsilon=eps,
         dtype=runtime.dtype,
         param_dtype=runtime.param_dtype,
+        scale_init=_ONES,
+        bias_init=_ZEROS,
         name=name,
     )
 
 
 def layer_norm(eps: float, runtime: Runtime, name=None):
     """torch.nn.LayerNorm over the last axis; statistics are reduced in float32."""
-    return nn.LayerNorm(epsilon=eps, dtype=runtime.dtype, param_dtype=runtime.param_dtype, name=name)
+    return nn.LayerNorm(
+        epsilon=eps, dtype=runtime.dtype, param_dtype=runtime.param_dtype, scale_init=_ONES, bias_init=_ZEROS,
+        name=name,
+    )
+
+
+def traced_once(method):
+    """A module method traced once per distinct module configuration and input shapes (`nn.jit`).
+
+    Stable Diffusion repeats identical blocks (the UNet's and VAE's resnets and transformers at each
+    level, CLIP's layers), so the sampling program traces and lowers one sub-program per kind instead
+    of one per block. XLA inlines the calls: the compiled program and its numerics are those of the
+    unrolled model. Initialisation stays unjitted, so random weights come from the same keys as
+    without it (nn.jit derives its blocks' keys differently).
+    """
+    jitted = nn.jit(method)
+
+    @functools.wraps(method)
+    def call(self, *args, **kwargs):
+        return (method if self.is_initializing() else jitted)(self, *args, **kwargs)
+
+    return call
 
 
 class ResnetBlock2D(nn.Module):
@@ -86,6 +125,7 @@ class ResnetBlock2D(nn.Module):
     output_scale_factor: float = 1.0
     use_time_emb: bool = True
 
+    @traced_once
     @nn.compact
     def __call__(self, x: jax.Array, temb: Optional[jax.Array] = None) -> jax.Array:
         rt, act = self.runtime, get_activation(self.act_fn)

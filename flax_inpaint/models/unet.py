@@ -27,6 +27,7 @@ from flax_inpaint.models.layers import (
     get_activation,
     group_norm,
     layer_norm,
+    traced_once,
 )
 from flax_inpaint.runtime import Runtime
 
@@ -152,6 +153,7 @@ class Transformer2DModel(nn.Module):
     use_linear_projection: bool = False
     only_cross_attention: bool = False
 
+    @traced_once
     @nn.compact
     def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
         rt = self.runtime

@@ -117,11 +117,16 @@ def _prompt_context(c: Components, opts: Options, params, batch: Batch) -> Array
             return embeds
         return encode_text(c.text_encoder, params["text_encoder"], ids, clip_skip)
 
-    cond = embed(batch.prompt_ids, batch.prompt_embeds, opts.clip_skip)
-    if opts.do_cfg:
-        # diffusers encodes the negative prompt from the last layer whatever `clip_skip` says.
-        uncond = embed(batch.neg_prompt_ids, batch.negative_prompt_embeds, None)
-        cond = jnp.concatenate([uncond, cond])
+    one_pass = opts.do_cfg and opts.clip_skip is None and batch.prompt_embeds is None \
+        and batch.negative_prompt_embeds is None
+    if one_pass:  # [negative; prompt] through the text encoder at once: the program holds one encoder
+        cond = embed(jnp.concatenate([batch.neg_prompt_ids, batch.prompt_ids]), None, None)
+    else:
+        cond = embed(batch.prompt_ids, batch.prompt_embeds, opts.clip_skip)
+        if opts.do_cfg:
+            # diffusers encodes the negative prompt from the last layer whatever `clip_skip` says.
+            uncond = embed(batch.neg_prompt_ids, batch.negative_prompt_embeds, None)
+            cond = jnp.concatenate([uncond, cond])
     if opts.num_images_per_prompt > 1:
         n, b = opts.num_images_per_prompt, cond.shape[0]
         halves = 2 if opts.do_cfg else 1

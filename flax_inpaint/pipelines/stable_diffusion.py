@@ -11,6 +11,7 @@ its key (like diffusers' list of generators), so results do not depend on how pr
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 from dataclasses import dataclass
@@ -218,7 +219,9 @@ class _Base(FromSingleFileMixin, LoraLoaderMixin, TextualInversionLoaderMixin):
             program = _generate_jit if key_data is None else _generate_per_example_jit
             if mesh is not None:
                 params, (batch, key_data) = _on_mesh(mesh, params, (batch, key_data), lead[0])
-            images, nsfw = program(comps, opts, params, batch, prng_seed if key_data is None else key_data)
+            # The mesh in context lets the TPU attention kernel run per device (runtime.attention).
+            with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+                images, nsfw = program(comps, opts, params, batch, prng_seed if key_data is None else key_data)
         if not images.is_fully_addressable:  # mesh over several processes: every process gets all images
             images, nsfw = multihost_utils.process_allgather((images, nsfw), tiled=True)
         images = np.asarray(images)
