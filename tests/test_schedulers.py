@@ -323,18 +323,19 @@ def test_ddpm_learned_range_variance_parity(monkeypatch):
 
 
 def test_noise_schedule_matches_diffusers():
-    """betas within 1 ulp and alphas_cumprod within 4 ulps of diffusers'.
+    """betas and alphas_cumprod within 4 ulps of diffusers'.
 
     Both are IEEE arithmetic (linspace, 1 - beta in fp32, torch's cumprod accumulating in float64), the
     same on every machine, except torch's linspace: its AVX2 / AVX-512 kernels compute start + i * step as
-    one fused multiply-add (ours, bit for bit), its default kernel rounds the product first (one ulp of a
-    beta, which the fp32 1 - beta and the 1000-term product carry to <= 2 ulps of abar, measured).
+    one fused multiply-add (ours, bit for bit), its default kernel rounds the product first: one ulp of a
+    linspace value, which scaled_linear's square doubles in relative terms (<= 4 ulps of a beta, 3 measured)
+    and the fp32 1 - beta and the 1000-term product carry to <= 2 ulps of abar (measured).
     """
     for cfg in ({"beta_schedule": "linear"}, BASE, {"beta_schedule": "squaredcos_cap_v2"},
                 {**BASE, "num_train_timesteps": 37, "beta_end": 0.3}):
         ref = diffusers.DDIMScheduler.from_config(cfg)
         ours = FlaxDDIMScheduler.from_config(cfg)
-        assert_ulps(make_betas(ours), ref.betas.numpy(), 1, f"betas {cfg}")
+        assert_ulps(make_betas(ours), ref.betas.numpy(), 4, f"betas {cfg}")
         assert_ulps(make_alphas_cumprod(ours), ref.alphas_cumprod.numpy(), 4, f"alphas_cumprod {cfg}")
 
 
