@@ -6,7 +6,8 @@ from the config, saved with `save_pretrained` and loaded through our `from_pretr
 with `set_begin_index` (its step counter instead of a timestep search), like its img2img pipelines.
 
 Tolerance (from the issue): final samples agree to <= 1e-5 relative (max |ours - ref| / max |ref|) in
-fp32; timesteps match exactly. Each config compiles our `step` once (the loop is Python, for parity);
+fp32; the (integer) timesteps match exactly. Sigma schedules: test_schedulers.py's
+`test_sigma_schedules_match_diffusers`, in ulps. Each config compiles our `step` once (the loop is Python, for parity);
 few dedicated tests compile the whole loop under `jit` + `fori_loop`.
 """
 import functools

@@ -265,7 +265,7 @@ def test_two_processes_equal_one_process(sd, tmp_path):
 
     port = _free_port()
     env = {**os.environ, "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0"}
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
     cmd = [sys.executable, "-m", "flax_inpaint.cli", "sweep", str(tmp_path / "spec.json"), "--out",
            str(tmp_path / "two"), "--no-progress", "--coordinator-address", f"127.0.0.1:{port}", "--num-processes", "2"]
     procs = [subprocess.Popen(cmd + ["--process-id", str(i)], env=env, stdout=subprocess.PIPE,

@@ -31,6 +31,8 @@ Contract (the pipeline's sampling loop relies on it):
 from __future__ import annotations
 
 import dataclasses
+import decimal
+import functools
 import json
 import math
 import os
@@ -270,19 +272,102 @@ def begin_index_for_strength(num_inference_steps: int, strength: float, order: i
     return t_start * order
 
 
+# ----------------------------------------------------------------------------- machine-independent host math
+#
+# Schedules are computed once on the host and must be the same on every machine. numpy's float32 log / exp
+# and float64 log / exp / power are SIMD kernels chosen per CPU (AVX-512, AVX2, baseline) and accurate to
+# 1-4 ulps, so their last bits move with the machine (numpy's float32 log here: 5% of arguments not correctly
+# rounded on AVX-512, 0.07% on the baseline kernel); libm's pow / cos have per-ISA variants too. IEEE + - * /
+# and sqrt are correctly rounded everywhere. So the transcendental functions below run in decimal arithmetic
+# (software, 40 significant digits, correctly rounded), then round once to float64 (and, where diffusers keeps
+# float32, once more to float32: deterministic, off a single rounding only exactly at a float32 midpoint).
+
+_DECIMAL = decimal.Context(prec=40, Emax=decimal.MAX_EMAX, Emin=decimal.MIN_EMIN)
+
+
+def _decimal_map(fn, *arrays) -> np.ndarray:
+    """Elementwise `fn` of Decimals (exact images of the float64 inputs, broadcast), rounded to float64;
+    NaN in, NaN out."""
+    args = np.broadcast_arrays(*(np.asarray(a, np.float64) for a in arrays))
+    out = [
+        math.nan if any(map(math.isnan, vals)) else float(fn(*map(decimal.Decimal, vals)))
+        for vals in zip(*(a.ravel().tolist() for a in args))
+    ]
+    return np.asarray(out, np.float64).reshape(args[0].shape)
+
+
+def exact_log(x) -> np.ndarray:
+    """Natural log, float64, correctly rounded (log 0 = -inf)."""
+    return _decimal_map(lambda d: _DECIMAL.ln(d), x)
+
+
+def exact_exp(x) -> np.ndarray:
+    """e^x, float64, correctly rounded."""
+    return _decimal_map(lambda d: _DECIMAL.exp(d), x)
+
+
+def exact_expm1(x) -> np.ndarray:
+    """e^x - 1, float64 (40 digits before the subtraction: exact to float64 for |x| > 1e-20, and x below)."""
+    return _decimal_map(lambda d: d if abs(d) < decimal.Decimal("1e-20") else _DECIMAL.subtract(_DECIMAL.exp(d), 1), x)
+
+
+def exact_pow(x, y) -> np.ndarray:
+    """x ** y for x >= 0, float64, correctly rounded."""
+    return _decimal_map(lambda a, b: _DECIMAL.power(a, b), x, y)
+
+
+def exact_cos(x) -> np.ndarray:
+    """cos(x) for |x| <= 4, float64, correctly rounded (Taylor series in decimal)."""
+
+    def cos(d):
+        if abs(d) > 4:
+            raise ValueError(f"exact_cos: |x| <= 4 expected, got {d}.")
+        ctx = decimal.Context(prec=_DECIMAL.prec + 10)
+        d2, term, total, k = ctx.multiply(d, d), decimal.Decimal(1), decimal.Decimal(1), 0
+        while abs(term) > decimal.Decimal("1e-50"):
+            k += 2
+            term = ctx.divide(ctx.multiply(-term, d2), k * (k - 1))
+            total = ctx.add(total, term)
+        return total
+
+    return _decimal_map(cos, x)
+
+
+def log_f32(x: np.ndarray) -> np.ndarray:
+    """The correctly rounded float32 log of float32 values: what diffusers' float32 torch.log / np.log
+    compute to within their 1-4 ulps."""
+    return exact_log(np.asarray(x, np.float32)).astype(np.float32)
+
+
+def cached_schedule(method):
+    """Cache a scheduler's host-side `method(self, num_inference_steps)` per (config, step count).
+
+    The decimal math above costs up to ~0.1 s per schedule and `set_timesteps` runs at every trace; the
+    cached arrays come back read-only.
+    """
+
+    @functools.lru_cache(maxsize=64)
+    def cached(self, n):
+        out = method(self, n)
+        for a in out:
+            a.flags.writeable = False
+        return out
+
+    @functools.wraps(method)
+    def wrapper(self, num_inference_steps: int):
+        return cached(self, num_inference_steps)
+
+    return wrapper
+
+
 # ----------------------------------------------------------------------------- noise schedule
 
 def betas_for_alpha_bar(num_diffusion_timesteps: int, max_beta: float = 0.999) -> np.ndarray:
-    """The squaredcos_cap_v2 (cosine) schedule of Nichol & Dhariwal, as diffusers computes it."""
-
-    def alpha_bar(t):
-        return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
-
-    betas = [
-        min(1 - alpha_bar((i + 1) / num_diffusion_timesteps) / alpha_bar(i / num_diffusion_timesteps), max_beta)
-        for i in range(num_diffusion_timesteps)
-    ]
-    return np.asarray(betas, np.float32)
+    """The squaredcos_cap_v2 (cosine) schedule of Nichol & Dhariwal, as diffusers computes it (float64, then
+    float32), with a correctly rounded cosine."""
+    t = np.arange(num_diffusion_timesteps + 1, dtype=np.float64) / num_diffusion_timesteps
+    alpha_bar = exact_cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+    return np.minimum(1 - alpha_bar[1:] / alpha_bar[:-1], max_beta).astype(np.float32)
 
 
 def _cumprod_f32(x: np.ndarray) -> np.ndarray:
@@ -291,14 +376,17 @@ def _cumprod_f32(x: np.ndarray) -> np.ndarray:
 
 
 def rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
-    """Rescale betas to zero terminal SNR (Lin et al. 2023, Algorithm 1), in fp32 like diffusers."""
-    alphas = np.float32(1.0) - betas.astype(np.float32)
-    alphas_bar_sqrt = np.sqrt(_cumprod_f32(alphas))
-    a0, aT = alphas_bar_sqrt[0], alphas_bar_sqrt[-1]
-    alphas_bar_sqrt = (alphas_bar_sqrt - aT) * (a0 / (a0 - aT))
-    alphas_bar = alphas_bar_sqrt**2
-    alphas = np.concatenate([alphas_bar[:1], alphas_bar[1:] / alphas_bar[:-1]])
-    return (np.float32(1.0) - alphas).astype(np.float32)
+    """Rescale betas to zero terminal SNR (Lin et al. 2023, Algorithm 1): float64 betas from float32 ones.
+
+    Computed in float64, unlike diffusers' float32: the rescaling subtracts sqrt(abar_T) ~ 0.068 from every
+    sqrt(abar_t) (torch's float32 sqrt is not correctly rounded) and redoes a 1000-term product, so near t = T
+    diffusers' abar is up to 4e-5 relative off its own formula, by an amount that depends on the machine.
+    In float64 the schedule is the formula's value (rounded once to float32 by the caller), the same everywhere.
+    """
+    abar_sqrt = np.sqrt(np.cumprod(1.0 - betas.astype(np.float64)))
+    a0, aT = abar_sqrt[0], abar_sqrt[-1]
+    abar = ((abar_sqrt - aT) * (a0 / (a0 - aT))) ** 2
+    return 1.0 - np.concatenate([abar[:1], abar[1:] / abar[:-1]])
 
 
 def _fma_f32(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
@@ -334,28 +422,50 @@ def torch_linspace_f32(start: float, end: float, steps: int) -> np.ndarray:
     return np.concatenate([first, second]).astype(np.float32)
 
 
-def make_betas(config) -> np.ndarray:
-    """fp32 betas [num_train_timesteps] from a scheduler's config fields, bit-identical to diffusers."""
-    n = config.num_train_timesteps
-    trained = getattr(config, "trained_betas", None)
-    if trained is not None:
-        betas = np.asarray(trained, np.float32)
-    elif config.beta_schedule == "linear":
-        betas = torch_linspace_f32(config.beta_start, config.beta_end, n)
-    elif config.beta_schedule == "scaled_linear":
-        betas = torch_linspace_f32(config.beta_start**0.5, config.beta_end**0.5, n) ** 2
-    elif config.beta_schedule == "squaredcos_cap_v2":
+def _schedule_fields(config) -> tuple:
+    return tuple(getattr(config, k, None) for k in (
+        "num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "rescale_betas_zero_snr"
+    ))
+
+
+@functools.lru_cache(maxsize=32)
+def _betas_and_alphas_cumprod(n, beta_start, beta_end, beta_schedule, trained_betas, rescale) -> Tuple[np.ndarray, ...]:
+    """(betas, alphas_cumprod), both fp32 and read-only; cached per schedule (the cosine's decimal cosines
+    take ~0.1 s)."""
+    if trained_betas is not None:
+        betas = np.asarray(trained_betas, np.float32)
+    elif beta_schedule == "linear":
+        betas = torch_linspace_f32(beta_start, beta_end, n)
+    elif beta_schedule == "scaled_linear":
+        betas = torch_linspace_f32(math.sqrt(beta_start), math.sqrt(beta_end), n) ** 2
+    elif beta_schedule == "squaredcos_cap_v2":
         betas = betas_for_alpha_bar(n)
     else:
-        raise ValueError(f"beta_schedule={config.beta_schedule!r} is not supported; use one of {BETA_SCHEDULES}.")
-    if getattr(config, "rescale_betas_zero_snr", False):
-        betas = rescale_zero_terminal_snr(betas)
-    return betas.astype(np.float32)
+        raise ValueError(f"beta_schedule={beta_schedule!r} is not supported; use one of {BETA_SCHEDULES}.")
+    if rescale:
+        betas64 = rescale_zero_terminal_snr(betas)
+        betas, alphas_cumprod = betas64.astype(np.float32), np.cumprod(1.0 - betas64).astype(np.float32)
+    else:
+        # 1 - beta rounded to fp32 like diffusers (part of its schedule: up to 17 ulps of abar), then torch's cumprod.
+        alphas_cumprod = _cumprod_f32(np.float32(1.0) - betas)
+    for a in (betas, alphas_cumprod):
+        a.flags.writeable = False
+    return betas, alphas_cumprod
+
+
+def make_betas(config) -> np.ndarray:
+    """fp32 betas [num_train_timesteps] (read-only) from a scheduler's config fields, as diffusers builds them.
+
+    Bit-identical to diffusers' torch construction where that is IEEE arithmetic only (torch's vectorised
+    linspace, which fuses its multiply-add; its scalar kernel, ATEN_CPU_CAPABILITY=default, rounds twice:
+    one ulp apart); zero-SNR rescaling in float64 (see `rescale_zero_terminal_snr`).
+    """
+    return _betas_and_alphas_cumprod(*_schedule_fields(config))[0]
 
 
 def make_alphas_cumprod(config) -> np.ndarray:
-    """fp32 alphas_cumprod [num_train_timesteps] (bar-alpha_t = prod_{s<=t} (1 - beta_s))."""
-    return _cumprod_f32(np.float32(1.0) - make_betas(config))
+    """fp32 alphas_cumprod [num_train_timesteps] (read-only), bar-alpha_t = prod_{s<=t} (1 - beta_s)."""
+    return _betas_and_alphas_cumprod(*_schedule_fields(config))[1]
 
 
 def sigma_alphas_cumprod(config) -> np.ndarray:
@@ -486,7 +596,7 @@ def sigma_to_t(sigma: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
     `log_sigmas` [num_train_timesteps] ascends with t; values outside the table clamp to its ends.
     """
     sigma = np.asarray(sigma, np.float64)
-    log_sigma = np.log(np.maximum(sigma, 1e-10))
+    log_sigma = exact_log(np.maximum(sigma, 1e-10))
     # The bracketing train index: last one whose log-sigma is <= ours, at most the second to last.
     low = np.clip(np.searchsorted(log_sigmas, log_sigma, side="right") - 1, 0, len(log_sigmas) - 2)
     lo, hi = log_sigmas[low], log_sigmas[low + 1]
@@ -496,8 +606,8 @@ def sigma_to_t(sigma: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
 
 def karras_sigmas(sigma_min: float, sigma_max: float, num_inference_steps: int, rho: float = 7.0) -> np.ndarray:
     """Karras et al. (2022) eq. 5: sigmas evenly spaced in sigma^(1/rho), float64, descending."""
-    top, bottom = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
-    return (top + np.linspace(0, 1, num_inference_steps) * (bottom - top)) ** rho
+    top, bottom = exact_pow([sigma_max, sigma_min], 1 / rho)
+    return exact_pow(top + np.linspace(0, 1, num_inference_steps) * (bottom - top), rho)
 
 
 def div_exact(x: jax.Array, s: jax.Array) -> jax.Array:

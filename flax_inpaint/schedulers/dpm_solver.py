@@ -42,9 +42,13 @@ from flax_inpaint.schedulers.common import (
     SchedulerMixin,
     SchedulerOutput,
     broadcast_to_sample,
+    cached_schedule,
     check_num_inference_steps,
     clip_or_threshold,
+    exact_exp,
+    exact_expm1,
     karras_sigmas,
+    log_f32,
     sigma_alphas_cumprod,
     rounded,
     sigma_to_t,
@@ -93,7 +97,7 @@ def karras_schedule(
     sigmas: np.ndarray, num_inference_steps: int, sigma_min=None, sigma_max=None
 ) -> Tuple[np.ndarray, np.ndarray]:
     """(float64 Karras sigmas [n], fractional timesteps [n]) spanning the training sigmas (or the given range)."""
-    log_sigmas = np.log(sigmas)  # fp32, like diffusers
+    log_sigmas = log_f32(sigmas)  # fp32, like diffusers
     lo = float(sigmas[0]) if sigma_min is None else float(sigma_min)
     hi = float(sigmas[-1]) if sigma_max is None else float(sigma_max)
     ks = karras_sigmas(lo, hi, num_inference_steps)
@@ -123,11 +127,11 @@ class SigmaNodes:
         s = np.asarray(sigmas, np.float32)
         alpha = np.float32(1.0) / np.sqrt(s * s + np.float32(1.0))
         sigma = s * alpha
-        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-            lam = _log_f32(alpha) - _log_f32(sigma)
+        with np.errstate(invalid="ignore"):
+            lam = log_f32(alpha) - log_f32(sigma)
             h = lam[1:] - lam[:-1]
-            hh = (-h if data_prediction else h).astype(np.float64)
-            phi_1 = np.expm1(hh).astype(np.float32) if expm1 else np.exp(hh).astype(np.float32) - np.float32(1.0)
+        hh = -h if data_prediction else h
+        phi_1 = exact_expm1(hh).astype(np.float32) if expm1 else exact_exp(hh).astype(np.float32) - np.float32(1.0)
         return cls(*(jnp.asarray(v, jnp.float32) for v in (alpha, sigma, lam, phi_1)))
 
     @classmethod
@@ -137,10 +141,6 @@ class SigmaNodes:
     def at(self, i) -> Tuple[jax.Array, jax.Array, jax.Array]:
         """(alpha_t, sigma_t, lambda_t) of node i (traced int or int array)."""
         return self.alpha_t[i], self.sigma_t[i], self.lambda_t[i]
-
-
-def _log_f32(x: np.ndarray) -> np.ndarray:
-    return np.log(x.astype(np.float64)).astype(np.float32)
 
 
 class SigmaMultistepMixin:
@@ -315,13 +315,15 @@ class FlaxDPMSolverMultistepScheduler(SigmaMultistepMixin, SchedulerMixin):
     def create_state(self) -> DPMSolverMultistepState:
         return self._empty_state(DPMSolverMultistepState)
 
+    @cached_schedule
     def _schedule(self, num_inference_steps: int) -> Tuple[np.ndarray, np.ndarray]:
-        """(int timesteps [N], fp32 sigmas [N + 1]) exactly as diffusers' set_timesteps computes them."""
+        """(int timesteps [N], fp32 sigmas [N + 1]) as diffusers' set_timesteps computes them, with correctly
+        rounded log / pow (see `common.exact_log`)."""
         T = self.num_train_timesteps
         ac = sigma_alphas_cumprod(self)
         # lambda_min_clipped cuts the noisiest timesteps whose log-SNR falls below it.
         alpha, sigma = np.sqrt(ac), np.sqrt(np.float32(1.0) - ac)
-        lambdas = np.log(alpha) - np.log(sigma)
+        lambdas = log_f32(alpha) - log_f32(sigma)
         clipped_idx = int(np.searchsorted(lambdas[::-1], self.lambda_min_clipped))
         timesteps = multistep_timesteps(
             T, num_inference_steps, self.timestep_spacing, self.steps_offset, last_timestep=T - clipped_idx

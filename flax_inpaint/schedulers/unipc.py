@@ -37,6 +37,7 @@ import numpy as np
 from flax_inpaint.schedulers.common import (
     SchedulerMixin,
     SchedulerOutput,
+    cached_schedule,
     clip_or_threshold,
     div_exact,
     rounded,
@@ -148,8 +149,10 @@ class FlaxUniPCMultistepScheduler(SigmaMultistepMixin, SchedulerMixin):
             UniPCMultistepState, last_sample=jnp.zeros((0,), jnp.float32), this_order=jnp.zeros((), jnp.int32)
         )
 
+    @cached_schedule
     def _schedule(self, num_inference_steps: int) -> Tuple[np.ndarray, np.ndarray]:
-        """(int timesteps [N], fp32 sigmas [N + 1]) exactly as diffusers' set_timesteps computes them."""
+        """(int timesteps [N], fp32 sigmas [N + 1]) as diffusers' set_timesteps computes them, with correctly
+        rounded log / pow (see `common.exact_log`)."""
         timesteps = multistep_timesteps(
             self.num_train_timesteps, num_inference_steps, self.timestep_spacing, self.steps_offset
         )
