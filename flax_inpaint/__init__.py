@@ -1,11 +1,14 @@
 """flax-inpaint: JAX/Flax Stable Diffusion inpainting, the maintained home of diffusers' Flax pipelines."""
-from flax_inpaint.image_processor import VaeImageProcessor, make_image_grid
+from flax_inpaint.diffusers_compat import missing_names
+from flax_inpaint.image_processor import VaeImageProcessor, load_image, make_image_grid
 from flax_inpaint.models.clip import FlaxCLIPTextModel
 from flax_inpaint.models.controlnet import FlaxControlNetModel
 from flax_inpaint.models.safety import FlaxStableDiffusionSafetyChecker
 from flax_inpaint.models.unet import FlaxUNet2DConditionModel
 from flax_inpaint.models.vae import FlaxAutoencoderKL
+from flax_inpaint.pipelines import NOT_PROVIDED as _PIPELINES_NOT_PROVIDED
 from flax_inpaint.pipelines import (
+    FlaxDiffusionPipeline,
     FlaxStableDiffusionControlNetInpaintPipeline,
     FlaxStableDiffusionControlNetPipeline,
     FlaxStableDiffusionImg2ImgPipeline,
@@ -22,6 +25,7 @@ __all__ = [
     "FlaxAutoencoderKL",
     "FlaxCLIPTextModel",
     "FlaxControlNetModel",
+    "FlaxDiffusionPipeline",
     "FlaxStableDiffusionControlNetInpaintPipeline",
     "FlaxStableDiffusionControlNetPipeline",
     "FlaxStableDiffusionImg2ImgPipeline",
@@ -31,7 +35,10 @@ __all__ = [
     "FlaxUNet2DConditionModel",
     "Runtime",
     "VaeImageProcessor",
+    "load_image",
     "make_image_grid",
     "make_inpaint_condition",
     *_schedulers,
 ]
+
+__getattr__ = missing_names(__name__, {**_PIPELINES_NOT_PROVIDED})

@@ -218,8 +218,20 @@ def only_raises(fn: ast.FunctionDef) -> bool:
     return len(body) == 1 and isinstance(body[0], ast.Raise)
 
 
-def build_api(wheel: Wheel) -> dict[str, dict]:
-    exports = flax_exports(wheel)
+def example_utils(wheel: Wheel, codes: dict[str, str]) -> dict[str, dict]:
+    """The `diffusers.utils` names the examples import, as exports of diffusers.utils."""
+    found = {}
+    for code in codes.values():
+        for node in ast.walk(ast.parse(code)):
+            if isinstance(node, ast.ImportFrom) and node.module == "diffusers.utils":
+                for alias in node.names:
+                    found[alias.name] = {"module": defining_module(wheel, "diffusers.utils", alias.name),
+                                         "exported_from": ["diffusers.utils"]}
+    return found
+
+
+def build_api(wheel: Wheel, codes: dict[str, str]) -> dict[str, dict]:
+    exports = {**flax_exports(wheel), **example_utils(wheel, codes)}
     names = set(wheel.flax_modules()) | set(BASE_MODULES) | {e["module"] for e in exports.values()}
     modules = {m: classes_and_functions(wheel.tree(m)) for m in sorted(names)}
 
@@ -303,8 +315,8 @@ def main() -> None:
         source = {"package": "diffusers", "version": VERSION, "wheel": wheel_path.name,
                   "sha256": hashlib.sha256(wheel_path.read_bytes()).hexdigest(),
                   "generated_by": "tools/diffusers_flax_reference.py"}
-        api = build_api(wheel)
         found_examples = examples(wheel)
+        api = build_api(wheel, found_examples)
     API_JSON.parent.mkdir(parents=True, exist_ok=True)
     API_JSON.write_text(json.dumps({"source": source, "api": api}, indent=1) + "\n")
     EXAMPLES_DIR.mkdir(parents=True, exist_ok=True)

@@ -139,8 +139,10 @@ def resolve_folder(
     subfolder: Optional[str] = None,
     local_files_only: bool = False,
     revision: Optional[str] = None,
+    **hub,
 ) -> Path:
-    """A local folder as is; otherwise a hub repo id ("org/name") through `huggingface_hub.snapshot_download`.
+    """A local folder as is; otherwise a hub repo id ("org/name") through `huggingface_hub.snapshot_download`
+    (`hub`: its download options cache_dir, token, proxies, force_download; None means its default).
 
     A name that is not an existing folder and not of the org/name form (a single word, an absolute
     or ./ path, several slashes) never reaches the hub: the error names both readings.
@@ -156,7 +158,8 @@ def resolve_folder(
         from huggingface_hub import snapshot_download
 
         try:
-            p = Path(snapshot_download(name, revision=revision, local_files_only=local_files_only))
+            p = Path(snapshot_download(name, revision=revision, local_files_only=local_files_only,
+                                       **{k: v for k, v in hub.items() if v not in (None, False)}))
         except Exception as e:  # network, auth, unknown repo, or not in the local hub cache
             raise CheckpointError(
                 f"{name!r} is not a local folder, and as a hub repo id it could not be fetched "
@@ -450,36 +453,47 @@ class PretrainedMixin:
     @classmethod
     def from_pretrained(
         cls,
-        path: os.PathLike | str,
-        subfolder: Optional[str] = None,
+        pretrained_model_name_or_path: os.PathLike | str,
         dtype: Any = jnp.float32,
+        *,
+        subfolder: Optional[str] = None,
         param_dtype: Any = jnp.float32,
         attention: str = "auto",
         variant: Optional[str] = None,
-        cache_dir: Optional[os.PathLike] = None,
+        from_pt: bool = False,
+        config: Optional[Mapping[str, Any]] = None,
+        params_cache_dir: Optional[os.PathLike] = None,
         use_cache: bool = True,
         local_files_only: bool = False,
         revision: Optional[str] = None,
+        cache_dir: Optional[os.PathLike] = None,
+        force_download: bool = False,
+        proxies: Optional[dict] = None,
+        token: Any = None,
     ):
         """Load `(model, params)` from a local diffusers/transformers folder (or a hub repo id).
 
-        Flax weights saved by `save_pretrained` load directly. PyTorch weights (safetensors first;
-        .bin/.pt only through `torch.load(weights_only=True)`) are converted, and the converted
-        params are cached as msgpack under `cache_dir` ($FLAX_INPAINT_CACHE, default
-        ~/.cache/flax_inpaint) so the next load skips conversion.
+        Flax weights saved by `save_pretrained` load directly (`from_pt=True` skips them). PyTorch
+        weights (safetensors first; .bin/.pt only through `torch.load(weights_only=True)`) are
+        converted, and the converted params are cached as msgpack under `params_cache_dir`
+        ($FLAX_INPAINT_CACHE, default ~/.cache/flax_inpaint) so the next load skips conversion.
+        `config` replaces the folder's config.json; `cache_dir`, `force_download`, `proxies` and
+        `token` are huggingface_hub's download options, as in diffusers.
         """
-        folder = resolve_folder(path, subfolder, local_files_only, revision)
+        hub = dict(cache_dir=cache_dir, force_download=force_download, proxies=proxies, token=token)
+        folder = resolve_folder(pretrained_model_name_or_path, subfolder, local_files_only, revision, **hub)
         model = cls.from_config(
-            read_config(folder), Runtime(dtype=dtype, param_dtype=param_dtype, attention=attention)
+            read_config(folder) if config is None else config,
+            Runtime(dtype=dtype, param_dtype=param_dtype, attention=attention),
         )
-        for name in _FLAX_WEIGHTS_ALIASES:
+        for name in () if from_pt else _FLAX_WEIGHTS_ALIASES:
             if (folder / name).is_file():
                 return model, model._cast(model._load_msgpack(folder / name))
         files = find_weight_files(folder, cls.weight_stems, variant)
         cache = None
         if use_cache:
             key = _fingerprint(files, f"{cls.__name__}|{json.dumps(model.config, default=str)}")
-            cache = Path(cache_dir or default_cache_dir()) / f"{cls.__name__}-{key}.msgpack"
+            cache = Path(params_cache_dir or default_cache_dir()) / f"{cls.__name__}-{key}.msgpack"
             if cache.is_file():
                 try:
                     return model, model._cast(model._load_msgpack(cache))
@@ -497,13 +511,21 @@ class PretrainedMixin:
             raise CheckpointError(f"{file}: corrupt msgpack params ({e}); delete it and reload.") from e
         return self._check_tree(params, str(file))
 
-    def save_pretrained(self, folder: os.PathLike, params: Params, pytorch_format: bool = False) -> None:
+    def save_pretrained(self, save_directory: os.PathLike, params: Params, is_main_process: bool = True,
+                        push_to_hub: bool = False, *, pytorch_format: bool = False, **kwargs) -> None:
         """Write config.json and the params as msgpack (and, optionally, diffusers safetensors).
 
         Every file is written atomically. `pytorch_format=True` also writes
-        `<stem>.safetensors` with diffusers/transformers names, loadable by PyTorch.
+        `<stem>.safetensors` with diffusers/transformers names, loadable by PyTorch. Only the main
+        process writes (`is_main_process=False` on the others of a multi-host job).
         """
-        folder = Path(folder)
+        if push_to_hub or kwargs:
+            from flax_inpaint.diffusers_compat import PUSH_TO_HUB
+
+            raise ValueError(f"save_pretrained(push_to_hub=True, {', '.join(kwargs)}) is not provided: {PUSH_TO_HUB}")
+        if not is_main_process:
+            return
+        folder = Path(save_directory)
         params = self._check_tree(jax.device_get(params), "params")
         config = {"_class_name": self.torch_class, **self.config}
         if self.weight_stems[0] == "model":  # transformers-style folder

@@ -78,6 +78,8 @@ def load_components(
     local_files_only: bool = False,
     revision: Optional[str] = None,
     skip: Tuple[str, ...] = (),
+    from_pt: bool = False,
+    **hub,
 ) -> Tuple[Dict[str, Any], Dict[str, Any], Path]:
     """Read every component listed in `model_index.json`; returns (components, params, folder).
 
@@ -85,11 +87,12 @@ def load_components(
     transformers; a MultiControlNetModel loads as a tuple of ControlNets with a tuple of params.
     Optional components (safety checker, feature extractor, ...) that are absent or null are set
     to None; a required one we cannot load raises. On a terminal a progress bar counts the components
-    (converting a real checkpoint's weights takes a while).
+    (converting a real checkpoint's weights takes a while). `from_pt=True` converts PyTorch weights even
+    where Flax ones exist; `hub` holds huggingface_hub download options (cache_dir, token, ...).
     """
     from tqdm import tqdm
 
-    folder = resolve_folder(path, None, local_files_only, revision)
+    folder = resolve_folder(path, None, local_files_only, revision, **hub)
     index = read_config(folder, "model_index.json")
     models = _model_classes()
     components: Dict[str, Any] = {}
@@ -112,7 +115,8 @@ def load_components(
         elif cls_name in IMAGE_PROCESSORS:
             components[name] = read_config(sub, "preprocessor_config.json")
         elif cls_name in models or cls_name == MULTI_CONTROLNET:
-            load = dict(dtype=dtype, param_dtype=param_dtype or dtype, attention=attention, variant=variant)
+            load = dict(dtype=dtype, param_dtype=param_dtype or dtype, attention=attention, variant=variant,
+                        from_pt=from_pt)
             if cls_name == MULTI_CONTROLNET:  # a tuple of nets, and a tuple of their params
                 loaded = [models["ControlNetModel"].from_pretrained(f, **load) for f in multi_folders(folder, name)]
                 components[name], params[name] = (tuple(x) for x in zip(*loaded))
@@ -129,27 +133,39 @@ def load_components(
     return components, params, folder
 
 
-def save_components(folder: os.PathLike, pipeline_class: str, components: Dict[str, Any], params) -> None:
-    """Write a diffusers-format pipeline folder (PyTorch safetensors + our msgpack per model)."""
-    folder = Path(folder)
+def model_index(pipeline_class: str, components: Dict[str, Any]) -> Dict[str, Any]:
+    """model_index.json's content for these components: each one's (library, class) as diffusers names it."""
     index: Dict[str, Any] = {"_class_name": pipeline_class, "_diffusers_version": "0.42.1"}
     for name, comp in components.items():
         if comp is None:
             index[name] = [None, None]
         elif name == "scheduler":
-            comp.save_pretrained(folder / name)
             index[name] = ["diffusers", comp.diffusers_class]
         elif name == "tokenizer":
-            comp.save_pretrained(folder / name)
             index[name] = ["transformers", type(comp).__name__]
         elif isinstance(comp, dict):  # the feature extractor's preprocessor config
-            write_bytes_atomic(folder / name / "preprocessor_config.json", json.dumps(comp, indent=2).encode())
             index[name] = ["transformers", "CLIPImageProcessor"]
-        elif isinstance(comp, (tuple, list)):  # several ControlNets: diffusers' MultiControlNetModel layout
-            for k, (model, p) in enumerate(zip(comp, params[name])):
-                model.save_pretrained(folder / (f"{name}_{k}" if k else name), p, pytorch_format=True)
+        elif isinstance(comp, (tuple, list)):  # several ControlNets: diffusers' MultiControlNetModel
             index[name] = ["diffusers", MULTI_CONTROLNET]
         else:
-            comp.save_pretrained(folder / name, params[name], pytorch_format=True)
             index[name] = [_LIBRARY.get(comp.torch_class, "diffusers"), comp.torch_class]
+    return index
+
+
+def save_components(folder: os.PathLike, pipeline_class: str, components: Dict[str, Any], params) -> None:
+    """Write a diffusers-format pipeline folder (PyTorch safetensors + our msgpack per model)."""
+    folder = Path(folder)
+    for name, comp in components.items():
+        if comp is None:
+            continue
+        if name in ("scheduler", "tokenizer"):
+            comp.save_pretrained(folder / name)
+        elif isinstance(comp, dict):
+            write_bytes_atomic(folder / name / "preprocessor_config.json", json.dumps(comp, indent=2).encode())
+        elif isinstance(comp, (tuple, list)):
+            for k, (model, p) in enumerate(zip(comp, params[name])):
+                model.save_pretrained(folder / (f"{name}_{k}" if k else name), p, pytorch_format=True)
+        else:
+            comp.save_pretrained(folder / name, params[name], pytorch_format=True)
+    index = model_index(pipeline_class, components)
     write_bytes_atomic(folder / "model_index.json", json.dumps(index, indent=2).encode())
