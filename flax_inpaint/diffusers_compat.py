@@ -36,12 +36,12 @@ class BaseOutput:
     def to_tuple(self) -> Tuple[Any, ...]:
         return tuple(v for v in (getattr(self, f.name) for f in dataclasses.fields(self)) if v is not None)
 
-    def __getitem__(self, key):
-        if isinstance(key, str):
-            if key not in [f.name for f in dataclasses.fields(self)] or getattr(self, key) is None:
-                raise KeyError(key)
-            return getattr(self, key)
-        return self.to_tuple()[key]
+    def __getitem__(self, k):
+        if isinstance(k, str):
+            if k not in [f.name for f in dataclasses.fields(self)] or getattr(self, k) is None:
+                raise KeyError(k)
+            return getattr(self, k)
+        return self.to_tuple()[k]
 
 
 class NotProvidedError(ImportError):

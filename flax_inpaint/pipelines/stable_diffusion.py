@@ -185,6 +185,12 @@ class FlaxDiffusionPipeline(ConfigMixin):
 
     # -- diffusers' pipeline utilities ------------------------------------------------------------
     @staticmethod
+    def get_timestep_start(num_inference_steps: int, strength: float) -> int:
+        """The first of `num_inference_steps` steps that runs at `strength` (img2img, inpaint), as diffusers
+        counts it: steps - int(steps * strength)."""
+        return begin_index_for_strength(num_inference_steps, strength)
+
+    @staticmethod
     def numpy_to_pil(images: np.ndarray) -> List[PIL.Image.Image]:
         """[N,]H,W,C floats in [0, 1] -> list of PIL images (C=1 gives mode "L"), as diffusers rounds."""
         return VaeImageProcessor.numpy_to_pil(images)
