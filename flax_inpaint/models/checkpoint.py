@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from flax_inpaint.diffusers_compat import FrozenConfig
 from flax_inpaint.runtime import Runtime
 
 Params = Dict[str, Any]
@@ -379,19 +380,32 @@ class PretrainedMixin:
         )
 
     @property
-    def config(self) -> Dict[str, Any]:
-        return {k: getattr(self, k) for k in self.config_fields()}
+    def config(self) -> FrozenConfig:
+        return FrozenConfig({k: getattr(self, k) for k in self.config_fields()})
 
     @classmethod
-    def from_config(
-        cls, config: Mapping[str, Any], runtime: Optional[Runtime] = None, **runtime_kwargs
-    ):
-        """Build the module from a diffusers/transformers config dict, validating its keys."""
+    def from_config(cls, config: Optional[Mapping[str, Any]] = None, return_unused_kwargs: bool = False, *,
+                    runtime: Optional[Runtime] = None, **kwargs):
+        """Build the module from a diffusers/transformers config dict, validating its keys.
+
+        Like diffusers: keyword arguments that are config keys override `config`; `dtype` (and our
+        `param_dtype`, `attention`) set the Runtime unless `runtime` is given; `return_unused_kwargs=True`
+        returns (model, the other keyword arguments), which otherwise raise.
+        """
+        if config is None or not isinstance(config, Mapping):
+            why = " (load_config(path) reads one)" if "pretrained_model_name_or_path" in kwargs else ""
+            raise TypeError(f"{cls.__name__}.from_config takes a config dict{why}; got {type(config).__name__}.")
         fields = set(cls.config_fields())
-        kwargs, unknown, unsupported = {}, [], []
-        for key, value in config.items():
+        runtime_keys = {f.name for f in dataclasses.fields(Runtime)}
+        runtime_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in runtime_keys}
+        overrides = {k: kwargs.pop(k) for k in list(kwargs) if k in fields or k in cls.fixed_config}
+        if kwargs and not return_unused_kwargs:
+            raise TypeError(f"{cls.__name__}.from_config got unexpected keyword arguments {sorted(kwargs)}; it "
+                            f"takes config keys and {sorted(runtime_keys)}.")
+        kwargs_out, unknown, unsupported = {}, [], []
+        for key, value in {**config, **overrides}.items():
             if key in fields:
-                kwargs[key] = tuple(value) if isinstance(value, list) else value
+                kwargs_out[key] = tuple(value) if isinstance(value, list) else value
             elif key in cls.fixed_config:
                 if value not in cls.fixed_config[key]:
                     unsupported.append(f"{key}={value!r} (supported: {cls.fixed_config[key]})")
@@ -404,8 +418,8 @@ class PretrainedMixin:
             )
         if unknown:
             warnings.warn(f"{cls.__name__}: ignoring unknown config keys {sorted(unknown)}.")
-        runtime = runtime or Runtime(**runtime_kwargs)
-        return cls(**kwargs, runtime=runtime)
+        model = cls(**kwargs_out, runtime=runtime or Runtime(**runtime_kwargs))
+        return (model, kwargs) if return_unused_kwargs else model
 
     @classmethod
     def torch_rename(cls, key: str) -> Optional[str]:
@@ -484,7 +498,7 @@ class PretrainedMixin:
         folder = resolve_folder(pretrained_model_name_or_path, subfolder, local_files_only, revision, **hub)
         model = cls.from_config(
             read_config(folder) if config is None else config,
-            Runtime(dtype=dtype, param_dtype=param_dtype, attention=attention),
+            runtime=Runtime(dtype=dtype, param_dtype=param_dtype, attention=attention),
         )
         for name in () if from_pt else _FLAX_WEIGHTS_ALIASES:
             if (folder / name).is_file():

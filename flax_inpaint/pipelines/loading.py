@@ -106,8 +106,7 @@ def load_components(
             continue
         sub = folder / name
         if name == "scheduler":
-            components[name] = scheduler_class(cls_name).from_pretrained(sub, subfolder=None)
-            params[name] = components[name].create_state()
+            components[name], params[name] = scheduler_class(cls_name).from_pretrained(sub)
         elif name == "tokenizer":
             import transformers
 
@@ -128,7 +127,7 @@ def load_components(
         else:
             raise CheckpointError(f"{folder}/model_index.json: component {name}={cls_name} is not supported.")
     for required in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
-        if components.get(required) is None:
+        if components.get(required) is None and required not in skip:
             raise CheckpointError(f"{folder}/model_index.json lacks the required component {required!r}.")
     return components, params, folder
 

@@ -97,9 +97,9 @@ def encode_text(text_encoder, params, ids: Array, clip_skip: Optional[int]) -> A
 
 
 def encode_image(vae, params, image: Array, key: Array) -> Array:
-    """Scaled VAE latents (NHWC) of an NCHW image, sampling the posterior like diffusers."""
+    """Scaled VAE latents (NHWC) of an NCHW image, sampling the posterior (NHWC) like diffusers."""
     dist = vae.apply({"params": params}, image.astype(vae.runtime.dtype), method=vae.encode).latent_dist
-    return nchw_to_nhwc(dist.sample(key).astype(jnp.float32)) * vae.scaling_factor
+    return dist.sample(key).astype(jnp.float32) * vae.scaling_factor
 
 
 def decode_latents(vae, params, latents: Array) -> Array:

@@ -273,6 +273,13 @@ class FlaxDiffusionPipeline(ConfigMixin):
     def _run(self, batch: Batch, opts: Options, params, prng_seed, jit: bool, mesh: Optional[Mesh],
              lead: tuple, output_type: str, return_dict: bool):
         comps = self._components()
+        needed = ["unet", "vae", "scheduler"] + ["text_encoder"] * (batch.prompt_ids is not None) \
+            + ["safety_checker"] * (self.safety_checker is not None)
+        missing = [name for name in needed if name not in params]
+        if missing:
+            raise ValueError(f"params has no {missing}: a component passed to from_pretrained (or the constructor) as "
+                             f"an object brings no params; set params[{missing[0]!r}] to its params (from its "
+                             "from_pretrained), as with diffusers.")
         if jit and mesh is not None:
             raise ValueError("Pass either jit=True (pmap over local devices) or mesh=..., not both.")
         if jit:
