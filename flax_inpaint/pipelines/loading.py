@@ -87,7 +87,8 @@ def load_components(
     transformers; a MultiControlNetModel loads as a tuple of ControlNets with a tuple of params.
     Optional components (safety checker, feature extractor, ...) that are absent or null are set
     to None; a required one we cannot load raises. On a terminal a progress bar counts the components
-    (converting a real checkpoint's weights takes a while). `from_pt=True` converts PyTorch weights even
+    (converting a real checkpoint's weights takes a while). A component without `variant` files loads its
+    default weights, with a warning (diffusers does the same). `from_pt=True` converts PyTorch weights even
     where Flax ones exist; `hub` holds huggingface_hub download options (cache_dir, token, ...).
     """
     from tqdm import tqdm
@@ -97,6 +98,7 @@ def load_components(
     models = _model_classes()
     components: Dict[str, Any] = {}
     params: Dict[str, Any] = {}
+    without_variant: list = []
     listed = {name: spec for name, spec in index.items()
               if not name.startswith("_") and isinstance(spec, (list, tuple)) and len(spec) == 2}
     for name, (library, cls_name) in tqdm(listed.items(), desc="Loading pipeline components", unit="component",
@@ -114,8 +116,11 @@ def load_components(
         elif cls_name in IMAGE_PROCESSORS:
             components[name] = read_config(sub, "preprocessor_config.json")
         elif cls_name in models or cls_name == MULTI_CONTROLNET:
-            load = dict(dtype=dtype, param_dtype=param_dtype or dtype, attention=attention, variant=variant,
-                        from_pt=from_pt)
+            has_variant = variant is None or any(folder.glob(f"{name}*/*.{variant}.*"))
+            if not has_variant:
+                without_variant.append(name)
+            load = dict(dtype=dtype, param_dtype=param_dtype or dtype, attention=attention,
+                        variant=variant if has_variant else None, from_pt=from_pt)
             if cls_name == MULTI_CONTROLNET:  # a tuple of nets, and a tuple of their params
                 loaded = [models["ControlNetModel"].from_pretrained(f, **load) for f in multi_folders(folder, name)]
                 components[name], params[name] = (tuple(x) for x in zip(*loaded))
@@ -126,6 +131,9 @@ def load_components(
             components[name] = None
         else:
             raise CheckpointError(f"{folder}/model_index.json: component {name}={cls_name} is not supported.")
+    if without_variant:
+        warnings.warn(f"{folder}: no variant={variant!r} weight files for {without_variant}; loading their default "
+                      "weights instead, as diffusers does.")
     for required in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
         if components.get(required) is None and required not in skip:
             raise CheckpointError(f"{folder}/model_index.json lacks the required component {required!r}.")
