@@ -147,6 +147,8 @@ def run_example(name: str, request, served, tmp_path, monkeypatch) -> dict:
     code = (EXAMPLES / f"{name}.py").read_text()
     folders = {hub: request.getfixturevalue(fixture) for hub, fixture in HUB_IDS.items() if f'"{hub}"' in code}
     monkeypatch.chdir(tmp_path)  # where the ControlNet example saves generated_image.png
+    for name in ("NO_PROXY", "no_proxy"):  # the served files are local even where a proxy is configured
+        monkeypatch.setenv(name, "127.0.0.1")
     namespace: dict = {"__name__": "__example__"}
     exec(compile(adapt(code, folders, served), name, "exec"), namespace)  # noqa: S102 (diffusers' documented code)
     return namespace

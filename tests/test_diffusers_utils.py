@@ -71,7 +71,9 @@ def server_url(image_files):
 
 
 @pytest.mark.parametrize("name", ["rgba.png", "gray.png", "rotated.jpg"])
-def test_load_image_matches_diffusers(name, image_files, server_url):
+def test_load_image_matches_diffusers(name, image_files, server_url, monkeypatch):
+    for var in ("NO_PROXY", "no_proxy"):  # the server is local even where a proxy is configured
+        monkeypatch.setenv(var, "127.0.0.1")
     path = str(image_files / name)
     same_images([load_image(path)], [diffusers_load_image(path)])
     same_images([load_image(image_files / name)], [diffusers_load_image(path)])  # a Path works too

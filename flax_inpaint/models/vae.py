@@ -323,7 +323,9 @@ class FlaxAutoencoderKL(FlaxModelMixin, nn.Module):
 
     def decode(self, latents: jax.Array, deterministic: bool = True, return_dict: bool = True):
         """Latents (already divided by scaling_factor) -> images NCHW. Like diffusers' Flax VAE, latents
-        whose last axis has latent_channels entries are read as NHWC (posterior samples), others as NCHW."""
+        whose last axis has latent_channels entries are read as NHWC (posterior samples), others as NCHW:
+        an NCHW array only latent_channels wide (a 32-pixel image at factor 8) reads as NHWC, so pass
+        such small latents NHWC."""
         del deterministic
         c = self.latent_channels
         if latents.ndim != 4 or c not in (latents.shape[1], latents.shape[-1]):

@@ -103,7 +103,8 @@ def encode_image(vae, params, image: Array, key: Array) -> Array:
 
 
 def decode_latents(vae, params, latents: Array) -> Array:
-    """NHWC images in [0, 1] from scaled NCHW latents."""
+    """NHWC images in [0, 1] from scaled NHWC latents (NHWC whatever their size: `vae.decode` reads a last
+    axis of latent_channels as NHWC, like diffusers' Flax VAE)."""
     x = (latents.astype(jnp.float32) / vae.scaling_factor).astype(vae.runtime.dtype)
     decoded = vae.apply({"params": params}, x, method=vae.decode).sample
     return jnp.clip(nchw_to_nhwc(decoded.astype(jnp.float32)) / 2 + 0.5, 0.0, 1.0)
@@ -240,7 +241,7 @@ def generate(c: Components, opts: Options, params, batch: Batch, key: Array):
 
     if opts.output_type == "latent":
         return nhwc_to_nchw(latents), None
-    images = decode_latents(vae, params["vae"], nhwc_to_nchw(latents))
+    images = decode_latents(vae, params["vae"], latents)
     nsfw = None
     if c.safety_checker is not None:
         images, nsfw = c.safety_checker.apply(

@@ -233,7 +233,7 @@ class FlaxDiffusionPipeline(ConfigMixin):
         if latents.ndim != 4 or latents.shape[1] != self.vae.latent_channels:
             raise ValueError(f"latents has shape {latents.shape}; expected [B, {self.vae.latent_channels}, h, w] "
                              "(reshape away a device axis first).")
-        return np.asarray(_decode_jit(self.vae, params["vae"], latents))
+        return np.asarray(_decode_jit(self.vae, params["vae"], jnp.transpose(latents, (0, 2, 3, 1))))
 
     def _components(self) -> Components:
         return Components(self.unet, self.vae, self.text_encoder, self.scheduler, self.safety_checker)
