@@ -395,6 +395,9 @@ class PretrainedMixin:
         if config is None or not isinstance(config, Mapping):
             why = " (load_config(path) reads one)" if "pretrained_model_name_or_path" in kwargs else ""
             raise TypeError(f"{cls.__name__}.from_config takes a config dict{why}; got {type(config).__name__}.")
+        if not isinstance(return_unused_kwargs, bool):
+            raise TypeError(f"{cls.__name__}.from_config's second argument is return_unused_kwargs (a bool, as in "
+                            f"diffusers); got {type(return_unused_kwargs).__name__}. Pass runtime=... by keyword.")
         fields = set(cls.config_fields())
         runtime_keys = {f.name for f in dataclasses.fields(Runtime)}
         runtime_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in runtime_keys}
