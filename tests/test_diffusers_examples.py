@@ -186,6 +186,7 @@ def test_inpaint_example(request, served, tmp_path, monkeypatch):
 
 def test_controlnet_example(request, served, tmp_path, monkeypatch):
     ns = run_example("pipeline_flax_controlnet", request, served, tmp_path, monkeypatch)
+    assert ns["params"]["controlnet"] is ns["controlnet_params"]  # the PyTorch ControlNet, converted (from_pt)
     grid = PIL.Image.open(tmp_path / "generated_image.png")
     assert grid.size == (4 * 64, N_DEV // 4 * 64)
     assert np.asarray(grid).std() > 1

@@ -35,7 +35,7 @@ import enum
 import math
 import os
 from pathlib import Path
-from typing import Any, ClassVar, Dict, Mapping, Optional, Tuple, Union
+from typing import Any, ClassVar, Mapping, Optional, Tuple, Union
 
 
 
