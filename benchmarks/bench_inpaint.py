@@ -245,9 +245,9 @@ class CompileClock:
 
 
 def build_models(preset: Preset, runtime):
-    return (FlaxUNet2DConditionModel.from_config(preset.unet, runtime),
-            FlaxAutoencoderKL.from_config(preset.vae, runtime),
-            FlaxCLIPTextModel.from_config(preset.text_encoder, runtime))
+    return (FlaxUNet2DConditionModel.from_config(preset.unet, runtime=runtime),
+            FlaxAutoencoderKL.from_config(preset.vae, runtime=runtime),
+            FlaxCLIPTextModel.from_config(preset.text_encoder, runtime=runtime))
 
 
 def build_scheduler(preset: Preset, name: str):

@@ -11,13 +11,17 @@ class _NoTorchNoticeFilter(_logging.Filter):
 
 
 _logging.getLogger("transformers").addFilter(_NoTorchNoticeFilter())  # transformers' top-level logger
-from flax_inpaint.image_processor import VaeImageProcessor, make_image_grid
+from flax_inpaint.diffusers_compat import missing_names
+from flax_inpaint.image_processor import VaeImageProcessor, load_image, make_image_grid
 from flax_inpaint.models.clip import FlaxCLIPTextModel
 from flax_inpaint.models.controlnet import FlaxControlNetModel
+from flax_inpaint.models.modeling import FlaxModelMixin
 from flax_inpaint.models.safety import FlaxStableDiffusionSafetyChecker
 from flax_inpaint.models.unet import FlaxUNet2DConditionModel
 from flax_inpaint.models.vae import FlaxAutoencoderKL
+from flax_inpaint.pipelines import NOT_PROVIDED as _PIPELINES_NOT_PROVIDED
 from flax_inpaint.pipelines import (
+    FlaxDiffusionPipeline,
     FlaxStableDiffusionControlNetInpaintPipeline,
     FlaxStableDiffusionControlNetPipeline,
     FlaxStableDiffusionImg2ImgPipeline,
@@ -27,6 +31,7 @@ from flax_inpaint.pipelines import (
 )
 from flax_inpaint.runtime import Runtime
 from flax_inpaint.schedulers import *  # noqa: F401,F403  (the Flax*Scheduler classes)
+from flax_inpaint.schedulers import NOT_PROVIDED as _SCHEDULERS_NOT_PROVIDED
 from flax_inpaint.schedulers import __all__ as _schedulers
 
 __version__ = "0.1.0"
@@ -34,6 +39,8 @@ __all__ = [
     "FlaxAutoencoderKL",
     "FlaxCLIPTextModel",
     "FlaxControlNetModel",
+    "FlaxDiffusionPipeline",
+    "FlaxModelMixin",
     "FlaxStableDiffusionControlNetInpaintPipeline",
     "FlaxStableDiffusionControlNetPipeline",
     "FlaxStableDiffusionImg2ImgPipeline",
@@ -43,7 +50,10 @@ __all__ = [
     "FlaxUNet2DConditionModel",
     "Runtime",
     "VaeImageProcessor",
+    "load_image",
     "make_image_grid",
     "make_inpaint_condition",
     *_schedulers,
 ]
+
+__getattr__ = missing_names(__name__, {**_PIPELINES_NOT_PROVIDED, **_SCHEDULERS_NOT_PROVIDED})

@@ -22,9 +22,12 @@ differently sized arrays in one batch, crop coordinates with numpy input, an all
 from __future__ import annotations
 
 import dataclasses
+import io
 import numbers
+import os
+import urllib.request
 import warnings
-from typing import Any, List, Literal, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, List, Literal, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import PIL.Image
@@ -660,3 +663,23 @@ def make_image_grid(
         row, col = divmod(index, cols)
         grid.paste(tile, box=(col * tile_w, row * tile_h))
     return grid
+
+
+def load_image(image: Union[str, os.PathLike, PIL.Image.Image],
+               convert_method: Optional[Callable[[PIL.Image.Image], PIL.Image.Image]] = None,
+               timeout: float = 60.0) -> PIL.Image.Image:
+    """An image from a local path, an http(s) URL or a PIL image, as `diffusers.utils.load_image` gives
+    it: EXIF orientation applied, then `convert_method(image)` or, by default, converted to RGB."""
+    if isinstance(image, (str, os.PathLike)):
+        name = os.fspath(image)
+        if name.startswith(("http://", "https://")):
+            with urllib.request.urlopen(name, timeout=timeout) as response:
+                image = Image.open(io.BytesIO(response.read()))
+        elif os.path.isfile(name):
+            image = Image.open(name)
+        else:
+            raise ValueError(f"load_image: {name!r} is neither an existing file nor an http(s) URL.")
+    elif not isinstance(image, PIL.Image.Image):
+        raise ValueError(f"load_image takes a path, an http(s) URL or a PIL image; got {type(image).__name__}.")
+    image = ImageOps.exif_transpose(image)
+    return convert_method(image) if convert_method is not None else image.convert("RGB")

@@ -100,7 +100,7 @@ def jitted(model):
 
     @functools.partial(jax.jit, static_argnames="guess_mode")
     def run(params, x, t, ctx, cond, scale, guess_mode=False):
-        out = model.apply({"params": params}, x, t, ctx, cond, scale, guess_mode)
+        out = model.apply({"params": params}, x, t, ctx, cond, scale, guess_mode=guess_mode)
         return out.down_block_res_samples, out.mid_block_res_sample
 
     return run

@@ -217,7 +217,7 @@ def assert_parity(name, config, n, monkeypatch, tmp_path, begin=0, start=None, s
     torch_cls, flax_cls, _ = SCHEDULERS[name]
     ref_sched = torch_cls.from_config(config)
     ref_sched.save_pretrained(tmp_path / "scheduler")
-    ours = flax_cls.from_pretrained(tmp_path)
+    ours, _ = flax_cls.from_pretrained(tmp_path, subfolder="scheduler")  # (scheduler, state), like diffusers
     key = feed = None
     if name in STOCHASTIC or (step_kw or {}).get("eta", 0) > 0 or (step_kw or {}).get("s_churn", 0) > 0:
         key = KEY
@@ -657,7 +657,7 @@ def test_from_config_cross_loads_any_scheduler_config(name, tmp_path):
             assert value == ref.config[key] or ref.config[key] is None, (source, key)
     # from_pretrained reads a pipeline folder's scheduler/scheduler_config.json written by diffusers.
     torch_cls.from_config(SD_CONFIG).save_pretrained(tmp_path / "pipe" / "scheduler")
-    loaded = flax_cls.from_pretrained(tmp_path / "pipe", subfolder="scheduler")
+    loaded, _ = flax_cls.from_pretrained(tmp_path / "pipe", subfolder="scheduler")
     assert loaded == flax_cls.from_config(SD_CONFIG)
     # ...and diffusers reads what we save.
     loaded.save_pretrained(tmp_path / "ours")

@@ -64,7 +64,7 @@ def load_pair(kind, config, tmp_path):
         warnings.simplefilter("ignore", FutureWarning)  # diffusers deprecates algorithm_type="dpmsolver"
         ref = torch_cls(**config)
     ref.save_pretrained(tmp_path)
-    return ref, flax_cls.from_pretrained(tmp_path)
+    return ref, flax_cls.from_pretrained(tmp_path)[0]  # (scheduler, state), like diffusers
 
 
 @functools.lru_cache(maxsize=None)

@@ -204,9 +204,11 @@ def test_controlnet_residuals(sd1):
 
     apply = functools.partial(sd1.model.apply, {"params": sd1.params}, sd1.x, sd1.t, sd1.ctx)
     with pytest.raises(ValueError, match="down-block residuals"):
-        apply(down[:-1], mid)
+        apply(None, down[:-1], mid)  # diffusers' Flax order: added_cond_kwargs comes first
+    with pytest.raises(TypeError, match="added_cond_kwargs must be a dict.*down_block_additional_residuals"):
+        apply(down, mid)
     with pytest.raises(ValueError, match="down-block residuals have shapes"):
-        jax.eval_shape(apply, [r[:, :, :4] for r in down], mid)
+        jax.eval_shape(functools.partial(apply, None), [r[:, :, :4] for r in down], mid)
     with pytest.raises(ValueError, match="both"):
         apply(down_block_additional_residuals=down)
 

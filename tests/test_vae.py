@@ -63,12 +63,17 @@ def torch_outputs(model, x):
 SAMPLE_KEY = jax.random.key(0)
 
 
+def nchw(x):
+    """NHWC (our posterior's layout, as diffusers' Flax VAE) -> NCHW (diffusers' PyTorch)."""
+    return jnp.transpose(x, (0, 3, 1, 2))
+
+
 @partial(jax.jit, static_argnums=0)
 def _flax_outputs(vae, params, x):
     v = {"params": params}
-    post = vae.apply(v, x, method=vae.encode).latent_dist
+    post = vae.apply(v, x, method=vae.encode).latent_dist  # NHWC, like diffusers' Flax VAE
     return dict(
-        posterior=post, mean=post.mean, logvar=post.logvar, std=post.std, kl=post.kl(),
+        posterior=post, mean=nchw(post.mean), logvar=nchw(post.logvar), std=nchw(post.std), kl=post.kl(),
         decoded=vae.apply(v, post.mean, method=vae.decode).sample, forward=vae.apply(v, x).sample,
         sampled=vae.apply(v, x, sample_posterior=True, key=SAMPLE_KEY).sample,
     )
@@ -132,7 +137,7 @@ def test_posterior_sampling(tmp_path):
     post = out["posterior"]
     with torch.no_grad():
         ref = model.encode(torch.from_numpy(x)).latent_dist
-    assert rel_err(post.var, ref.var.numpy()) <= RTOL
+    assert rel_err(nchw(post.var), ref.var.numpy()) <= RTOL
     np.testing.assert_array_equal(post.mode(), post.mean)
 
     z = post.sample(SAMPLE_KEY)
@@ -143,7 +148,7 @@ def test_posterior_sampling(tmp_path):
 
     # __call__(sample_posterior=True, key=) decodes that sample.
     with torch.no_grad():
-        decoded_z = model.decode(torch.tensor(np.asarray(z))).sample.numpy()
+        decoded_z = model.decode(torch.tensor(np.asarray(nchw(z)))).sample.numpy()
     assert rel_err(out["sampled"], decoded_z) <= RTOL
     assert not np.allclose(out["sampled"], out["forward"])
     # The "gaussian" rng stream diffusers' Flax VAE drew from works in place of key= (traced only:
@@ -163,19 +168,20 @@ def test_distribution_math_matches_diffusers():
     moments = rng.standard_normal((2, 8, 3, 3)).astype(np.float32) * 3
     moments[0, 4, 0, 0], moments[1, 5, 1, 1] = 50.0, -50.0  # outside the [-30, 20] logvar clip
     other_moments = rng.standard_normal((2, 8, 3, 3)).astype(np.float32)
-    ours = FlaxDiagonalGaussianDistribution.from_moments(jnp.asarray(moments))
-    other = FlaxDiagonalGaussianDistribution.from_moments(jnp.asarray(other_moments))
+    nhwc = lambda a: jnp.transpose(jnp.asarray(a), (0, 2, 3, 1))  # noqa: E731 (ours is NHWC)
+    ours = FlaxDiagonalGaussianDistribution(nhwc(moments))
+    other = FlaxDiagonalGaussianDistribution(nhwc(other_moments))
     ref = DiagonalGaussianDistribution(torch.from_numpy(moments))
     ref_other = DiagonalGaussianDistribution(torch.from_numpy(other_moments))
     assert float(ours.logvar.max()) == 20.0 and float(ours.logvar.min()) == -30.0
     for name in ("mean", "logvar", "std", "var"):
-        assert rel_err(getattr(ours, name), getattr(ref, name).numpy()) <= 1e-6, name
+        assert rel_err(nchw(getattr(ours, name)), getattr(ref, name).numpy()) <= 1e-6, name
     assert rel_err(ours.kl(), ref.kl().numpy()) <= 1e-6
     assert rel_err(ours.kl(other), ref.kl(ref_other).numpy()) <= 1e-6
-    sample = jnp.asarray(other_moments[:, :4])
+    sample = nhwc(other_moments[:, :4])
     assert rel_err(ours.nll(sample), ref.nll(torch.from_numpy(other_moments[:, :4])).numpy()) <= 1e-6
 
-    frozen = FlaxDiagonalGaussianDistribution.from_moments(jnp.asarray(moments), deterministic=True)
+    frozen = FlaxDiagonalGaussianDistribution(nhwc(moments), deterministic=True)
     np.testing.assert_array_equal(frozen.sample(jax.random.key(0)), frozen.mean)
     np.testing.assert_array_equal(frozen.kl(), np.zeros(2))
     # A pytree: it crosses jit boundaries, `deterministic` stays static.
@@ -267,5 +273,11 @@ def test_bad_inputs_are_named(tmp_path):
     nhwc = jnp.zeros((1, 16, 16, 3))
     with pytest.raises(ValueError, match=r"sample must be NCHW \[batch, 3, height, width\].*looks NHWC"):
         vae.apply({"params": params}, nhwc, method=vae.encode)
-    with pytest.raises(ValueError, match=r"latents must be NCHW \[batch, 4, height, width\]; got shape \(4, 8, 8\)"):
+    with pytest.raises(ValueError, match=r"latents has shape \(4, 8, 8\); expected NCHW \[B, 4, h, w\] or NHWC"):
         vae.apply({"params": params}, jnp.zeros((4, 8, 8)), method=vae.decode)
+    with pytest.raises(ValueError, match=r"latents has shape \(1, 3, 8, 8\)"):
+        vae.apply({"params": params}, jnp.zeros((1, 3, 8, 8)), method=vae.decode)
+    # Like diffusers' Flax VAE, decode reads latents as NHWC when their last axis has latent_channels.
+    z = jax.random.normal(jax.random.key(0), (1, 4, 8, 8))
+    np.testing.assert_array_equal(vae.apply({"params": params}, z, method=vae.decode).sample,
+                                  vae.apply({"params": params}, z.transpose(0, 2, 3, 1), method=vae.decode).sample)

@@ -797,7 +797,7 @@ def load(source: Union[str, os.PathLike, Mapping[str, Any]], components: Sequenc
             raise CheckpointError(f"num_in_channels={num_in_channels}, but the UNet of {name} takes "
                                   f"{cfg['in_channels']} input channels; drop num_in_channels or fix it.")
         configs[component] = cfg
-        model = cls.from_config(cfg, runtime)
+        model = cls.from_config(cfg, runtime=runtime)
         tensors = to_diffusers(state, layout, cfg, expected_keys(model), problems, used)
         models[component], params[component] = model, tensors
     prefixes = [""] if whole_file else [layouts[c].prefix for c in components if c in layouts]

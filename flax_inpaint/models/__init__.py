@@ -2,6 +2,7 @@
 from flax_inpaint.models.checkpoint import CheckpointError
 from flax_inpaint.models.clip import FlaxCLIPTextModel, FlaxCLIPTextModelOutput
 from flax_inpaint.models.controlnet import FlaxControlNetModel, FlaxControlNetOutput
+from flax_inpaint.models.modeling import FlaxModelMixin
 from flax_inpaint.models.safety import CLIPImagePreprocessing, FlaxStableDiffusionSafetyChecker
 from flax_inpaint.models.unet import FlaxUNet2DConditionModel, FlaxUNet2DConditionOutput
 from flax_inpaint.models.vae import (
@@ -22,6 +23,7 @@ __all__ = [
     "FlaxControlNetOutput",
     "FlaxDecoderOutput",
     "FlaxDiagonalGaussianDistribution",
+    "FlaxModelMixin",
     "FlaxStableDiffusionSafetyChecker",
     "FlaxUNet2DConditionModel",
     "FlaxUNet2DConditionOutput",

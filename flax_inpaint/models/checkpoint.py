@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from flax_inpaint.diffusers_compat import FrozenConfig
 from flax_inpaint.runtime import Runtime
 
 Params = Dict[str, Any]
@@ -144,8 +145,10 @@ def resolve_folder(
     subfolder: Optional[str] = None,
     local_files_only: bool = False,
     revision: Optional[str] = None,
+    **hub,
 ) -> Path:
-    """A local folder as is; otherwise a hub repo id ("org/name") through `huggingface_hub.snapshot_download`.
+    """A local folder as is; otherwise a hub repo id ("org/name") through `huggingface_hub.snapshot_download`
+    (`hub`: its download options cache_dir, token, proxies, force_download; None means its default).
 
     A name that is not an existing folder and not of the org/name form (a single word, an absolute
     or ./ path, several slashes) never reaches the hub: the error names both readings.
@@ -161,7 +164,8 @@ def resolve_folder(
         from huggingface_hub import snapshot_download
 
         try:
-            p = Path(snapshot_download(name, revision=revision, local_files_only=local_files_only))
+            p = Path(snapshot_download(name, revision=revision, local_files_only=local_files_only,
+                                       **{k: v for k, v in hub.items() if v not in (None, False)}))
         except Exception as e:  # network, auth, unknown repo, or not in the local hub cache
             raise CheckpointError(
                 f"{name!r} is not a local folder, and as a hub repo id it could not be fetched "
@@ -493,19 +497,35 @@ class PretrainedMixin:
         )
 
     @property
-    def config(self) -> Dict[str, Any]:
-        return {k: getattr(self, k) for k in self.config_fields()}
+    def config(self) -> FrozenConfig:
+        return FrozenConfig({k: getattr(self, k) for k in self.config_fields()})
 
     @classmethod
-    def from_config(
-        cls, config: Mapping[str, Any], runtime: Optional[Runtime] = None, **runtime_kwargs
-    ):
-        """Build the module from a diffusers/transformers config dict, validating its keys."""
+    def from_config(cls, config: Optional[Mapping[str, Any]] = None, return_unused_kwargs: bool = False, *,
+                    runtime: Optional[Runtime] = None, **kwargs):
+        """Build the module from a diffusers/transformers config dict, validating its keys.
+
+        Like diffusers: keyword arguments that are config keys override `config`; `dtype` (and our
+        `param_dtype`, `attention`) set the Runtime unless `runtime` is given; `return_unused_kwargs=True`
+        returns (model, the other keyword arguments), which otherwise raise.
+        """
+        if config is None or not isinstance(config, Mapping):
+            why = " (load_config(path) reads one)" if "pretrained_model_name_or_path" in kwargs else ""
+            raise TypeError(f"{cls.__name__}.from_config takes a config dict{why}; got {type(config).__name__}.")
+        if not isinstance(return_unused_kwargs, bool):
+            raise TypeError(f"{cls.__name__}.from_config's second argument is return_unused_kwargs (a bool, as in "
+                            f"diffusers); got {type(return_unused_kwargs).__name__}. Pass runtime=... by keyword.")
         fields = set(cls.config_fields())
-        kwargs, unknown, unsupported = {}, [], []
-        for key, value in config.items():
+        runtime_keys = {f.name for f in dataclasses.fields(Runtime)}
+        runtime_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in runtime_keys}
+        overrides = {k: kwargs.pop(k) for k in list(kwargs) if k in fields or k in cls.fixed_config}
+        if kwargs and not return_unused_kwargs:
+            raise TypeError(f"{cls.__name__}.from_config got unexpected keyword arguments {sorted(kwargs)}; it "
+                            f"takes config keys and {sorted(runtime_keys)}.")
+        kwargs_out, unknown, unsupported = {}, [], []
+        for key, value in {**config, **overrides}.items():
             if key in fields:
-                kwargs[key] = tuple(value) if isinstance(value, list) else value
+                kwargs_out[key] = tuple(value) if isinstance(value, list) else value
             elif key in cls.fixed_config:
                 if value not in cls.fixed_config[key]:
                     unsupported.append(f"{key}={value!r} (supported: {cls.fixed_config[key]})")
@@ -518,8 +538,8 @@ class PretrainedMixin:
             )
         if unknown:
             warnings.warn(f"{cls.__name__}: ignoring unknown config keys {sorted(unknown)}.")
-        runtime = runtime or Runtime(**runtime_kwargs)
-        return cls(**kwargs, runtime=runtime)
+        model = cls(**kwargs_out, runtime=runtime or Runtime(**runtime_kwargs))
+        return (model, kwargs) if return_unused_kwargs else model
 
     @classmethod
     def torch_rename(cls, key: str) -> Optional[str]:
@@ -571,37 +591,48 @@ class PretrainedMixin:
     @classmethod
     def from_pretrained(
         cls,
-        path: os.PathLike | str,
-        subfolder: Optional[str] = None,
+        pretrained_model_name_or_path: os.PathLike | str,
         dtype: Any = jnp.float32,
+        *,
+        subfolder: Optional[str] = None,
         param_dtype: Any = jnp.float32,
         attention: str = "auto",
         variant: Optional[str] = None,
-        cache_dir: Optional[os.PathLike] = None,
+        from_pt: bool = False,
+        config: Optional[Mapping[str, Any]] = None,
+        params_cache_dir: Optional[os.PathLike] = None,
         use_cache: bool = True,
         local_files_only: bool = False,
         revision: Optional[str] = None,
+        cache_dir: Optional[os.PathLike] = None,
+        force_download: bool = False,
+        proxies: Optional[dict] = None,
+        token: Any = None,
     ):
         """Load `(model, params)` from a local diffusers/transformers folder (or a hub repo id).
 
         The weights come from the first format the folder has (`WEIGHT_FORMATS`): safetensors, the Flax
         msgpack that diffusers'/transformers' Flax `save_pretrained` (and ours) write, then pickled
-        PyTorch files (only through `torch.load(weights_only=True)`). A hub `revision` (e.g. "flax", the
-        branch where hub repos keep Flax weights) selects the snapshot. Flax params load directly;
-        PyTorch weights are converted, and the converted params are cached as msgpack under
-        `cache_dir` ($FLAX_INPAINT_CACHE, default ~/.cache/flax_inpaint) so the next load skips conversion.
+        PyTorch files (only through `torch.load(weights_only=True)`); `from_pt=True` skips the Flax
+        msgpack. A hub `revision` (e.g. "flax", the branch where hub repos keep Flax weights) selects the
+        snapshot. Flax params load directly; PyTorch weights are converted, and the converted params are
+        cached as msgpack under `params_cache_dir` ($FLAX_INPAINT_CACHE, default ~/.cache/flax_inpaint)
+        so the next load skips conversion. `config` replaces the folder's config.json; `cache_dir`,
+        `force_download`, `proxies` and `token` are huggingface_hub's download options, as in diffusers.
         """
-        folder = resolve_folder(path, subfolder, local_files_only, revision)
+        hub = dict(cache_dir=cache_dir, force_download=force_download, proxies=proxies, token=token)
+        folder = resolve_folder(pretrained_model_name_or_path, subfolder, local_files_only, revision, **hub)
         model = cls.from_config(
-            read_config(folder), Runtime(dtype=dtype, param_dtype=param_dtype, attention=attention)
+            read_config(folder) if config is None else config,
+            runtime=Runtime(dtype=dtype, param_dtype=param_dtype, attention=attention),
         )
-        files = find_weight_files(folder, cls.weight_stems, cls.flax_weight_stems, variant)
+        files = find_weight_files(folder, cls.weight_stems, () if from_pt else cls.flax_weight_stems, variant)
         if files[0].suffix == ".msgpack":
             return model, model._cast(model.convert_flax_params(read_msgpack(files)))
         cache = None
         if use_cache:
             key = _fingerprint(files, f"{cls.__name__}|{json.dumps(model.config, default=str)}")
-            cache = Path(cache_dir or default_cache_dir()) / f"{cls.__name__}-{key}.msgpack"
+            cache = Path(params_cache_dir or default_cache_dir()) / f"{cls.__name__}-{key}.msgpack"
             if cache.is_file():
                 try:
                     return model, model._cast(model.convert_flax_params(read_msgpack([cache])))
@@ -629,7 +660,8 @@ class PretrainedMixin:
 
         return load_model(cls, path, config, runtime=Runtime(dtype, param_dtype, attention), **overrides)
 
-    def save_pretrained(self, folder: os.PathLike, params: Params, pytorch_format: bool = False) -> None:
+    def save_pretrained(self, save_directory: os.PathLike, params: Params, is_main_process: bool = True,
+                        push_to_hub: bool = False, *, pytorch_format: bool = False, **kwargs) -> None:
         """Write config.json and the params as a Flax msgpack (and, optionally, PyTorch safetensors).
 
         The msgpack is what diffusers' (UNet, VAE, ControlNet: `diffusion_flax_model.msgpack`) or
@@ -638,8 +670,15 @@ class PretrainedMixin:
         `pytorch_format=True` also writes `<stem>.safetensors` with diffusers/transformers names,
         loadable by PyTorch (and preferred by our loader). Every file is written atomically; weight files
         of an earlier save that this one does not rewrite are removed, so the folder loads what was saved.
+        Only the main process writes (`is_main_process=False` on the others of a multi-host job).
         """
-        folder = Path(folder)
+        if push_to_hub or kwargs:
+            from flax_inpaint.diffusers_compat import PUSH_TO_HUB
+
+            raise ValueError(f"save_pretrained(push_to_hub=True, {', '.join(kwargs)}) is not provided: {PUSH_TO_HUB}")
+        if not is_main_process:
+            return
+        folder = Path(save_directory)
         params = self._check_tree(jax.device_get(params), "params")
         config = {"_class_name": self.torch_class, **self.config}
         if self.weight_stems[0] == "model":  # transformers-style folder

@@ -27,8 +27,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flax_inpaint.models.checkpoint import PretrainedMixin
+from flax_inpaint.diffusers_compat import BaseOutput
 from flax_inpaint.models.layers import dense, get_activation, layer_norm, traced_once
+from flax_inpaint.models.modeling import FlaxModelMixin
 from flax_inpaint.runtime import Runtime, attention
 
 # Keys that transformers' `PretrainedConfig` has written into config.json over the versions (older
@@ -275,7 +276,7 @@ class CLIPVisionModel(nn.Module):
 
 
 @flax.struct.dataclass
-class FlaxCLIPTextModelOutput:
+class FlaxCLIPTextModelOutput(BaseOutput):
     """last_hidden_state: [batch, length, hidden], after the final layer norm.
     pooler_output: [batch, hidden], last_hidden_state at each sequence's end-of-text token.
     hidden_states: with `output_hidden_states=True`, num_hidden_layers + 1 arrays [batch, length,
@@ -287,7 +288,7 @@ class FlaxCLIPTextModelOutput:
     hidden_states: Optional[Tuple[jax.Array, ...]] = None
 
 
-class FlaxCLIPTextModel(PretrainedMixin, nn.Module):
+class FlaxCLIPTextModel(FlaxModelMixin, nn.Module):
     """transformers' `CLIPTextModel` in Flax; fields are the `CLIPTextConfig` keys.
 
     `te.apply({"params": p}, input_ids, attention_mask=None, output_hidden_states=False,

@@ -17,7 +17,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flax_inpaint.models.checkpoint import Params, PretrainedMixin
+from flax_inpaint.models.checkpoint import Params
+from flax_inpaint.diffusers_compat import BaseOutput
+from flax_inpaint.models.modeling import FlaxModelMixin
 from flax_inpaint.models.layers import conv
 from flax_inpaint.models.unet import (
     FlaxUNet2DConditionModel,
@@ -65,14 +67,14 @@ def _zero_convs(params: Params) -> Params:
 
 
 @flax.struct.dataclass
-class FlaxControlNetOutput:
+class FlaxControlNetOutput(BaseOutput):
     """NCHW residuals for a UNet: one per skip connection (conv_in's first) and the mid block's."""
 
     down_block_res_samples: Tuple[jax.Array, ...]
     mid_block_res_sample: jax.Array
 
 
-class FlaxControlNetModel(nn.Module, PretrainedMixin):
+class FlaxControlNetModel(FlaxModelMixin, nn.Module):
     """diffusers' ControlNetModel (SD 1.x/2.x).
 
     Fields are the diffusers config keys. `__call__` takes and returns NCHW like diffusers; `nhwc`
@@ -107,11 +109,12 @@ class FlaxControlNetModel(nn.Module, PretrainedMixin):
 
     torch_class = "ControlNetModel"
     weight_stems = ("diffusion_pytorch_model",)
-    # Keys that only configure the embeddings the fixed keys below rule out, and two that diffusers'
-    # Flax ControlNet writes: dropout (training only) and sample_size (its init_weights' input size).
+    # Keys that only configure the embeddings the fixed keys below rule out, and the keys of diffusers'
+    # Flax ControlNet that change nothing here: dropout (inference), its attention-kernel switches
+    # (Runtime.attention's job) and sample_size (the control image sets the size).
     ignored_config_keys = frozenset(
         {"addition_time_embed_dim", "projection_class_embeddings_input_dim", "addition_embed_type_num_heads",
-         "dropout", "sample_size"}
+         "dropout", "use_memory_efficient_attention", "split_head_dim", "sample_size"}
     )
     fixed_config = {
         "num_attention_heads": (None,),
@@ -235,10 +238,15 @@ class FlaxControlNetModel(nn.Module, PretrainedMixin):
         encoder_hidden_states: jax.Array,
         controlnet_cond: jax.Array,
         conditioning_scale: Union[float, jax.Array] = 1.0,
-        guess_mode: bool = False,
         return_dict: bool = True,
+        train: bool = False,
+        *,
+        guess_mode: bool = False,
     ):
-        """NCHW in and out, like diffusers. controlnet_cond: [B, C, H*f, W*f] image in [0, 1]."""
+        """NCHW in and out, like diffusers' Flax ControlNet (same arguments, same order; `train` changes
+        nothing: no dropout). controlnet_cond: [B, C, H*f, W*f] image in [0, 1]. `guess_mode` (a
+        keyword, as in diffusers' PyTorch ControlNet) scales the residuals for CFG-free guidance."""
+        del train
 
         def to_nhwc(x):
             return jnp.transpose(x, (0, 2, 3, 1))

@@ -25,7 +25,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flax_inpaint.models.checkpoint import Params, PretrainedMixin
+from flax_inpaint.diffusers_compat import FrozenConfig, not_provided
+from flax_inpaint.models.checkpoint import Params
+from flax_inpaint.models.modeling import FlaxModelMixin
 from flax_inpaint.models.clip import (
     TRANSFORMERS_FLAX_NAMES,
     TRANSFORMERS_FLAX_STEMS,
@@ -241,7 +243,18 @@ def _cosine_similarity(a: jax.Array, b: jax.Array, eps: float = 1e-12) -> jax.Ar
     return jnp.matmul(a, b.T, precision=jax.lax.Precision.HIGHEST)  # no TF32: flags hinge on 1e-3
 
 
-class FlaxStableDiffusionSafetyChecker(PretrainedMixin, nn.Module):
+class _NotAPreTrainedModel:
+    """transformers' FlaxPreTrainedModel attributes of diffusers' checker, named as not provided (outside
+    the linen class, whose descriptors linen wraps)."""
+
+    _LINEN = ("it is a linen module here, not a transformers FlaxPreTrainedModel: checker, params = "
+              "FlaxStableDiffusionSafetyChecker.from_pretrained(folder); checker.apply({'params': params}, clip_input).")
+    config_class = not_provided(_LINEN)
+    main_input_name = not_provided(_LINEN)
+    module_class = not_provided(_LINEN)
+
+
+class FlaxStableDiffusionSafetyChecker(FlaxModelMixin, _NotAPreTrainedModel, nn.Module):
     """diffusers' `StableDiffusionSafetyChecker` in Flax.
 
     Fields: the `vision_config` keys of its `CLIPConfig` config.json, the top-level
@@ -252,6 +265,11 @@ class FlaxStableDiffusionSafetyChecker(PretrainedMixin, nn.Module):
       `checker.apply(v, clip_input)` -> nsfw bool [B] for NCHW CLIP pixel values, which
         `checker.preprocessing(images)` gives (no params needed).
       `checker.apply(v, clip_input, method=checker.image_embeds)` -> projected embeddings.
+
+    diffusers' Flax checker was a transformers FlaxPreTrainedModel (`checker(clip_input, params)`,
+    `config_class`, `module_class`); this one is a linen module like every model here:
+    `checker, params = FlaxStableDiffusionSafetyChecker.from_pretrained(folder)`, then
+    `checker.apply({'params': params}, clip_input)`.
     """
 
     hidden_size: int = 768
@@ -292,11 +310,12 @@ class FlaxStableDiffusionSafetyChecker(PretrainedMixin, nn.Module):
         return tuple(f for f in super().config_fields() if f != "preprocessing")
 
     @classmethod
-    def from_config(
-        cls, config: Mapping[str, Any], runtime: Optional[Runtime] = None, **runtime_kwargs
-    ):
+    def from_config(cls, config: Optional[Mapping[str, Any]] = None, return_unused_kwargs: bool = False, *,
+                    runtime: Optional[Runtime] = None, **kwargs):
         """Build from a `CLIPConfig` dict. Like transformers, a legacy `vision_config_dict` wins over
         `vision_config` (completed with CLIPVisionConfig defaults); the text config is unused."""
+        if not isinstance(config, Mapping):
+            return super().from_config(config, return_unused_kwargs, runtime=runtime, **kwargs)  # raises
         top = dict(config)
         vision = dict(top.pop("vision_config", None) or {})
         legacy = top.pop("vision_config_dict", None)
@@ -311,13 +330,13 @@ class FlaxStableDiffusionSafetyChecker(PretrainedMixin, nn.Module):
         # checker's visual_projection uses the top-level one. Other shared keys are generic.
         unused = {"model_type", "projection_dim", *top}
         vision = {k: v for k, v in vision.items() if k not in unused}
-        return super().from_config({**vision, **top}, runtime, **runtime_kwargs)
+        return super().from_config({**vision, **top}, return_unused_kwargs, runtime=runtime, **kwargs)
 
     @property
-    def config(self) -> Dict[str, Any]:
+    def config(self) -> FrozenConfig:
         vision = {k: getattr(self, k) for k in _VISION_FIELDS}
         vision["model_type"] = "clip_vision_model"
-        return {"projection_dim": self.projection_dim, "vision_config": vision}
+        return FrozenConfig({"projection_dim": self.projection_dim, "vision_config": vision})
 
     @classmethod
     def torch_rename(cls, key: str) -> Optional[str]:

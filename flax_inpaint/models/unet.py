@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flax_inpaint.models.checkpoint import PretrainedMixin
+from flax_inpaint.diffusers_compat import BaseOutput
+from flax_inpaint.models.modeling import FlaxModelMixin
 from flax_inpaint.models.layers import (
     Attention,
     Downsample2D,
@@ -433,20 +434,20 @@ def validate_unet_config(cfg: Any, up_block_types: Optional[Sequence[str]] = Non
 
 
 @flax.struct.dataclass
-class FlaxUNet2DConditionOutput:
+class FlaxUNet2DConditionOutput(BaseOutput):
     """sample: [batch, channels, height, width] noise (or v) prediction."""
 
     sample: jax.Array
 
 
-class FlaxUNet2DConditionModel(nn.Module, PretrainedMixin):
+class FlaxUNet2DConditionModel(FlaxModelMixin, nn.Module):
     """diffusers' UNet2DConditionModel (SD 1.x/2.x, text-to-image and 9-channel inpainting).
 
     Fields are the diffusers config keys. `__call__` takes and returns NCHW like diffusers;
     `nhwc` is the same network on NHWC arrays, for pipelines and ControlNets that stay NHWC.
     """
 
-    sample_size: Optional[Union[int, Tuple[int, int]]] = None
+    sample_size: Optional[Union[int, Tuple[int, int]]] = 32
     in_channels: int = 4
     out_channels: int = 4
     center_input_sample: bool = False
@@ -481,9 +482,9 @@ class FlaxUNet2DConditionModel(nn.Module, PretrainedMixin):
 
     torch_class = "UNet2DConditionModel"
     weight_stems = ("diffusion_pytorch_model",)
-    # Keys that do not change this computation: dropout is inference-irrelevant; diffusers' Flax UNet
-    # writes its attention implementation choices (ours are Runtime settings); the others only
-    # configure block types or embeddings that the fixed keys below already rule out.
+    # Keys that do not change this computation: dropout is inference-irrelevant; diffusers' Flax
+    # attention-kernel switches (use_memory_efficient_attention, split_head_dim) are Runtime.attention's
+    # job here; the others only configure block types or embeddings that the fixed keys rule out.
     ignored_config_keys = frozenset(
         {
             "dropout", "mid_block_only_cross_attention", "cross_attention_norm", "resnet_skip_time_act",
@@ -525,22 +526,26 @@ class FlaxUNet2DConditionModel(nn.Module, PretrainedMixin):
         sample: jax.Array,
         timesteps: Union[jax.Array, int, float],
         encoder_hidden_states: jax.Array,
+        added_cond_kwargs: Optional[Mapping[str, jax.Array]] = None,
         down_block_additional_residuals: Optional[Sequence[jax.Array]] = None,
         mid_block_additional_residual: Optional[jax.Array] = None,
         return_dict: bool = True,
-        *,
-        added_cond_kwargs: Optional[Mapping[str, jax.Array]] = None,
         train: bool = False,
     ):
-        """NCHW in and out, like diffusers. ControlNet residuals are NCHW too.
+        """NCHW in and out, like diffusers' Flax UNet (same arguments, same order). ControlNet residuals
+        are NCHW too.
 
-        `added_cond_kwargs` and `train` are accepted, by keyword, for code written against diffusers'
-        removed Flax UNet: inference is deterministic whatever `train` says (the model has no dropout
-        or other train-time behaviour, so True gives the same output), and `added_cond_kwargs` must be
-        None or empty because it only feeds the SDXL addition embedding (`addition_embed_type`), which
-        this model does not implement.
+        The model is deterministic whatever `train` says (no dropout or other train-time behaviour, so
+        True gives the same output), and `added_cond_kwargs` must be None or empty because it only
+        feeds the SDXL addition embedding (`addition_embed_type`), which this model does not implement.
         """
         del train  # no train-time behaviour: see above
+        if added_cond_kwargs is not None and not isinstance(added_cond_kwargs, Mapping):
+            raise TypeError(
+                f"added_cond_kwargs must be a dict (SDXL's added conditioning) or None; got "
+                f"{type(added_cond_kwargs).__name__}. ControlNet residuals go in down_block_additional_residuals "
+                "and mid_block_additional_residual, after it (diffusers' Flax argument order)."
+            )
         if added_cond_kwargs:
             raise ValueError(
                 f"added_cond_kwargs={sorted(added_cond_kwargs)} feeds an addition embedding "

@@ -5,8 +5,8 @@ attribute names, so `encoder.down_blocks.0.resnets.1.conv1.weight` lands on
 `encoder/down_blocks_0/resnets_1/conv1/kernel` through the shared checked converter.
 
     vae, params = FlaxAutoencoderKL.from_pretrained("path/to/vae")
-    posterior = vae.apply({"params": params}, images, method=vae.encode).latent_dist
-    latents = posterior.sample(key) * vae.scaling_factor
+    posterior = vae.apply({"params": params}, images, method=vae.encode).latent_dist  # NHWC
+    latents = posterior.sample(key).transpose((0, 3, 1, 2)) * vae.scaling_factor   # NCHW
     images = vae.apply({"params": params}, latents / vae.scaling_factor, method=vae.decode).sample
 """
 from __future__ import annotations
@@ -19,7 +19,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flax_inpaint.models.checkpoint import PretrainedMixin
+from flax_inpaint.diffusers_compat import BaseOutput
+from flax_inpaint.models.modeling import FlaxModelMixin
 from flax_inpaint.models.layers import (
     Attention,
     Downsample2D,
@@ -43,23 +44,34 @@ _LEGACY_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "
 # ----------------------------------------------------------------------------- outputs
 
 
-@flax.struct.dataclass
+@jax.tree_util.register_pytree_node_class
 class FlaxDiagonalGaussianDistribution:
-    """The posterior q(z|x) = N(mean, exp(logvar)), every array NCHW.
+    """The posterior q(z|x) = N(mean, exp(logvar)), every array NHWC, as in diffusers' Flax VAE (whose
+    users transpose samples to NCHW: `latent_dist.sample(key).transpose((0, 3, 1, 2))`).
 
-    `logvar` is clipped to [-30, 20] as in diffusers, so `std` and `var` neither underflow to 0 nor
-    overflow. With `deterministic=True` the distribution collapses onto its mean (std = var = 0).
+    Built like diffusers' from the encoder's moments [B, h, w, 2 * latent_channels]. `logvar` is
+    clipped to [-30, 20] as in diffusers, so `std` and `var` neither underflow to 0 nor overflow.
+    With `deterministic=True` the distribution collapses onto its mean (std = var = 0). A pytree, so
+    jitted functions can return it.
     """
 
-    mean: jax.Array  # [B, latent_channels, h, w]
-    logvar: jax.Array  # [B, latent_channels, h, w], clipped
-    deterministic: bool = flax.struct.field(pytree_node=False, default=False)
+    def __init__(self, parameters: jax.Array, deterministic: bool = False):
+        mean, logvar = jnp.split(parameters, 2, axis=-1)
+        self._set(mean, jnp.clip(logvar, -30.0, 20.0), deterministic)
+
+    def _set(self, mean: jax.Array, logvar: jax.Array, deterministic: bool) -> None:
+        self.mean = mean  # [B, h, w, latent_channels]
+        self.logvar = logvar  # [B, h, w, latent_channels], clipped
+        self.deterministic = deterministic
+
+    def tree_flatten(self):
+        return (self.mean, self.logvar), self.deterministic
 
     @classmethod
-    def from_moments(cls, moments: jax.Array, deterministic: bool = False):
-        """Split the encoder's [B, 2 * latent_channels, h, w] output into mean and log-variance."""
-        mean, logvar = jnp.split(moments, 2, axis=1)
-        return cls(mean, jnp.clip(logvar, -30.0, 20.0), deterministic)
+    def tree_unflatten(cls, deterministic: bool, children) -> "FlaxDiagonalGaussianDistribution":
+        dist = object.__new__(cls)
+        dist._set(*children, deterministic)
+        return dist
 
     @property
     def std(self) -> jax.Array:
@@ -105,12 +117,12 @@ class FlaxDiagonalGaussianDistribution:
 
 
 @flax.struct.dataclass
-class FlaxAutoencoderKLOutput:
-    latent_dist: FlaxDiagonalGaussianDistribution
+class FlaxAutoencoderKLOutput(BaseOutput):
+    latent_dist: FlaxDiagonalGaussianDistribution  # NHWC, as in diffusers' Flax VAE
 
 
 @flax.struct.dataclass
-class FlaxDecoderOutput:
+class FlaxDecoderOutput(BaseOutput):
     sample: jax.Array  # [B, out_channels, H, W]
 
 
@@ -231,7 +243,7 @@ def _check_nchw(x: jax.Array, channels: int, what: str) -> None:
         )
 
 
-class FlaxAutoencoderKL(nn.Module, PretrainedMixin):
+class FlaxAutoencoderKL(FlaxModelMixin, nn.Module):
     """diffusers' `AutoencoderKL`; fields are its config.json keys.
 
     `scaling_factor` is not applied here (as in diffusers): pipelines multiply latents by it after
@@ -299,8 +311,9 @@ class FlaxAutoencoderKL(nn.Module, PretrainedMixin):
         self.quant_conv = conv(2 * self.latent_channels, rt, kernel=1) if self.use_quant_conv else None
         self.post_quant_conv = conv(self.latent_channels, rt, kernel=1) if self.use_post_quant_conv else None
 
-    def encode(self, sample: jax.Array, deterministic: bool = True) -> FlaxAutoencoderKLOutput:
-        """Images [B, in_channels, H, W] -> the posterior over [B, latent_channels, H/f, W/f] latents.
+    def encode(self, sample: jax.Array, deterministic: bool = True, return_dict: bool = True):
+        """Images [B, in_channels, H, W] -> the posterior over [B, H/f, W/f, latent_channels] latents
+        (NHWC, like diffusers' Flax VAE).
 
         `deterministic` is accepted for drop-in use with diffusers' Flax VAE, where it switched
         dropout off; this VAE has no dropout, so it changes nothing.
@@ -310,35 +323,43 @@ class FlaxAutoencoderKL(nn.Module, PretrainedMixin):
         moments = self.encoder(_nchw_to_nhwc(sample))
         if self.quant_conv is not None:
             moments = self.quant_conv(moments)
-        dist = FlaxDiagonalGaussianDistribution.from_moments(_nhwc_to_nchw(moments))
-        return FlaxAutoencoderKLOutput(latent_dist=dist)
+        dist = FlaxDiagonalGaussianDistribution(moments)
+        return FlaxAutoencoderKLOutput(latent_dist=dist) if return_dict else (dist,)
 
-    def decode(self, latents: jax.Array, deterministic: bool = True) -> FlaxDecoderOutput:
-        """Latents [B, latent_channels, h, w] (already divided by scaling_factor) -> images NCHW."""
+    def decode(self, latents: jax.Array, deterministic: bool = True, return_dict: bool = True):
+        """Latents (already divided by scaling_factor) -> images NCHW. Like diffusers' Flax VAE, latents
+        whose last axis has latent_channels entries are read as NHWC (posterior samples), others as NCHW:
+        an NCHW array only latent_channels wide (a 32-pixel image at factor 8) reads as NHWC, so pass
+        such small latents NHWC."""
         del deterministic
-        _check_nchw(latents, self.latent_channels, "latents")
-        z = _nchw_to_nhwc(latents)
+        c = self.latent_channels
+        if latents.ndim != 4 or c not in (latents.shape[1], latents.shape[-1]):
+            raise ValueError(f"latents has shape {tuple(latents.shape)}; expected NCHW [B, {c}, h, w] or NHWC "
+                             f"[B, h, w, {c}].")
+        z = latents if latents.shape[-1] == c else _nchw_to_nhwc(latents)
         if self.post_quant_conv is not None:
             z = self.post_quant_conv(z)
-        return FlaxDecoderOutput(sample=_nhwc_to_nchw(self.decoder(z)))
+        images = _nhwc_to_nchw(self.decoder(z))
+        return FlaxDecoderOutput(sample=images) if return_dict else (images,)
 
-    def __call__(
-        self, sample: jax.Array, sample_posterior: bool = False, key: Optional[jax.Array] = None
-    ) -> FlaxDecoderOutput:
+    def __call__(self, sample: jax.Array, sample_posterior: bool = False, deterministic: bool = True,
+                 return_dict: bool = True, *, key: Optional[jax.Array] = None):
         """Encode then decode, through the posterior's mode, or a sample of it with `key` (or the
-        "gaussian" rng stream, as diffusers' Flax VAE took it)."""
+        "gaussian" rng stream, as diffusers' Flax VAE took it). `deterministic` changes nothing."""
         posterior = self.encode(sample).latent_dist
-        if not sample_posterior:
-            return self.decode(posterior.mode())
-        if key is None:
-            if not self.has_rng("gaussian"):
-                raise ValueError(
-                    "sample_posterior=True needs randomness: pass key=, or rngs={'gaussian': key} to apply."
-                )
-            key = self.make_rng("gaussian")
-        return self.decode(posterior.sample(key))
+        if sample_posterior:
+            if key is None:
+                if not self.has_rng("gaussian"):
+                    raise ValueError(
+                        "sample_posterior=True needs randomness: pass key=, or rngs={'gaussian': key} to apply."
+                    )
+                key = self.make_rng("gaussian")
+            latents = posterior.sample(key)
+        else:
+            latents = posterior.mode()
+        return self.decode(latents, return_dict=return_dict)
 
-    # -- PretrainedMixin ------------------------------------------------------------------------
+    # -- FlaxModelMixin ---------------------------------------------------------------------------
     def dummy_inputs(self):
         size = 2 ** len(self.block_out_channels)  # a 2x2 latent
         return (jnp.zeros((1, self.in_channels, size, size), self.runtime.dtype),)

@@ -5,7 +5,9 @@ from flax_inpaint.pipelines.controlnet import (
     FlaxStableDiffusionControlNetPipeline,
     make_inpaint_condition,
 )
+from flax_inpaint.diffusers_compat import missing_names
 from flax_inpaint.pipelines.stable_diffusion import (
+    FlaxDiffusionPipeline,
     FlaxStableDiffusionImg2ImgPipeline,
     FlaxStableDiffusionInpaintPipeline,
     FlaxStableDiffusionPipeline,
@@ -13,6 +15,7 @@ from flax_inpaint.pipelines.stable_diffusion import (
 )
 
 __all__ = [
+    "FlaxDiffusionPipeline",
     "FlaxStableDiffusionControlNetInpaintPipeline",
     "FlaxStableDiffusionControlNetPipeline",
     "FlaxStableDiffusionImg2ImgPipeline",
@@ -21,3 +24,13 @@ __all__ = [
     "FlaxStableDiffusionPipelineOutput",
     "make_inpaint_condition",
 ]
+
+# diffusers' Flax names we do not provide, with what to use instead.
+NOT_PROVIDED = {
+    "FlaxStableDiffusionXLPipeline": "SDXL (two text encoders, micro-conditioning) is not implemented; use "
+                                     "diffusers' PyTorch StableDiffusionXLPipeline, or FlaxStableDiffusionPipeline "
+                                     "for SD 1.x/2.x checkpoints.",
+    "FlaxImagePipelineOutput": "it is the output of diffusers' unconditional image pipelines, which are not "
+                               "here; the Stable Diffusion pipelines return FlaxStableDiffusionPipelineOutput.",
+}
+__getattr__ = missing_names(__name__, NOT_PROVIDED)

@@ -27,7 +27,7 @@ from jax.sharding import Mesh
 from flax_inpaint.image_processor import CropCoords, ImageInput, VaeImageProcessor
 from flax_inpaint.models.controlnet import FlaxControlNetModel
 from flax_inpaint.pipelines.sampling import Batch, Components, Options
-from flax_inpaint.pipelines.stable_diffusion import _Base, FlaxStableDiffusionInpaintPipeline
+from flax_inpaint.pipelines.stable_diffusion import FlaxDiffusionPipeline, FlaxStableDiffusionInpaintPipeline
 
 ControlNets = Union[FlaxControlNetModel, Sequence[FlaxControlNetModel]]
 
@@ -106,50 +106,31 @@ class _ControlNetMixin:
             vae_scale_factor=self.vae_scale_factor, do_convert_rgb=True, do_normalize=False
         )
 
-    # -- loading / saving ---------------------------------------------------------------------
+    # -- loading ------------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, path: Union[str, os.PathLike], controlnet: Any = None, dtype: Any = jnp.float32,
-                        param_dtype: Optional[Any] = None, scheduler=None, safety_checker: Any = "default",
-                        attention: str = "auto", variant: Optional[str] = None, local_files_only: bool = False,
-                        revision: Optional[str] = None):
-        """Load `(pipeline, params)` from a diffusers pipeline folder (or hub repo id).
-
-        controlnet: None takes the folder's own (model_index.json "controlnet": a ControlNetModel or
-        a MultiControlNetModel). Otherwise a ControlNet folder (or hub id) or a list of them, loaded
-        with these dtypes into params["controlnet"]; or a FlaxControlNetModel or a list of them, whose
-        params you then set: params["controlnet"] = controlnet_params (a tuple for a list).
-        Other arguments as for the Stable Diffusion pipelines.
-        """
-        given = controlnet is not None
-        kwargs, params = cls._load_pretrained(
-            path, dtype, param_dtype, scheduler, safety_checker, attention, variant, local_files_only, revision,
-            skip=("controlnet",) if given else (),
-        )
-        if given:
-            items = list(controlnet) if isinstance(controlnet, (list, tuple)) else [controlnet]
-            is_path = [isinstance(x, (str, os.PathLike)) for x in items]
-            if any(is_path) and not all(is_path):
-                raise ValueError("controlnet mixes folders and FlaxControlNetModel objects; pass folders only "
-                                 "(loaded with their params) or models only (with params['controlnet'] set by you).")
-            if all(is_path):
-                loaded = [FlaxControlNetModel.from_pretrained(
-                    x, dtype=dtype, param_dtype=param_dtype or dtype, attention=attention, variant=variant,
-                    local_files_only=local_files_only, revision=revision) for x in items]
-                models, nets_params = (tuple(x) for x in zip(*loaded))
-                multi = isinstance(controlnet, (list, tuple))
-                controlnet = models if multi else models[0]
-                params["controlnet"] = nets_params if multi else nets_params[0]
-            kwargs["controlnet"] = controlnet
-        elif kwargs.get("controlnet") is None:
-            raise ValueError(f"{path} has no controlnet in its model_index.json; pass controlnet=<a ControlNet "
-                             "folder, a FlaxControlNetModel, or a list of either>.")
-        return cls(**kwargs, dtype=dtype), params
+    def _passed_component(cls, name: str, value: Any, params: dict, load: dict) -> Any:
+        """`from_pretrained(controlnet=...)` also takes a ControlNet folder (or hub id) or a list of them,
+        loaded with the pipeline's dtypes into params["controlnet"] (a tuple for a list). Models passed
+        as objects bring no params: set params["controlnet"] = controlnet_params yourself."""
+        if name != "controlnet":
+            return value
+        items = list(value) if isinstance(value, (list, tuple)) else [value]
+        is_path = [isinstance(x, (str, os.PathLike)) for x in items]
+        if not any(is_path):
+            return value
+        if not all(is_path):
+            raise ValueError("controlnet mixes folders and FlaxControlNetModel objects; pass folders only "
+                             "(loaded with their params) or models only (with params['controlnet'] set by you).")
+        models, nets_params = zip(*(FlaxControlNetModel.from_pretrained(x, **load) for x in items))
+        multi = isinstance(value, (list, tuple))
+        params["controlnet"] = tuple(nets_params) if multi else nets_params[0]
+        return tuple(models) if multi else models[0]
 
     @classmethod
     def from_single_file(cls, path: Union[str, os.PathLike], config: Optional[Union[str, os.PathLike]] = None, *,
                          controlnet: Any = None, dtype: Any = jnp.float32, param_dtype: Optional[Any] = None,
                          attention: str = "auto", **kwargs):
-        """`_Base.from_single_file` plus the ControlNet(s). controlnet: None reads it from the file itself (the
+        """`FlaxDiffusionPipeline.from_single_file` plus the ControlNet(s). controlnet: None reads it from the file itself (the
         original ControlNet releases hold the whole pipeline); a ControlNet single file or diffusers folder, or a
         list of them, is loaded into params["controlnet"]; FlaxControlNetModel(s) are used as given (then set
         params["controlnet"] yourself)."""
@@ -170,9 +151,6 @@ class _ControlNetMixin:
     @classmethod
     def _controlnet_in_file(cls, path, components: dict) -> bool:
         return "controlnet" not in components
-
-    def _saved_components(self) -> dict:
-        return {**super()._saved_components(), "controlnet": self.controlnet}
 
     # -- host-side inputs -----------------------------------------------------------------------
     def _per_net(self, name: str, value) -> list:
@@ -278,7 +256,7 @@ class _ControlNetMixin:
         return dataclasses.replace(super()._components(), controlnets=self.controlnets)
 
 
-class FlaxStableDiffusionControlNetPipeline(_ControlNetMixin, _Base):
+class FlaxStableDiffusionControlNetPipeline(_ControlNetMixin, FlaxDiffusionPipeline):
     """Text-to-image guided by one or more ControlNets (diffusers' Flax API)."""
 
     _pipeline_class = "StableDiffusionControlNetPipeline"

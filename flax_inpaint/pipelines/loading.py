@@ -79,6 +79,8 @@ def load_components(
     local_files_only: bool = False,
     revision: Optional[str] = None,
     skip: Tuple[str, ...] = (),
+    from_pt: bool = False,
+    **hub,
 ) -> Tuple[Dict[str, Any], Dict[str, Any], Path]:
     """Read every component listed in `model_index.json`; returns (components, params, folder).
 
@@ -86,15 +88,18 @@ def load_components(
     transformers; a MultiControlNetModel loads as a tuple of ControlNets with a tuple of params.
     Optional components (safety checker, feature extractor, ...) that are absent or null are set
     to None; a required one we cannot load raises. On a terminal a progress bar counts the components
-    (converting a real checkpoint's weights takes a while).
+    (converting a real checkpoint's weights takes a while). A component without `variant` files loads its
+    default weights, with a warning (diffusers does the same). `from_pt=True` converts PyTorch weights even
+    where Flax ones exist; `hub` holds huggingface_hub download options (cache_dir, token, ...).
     """
     from tqdm import tqdm
 
-    folder = resolve_folder(path, None, local_files_only, revision)
+    folder = resolve_folder(path, None, local_files_only, revision, **hub)
     index = read_config(folder, "model_index.json")
     models = _model_classes()
     components: Dict[str, Any] = {}
     params: Dict[str, Any] = {}
+    without_variant: list = []
     listed = {name: spec for name, spec in index.items()
               if not name.startswith("_") and isinstance(spec, (list, tuple)) and len(spec) == 2}
     for name, (library, cls_name) in tqdm(listed.items(), desc="Loading pipeline components", unit="component",
@@ -105,8 +110,7 @@ def load_components(
         sub = folder / name
         cls_name = cls_name.removeprefix("Flax")
         if name == "scheduler":
-            components[name] = scheduler_class(cls_name).from_pretrained(sub, subfolder=None)
-            params[name] = components[name].create_state()
+            components[name], params[name] = scheduler_class(cls_name).from_pretrained(sub)
         elif name == "tokenizer":
             import transformers
 
@@ -114,7 +118,11 @@ def load_components(
         elif cls_name in IMAGE_PROCESSORS:
             components[name] = read_config(sub, "preprocessor_config.json")
         elif cls_name in models or cls_name == MULTI_CONTROLNET:
-            load = dict(dtype=dtype, param_dtype=param_dtype or dtype, attention=attention, variant=variant)
+            has_variant = variant is None or any(folder.glob(f"{name}*/*.{variant}.*"))
+            if not has_variant:
+                without_variant.append(name)
+            load = dict(dtype=dtype, param_dtype=param_dtype or dtype, attention=attention,
+                        variant=variant if has_variant else None, from_pt=from_pt)
             if cls_name == MULTI_CONTROLNET:  # a tuple of nets, and a tuple of their params
                 loaded = [models["ControlNetModel"].from_pretrained(f, **load) for f in multi_folders(folder, name)]
                 components[name], params[name] = (tuple(x) for x in zip(*loaded))
@@ -125,8 +133,11 @@ def load_components(
             components[name] = None
         else:
             raise CheckpointError(f"{folder}/model_index.json: component {name}={cls_name} is not supported.")
+    if without_variant:
+        warnings.warn(f"{folder}: no variant={variant!r} weight files for {without_variant}; loading their default "
+                      "weights instead, as diffusers does.")
     for required in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
-        if components.get(required) is None:
+        if components.get(required) is None and required not in skip:
             raise CheckpointError(f"{folder}/model_index.json lacks the required component {required!r}.")
     return components, params, folder
 
@@ -139,29 +150,42 @@ def _save_bpe_vocabulary(tokenizer, folder: Path) -> None:
         backend.model.save(str(folder))
 
 
-def save_components(folder: os.PathLike, pipeline_class: str, components: Dict[str, Any], params) -> None:
-    """Write a diffusers-format pipeline folder: per model, PyTorch safetensors and the Flax msgpack of
-    diffusers'/transformers' Flax save_pretrained, so diffusers (PyTorch, and 0.39's Flax) loads it too."""
-    folder = Path(folder)
+def model_index(pipeline_class: str, components: Dict[str, Any]) -> Dict[str, Any]:
+    """model_index.json's content for these components: each one's (library, class) as diffusers names it."""
     index: Dict[str, Any] = {"_class_name": pipeline_class, "_diffusers_version": "0.42.1"}
     for name, comp in components.items():
         if comp is None:
             index[name] = [None, None]
         elif name == "scheduler":
-            comp.save_pretrained(folder / name)
             index[name] = ["diffusers", comp.diffusers_class]
         elif name == "tokenizer":
-            comp.save_pretrained(folder / name)
-            _save_bpe_vocabulary(comp, folder / name)
             index[name] = ["transformers", type(comp).__name__]
         elif isinstance(comp, dict):  # the feature extractor's preprocessor config
-            write_bytes_atomic(folder / name / "preprocessor_config.json", json.dumps(comp, indent=2).encode())
             index[name] = ["transformers", "CLIPImageProcessor"]
-        elif isinstance(comp, (tuple, list)):  # several ControlNets: diffusers' MultiControlNetModel layout
-            for k, (model, p) in enumerate(zip(comp, params[name])):
-                model.save_pretrained(folder / (f"{name}_{k}" if k else name), p, pytorch_format=True)
+        elif isinstance(comp, (tuple, list)):  # several ControlNets: diffusers' MultiControlNetModel
             index[name] = ["diffusers", MULTI_CONTROLNET]
         else:
-            comp.save_pretrained(folder / name, params[name], pytorch_format=True)
             index[name] = [_LIBRARY.get(comp.torch_class, "diffusers"), comp.torch_class]
+    return index
+
+
+def save_components(folder: os.PathLike, pipeline_class: str, components: Dict[str, Any], params) -> None:
+    """Write a diffusers-format pipeline folder: per model, PyTorch safetensors and the Flax msgpack of
+    diffusers'/transformers' Flax save_pretrained, so diffusers (PyTorch, and 0.39's Flax) loads it too."""
+    folder = Path(folder)
+    for name, comp in components.items():
+        if comp is None:
+            continue
+        if name in ("scheduler", "tokenizer"):
+            comp.save_pretrained(folder / name)
+            if name == "tokenizer":
+                _save_bpe_vocabulary(comp, folder / name)
+        elif isinstance(comp, dict):
+            write_bytes_atomic(folder / name / "preprocessor_config.json", json.dumps(comp, indent=2).encode())
+        elif isinstance(comp, (tuple, list)):
+            for k, (model, p) in enumerate(zip(comp, params[name])):
+                model.save_pretrained(folder / (f"{name}_{k}" if k else name), p, pytorch_format=True)
+        else:
+            comp.save_pretrained(folder / name, params[name], pytorch_format=True)
+    index = model_index(pipeline_class, components)
     write_bytes_atomic(folder / "model_index.json", json.dumps(index, indent=2).encode())

@@ -99,13 +99,14 @@ def encode_text(text_encoder, params, ids: Array, clip_skip: Optional[int]) -> A
 
 
 def encode_image(vae, params, image: Array, key: Array) -> Array:
-    """Scaled VAE latents (NHWC) of an NCHW image, sampling the posterior like diffusers."""
+    """Scaled VAE latents (NHWC) of an NCHW image, sampling the posterior (NHWC) like diffusers."""
     dist = vae.apply({"params": params}, image.astype(vae.runtime.dtype), method=vae.encode).latent_dist
-    return nchw_to_nhwc(dist.sample(key).astype(jnp.float32)) * vae.scaling_factor
+    return dist.sample(key).astype(jnp.float32) * vae.scaling_factor
 
 
 def decode_latents(vae, params, latents: Array) -> Array:
-    """NHWC images in [0, 1] from scaled NCHW latents."""
+    """NHWC images in [0, 1] from scaled NHWC latents (NHWC whatever their size: `vae.decode` reads a last
+    axis of latent_channels as NHWC, like diffusers' Flax VAE)."""
     x = (latents.astype(jnp.float32) / vae.scaling_factor).astype(vae.runtime.dtype)
     decoded = vae.apply({"params": params}, x, method=vae.decode).sample
     return jnp.clip(nchw_to_nhwc(decoded.astype(jnp.float32)) / 2 + 0.5, 0.0, 1.0)
@@ -248,7 +249,7 @@ def generate(c: Components, opts: Options, params, batch: Batch, key: Array):
 
     if opts.output_type == "latent":
         return nhwc_to_nchw(latents), None
-    images = decode_latents(vae, params["vae"], nhwc_to_nchw(latents))
+    images = decode_latents(vae, params["vae"], latents)
     nsfw = None
     if c.safety_checker is not None:
         images, nsfw = c.safety_checker.apply(

@@ -15,18 +15,22 @@ import contextlib
 import inspect
 import os
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import PIL.Image
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from tqdm.auto import tqdm
 
+from flax_inpaint.diffusers_compat import PUSH_TO_HUB, BaseOutput, ConfigMixin, FrozenConfig, not_provided
 from flax_inpaint.image_processor import VaeImageProcessor, postprocess_inpaint, preprocess_inpaint
 from flax_inpaint.loaders.lora import LoraLoaderMixin
 from flax_inpaint.loaders.single_file import FromSingleFileMixin
 from flax_inpaint.loaders.textual_inversion import TextualInversionLoaderMixin
+from flax_inpaint.models.checkpoint import CheckpointError, read_config, resolve_folder
 from flax_inpaint.pipelines import loading
 from flax_inpaint.pipelines.sampling import (
     CALL_WIDE_FIELDS,
@@ -46,7 +50,7 @@ _decode_jit = jax.jit(decode_latents, static_argnums=0)
 
 
 @dataclass
-class FlaxStableDiffusionPipelineOutput:
+class FlaxStableDiffusionPipelineOutput(BaseOutput):
     """`images`: float arrays in [0, 1] (NHWC; leading device axis with `jit=True`), PIL images, or
     NCHW latents; `nsfw_content_detected`: bools per image, or None without a safety checker."""
 
@@ -54,10 +58,22 @@ class FlaxStableDiffusionPipelineOutput:
     nsfw_content_detected: Any
 
 
-class _Base(FromSingleFileMixin, LoraLoaderMixin, TextualInversionLoaderMixin):
-    """Components, loading and the host-side plumbing shared by all Stable Diffusion pipelines."""
+class FlaxDiffusionPipeline(FromSingleFileMixin, LoraLoaderMixin, TextualInversionLoaderMixin, ConfigMixin):
+    """Components, loading and the host-side plumbing shared by all Stable Diffusion pipelines.
 
+    `FlaxDiffusionPipeline.from_pretrained(folder)` returns the pipeline class the folder's
+    model_index.json names (e.g. StableDiffusionInpaintPipeline -> FlaxStableDiffusionInpaintPipeline).
+    """
+
+    config_name = "model_index.json"
     _pipeline_class = "StableDiffusionPipeline"
+
+    push_to_hub = not_provided(PUSH_TO_HUB)
+    register_modules = not_provided(
+        "a pipeline's components are fixed at construction (they decide its compiled program); build "
+        "another with type(pipe)(**{**pipe.components, name: module}) or from_pipe(pipe, name=module).")
+    from_config = not_provided("a pipeline is built from a folder: use from_pretrained(folder), or the "
+                               "constructor with its components.")
 
     def __init__(self, vae, text_encoder, tokenizer, unet, scheduler, safety_checker=None,
                  feature_extractor=None, dtype: Any = jnp.float32):
@@ -79,58 +95,118 @@ class _Base(FromSingleFileMixin, LoraLoaderMixin, TextualInversionLoaderMixin):
         self.vae_scale_factor = 2 ** (len(vae.block_out_channels) - 1)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
         self.mask_processor = VaeImageProcessor.for_masks(self.vae_scale_factor)
+        self._progress_bar_config: dict = {}
 
     # -- loading / saving ---------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, path: Union[str, os.PathLike], dtype: Any = jnp.float32,
-                        param_dtype: Optional[Any] = None, scheduler=None, safety_checker: Any = "default",
-                        attention: str = "auto", variant: Optional[str] = None,
-                        local_files_only: bool = False, revision: Optional[str] = None):
-        """Load `(pipeline, params)` from a local diffusers pipeline folder (or a hub repo id).
+    def component_names(cls) -> Tuple[str, ...]:
+        """The constructor's components, in order (what `components` holds)."""
+        return tuple(n for n in inspect.signature(cls.__init__).parameters if n not in ("self", "dtype"))
 
-        `dtype` is the activation dtype (and the params' dtype unless `param_dtype` is given);
-        `scheduler` replaces the folder's scheduler; `safety_checker=None` skips the checker.
+    @property
+    def components(self) -> Dict[str, Any]:
+        """The components by name: `OtherPipeline(**pipe.components)` builds another pipeline over them
+        (the same params serve both)."""
+        return {name: getattr(self, name) for name in self.component_names()}
+
+    @property
+    def config(self) -> FrozenConfig:
+        """model_index.json's content: the pipeline class and each component's (library, class)."""
+        return FrozenConfig(loading.model_index(self._pipeline_class, self.components))
+
+    @property
+    def _config_class_name(self) -> str:
+        return self._pipeline_class
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: Union[str, os.PathLike], dtype: Any = None,
+                        param_dtype: Optional[Any] = None, attention: str = "auto", variant: Optional[str] = None,
+                        local_files_only: bool = False, revision: Optional[str] = None, *, from_pt: bool = False,
+                        cache_dir: Optional[Union[str, os.PathLike]] = None, proxies: Optional[dict] = None,
+                        token: Union[str, bool, None] = None, force_download: bool = False,
+                        use_memory_efficient_attention: bool = False, split_head_dim: bool = False, **components):
+        """Load `(pipeline, params)` from a diffusers pipeline folder or a hub repo id.
+
+        `dtype` is the activation dtype (default float32), also the params' dtype unless `param_dtype`
+        is given. `components` replace the folder's by name (`scheduler=FlaxDPMSolverMultistepScheduler(...)`,
+        `unet=...`, for ControlNet pipelines `controlnet=` a model, folder or list of them), or leave an
+        optional one out (`safety_checker=None`). A model passed as an object brings no params: set
+        `params[name]` to its params, as with diffusers (a passed scheduler's state is created here).
+
+        Weights: Flax msgpack where the folder has it, else PyTorch weights converted (`from_pt=True`
+        always converts the PyTorch ones). `cache_dir`, `proxies`, `token`, `force_download`,
+        `local_files_only` and `revision` go to the hub download. `use_memory_efficient_attention` and
+        `split_head_dim` select diffusers' own attention kernels and change nothing here: attention
+        runs as `attention=` says (see `Runtime`).
         """
-        kwargs, params = cls._load_pretrained(path, dtype, param_dtype, scheduler, safety_checker, attention,
-                                              variant, local_files_only, revision, skip=("controlnet",))
-        return cls(**kwargs, dtype=dtype), params
+        del use_memory_efficient_attention, split_head_dim
+        hub = dict(cache_dir=cache_dir, proxies=proxies, token=token, force_download=force_download)
+        folder = resolve_folder(pretrained_model_name_or_path, None, local_files_only, revision, **hub)
+        target = cls
+        if cls is FlaxDiffusionPipeline:
+            target = pipeline_class(read_config(folder, cls.config_name).get("_class_name", ""))
+        names = target.component_names()
+        unknown = sorted(set(components) - set(names))
+        if unknown:
+            raise TypeError(f"{target.__name__}.from_pretrained got unexpected keyword arguments {unknown}; its "
+                            f"components are {list(names)}.")
+        dtype = jnp.float32 if dtype is None else dtype
+        load = dict(dtype=dtype, param_dtype=param_dtype or dtype, attention=attention, variant=variant,
+                    from_pt=from_pt, local_files_only=local_files_only, revision=revision, **hub)
+        skip = tuple(components) + tuple(n for n in loading.OPTIONAL if n not in names)
+        comps, params, _ = loading.load_components(folder, skip=skip, **load)
+        for name, value in components.items():
+            comps[name] = target._passed_component(name, value, params, load)
+        if components.get("scheduler") is not None:
+            params["scheduler"] = comps["scheduler"].create_state()
+        optional = {n for n, p in inspect.signature(target.__init__).parameters.items() if p.default is not p.empty}
+        for name in names:
+            if comps.get(name) is None and name not in optional:
+                why = "was passed as None" if name in components else f"has no {name} in its model_index.json"
+                raise ValueError(f"{target.__name__} needs a {name}, but {folder} {why}; pass {name}=<a "
+                                 f"{name} object{', folder, or a list of either' if name == 'controlnet' else ''}>.")
+        return target(**{name: comps.get(name) for name in names}, dtype=dtype), params
 
     @classmethod
-    def _load_pretrained(cls, path, dtype, param_dtype, scheduler, safety_checker, attention, variant,
-                         local_files_only, revision, skip: tuple) -> tuple:
-        """(constructor keyword arguments, params) from a pipeline folder; `skip` names components not
-        to load (the safety checker too when `safety_checker` is None)."""
-        skip = skip + (("safety_checker",) if safety_checker is None else ())
-        comps, params, _ = loading.load_components(
-            path, dtype=dtype, param_dtype=param_dtype, attention=attention, variant=variant,
-            local_files_only=local_files_only, revision=revision, skip=skip,
-        )
-        if scheduler is not None:
-            comps["scheduler"] = scheduler
-            params["scheduler"] = scheduler.create_state()
-        names = ("vae", "text_encoder", "tokenizer", "unet", "scheduler", "safety_checker", "feature_extractor")
-        kwargs = {name: comps.get(name) for name in names}
-        if "controlnet" not in skip:
-            kwargs["controlnet"] = comps.get("controlnet")
-        return kwargs, params
+    def _passed_component(cls, name: str, value: Any, params: dict, load: dict) -> Any:
+        """The component for a `from_pretrained(name=value)` argument (ControlNet pipelines load folders)."""
+        return value
 
     @classmethod
-    def from_pipe(cls, pipe: "_Base", **components):
+    def from_pipe(cls, pipe: "FlaxDiffusionPipeline", **components):
         """This pipeline over another one's components (no reloading; the same params serve both);
         keyword arguments add or replace components, e.g. `controlnet=` for a ControlNet pipeline
         (then set params["controlnet"])."""
-        names = [n for n in inspect.signature(cls.__init__).parameters if n not in ("self", "dtype")]
-        found = {n: getattr(pipe, n) for n in names if hasattr(pipe, n)}
+        found = {n: getattr(pipe, n) for n in cls.component_names() if hasattr(pipe, n)}
         return cls(**{**found, **components}, dtype=pipe.dtype)
 
-    def _saved_components(self) -> dict:
-        return {"unet": self.unet, "vae": self.vae, "text_encoder": self.text_encoder,
-                "tokenizer": self.tokenizer, "scheduler": self.scheduler,
-                "safety_checker": self.safety_checker, "feature_extractor": self.feature_extractor}
-
-    def save_pretrained(self, folder: Union[str, os.PathLike], params) -> None:
+    def save_pretrained(self, save_directory: Union[str, os.PathLike], params, push_to_hub: bool = False,
+                        **kwargs) -> None:
         """Write a diffusers-format folder that both diffusers (PyTorch) and we can load."""
-        loading.save_components(folder, self._pipeline_class, self._saved_components(), params)
+        if push_to_hub or kwargs:
+            raise ValueError(f"save_pretrained(push_to_hub=True, {', '.join(kwargs)}) is not provided: {PUSH_TO_HUB}")
+        loading.save_components(save_directory, self._pipeline_class, self.components, params)
+
+    # -- diffusers' pipeline utilities ------------------------------------------------------------
+    @staticmethod
+    def get_timestep_start(num_inference_steps: int, strength: float) -> int:
+        """The first of `num_inference_steps` steps that runs at `strength` (img2img, inpaint), as diffusers
+        counts it: steps - int(steps * strength)."""
+        return begin_index_for_strength(num_inference_steps, strength)
+
+    @staticmethod
+    def numpy_to_pil(images: np.ndarray) -> List[PIL.Image.Image]:
+        """[N,]H,W,C floats in [0, 1] -> list of PIL images (C=1 gives mode "L"), as diffusers rounds."""
+        return VaeImageProcessor.numpy_to_pil(images)
+
+    def progress_bar(self, iterable=None, total: Optional[int] = None):
+        """A tqdm bar over `iterable` (or of `total` steps) with the options of `set_progress_bar_config`.
+        Sampling runs as one compiled program without a per-step bar; this is for your own loops."""
+        return tqdm(iterable, total=total, **self._progress_bar_config)
+
+    def set_progress_bar_config(self, **kwargs) -> None:
+        """tqdm options for `progress_bar` (e.g. disable=True, desc=...)."""
+        self._progress_bar_config = kwargs
 
     # -- host-side helpers ----------------------------------------------------------------------
     @property
@@ -162,7 +238,7 @@ class _Base(FromSingleFileMixin, LoraLoaderMixin, TextualInversionLoaderMixin):
         if latents.ndim != 4 or latents.shape[1] != self.vae.latent_channels:
             raise ValueError(f"latents has shape {latents.shape}; expected [B, {self.vae.latent_channels}, h, w] "
                              "(reshape away a device axis first).")
-        return np.asarray(_decode_jit(self.vae, params["vae"], latents))
+        return np.asarray(_decode_jit(self.vae, params["vae"], jnp.transpose(latents, (0, 2, 3, 1))))
 
     def _components(self) -> Components:
         return Components(self.unet, self.vae, self.text_encoder, self.scheduler, self.safety_checker)
@@ -202,6 +278,13 @@ class _Base(FromSingleFileMixin, LoraLoaderMixin, TextualInversionLoaderMixin):
     def _run(self, batch: Batch, opts: Options, params, prng_seed, jit: bool, mesh: Optional[Mesh],
              lead: tuple, output_type: str, return_dict: bool):
         comps = self._components()
+        needed = ["unet", "vae", "scheduler"] + ["text_encoder"] * (batch.prompt_ids is not None) \
+            + ["safety_checker"] * (self.safety_checker is not None)
+        missing = [name for name in needed if name not in params]
+        if missing:
+            raise ValueError(f"params has no {missing}: a component passed to from_pretrained (or the constructor) as "
+                             f"an object brings no params; set params[{missing[0]!r}] to its params (from its "
+                             "from_pretrained), as with diffusers.")
         if jit and mesh is not None:
             raise ValueError("Pass either jit=True (pmap over local devices) or mesh=..., not both.")
         if jit:
@@ -369,7 +452,22 @@ def _on_mesh(mesh: Mesh, params, batch, batch_size: int):
         place, batch, is_leaf=lambda x: isinstance(x, Batch))
 
 
-class FlaxStableDiffusionPipeline(_Base):
+def pipeline_class(name: str) -> type:
+    """Our pipeline class for a model_index.json `_class_name` (diffusers' name, with or without "Flax")."""
+    found, todo = {}, [FlaxDiffusionPipeline]
+    while todo:
+        for sub in todo.pop().__subclasses__():
+            found[sub.__name__] = sub
+            todo.append(sub)
+    want = "Flax" + name.removeprefix("Flax")
+    if want not in found:
+        raise CheckpointError(f"model_index.json names the pipeline {name!r}; FlaxDiffusionPipeline.from_pretrained "
+                              f"loads {sorted(n.removeprefix('Flax') for n in found)}. Call the class you want "
+                              "directly, e.g. FlaxStableDiffusionPipeline.from_pretrained(folder).")
+    return found[want]
+
+
+class FlaxStableDiffusionPipeline(FlaxDiffusionPipeline):
     """Text-to-image."""
 
     def prepare_inputs(self, prompt) -> np.ndarray:
@@ -393,7 +491,7 @@ class FlaxStableDiffusionPipeline(_Base):
         return self._run(batch, opts, params, prng_seed, jit, mesh, lead, output_type, return_dict)
 
 
-class FlaxStableDiffusionImg2ImgPipeline(_Base):
+class FlaxStableDiffusionImg2ImgPipeline(FlaxDiffusionPipeline):
     """Image-to-image: start from the noised latents of `image` (pixels, or already latents) at `strength`."""
 
     def prepare_inputs(self, prompt, image, height: Optional[int] = None, width: Optional[int] = None):
@@ -418,7 +516,7 @@ class FlaxStableDiffusionImg2ImgPipeline(_Base):
         return self._run(batch, opts, params, prng_seed, jit, mesh, lead, output_type, return_dict)
 
 
-class FlaxStableDiffusionInpaintPipeline(_Base):
+class FlaxStableDiffusionInpaintPipeline(FlaxDiffusionPipeline):
     """Inpainting with 9-channel inpainting UNets or, by latent blending, plain 4-channel UNets."""
 
     _pipeline_class = "StableDiffusionInpaintPipeline"

@@ -32,17 +32,21 @@ from __future__ import annotations
 
 import dataclasses
 import decimal
+import enum
 import functools
-import json
 import math
 import os
 from pathlib import Path
-from typing import Any, ClassVar, Dict, Mapping, Optional, Tuple
+from typing import Any, ClassVar, Mapping, Optional, Tuple, Union
+
+
 
 import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from flax_inpaint.diffusers_compat import PUSH_TO_HUB, BaseOutput, ConfigMixin, FrozenConfig, not_provided
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -54,18 +58,36 @@ _META_KEYS = frozenset({"_class_name", "_diffusers_version", "_name_or_path", "_
 
 
 @flax.struct.dataclass
-class SchedulerOutput:
-    """Result of `step`: the next sample, the advanced state, and (where computed) the x0 estimate."""
+class SchedulerOutput(BaseOutput):
+    """Result of `step`: the next sample, the advanced state, and (where computed) the x0 estimate.
+    diffusers' FlaxSchedulerOutput and every Flax<Name>SchedulerOutput are this class."""
 
     prev_sample: jax.Array
     state: Any
     pred_original_sample: Optional[jax.Array] = None
 
 
+def step_result(return_dict: bool, prev_sample: jax.Array, state: Any,
+                pred_original_sample: Optional[jax.Array] = None):
+    """What `step` returns: a SchedulerOutput, or diffusers' `(prev_sample, state)` with return_dict=False."""
+    if not return_dict:
+        return prev_sample, state
+    return SchedulerOutput(prev_sample=prev_sample, state=state, pred_original_sample=pred_original_sample)
+
+
+class DiffusersStateNames:
+    """Names of diffusers' Flax scheduler states that ours lay out otherwise (one fixed-shape state per
+    scheduler, read by `step` through `step_index`), each saying what to use."""
+
+    common = not_provided("a state holds the arrays its scheduler needs (e.g. alphas_cumprod) itself; "
+                          "CommonSchedulerState.create(scheduler) gives diffusers' alphas, betas, alphas_cumprod.")
+    create = not_provided("build a state with scheduler.create_state(), then scheduler.set_timesteps(state, n, shape).")
+
+    
 # ----------------------------------------------------------------------------- config mixin
 
 @dataclasses.dataclass(frozen=True)
-class SchedulerMixin:
+class SchedulerMixin(ConfigMixin):
     """Config handling for frozen-dataclass schedulers, and the noise-schedule fields they all start with.
 
     Every diffusers scheduler config begins with the five fields below, in this order and with these
@@ -80,6 +102,10 @@ class SchedulerMixin:
     """
 
     diffusers_class: ClassVar[str] = ""
+    config_name: ClassVar[str] = SCHEDULER_CONFIG_NAME
+    ignore_for_config: ClassVar[Tuple[str, ...]] = ("dtype",)
+    has_compatibles: ClassVar[bool] = True
+    push_to_hub = not_provided(PUSH_TO_HUB)
     order: ClassVar[int] = 1
     unsupported_config: ClassVar[Mapping[str, Tuple[Any, ...]]] = {}
     timestep_spacings: ClassVar[Tuple[str, ...]] = TIMESTEP_SPACINGS
@@ -110,6 +136,9 @@ class SchedulerMixin:
                     f"use one of {', '.join(repr(a) for a in allowed)}."
                 )
 
+        if getattr(self, "dtype", jnp.float32) != jnp.float32:
+            raise ValueError(f"{name}: dtype={self.dtype!r} is not supported; schedules and states are float32 "
+                             "here (in bfloat16 alphas_cumprod near 1 rounds to 1). Drop dtype.")
         check("beta_schedule", BETA_SCHEDULES)
         check("prediction_type", self.prediction_types)
         check("timestep_spacing", self.timestep_spacings)
@@ -146,96 +175,113 @@ class SchedulerMixin:
     # -- config I/O -----------------------------------------------------------------------------
     @classmethod
     def config_fields(cls) -> Tuple[str, ...]:
-        return tuple(f.name for f in dataclasses.fields(cls))
+        return tuple(f.name for f in dataclasses.fields(cls) if f.name not in cls.ignore_for_config)
 
     @property
-    def config(self) -> Dict[str, Any]:
+    def config(self) -> FrozenConfig:
         """This scheduler's config as a diffusers-style dict (tuples written as lists)."""
         out = {}
         for k in self.config_fields():
             v = getattr(self, k)
             out[k] = list(v) if isinstance(v, tuple) else v
-        return out
+        return FrozenConfig(out)
+
+    @property
+    def _config_class_name(self) -> str:
+        return self.diffusers_class or type(self).__name__.replace("Flax", "")
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any], **overrides):
+    def from_config(cls, config: Optional[Mapping[str, Any]] = None, return_unused_kwargs: bool = False,
+                    **kwargs):
         """Build from a diffusers scheduler config dict (of this or any other scheduler class).
 
         Keys this scheduler does not have (other schedulers' options, `_class_name`, ...) are ignored,
-        like diffusers' `from_config` does when swapping schedulers; `overrides` win over `config`.
-        Values are validated: a bad value raises ValueError naming the key.
+        like diffusers' `from_config` does when swapping schedulers; keyword arguments that are this
+        scheduler's config keys (or `dtype`) win over `config`. Other keyword arguments raise, or come back
+        with `return_unused_kwargs=True` as (scheduler, unused). Values are validated: a bad value raises
+        ValueError naming the key.
         """
         if not isinstance(config, Mapping):
-            raise TypeError(f"{cls.__name__}.from_config expects a dict, got {type(config).__name__}.")
+            why = " (load_config(path) reads one)" if "pretrained_model_name_or_path" in kwargs else ""
+            raise TypeError(f"{cls.__name__}.from_config expects a dict{why}, got {type(config).__name__}.")
+        names = {f.name for f in dataclasses.fields(cls)}
+        overrides = {k: kwargs.pop(k) for k in list(kwargs) if k in names}
+        if kwargs and not return_unused_kwargs:
+            raise TypeError(f"{cls.__name__} has no config fields {sorted(kwargs)}; it has {sorted(names)}.")
         fields = set(cls.config_fields())
-        bad = sorted(set(overrides) - fields)
-        if bad:
-            raise TypeError(f"{cls.__name__} has no config fields {bad}; it has {sorted(fields)}.")
         # Like diffusers: keys the source scheduler merely defaulted (listed in an in-memory config's
         # `_use_default_values`) take *this* scheduler's defaults, e.g. Euler's "linspace" spacing
         # does not become DDIM's.
         defaulted = set(config.get("_use_default_values", ()))
-        merged = {**{k: v for k, v in config.items() if k not in defaulted}, **overrides}
-        kwargs = {k: v for k, v in merged.items() if k in fields and k not in _META_KEYS}
+        merged = {k: v for k, v in config.items() if k not in defaulted and k in fields and k not in _META_KEYS}
         # diffusers writes null for unset optional values whose default is not None (rare); keep ours.
         defaults = {f.name: f.default for f in dataclasses.fields(cls)}
-        kwargs = {k: v for k, v in kwargs.items() if v is not None or defaults.get(k) is None}
-        return cls(**kwargs)
+        merged = {k: v for k, v in merged.items() if v is not None or defaults.get(k) is None}
+        scheduler = cls(**{**merged, **overrides})
+        return (scheduler, kwargs) if return_unused_kwargs else scheduler
 
     @classmethod
-    def from_pretrained(
-        cls,
-        path: os.PathLike | str,
-        subfolder: Optional[str] = "scheduler",
-        local_files_only: bool = False,
-        revision: Optional[str] = None,
-        **overrides,
-    ):
-        """Load `scheduler_config.json` from a diffusers model folder (or a hub repo id).
+    def from_pretrained(cls, pretrained_model_name_or_path: Union[str, os.PathLike, None] = None,
+                        subfolder: Optional[str] = None, return_unused_kwargs: bool = False, **kwargs):
+        """`(scheduler, state)` from the `scheduler_config.json` of a folder, its `subfolder` (e.g. a
+        pipeline folder with subfolder="scheduler"), or a hub repo, as diffusers' Flax schedulers load.
 
-        `path` may be the pipeline folder (with `subfolder="scheduler"`) or the scheduler folder itself
-        (then the subfolder is skipped when it does not exist).
+        Keyword arguments: the hub options of `load_config` (cache_dir, token, revision,
+        local_files_only, ...) and config overrides; with `return_unused_kwargs=True` the others come
+        back as a third value instead of raising.
         """
-        from flax_inpaint.models.checkpoint import CheckpointError, read_config
+        if pretrained_model_name_or_path is None:
+            raise TypeError(f"{cls.__name__}.from_pretrained needs a folder or hub repo id (with subfolder='scheduler' "
+                            "for a pipeline's).")
+        hub_keys = ("cache_dir", "force_download", "proxies", "token", "local_files_only", "revision")
+        hub = {k: kwargs.pop(k) for k in hub_keys if k in kwargs}
+        config = cls.load_config(pretrained_model_name_or_path, subfolder=subfolder, **hub)
+        scheduler, unused = cls.from_config(config, return_unused_kwargs=True, **kwargs)
+        if unused and not return_unused_kwargs:
+            raise TypeError(f"{cls.__name__}.from_pretrained got unexpected keyword arguments {sorted(unused)}.")
+        state = scheduler.create_state()
+        return (scheduler, state, unused) if return_unused_kwargs else (scheduler, state)
 
-        folder = Path(path)
-        if not folder.exists():
-            if os.path.isabs(str(path)) or str(path).startswith(".") or str(path).count("/") != 1:
-                raise CheckpointError(f"Scheduler folder {str(path)!r} does not exist.")
-            from huggingface_hub import hf_hub_download
+    def save_pretrained(self, save_directory: Union[str, os.PathLike], push_to_hub: bool = False, **kwargs) -> Path:
+        """Write `scheduler_config.json` (loadable by diffusers' `from_pretrained`); returns its path."""
+        self.save_config(save_directory, push_to_hub, **kwargs)
+        return Path(save_directory) / SCHEDULER_CONFIG_NAME
 
-            try:  # only the small JSON file, not the whole repository
-                file = hf_hub_download(
-                    str(path), SCHEDULER_CONFIG_NAME, subfolder=subfolder or None,
-                    revision=revision, local_files_only=local_files_only,
-                )
-            except Exception as e:  # network, auth, or not in the local hub cache
-                raise CheckpointError(
-                    f"{str(path)!r} is not a local folder and its {subfolder}/{SCHEDULER_CONFIG_NAME} could "
-                    f"not be fetched from the hub (local_files_only={local_files_only}): {e}"
-                ) from e
-            folder = Path(file).parent
-        elif subfolder and (folder / subfolder).is_dir():
-            folder = folder / subfolder
-        elif not (folder / SCHEDULER_CONFIG_NAME).is_file():
-            raise CheckpointError(
-                f"{folder} has neither a {subfolder}/{SCHEDULER_CONFIG_NAME} nor a {SCHEDULER_CONFIG_NAME}."
-            )
-        return cls.from_config(read_config(folder, SCHEDULER_CONFIG_NAME), **overrides)
+    # -- diffusers' scheduler API ----------------------------------------------------------------
+    @property
+    def has_state(self) -> bool:
+        """Always True: every scheduler here keeps its arrays in a state (`create_state`)."""
+        return True
 
-    def save_pretrained(self, folder: os.PathLike | str) -> Path:
-        """Write `scheduler_config.json` (loadable by diffusers' `from_pretrained`)."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        payload = {"_class_name": self.diffusers_class or type(self).__name__.replace("Flax", "")}
-        payload.update(self.config)
-        path = folder / SCHEDULER_CONFIG_NAME
-        path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-        return path
+    @property
+    def compatibles(self) -> list:
+        """The scheduler classes that take this one's config (all of ours: `from_config` ignores the keys
+        a class does not have)."""
+        from flax_inpaint import schedulers
+
+        return [getattr(schedulers, n) for n in schedulers.__all__ if n.endswith("Scheduler")]
+
+    def __len__(self) -> int:
+        return self.num_train_timesteps
+
+    def _check_common(self, common) -> None:
+        """`create_state(common)`: diffusers shares one CommonSchedulerState; ours build their own, so a
+        given one must hold this scheduler's schedule."""
+        if common is not None and not np.array_equal(np.asarray(common.alphas_cumprod), make_alphas_cumprod(self)):
+            raise ValueError(f"{type(self).__name__}.create_state(common): common holds another noise schedule; "
+                             "build the scheduler with it instead (e.g. trained_betas=common.betas).")
+
+    def get_velocity(self, state, sample: jax.Array, noise: jax.Array, timesteps) -> jax.Array:
+        """The v-prediction target sqrt(abar_t) * noise - sqrt(1 - abar_t) * sample (variance-preserving
+        schedulers, as diffusers' DDPM / DDIM)."""
+        if not hasattr(state, "alphas_cumprod"):
+            raise TypeError(f"{type(self).__name__}.get_velocity: this state has no alphas_cumprod; use "
+                            "FlaxDDPMScheduler's or FlaxDDIMScheduler's (the training target needs no sampler).")
+        return get_velocity_common(state, sample, noise, timesteps)
 
     # -- shared step set-up ----------------------------------------------------------------------
     def _require_timesteps(self, state) -> None:
-        if state.num_inference_steps == 0:
+        if not state.num_inference_steps:
             raise ValueError(
                 f"{type(self).__name__}: call set_timesteps(state, num_inference_steps, shape) before step."
             )
@@ -246,9 +292,9 @@ class SchedulerMixin:
         return model_output.astype(jnp.float32), sample.astype(jnp.float32)
 
     # -- shared state operations -----------------------------------------------------------------
-    def add_noise(self, state, original: jax.Array, noise: jax.Array, timesteps) -> jax.Array:
+    def add_noise(self, state, original_samples: jax.Array, noise: jax.Array, timesteps) -> jax.Array:
         """Forward diffusion to integer `timesteps` (variance-preserving schedulers; sigma-based override)."""
-        return add_noise_vp(state.alphas_cumprod, original, noise, timesteps)
+        return add_noise_vp(state.alphas_cumprod, original_samples, noise, timesteps)
 
     def scale_model_input(self, state, sample: jax.Array, timestep=None) -> jax.Array:
         """Identity for variance-preserving schedulers (sigma-based ones divide by sqrt(sigma^2 + 1))."""
@@ -362,12 +408,12 @@ def cached_schedule(method):
 
 # ----------------------------------------------------------------------------- noise schedule
 
-def betas_for_alpha_bar(num_diffusion_timesteps: int, max_beta: float = 0.999) -> np.ndarray:
-    """The squaredcos_cap_v2 (cosine) schedule of Nichol & Dhariwal, as diffusers computes it (float64, then
-    float32), with a correctly rounded cosine."""
+def betas_for_alpha_bar(num_diffusion_timesteps: int, max_beta: float = 0.999, dtype: Any = jnp.float32) -> np.ndarray:
+    """The squaredcos_cap_v2 (cosine) schedule of Nichol & Dhariwal, as diffusers computes it (float64, with a
+    correctly rounded cosine, then rounded once to `dtype`)."""
     t = np.arange(num_diffusion_timesteps + 1, dtype=np.float64) / num_diffusion_timesteps
     alpha_bar = exact_cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
-    return np.minimum(1 - alpha_bar[1:] / alpha_bar[:-1], max_beta).astype(np.float32)
+    return np.minimum(1 - alpha_bar[1:] / alpha_bar[:-1], max_beta).astype(dtype)
 
 
 def _cumprod_f32(x: np.ndarray) -> np.ndarray:
@@ -640,3 +686,61 @@ def sum_rounded(*terms: jax.Array) -> jax.Array:
     for term in terms[1:]:
         total = total + rounded(term)
     return total
+
+
+# ----------------------------------------------------------------------------- diffusers' Flax helpers
+
+class FlaxKarrasDiffusionSchedulers(enum.Enum):
+    """diffusers' list of the Flax schedulers that can replace each other in a Stable Diffusion pipeline."""
+
+    FlaxDDIMScheduler = 1
+    FlaxDDPMScheduler = 2
+    FlaxPNDMScheduler = 3
+    FlaxLMSDiscreteScheduler = 4
+    FlaxDPMSolverMultistepScheduler = 5
+    FlaxEulerDiscreteScheduler = 6
+
+
+@flax.struct.dataclass
+class CommonSchedulerState:
+    """diffusers' shared noise schedule: betas, alphas = 1 - betas, alphas_cumprod (float32, [T])."""
+
+    alphas: jax.Array
+    betas: jax.Array
+    alphas_cumprod: jax.Array
+
+    @classmethod
+    def create(cls, scheduler: SchedulerMixin) -> "CommonSchedulerState":
+        """The schedule of `scheduler`'s config, bit-identical to its own states' alphas_cumprod."""
+        betas = make_betas(scheduler)
+        return cls(alphas=jnp.asarray(np.float32(1.0) - betas), betas=jnp.asarray(betas),
+                   alphas_cumprod=jnp.asarray(make_alphas_cumprod(scheduler)))
+
+
+def broadcast_to_shape_from_left(x: jax.Array, shape: Tuple[int, ...]) -> jax.Array:
+    """`x` [B] (or any leading shape) broadcast against `shape` by appending axes on the right."""
+    x = jnp.asarray(x)
+    if len(shape) < x.ndim:
+        raise ValueError(f"broadcast_to_shape_from_left: x has {x.ndim} axes, more than shape {tuple(shape)}.")
+    return jnp.broadcast_to(x.reshape(x.shape + (1,) * (len(shape) - x.ndim)), shape)
+
+
+def get_sqrt_alpha_prod(state, original_samples: jax.Array, noise: jax.Array, timesteps):
+    """(sqrt(abar_t), sqrt(1 - abar_t)) at integer `timesteps`, broadcast to `original_samples`' shape.
+    `state`: anything with alphas_cumprod (a CommonSchedulerState or a variance-preserving state)."""
+    del noise  # diffusers' signature
+    abar = jnp.asarray(state.alphas_cumprod, jnp.float32)[jnp.asarray(timesteps, jnp.int32)].ravel()
+    shape = original_samples.shape
+    return broadcast_to_shape_from_left(jnp.sqrt(abar), shape), broadcast_to_shape_from_left(jnp.sqrt(1 - abar), shape)
+
+
+def add_noise_common(state, original_samples: jax.Array, noise: jax.Array, timesteps) -> jax.Array:
+    """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps (what every variance-preserving `add_noise` computes)."""
+    return add_noise_vp(state.alphas_cumprod, original_samples, noise, timesteps)
+
+
+def get_velocity_common(state, sample: jax.Array, noise: jax.Array, timesteps) -> jax.Array:
+    """v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0, the v-prediction target (Salimans & Ho 2022)."""
+    a, s = get_sqrt_alpha_prod(state, sample, noise, timesteps)
+    v = sum_rounded(a * noise.astype(jnp.float32), -s * sample.astype(jnp.float32))
+    return v.astype(sample.dtype)

@@ -7,7 +7,7 @@ with s_t = eta * sqrt((1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev))
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Any, Optional
 
 import flax
 import jax
@@ -15,6 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from flax_inpaint.schedulers.common import (
+    CommonSchedulerState,
+    DiffusersStateNames,
     SchedulerMixin,
     SchedulerOutput,
     alpha_cumprod_or_final,
@@ -22,18 +24,20 @@ from flax_inpaint.schedulers.common import (
     clip_or_threshold,
     inference_timesteps,
     make_alphas_cumprod,
+    step_result,
     to_x0_eps,
 )
 
 
+
 @flax.struct.dataclass
-class DDIMSchedulerState:
+class DDIMSchedulerState(DiffusersStateNames):
     alphas_cumprod: jax.Array  # [num_train_timesteps] f32, abar_t
     final_alpha_cumprod: jax.Array  # [] f32, abar used past the last step (DDIM) / before the first (inverse)
     timesteps: jax.Array  # [num_inference_steps] int32, loop order
     step_index: jax.Array  # [] int32, iteration the next `step` performs
     init_noise_sigma: jax.Array  # [] f32, 1.0
-    num_inference_steps: int = flax.struct.field(pytree_node=False, default=0)
+    num_inference_steps: Optional[int] = flax.struct.field(pytree_node=False, default=None)  # set by set_timesteps
 
 
 def _create_state(config) -> DDIMSchedulerState:
@@ -53,19 +57,21 @@ class FlaxDDIMScheduler(SchedulerMixin):
     """Denoising diffusion implicit models; `eta=0` deterministic, `eta=1` DDPM-like (needs `key`)."""
 
     clip_sample: bool = True
+    clip_sample_range: float = 1.0
     set_alpha_to_one: bool = True
     steps_offset: int = 0
     prediction_type: str = "epsilon"
+    dtype: Any = jnp.float32  # accepted like diffusers' (float32 only: see SchedulerMixin)
     thresholding: bool = False
     dynamic_thresholding_ratio: float = 0.995
-    clip_sample_range: float = 1.0
     sample_max_value: float = 1.0
     timestep_spacing: str = "leading"
     rescale_betas_zero_snr: bool = False
 
     diffusers_class = "DDIMScheduler"
 
-    def create_state(self) -> DDIMSchedulerState:
+    def create_state(self, common: Optional[CommonSchedulerState] = None) -> DDIMSchedulerState:
+        self._check_common(common)
         return _create_state(self)
 
     def set_timesteps(self, state: DDIMSchedulerState, num_inference_steps: int, shape: tuple = ()):
@@ -84,8 +90,10 @@ class FlaxDDIMScheduler(SchedulerMixin):
         model_output: jax.Array,
         timestep,
         sample: jax.Array,
-        key: Optional[jax.Array] = None,
         eta: float = 0.0,
+        return_dict: bool = True,
+        *,
+        key: Optional[jax.Array] = None,
         use_clipped_model_output: bool = False,
     ) -> SchedulerOutput:
         """One DDIM step at iteration `state.step_index` (`timestep` is ignored: it is read from the state)."""
@@ -111,7 +119,7 @@ class FlaxDDIMScheduler(SchedulerMixin):
         if key is not None and not (isinstance(eta, (int, float)) and eta == 0):
             noise = jax.random.normal(key, sample.shape, jnp.float32)
             prev_sample = prev_sample + std_dev_t * noise
-        return SchedulerOutput(
+        return step_result(return_dict, 
             prev_sample=prev_sample.astype(out_dtype),
             state=state.replace(step_index=state.step_index + 1),
             pred_original_sample=x0,
@@ -129,10 +137,12 @@ class FlaxDDIMInverseScheduler(SchedulerMixin):
     clip_sample_range: float = 1.0
     timestep_spacing: str = "leading"
     rescale_betas_zero_snr: bool = False
+    dtype: Any = jnp.float32
 
     diffusers_class = "DDIMInverseScheduler"
 
-    def create_state(self) -> DDIMSchedulerState:
+    def create_state(self, common: Optional[CommonSchedulerState] = None) -> DDIMSchedulerState:
+        self._check_common(common)
         return _create_state(self)
 
     def set_timesteps(self, state: DDIMSchedulerState, num_inference_steps: int, shape: tuple = ()):
@@ -154,6 +164,8 @@ class FlaxDDIMInverseScheduler(SchedulerMixin):
         model_output: jax.Array,
         timestep,
         sample: jax.Array,
+        return_dict: bool = True,
+        *,
         key: Optional[jax.Array] = None,
     ) -> SchedulerOutput:
         """x_{t} -> x_{t'} with t' = state.timesteps[step_index] the noisier target and t = t' - T // n."""
@@ -170,7 +182,7 @@ class FlaxDDIMInverseScheduler(SchedulerMixin):
         if self.clip_sample:
             x0 = jnp.clip(x0, -self.clip_sample_range, self.clip_sample_range)
         prev_sample = abar_next**0.5 * x0 + (1.0 - abar_next) ** 0.5 * eps
-        return SchedulerOutput(
+        return step_result(return_dict, 
             prev_sample=prev_sample.astype(out_dtype),
             state=state.replace(step_index=state.step_index + 1),
             pred_original_sample=x0,

@@ -8,7 +8,7 @@ No noise is added at t = 0.
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Any, Optional
 
 import flax
 import jax
@@ -16,26 +16,30 @@ import jax.numpy as jnp
 import numpy as np
 
 from flax_inpaint.schedulers.common import (
+    CommonSchedulerState,
+    DiffusersStateNames,
     SchedulerMixin,
     SchedulerOutput,
     alpha_cumprod_or_final,
     clip_or_threshold,
     inference_timesteps,
     make_alphas_cumprod,
+    step_result,
     to_x0_eps,
 )
+
 
 VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "learned", "learned_range")
 
 
 @flax.struct.dataclass
-class DDPMSchedulerState:
+class DDPMSchedulerState(DiffusersStateNames):
     alphas_cumprod: jax.Array  # [num_train_timesteps] f32, abar_t
     timesteps: jax.Array  # [num_inference_steps] int32, loop order
     prev_timesteps: jax.Array  # [num_inference_steps] int32, the next timestep in the loop, -1 after the last
     step_index: jax.Array  # [] int32
     init_noise_sigma: jax.Array  # [] f32, 1.0
-    num_inference_steps: int = flax.struct.field(pytree_node=False, default=0)
+    num_inference_steps: Optional[int] = flax.struct.field(pytree_node=False, default=None)  # set by set_timesteps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +49,7 @@ class FlaxDDPMScheduler(SchedulerMixin):
     variance_type: str = "fixed_small"
     clip_sample: bool = True
     prediction_type: str = "epsilon"
+    dtype: Any = jnp.float32  # accepted like diffusers' (float32 only: see SchedulerMixin)
     thresholding: bool = False
     dynamic_thresholding_ratio: float = 0.995
     clip_sample_range: float = 1.0
@@ -62,7 +67,8 @@ class FlaxDDPMScheduler(SchedulerMixin):
                 f"FlaxDDPMScheduler: variance_type={self.variance_type!r} is not supported; use one of {VARIANCE_TYPES}."
             )
 
-    def create_state(self) -> DDPMSchedulerState:
+    def create_state(self, common: Optional[CommonSchedulerState] = None) -> DDPMSchedulerState:
+        self._check_common(common)
         return DDPMSchedulerState(
             alphas_cumprod=jnp.asarray(make_alphas_cumprod(self)),
             timesteps=jnp.zeros((0,), jnp.int32),
@@ -90,6 +96,7 @@ class FlaxDDPMScheduler(SchedulerMixin):
         timestep,
         sample: jax.Array,
         key: Optional[jax.Array] = None,
+        return_dict: bool = True,
     ) -> SchedulerOutput:
         """One ancestral step at iteration `state.step_index`.
 
@@ -143,7 +150,7 @@ class FlaxDDPMScheduler(SchedulerMixin):
             std = jnp.exp(0.5 * (frac * jnp.log(current_beta_t) + (1 - frac) * jnp.log(variance)))
         noise = jax.random.normal(key, sample.shape, jnp.float32)
         prev_sample = mean + jnp.where(t > 0, std, 0.0) * noise
-        return SchedulerOutput(
+        return step_result(return_dict, 
             prev_sample=prev_sample.astype(out_dtype),
             state=state.replace(step_index=state.step_index + 1),
             pred_original_sample=x0,

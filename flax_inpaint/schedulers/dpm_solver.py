@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Optional, Tuple
+from typing import Any, Optional, Tuple
 
 import flax
 import jax
@@ -39,6 +39,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from flax_inpaint.schedulers.common import (
+    CommonSchedulerState,
+    DiffusersStateNames,
     SchedulerMixin,
     SchedulerOutput,
     broadcast_to_sample,
@@ -49,13 +51,16 @@ from flax_inpaint.schedulers.common import (
     exact_expm1,
     karras_sigmas,
     log_f32,
-    sigma_alphas_cumprod,
+    not_provided,
     rounded,
+    sigma_alphas_cumprod,
     sigma_to_t,
+    step_result,
     sum_rounded,
     to_x0_eps,
     train_sigmas,
 )
+
 
 ALGORITHM_TYPES = ("dpmsolver++", "dpmsolver")
 SOLVER_TYPES = ("midpoint", "heun")
@@ -202,7 +207,7 @@ class SigmaMultistepMixin:
         m = self._convert(model_output.astype(jnp.float32), x, alpha_s, sigma_s)
         return x, m, m if self._data_prediction else to_x0_eps(m, x, alpha_s, sigma_s, "epsilon")[0]
 
-    def add_noise(self, state, original: jax.Array, noise: jax.Array, timesteps) -> jax.Array:
+    def add_noise(self, state, original_samples: jax.Array, noise: jax.Array, timesteps) -> jax.Array:
         """x_t = alpha_t x0 + sigma_t noise, with the sigma of the loop iteration whose timestep is `timesteps`.
 
         Like diffusers: a timestep equal to the current iteration's (`state.timesteps[state.step_index]`,
@@ -222,9 +227,10 @@ class SigmaMultistepMixin:
         cur = jnp.minimum(state.step_index, n - 1)
         idx = jnp.where(flat == ts[cur], state.step_index, found).reshape(t.shape)
         alpha_t, sigma_t, _ = state.nodes.at(idx)
-        alpha_t, sigma_t = broadcast_to_sample(alpha_t, original), broadcast_to_sample(sigma_t, original)
-        x = sum_rounded(alpha_t * original.astype(jnp.float32), sigma_t * noise.astype(jnp.float32))
-        return x.astype(original.dtype)
+        alpha_t = broadcast_to_sample(alpha_t, original_samples)
+        sigma_t = broadcast_to_sample(sigma_t, original_samples)
+        x = sum_rounded(alpha_t * original_samples.astype(jnp.float32), sigma_t * noise.astype(jnp.float32))
+        return x.astype(original_samples.dtype)
 
 
 def push(buffer: jax.Array, value: jax.Array) -> jax.Array:
@@ -234,8 +240,17 @@ def push(buffer: jax.Array, value: jax.Array) -> jax.Array:
 
 # ----------------------------------------------------------------------------- DPM-Solver
 
+_STAGE = "an internal stage of step(); call step(state, model_output, timestep, sample)."
+
+
 @flax.struct.dataclass
-class DPMSolverMultistepState:
+class DPMSolverMultistepState(DiffusersStateNames):
+    alpha_t = not_provided("nodes.alpha_t holds alpha at each iteration's sigma (not per training timestep).")
+    sigma_t = not_provided("nodes.sigma_t holds sigma at each iteration's sigma (not per training timestep).")
+    lambda_t = not_provided("nodes.lambda_t holds log(alpha / sigma) at each iteration's sigma.")
+    prev_timestep = not_provided("the previous timestep is timesteps[step_index - 1].")
+    cur_sample = not_provided("the multistep history is model_outputs (newest last) and lower_order_nums.")
+
     timesteps: jax.Array  # [N] int32, model timesteps in loop order
     sigmas: jax.Array  # [N + 1] f32, Karras sigma of each iteration; sigmas[N] is the final one (0 or min)
     nodes: SigmaNodes  # alpha_t / sigma_t / lambda_t [N + 1] and phi_1 [N] of those sigmas, f32
@@ -243,7 +258,7 @@ class DPMSolverMultistepState:
     lower_order_nums: jax.Array  # [] int32, steps taken since set_timesteps, capped at solver_order
     step_index: jax.Array  # [] int32, iteration the next `step` performs
     init_noise_sigma: jax.Array  # [] f32, 1.0
-    num_inference_steps: int = flax.struct.field(pytree_node=False, default=0)
+    num_inference_steps: Optional[int] = flax.struct.field(pytree_node=False, default=None)  # set by set_timesteps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -262,6 +277,8 @@ class FlaxDPMSolverMultistepScheduler(SigmaMultistepMixin, SchedulerMixin):
     algorithm_type: str = "dpmsolver++"
     solver_type: str = "midpoint"
     lower_order_final: bool = True
+    timestep_spacing: str = "linspace"
+    dtype: Any = jnp.float32  # accepted like diffusers' (float32 only: see SchedulerMixin)
     euler_at_final: bool = False
     use_karras_sigmas: bool = False
     use_exponential_sigmas: bool = False
@@ -272,13 +289,16 @@ class FlaxDPMSolverMultistepScheduler(SigmaMultistepMixin, SchedulerMixin):
     final_sigmas_type: str = "zero"
     lambda_min_clipped: float = -float("inf")
     variance_type: Optional[str] = None
-    timestep_spacing: str = "linspace"
     steps_offset: int = 0
     rescale_betas_zero_snr: bool = False
     use_dynamic_shifting: bool = False
     time_shift_type: str = "exponential"
 
     diffusers_class = "DPMSolverMultistepScheduler"
+    convert_model_output = not_provided(_STAGE)
+    dpm_solver_first_order_update = not_provided(_STAGE)
+    multistep_dpm_solver_second_order_update = not_provided(_STAGE)
+    multistep_dpm_solver_third_order_update = not_provided(_STAGE)
     _expm1 = False  # diffusers: exp(hh) - 1
     unsupported_config = {
         "use_exponential_sigmas": (False,),
@@ -312,7 +332,8 @@ class FlaxDPMSolverMultistepScheduler(SigmaMultistepMixin, SchedulerMixin):
             )
 
     # -- schedule --------------------------------------------------------------------------------
-    def create_state(self) -> DPMSolverMultistepState:
+    def create_state(self, common: Optional[CommonSchedulerState] = None) -> DPMSolverMultistepState:
+        self._check_common(common)
         return self._empty_state(DPMSolverMultistepState)
 
     @cached_schedule
@@ -389,6 +410,8 @@ class FlaxDPMSolverMultistepScheduler(SigmaMultistepMixin, SchedulerMixin):
         model_output: jax.Array,
         timestep,
         sample: jax.Array,
+        return_dict: bool = True,
+        *,
         key: Optional[jax.Array] = None,
     ) -> SchedulerOutput:
         """One multistep update at iteration `state.step_index` (`timestep` is read from the state)."""
@@ -414,4 +437,4 @@ class FlaxDPMSolverMultistepScheduler(SigmaMultistepMixin, SchedulerMixin):
             lower_order_nums=jnp.minimum(state.lower_order_nums + 1, self.solver_order),
             step_index=i + 1,
         )
-        return SchedulerOutput(prev_sample=prev.astype(sample.dtype), state=new_state, pred_original_sample=x0)
+        return step_result(return_dict, prev_sample=prev.astype(sample.dtype), state=new_state, pred_original_sample=x0)

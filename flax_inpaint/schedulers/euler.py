@@ -8,7 +8,7 @@ with sigma_up^2 + sigma_down^2 = sigma_next^2.
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Tuple
+from typing import Any, Optional, Tuple
 
 import flax
 import jax
@@ -16,6 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from flax_inpaint.schedulers.common import (
+    CommonSchedulerState,
+    DiffusersStateNames,
     SchedulerMixin,
     SchedulerOutput,
     broadcast_to_sample,
@@ -25,8 +27,10 @@ from flax_inpaint.schedulers.common import (
     inference_timesteps,
     karras_sigmas,
     log_f32,
+    not_provided,
     sigma_alphas_cumprod,
     sigma_to_t,
+    step_result,
     train_sigmas,
 )
 
@@ -43,8 +47,11 @@ def euler_update(x: jax.Array, x0: jax.Array, sigma: jax.Array, sigma_next: jax.
 
 
 @flax.struct.dataclass
-class SigmaSchedulerState:
-    """State of the sigma-based schedulers (Euler, Euler-ancestral, LMS)."""
+class SigmaSchedulerState(DiffusersStateNames):
+    """State of the sigma-based schedulers (Euler, Euler-ancestral, LMS): diffusers' EulerDiscreteSchedulerState
+    and LMSDiscreteSchedulerState."""
+
+    derivatives = not_provided("LMS keeps its past derivatives in `history` (newest last, `num_history` filled).")
 
     timesteps: jax.Array  # [num_inference_steps] f32 (fractional for linspace spacing / Karras sigmas)
     sigmas: jax.Array  # [num_inference_steps + 1] f32, descending, last = final sigma (0)
@@ -53,7 +60,7 @@ class SigmaSchedulerState:
     history: jax.Array  # [order, *shape] f32 (LMS derivatives, newest last) or [0] when unused
     num_history: jax.Array  # [] int32, filled entries of `history`
     lms_coeffs: jax.Array  # [4, num_inference_steps, 4] f32 (LMS: [order-1, step, k]) or [0]
-    num_inference_steps: int = flax.struct.field(pytree_node=False, default=0)
+    num_inference_steps: Optional[int] = flax.struct.field(pytree_node=False, default=None)  # set by set_timesteps
 
 
 class SigmaSchedulerMixin(SchedulerMixin):
@@ -100,8 +107,9 @@ class SigmaSchedulerMixin(SchedulerMixin):
             num_inference_steps=n,
         )
 
-    def create_state(self) -> SigmaSchedulerState:
+    def create_state(self, common: Optional[CommonSchedulerState] = None) -> SigmaSchedulerState:
         """The schedule over all training timesteps (like diffusers before set_timesteps)."""
+        self._check_common(common)
         return self._sigma_state(self.num_train_timesteps, None)
 
     def set_timesteps(self, state: SigmaSchedulerState, num_inference_steps: int, shape: tuple = ()):
@@ -113,7 +121,8 @@ class SigmaSchedulerMixin(SchedulerMixin):
         sigma = state.sigmas[state.step_index]
         return (sample.astype(jnp.float32) / ((sigma**2 + 1) ** 0.5)).astype(sample.dtype)
 
-    def add_noise(self, state: SigmaSchedulerState, original: jax.Array, noise: jax.Array, timesteps) -> jax.Array:
+    def add_noise(self, state: SigmaSchedulerState, original_samples: jax.Array, noise: jax.Array,
+                  timesteps) -> jax.Array:
         """x0 + sigma(t) * noise, sigma looked up at each timestep's position in `state.timesteps`.
 
         Like diffusers' `index_for_timestep`, a timestep occurring twice resolves to its second occurrence.
@@ -127,8 +136,9 @@ class SigmaSchedulerMixin(SchedulerMixin):
         sigma = state.sigmas[idx]
         if sigma.shape[0] == 1:
             sigma = sigma[0]
-        sigma = broadcast_to_sample(sigma, original)
-        return (original.astype(jnp.float32) + noise.astype(jnp.float32) * sigma).astype(original.dtype)
+        sigma = broadcast_to_sample(sigma, original_samples)
+        x = original_samples.astype(jnp.float32) + noise.astype(jnp.float32) * sigma
+        return x.astype(original_samples.dtype)
 
     def _x0(self, model_output, sample, sigma, sigma_hat):
         """x0 estimate in the VE parametrisation (v-prediction converted with the unscaled sigma)."""
@@ -144,13 +154,14 @@ class FlaxEulerDiscreteScheduler(SigmaSchedulerMixin):
     """Euler (Karras et al. 2022, Algorithm 2); `s_churn > 0` adds stochastic churn (needs `key`)."""
 
     prediction_type: str = "epsilon"
+    timestep_spacing: str = "linspace"
+    dtype: Any = jnp.float32  # accepted like diffusers' (float32 only: see SchedulerMixin)
     interpolation_type: str = "linear"
     use_karras_sigmas: Optional[bool] = False
     use_exponential_sigmas: Optional[bool] = False
     use_beta_sigmas: Optional[bool] = False
     sigma_min: Optional[float] = None
     sigma_max: Optional[float] = None
-    timestep_spacing: str = "linspace"
     timestep_type: str = "discrete"
     steps_offset: int = 0
     rescale_betas_zero_snr: bool = False
@@ -171,6 +182,8 @@ class FlaxEulerDiscreteScheduler(SigmaSchedulerMixin):
         model_output: jax.Array,
         timestep,
         sample: jax.Array,
+        return_dict: bool = True,
+        *,
         key: Optional[jax.Array] = None,
         s_churn: float = 0.0,
         s_tmin: float = 0.0,
@@ -193,7 +206,7 @@ class FlaxEulerDiscreteScheduler(SigmaSchedulerMixin):
             sample = jnp.where(gamma > 0, sample + noise * (sigma_hat**2 - sigma**2) ** 0.5, sample)
         x0 = self._x0(model_output, sample, sigma, sigma_hat)
         prev_sample = euler_update(sample, x0, sigma_hat, state.sigmas[i + 1])
-        return SchedulerOutput(
+        return step_result(return_dict,
             prev_sample=prev_sample.astype(out_dtype),
             state=state.replace(step_index=i + 1),
             pred_original_sample=x0,
@@ -208,6 +221,7 @@ class FlaxEulerAncestralDiscreteScheduler(SigmaSchedulerMixin):
     timestep_spacing: str = "linspace"
     steps_offset: int = 0
     rescale_betas_zero_snr: bool = False
+    dtype: Any = jnp.float32
 
     diffusers_class = "EulerAncestralDiscreteScheduler"
     prediction_types = ("epsilon", "v_prediction")
@@ -218,6 +232,8 @@ class FlaxEulerAncestralDiscreteScheduler(SigmaSchedulerMixin):
         model_output: jax.Array,
         timestep,
         sample: jax.Array,
+        return_dict: bool = True,
+        *,
         key: Optional[jax.Array] = None,
     ) -> SchedulerOutput:
         """Deterministic step to sigma_down, then noise of std sigma_up (none at the final sigma = 0)."""
@@ -232,7 +248,7 @@ class FlaxEulerAncestralDiscreteScheduler(SigmaSchedulerMixin):
         sigma_down = (sigma_to**2 - sigma_up**2) ** 0.5
         prev_sample = euler_update(sample, x0, sigma_from, sigma_down)
         prev_sample = prev_sample + jax.random.normal(key, sample.shape, jnp.float32) * sigma_up
-        return SchedulerOutput(
+        return step_result(return_dict, 
             prev_sample=prev_sample.astype(out_dtype),
             state=state.replace(step_index=i + 1),
             pred_original_sample=x0,

@@ -10,13 +10,13 @@ exactly in float64 with 4-point Gauss-Legendre once, in `set_timesteps`, into a 
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flax_inpaint.schedulers.common import SchedulerOutput, div_exact
+from flax_inpaint.schedulers.common import SchedulerOutput, div_exact, not_provided, step_result
 from flax_inpaint.schedulers.euler import SigmaSchedulerMixin, SigmaSchedulerState
 
 MAX_ORDER = 4
@@ -46,14 +46,17 @@ def lms_coefficients(sigmas: np.ndarray, max_order: int = MAX_ORDER) -> np.ndarr
 class FlaxLMSDiscreteScheduler(SigmaSchedulerMixin):
     """LMS with up to 4 past derivatives (`step(..., order=4)`)."""
 
+    prediction_type: str = "epsilon"
+    dtype: Any = jnp.float32  # accepted like diffusers' (float32 only: see SchedulerMixin)
     use_karras_sigmas: bool = False
     use_exponential_sigmas: bool = False
     use_beta_sigmas: bool = False
-    prediction_type: str = "epsilon"
     timestep_spacing: str = "linspace"
     steps_offset: int = 0
 
     diffusers_class = "LMSDiscreteScheduler"
+    get_lms_coefficient = not_provided("the LMS coefficients are precomputed by set_timesteps (state.lms_coeffs); "
+                                       "step() applies them.")
     unsupported_config = {"use_exponential_sigmas": (False, None), "use_beta_sigmas": (False, None)}
 
     def _history(self, sigmas, shape):
@@ -67,8 +70,10 @@ class FlaxLMSDiscreteScheduler(SigmaSchedulerMixin):
         model_output: jax.Array,
         timestep,
         sample: jax.Array,
-        key: Optional[jax.Array] = None,
         order: int = MAX_ORDER,
+        return_dict: bool = True,
+        *,
+        key: Optional[jax.Array] = None,
     ) -> SchedulerOutput:
         """One LMS step at iteration `state.step_index`; `order` (1..4) is static."""
         out_dtype = sample.dtype
@@ -90,7 +95,7 @@ class FlaxLMSDiscreteScheduler(SigmaSchedulerMixin):
         for c in range(order):
             update = update + coeffs[c] * history[MAX_ORDER - 1 - c]
         prev_sample = sample + update
-        return SchedulerOutput(
+        return step_result(return_dict, 
             prev_sample=prev_sample.astype(out_dtype),
             state=state.replace(step_index=i + 1, history=history, num_history=num_history),
             pred_original_sample=x0,

@@ -13,7 +13,7 @@ The history `ets` is a fixed [4, *shape] buffer (newest last) plus a count, so t
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Any, ClassVar, Optional
 
 import flax
 import jax
@@ -21,19 +21,27 @@ import jax.numpy as jnp
 import numpy as np
 
 from flax_inpaint.schedulers.common import (
+    CommonSchedulerState,
+    DiffusersStateNames,
     SchedulerMixin,
     SchedulerOutput,
     alpha_cumprod_or_final,
     check_num_inference_steps,
     inference_timesteps,
     make_alphas_cumprod,
+    not_provided,
+    step_result,
 )
+
 
 PNDM_ORDER = 4
 
 
 @flax.struct.dataclass
-class PNDMSchedulerState:
+class PNDMSchedulerState(DiffusersStateNames):
+    prk_timesteps = not_provided("timesteps holds the Runge-Kutta timesteps (num_prk_steps of them) then the PLMS ones.")
+    plms_timesteps = not_provided("timesteps holds the Runge-Kutta timesteps (num_prk_steps of them) then the PLMS ones.")
+
     alphas_cumprod: jax.Array  # [num_train_timesteps] f32
     final_alpha_cumprod: jax.Array  # [] f32, abar past the last step
     timesteps: jax.Array  # [num_iterations] int32: 12 PRK evaluations (if used) then the PLMS ones
@@ -44,7 +52,7 @@ class PNDMSchedulerState:
     cur_model_output: jax.Array  # [*shape] f32, PRK accumulator
     cur_sample: jax.Array  # [*shape] f32, sample at the start of the current PRK / first PLMS step
     init_noise_sigma: jax.Array  # [] f32, 1.0
-    num_inference_steps: int = flax.struct.field(pytree_node=False, default=0)
+    num_inference_steps: Optional[int] = flax.struct.field(pytree_node=False, default=None)  # set by set_timesteps
     num_prk_steps: int = flax.struct.field(pytree_node=False, default=0)
 
 
@@ -54,14 +62,19 @@ class FlaxPNDMScheduler(SchedulerMixin):
 
     skip_prk_steps: bool = False
     set_alpha_to_one: bool = False
-    prediction_type: str = "epsilon"
-    timestep_spacing: str = "leading"
     steps_offset: int = 0
+    prediction_type: str = "epsilon"
+    dtype: Any = jnp.float32  # accepted like diffusers' (float32 only: see SchedulerMixin)
+    timestep_spacing: str = "leading"
 
     diffusers_class = "PNDMScheduler"
+    pndm_order: ClassVar[int] = 4  # the PLMS order (diffusers' attribute)
+    step_prk = not_provided("step() runs the Runge-Kutta or the linear multistep update as the state's step_index says.")
+    step_plms = not_provided("step() runs the Runge-Kutta or the linear multistep update as the state's step_index says.")
     prediction_types = ("epsilon", "v_prediction")
 
-    def create_state(self) -> PNDMSchedulerState:
+    def create_state(self, common: Optional[CommonSchedulerState] = None) -> PNDMSchedulerState:
+        self._check_common(common)
         alphas_cumprod = make_alphas_cumprod(self)
         final = np.float32(1.0) if self.set_alpha_to_one else alphas_cumprod[0]
         empty = jnp.zeros((0,), jnp.float32)
@@ -170,6 +183,8 @@ class FlaxPNDMScheduler(SchedulerMixin):
         model_output: jax.Array,
         timestep,
         sample: jax.Array,
+        return_dict: bool = True,
+        *,
         key: Optional[jax.Array] = None,
     ) -> SchedulerOutput:
         """One PRK or PLMS evaluation at iteration `state.step_index`."""
@@ -187,4 +202,4 @@ class FlaxPNDMScheduler(SchedulerMixin):
         else:
             prev_sample, new_state = self._step_plms(state, model_output, sample, t)
         new_state = new_state.replace(step_index=state.step_index + 1, counter=state.counter + 1)
-        return SchedulerOutput(prev_sample=prev_sample.astype(out_dtype), state=new_state)
+        return step_result(return_dict, prev_sample=prev_sample.astype(out_dtype), state=new_state)

@@ -27,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Optional, Tuple
+from typing import Any, Optional, Tuple
 
 import flax
 import jax
@@ -35,6 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from flax_inpaint.schedulers.common import (
+    CommonSchedulerState,
+    DiffusersStateNames,
     SchedulerMixin,
     SchedulerOutput,
     cached_schedule,
@@ -42,10 +44,12 @@ from flax_inpaint.schedulers.common import (
     div_exact,
     rounded,
     sigma_alphas_cumprod,
+    step_result,
     sum_rounded,
     to_x0_eps,
     train_sigmas,
 )
+
 from flax_inpaint.schedulers.dpm_solver import (
     SigmaMultistepMixin,
     SigmaNodes,
@@ -65,7 +69,7 @@ def _weighted_sum(weights: jax.Array, terms) -> jax.Array:
 
 
 @flax.struct.dataclass
-class UniPCMultistepState:
+class UniPCMultistepState(DiffusersStateNames):
     timesteps: jax.Array  # [N] int32, model timesteps in loop order
     sigmas: jax.Array  # [N + 1] f32, Karras sigma of each iteration; sigmas[N] is the final one (0 or min)
     nodes: SigmaNodes  # alpha_t / sigma_t / lambda_t [N + 1] and phi_1 [N] of those sigmas, f32
@@ -75,7 +79,7 @@ class UniPCMultistepState:
     lower_order_nums: jax.Array  # [] int32, steps taken since set_timesteps, capped at solver_order
     step_index: jax.Array  # [] int32, iteration the next `step` performs
     init_noise_sigma: jax.Array  # [] f32, 1.0
-    num_inference_steps: int = flax.struct.field(pytree_node=False, default=0)
+    num_inference_steps: Optional[int] = flax.struct.field(pytree_node=False, default=None)  # set by set_timesteps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +114,7 @@ class FlaxUniPCMultistepScheduler(SigmaMultistepMixin, SchedulerMixin):
     sigma_min: Optional[float] = None
     sigma_max: Optional[float] = None
     shift_terminal: Optional[float] = None
+    dtype: Any = jnp.float32
 
     diffusers_class = "UniPCMultistepScheduler"
     _expm1 = True  # diffusers: expm1(hh)
@@ -144,7 +149,8 @@ class FlaxUniPCMultistepScheduler(SigmaMultistepMixin, SchedulerMixin):
             raise ValueError(f"{name}: disable_corrector={self.disable_corrector!r} must list step indices >= 0.")
 
     # -- schedule --------------------------------------------------------------------------------
-    def create_state(self) -> UniPCMultistepState:
+    def create_state(self, common: Optional[CommonSchedulerState] = None) -> UniPCMultistepState:
+        self._check_common(common)
         return self._empty_state(
             UniPCMultistepState, last_sample=jnp.zeros((0,), jnp.float32), this_order=jnp.zeros((), jnp.int32)
         )
@@ -231,6 +237,8 @@ class FlaxUniPCMultistepScheduler(SigmaMultistepMixin, SchedulerMixin):
         model_output: jax.Array,
         timestep,
         sample: jax.Array,
+        return_dict: bool = True,
+        *,
         key: Optional[jax.Array] = None,
     ) -> SchedulerOutput:
         """Correct `sample` with UniC (after the first step), then predict the next sample with UniP."""
@@ -267,4 +275,4 @@ class FlaxUniPCMultistepScheduler(SigmaMultistepMixin, SchedulerMixin):
             lower_order_nums=jnp.minimum(state.lower_order_nums + 1, self.solver_order),
             step_index=i + 1,
         )
-        return SchedulerOutput(prev_sample=prev.astype(sample.dtype), state=new_state, pred_original_sample=x0)
+        return step_result(return_dict, prev_sample=prev.astype(sample.dtype), state=new_state, pred_original_sample=x0)

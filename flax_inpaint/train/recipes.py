@@ -29,7 +29,7 @@ from flax_inpaint.models.clip import FlaxCLIPTextModel
 from flax_inpaint.models.controlnet import FlaxControlNetModel
 from flax_inpaint.models.unet import FlaxUNet2DConditionModel
 from flax_inpaint.models.vae import FlaxAutoencoderKL
-from flax_inpaint.pipelines.sampling import encode_text, nchw_to_nhwc
+from flax_inpaint.pipelines.sampling import encode_text
 from flax_inpaint.schedulers import FlaxDDIMScheduler
 from flax_inpaint.schedulers.common import make_alphas_cumprod
 from flax_inpaint.train import data
@@ -158,7 +158,7 @@ def encode_scenes(vae: FlaxAutoencoderKL, vae_params, seed: int, n: int, task: s
     def moments(params, images, masks):
         def posterior(x):
             dist = vae.apply({"params": params}, x, method=vae.encode).latent_dist
-            return nchw_to_nhwc(dist.mean), nchw_to_nhwc(dist.std)
+            return dist.mean, dist.std  # NHWC
 
         return (*posterior(images), *posterior(images * (masks < 0.5)))
 
