@@ -135,9 +135,9 @@ TEXT = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hid
 def tpu_program_text(attention_impl: str) -> str:
     """StableHLO of the whole sampling program (2 PNDM steps, CFG) exported for TPU, from abstract params."""
     rt = Runtime(dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, attention=attention_impl, flash_min_length=256)
-    unet = FlaxUNet2DConditionModel.from_config(UNET, rt)
-    vae = FlaxAutoencoderKL.from_config(VAE, rt)
-    text = FlaxCLIPTextModel.from_config(TEXT, rt)
+    unet = FlaxUNet2DConditionModel.from_config(UNET, runtime=rt)
+    vae = FlaxAutoencoderKL.from_config(VAE, runtime=rt)
+    text = FlaxCLIPTextModel.from_config(TEXT, runtime=rt)
     sched = FlaxPNDMScheduler.from_config(dict(skip_prk_steps=True, steps_offset=1))
     params = {name: jax.eval_shape(m.init_weights, jax.random.key(0))
               for name, m in (("unet", unet), ("vae", vae), ("text_encoder", text))}

@@ -152,8 +152,9 @@ def test_second_load_uses_msgpack_cache(tmp_path, monkeypatch):
 
 
 def test_weight_format_precedence(tmp_path):
-    """A folder loads its safetensors, else its Flax msgpack, else its pickled .bin: here each holds
-    different weights, and removing the preferred file falls through to the next."""
+    """A folder loads its Flax msgpack (as diffusers' Flax from_pretrained does), else its safetensors,
+    else its pickled .bin; from_pt=True skips the msgpack. Each file holds different weights here, and
+    removing the preferred file falls through to the next."""
     folder = write_folder(tmp_path / "m", state(torch_twin()))
     model, first = TinyNet.from_pretrained(folder, use_cache=False)
     second = jax.tree_util.tree_map(lambda x: x + 1, first)
@@ -161,9 +162,11 @@ def test_weight_format_precedence(tmp_path):
     (folder / "flax_model.msgpack").write_bytes(b"transformers' name: second choice of a diffusers model")
     torch.save({k: v + 2 for k, v in state(torch_twin()).items()}, folder / "diffusion_pytorch_model.bin")
     third = jax.tree_util.tree_map(lambda x: x + 2, first)
+    _, got = TinyNet.from_pretrained(folder, use_cache=False, from_pt=True)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, got, first)
     for expected, then_remove in (
-        (first, "diffusion_pytorch_model.safetensors"), (second, "diffusion_flax_model.msgpack"),
-        (None, "flax_model.msgpack"), (third, None),
+        (second, "diffusion_flax_model.msgpack"), (None, "flax_model.msgpack"),
+        (first, "diffusion_pytorch_model.safetensors"), (third, None),
     ):
         if expected is None:
             with pytest.raises(CheckpointError, match="flax_model.msgpack: corrupt msgpack"):

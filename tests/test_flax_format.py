@@ -95,7 +95,8 @@ def test_vae_encode_decode_match_pytorch():
 
     @jax.jit
     def run(p, x, z):
-        return dict(mean=vae.apply({"params": p}, x, method=vae.encode).latent_dist.mean,
+        posterior = vae.apply({"params": p}, x, method=vae.encode).latent_dist  # NHWC, as diffusers' Flax VAE
+        return dict(mean=posterior.mean.transpose(0, 3, 1, 2),
                     decoded=vae.apply({"params": p}, z, method=vae.decode).sample)
 
     ours = run(params, x, z)
@@ -247,15 +248,18 @@ def test_our_earlier_msgpack_layout_still_loads(tmp_path):
     jax.tree_util.tree_map(np.testing.assert_array_equal, again, params)
 
 
-def test_safetensors_win_over_flax_msgpack(tmp_path):
-    """A folder with both formats (e.g. a hub repo's main branch with a Flax copy) loads the safetensors."""
+def test_flax_msgpack_wins_over_safetensors_unless_from_pt(tmp_path):
+    """A folder with both formats (a Flax fine-tune saved beside the original PyTorch weights) loads the
+    Flax msgpack, as diffusers' Flax from_pretrained does; from_pt=True loads the safetensors."""
     shutil.copytree(PYTORCH / "unet", tmp_path / "unet")
     flat = flat_msgpack(FLAX / "unet" / "diffusion_flax_model.msgpack")
-    zeros = {k: np.zeros_like(v) for k, v in flat.items()}  # a msgpack that must not be read
+    tuned = {k: v + 1 for k, v in flat.items()}
     (tmp_path / "unet" / "diffusion_flax_model.msgpack").write_bytes(
-        flax.serialization.msgpack_serialize(flax.traverse_util.unflatten_dict(zeros)))
-    _, params = FlaxUNet2DConditionModel.from_pretrained(tmp_path / "unet")
+        flax.serialization.msgpack_serialize(flax.traverse_util.unflatten_dict(tuned)))
     _, reference = FlaxUNet2DConditionModel.from_pretrained(FLAX, subfolder="unet")
+    _, params = FlaxUNet2DConditionModel.from_pretrained(tmp_path / "unet")
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(a, b + 1), params, reference)
+    _, params = FlaxUNet2DConditionModel.from_pretrained(tmp_path / "unet", from_pt=True)
     jax.tree_util.tree_map(np.testing.assert_array_equal, params, reference)
 
 

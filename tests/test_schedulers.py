@@ -381,7 +381,8 @@ def test_zero_snr_euler_matches_float64_formula(n, tmp_path):
     ref_sched = diffusers.EulerDiscreteScheduler.from_config(cfg)
     ref_sched.save_pretrained(tmp_path)
     _, ref_x = run_torch(ref_sched, n)
-    _, our_x, _ = run_flax(FlaxEulerDiscreteScheduler.from_pretrained(tmp_path), n)
+    scheduler, _ = FlaxEulerDiscreteScheduler.from_pretrained(tmp_path)
+    _, our_x, _ = run_flax(scheduler, n)
 
     # diffusers' EulerDiscreteScheduler in float64: sigma_t = sqrt((1 - abar_t) / abar_t) with the last abar
     # set to 2^-24, trailing timesteps, init_noise_sigma = max sigma, and per step

@@ -14,8 +14,9 @@ Flax msgpack files written by diffusers' and transformers' Flax `save_pretrained
 almost like ours; the few path fragments that differ are an explicit table per model (`flax_names`, e.g.
 transformers' `layers/3` for our `layers_3`), and they are checked the same way.
 
-A folder's weights are read from the first of these that exists (see `find_weight_files`):
-safetensors, then the Flax msgpack, then pickled PyTorch files (.bin, .pt, .ckpt).
+A folder's weights are read from the first of these that exists (see `find_weight_files`): the Flax
+msgpack (as diffusers' Flax `from_pretrained` reads it; `from_pt=True` skips it), then safetensors, then
+pickled PyTorch files (.bin, .pt, .ckpt).
 """
 from __future__ import annotations
 
@@ -198,10 +199,12 @@ def _variant(filename: str, variant: Optional[str]) -> str:
     return ".".join(parts[:-1] + [variant, parts[-1]])
 
 
-# Weight files in order of preference: safetensors (safe, and what diffusers and transformers write by
-# default), then the Flax msgpack (safe; what their Flax save_pretrained writes), then pickled PyTorch
-# files, read only through torch.load(weights_only=True). The flag marks the Flax file stems.
-WEIGHT_FORMATS = (("safetensors", False), ("msgpack", True), ("bin", False), ("pt", False), ("ckpt", False))
+# Weight files in order of preference: the Flax msgpack (safe; what diffusers'/transformers' Flax
+# save_pretrained and ours write, and what their Flax from_pretrained reads unless from_pt=True, so a
+# Flax fine-tune saved beside the original PyTorch weights is the one loaded), then safetensors (safe,
+# what diffusers and transformers write by default), then pickled PyTorch files, read only through
+# torch.load(weights_only=True). The flag marks the Flax file stems.
+WEIGHT_FORMATS = (("msgpack", True), ("safetensors", False), ("bin", False), ("pt", False), ("ckpt", False))
 
 
 def _weight_names(stems: Sequence[str], flax_stems: Sequence[str], variant: Optional[str]):
@@ -611,10 +614,10 @@ class PretrainedMixin:
     ):
         """Load `(model, params)` from a local diffusers/transformers folder (or a hub repo id).
 
-        The weights come from the first format the folder has (`WEIGHT_FORMATS`): safetensors, the Flax
-        msgpack that diffusers'/transformers' Flax `save_pretrained` (and ours) write, then pickled
+        The weights come from the first format the folder has (`WEIGHT_FORMATS`): the Flax msgpack that
+        diffusers'/transformers' Flax `save_pretrained` (and ours) write, then safetensors, then pickled
         PyTorch files (only through `torch.load(weights_only=True)`); `from_pt=True` skips the Flax
-        msgpack. A hub `revision` (e.g. "flax", the branch where hub repos keep Flax weights) selects the
+        msgpack, as in diffusers. A hub `revision` (e.g. "flax", the branch where hub repos keep Flax weights) selects the
         snapshot. Flax params load directly; PyTorch weights are converted, and the converted params are
         cached as msgpack under `params_cache_dir` ($FLAX_INPAINT_CACHE, default ~/.cache/flax_inpaint)
         so the next load skips conversion. `config` replaces the folder's config.json; `cache_dir`,
@@ -668,7 +671,7 @@ class PretrainedMixin:
         transformers' (CLIP, safety checker: `flax_model.msgpack`) Flax `save_pretrained(params=...)`
         writes, with their param names, so their Flax `from_pretrained` loads it too.
         `pytorch_format=True` also writes `<stem>.safetensors` with diffusers/transformers names,
-        loadable by PyTorch (and preferred by our loader). Every file is written atomically; weight files
+        loadable by PyTorch (our loader reads it with `from_pt=True`). Every file is written atomically; weight files
         of an earlier save that this one does not rewrite are removed, so the folder loads what was saved.
         Only the main process writes (`is_main_process=False` on the others of a multi-host job).
         """
