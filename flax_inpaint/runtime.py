@@ -23,11 +23,15 @@ class Runtime:
     param_dtype: dtype of freshly initialised parameters.
     attention: "xla" (portable), "cudnn" (fused flash kernel on NVIDIA GPUs, bf16/fp16 only) or
       "auto" (cudnn where it applies, else xla).
+    remat: gradient checkpointing: the UNet's and ControlNet's down, mid and up blocks keep only their
+      inputs for the backward pass and recompute their activations (`nn.remat`), trading compute for
+      the memory that training a large UNet at high resolution needs. Inference is unaffected.
     """
 
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     attention: AttentionImpl = "auto"
+    remat: bool = False
 
     def __post_init__(self):
         if self.attention not in ("auto", "xla", "cudnn"):
