@@ -1,4 +1,4 @@
-"""The `flax-inpaint` command line: demo, inpaint, sweep, convert and bench."""
+"""The `flax-inpaint` command line: demo, inpaint, sweep, convert, bench and train-controlnet."""
 from __future__ import annotations
 
 import argparse
@@ -21,6 +21,7 @@ EPILOG = """examples:
   flax-inpaint sweep sweep.json            (run again after a kill: it resumes)
   flax-inpaint convert --model path/to/sd-inpainting
   flax-inpaint bench --preset tiny --batch 1 --steps 2
+  flax-inpaint train-controlnet --pretrained_model_name_or_path BASE --train_data_dir DATA --output_dir OUT
 
 A model is a local diffusers folder (model_index.json) or a hub repo id (org/name).
 """
@@ -324,6 +325,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run benchmarks/bench_inpaint.py of a source checkout with the remaining arguments.")
     bench.add_argument("--script", default=None, help="path of bench_inpaint.py (default: the checkout's)")
     bench.set_defaults(func=cmd_bench)
+
+    sub.add_parser(
+        "train-controlnet", add_help=False, allow_abbrev=False,
+        help="train a ControlNet on a base model and your data (flax_inpaint.train.controlnet; --help lists its "
+             "options)")
     return parser
 
 
@@ -332,6 +338,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     args, rest = parser.parse_known_args(argv)
     if args.command == "bench":
         return cmd_bench(args, rest)
+    if args.command == "train-controlnet":
+        from flax_inpaint.train.controlnet import main as train_controlnet
+
+        return train_controlnet(rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)} (see flax-inpaint {args.command} --help)")
     try:
