@@ -424,6 +424,9 @@ def test_trackers_log_to_wandb_where_installed_and_fail_clearly_where_not(tmp_pa
     monkeypatch.setitem(sys.modules, "wandb", None)  # not installed
     with pytest.raises(ValueError, match="--report_to wandb needs wandb"):
         reporting.Trackers("wandb", tmp_path, "proj", {}, enabled=True)
+    monkeypatch.setitem(sys.modules, "tensorboardX", None)
+    with pytest.raises(ValueError, match="--report_to tensorboard needs tensorboardX"):
+        reporting.Trackers.check("tensorboard")
     reporting.Trackers("all", tmp_path, "proj", {}, enabled=True).close()  # "all": those installed
     assert reporting.Trackers("wandb", tmp_path, "proj", {}, enabled=False).wandb is None  # not process 0
 

@@ -388,6 +388,7 @@ def train(args: argparse.Namespace) -> Run:
     is_main = jax.process_index() == 0
     compute = jnp.bfloat16 if args.mixed_precision == "bf16" else jnp.float32
     pairs = reporting.validation_pairs(args.validation_prompt, args.validation_image)
+    reporting.Trackers.check(args.report_to)
     resume = resolve_resume(args.resume_from_checkpoint, output_dir)
     info = json.loads((resume / INFO_FILE).read_text()) if resume is not None else {}
     seed = _seed(args, info, resume)
@@ -484,7 +485,7 @@ def train(args: argparse.Namespace) -> Run:
             if save or validate:  # report first: the step time excludes writing and validating
                 report(*pending)
                 pending = None
-                host_state = host_copy(state)
+                host_state = host_copy(state) if is_main else None
                 if save and is_main:
                     save_checkpoint(output_dir, global_step, host_state, dict(info_now, global_step=global_step),
                                     models.controlnet, args.checkpoints_total_limit)

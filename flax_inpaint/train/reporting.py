@@ -15,12 +15,13 @@ from flax_inpaint.models.checkpoint import write_bytes_atomic
 REPORT_TO = ("tensorboard", "wandb", "all", "none")
 
 
-def _tensorboard_writer(logging_dir: Path):
+def _summary_writer():
+    """tensorboardX's SummaryWriter class, or None where it is not installed."""
     try:
         from tensorboardX import SummaryWriter
     except ImportError:
         return None
-    return SummaryWriter(str(logging_dir))
+    return SummaryWriter
 
 
 def _wandb():
@@ -40,21 +41,27 @@ class Trackers:
 
     def __init__(self, report_to: str, logging_dir: Path, project: str, config: Dict[str, Any], enabled: bool):
         self.tensorboard = self.wandb = None
-        if not enabled or report_to == "none":
+        if not enabled:
             return
-        if report_to in ("tensorboard", "all"):
-            self.tensorboard = _tensorboard_writer(logging_dir)
-            if self.tensorboard is None and report_to == "tensorboard":
-                raise ValueError("--report_to tensorboard needs tensorboardX: pip install 'flax-inpaint[train]' "
-                                 "(or pass --report_to none).")
+        self.check(report_to)
+        writer = _summary_writer()
+        if report_to in ("tensorboard", "all") and writer is not None:
+            self.tensorboard = writer(str(logging_dir))
         if report_to in ("wandb", "all"):
             self.wandb = _wandb()
-            if self.wandb is None and report_to == "wandb":
-                raise ValueError("--report_to wandb needs wandb: pip install wandb (or pass --report_to none).")
             if self.wandb is not None:
                 self.wandb.init(project=project, config=config)
         if self.tensorboard is not None:
             self.tensorboard.add_text("config", "\n".join(f"    {k}: {v}" for k, v in config.items()), 0)
+
+    @staticmethod
+    def check(report_to: str) -> None:
+        """Raise, naming the install, if `report_to` asks for a logger that is not installed."""
+        if report_to == "tensorboard" and _summary_writer() is None:
+            raise ValueError("--report_to tensorboard needs tensorboardX: pip install 'flax-inpaint[train]' "
+                             "(or pass --report_to none).")
+        if report_to == "wandb" and _wandb() is None:
+            raise ValueError("--report_to wandb needs wandb: pip install wandb (or pass --report_to none).")
 
     def log(self, metrics: Dict[str, float], step: int) -> None:
         if self.tensorboard is not None:
