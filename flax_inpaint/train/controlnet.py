@@ -44,6 +44,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from flax_inpaint.cli import _positive, _unit  # the CLI's argument types
 from flax_inpaint.models.checkpoint import CheckpointError, write_bytes_atomic
 from flax_inpaint.models.controlnet import FlaxControlNetModel
 from flax_inpaint.pipelines.sampling import encode_text, nchw_to_nhwc, nhwc_to_nchw
@@ -510,22 +511,6 @@ def train(args: argparse.Namespace) -> Run:
 
 
 # ----------------------------------------------------------------------------- command line
-
-
-def _positive(kind):
-    def parse(text):
-        value = kind(text)
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-        return value
-    return parse
-
-
-def _unit(text):
-    value = float(text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must lie in [0, 1], got {text}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
