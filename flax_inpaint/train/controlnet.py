@@ -272,16 +272,15 @@ def resolve_resume(value: Optional[str], output_dir: Path) -> Optional[Path]:
                      f"{output_dir}); pass 'latest' or a checkpoint-N folder.")
 
 
-def load_checkpoint(folder: Path, template: TrainState) -> Tuple[TrainState, Dict[str, Any]]:
+def load_checkpoint(folder: Path, template: TrainState) -> TrainState:
+    """The training state in `folder`, restored into the structure of `template`."""
     try:
-        state = flax.serialization.from_bytes(template, (folder / STATE_FILE).read_bytes())
-        info = json.loads((folder / INFO_FILE).read_text())
+        return flax.serialization.from_bytes(template, (folder / STATE_FILE).read_bytes())
     except Exception as e:
         raise CheckpointError(
             f"{folder} does not hold a training state of this ControlNet and optimiser ({type(e).__name__}: {e}); "
             "resume with the model, --gradient_accumulation_steps and optimiser of the run that wrote it."
         ) from e
-    return state, info
 
 
 # ----------------------------------------------------------------------------- multi-host helpers
@@ -428,7 +427,7 @@ def train(args: argparse.Namespace) -> Run:
     info_now = {"seed": seed, "train_batch_size": args.train_batch_size, "devices": devices,
                 "gradient_accumulation_steps": k}
     if resume is not None:
-        state, _ = load_checkpoint(resume, state)
+        state = load_checkpoint(resume, state)
         changed = {key: (info.get(key), v) for key, v in info_now.items() if info.get(key) != v}
         if changed and is_main:
             print(f"warning: resuming {resume} with changed {changed} (checkpoint, now): the data order differs "
