@@ -25,6 +25,7 @@ OUT/logs/ (TensorBoard).
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import functools
 import json
@@ -455,12 +456,15 @@ def train(args: argparse.Namespace) -> Run:
     prefetch = data_source.Prefetcher(batches, lambda b: shard_batch(b, mesh), micro_start, max_steps * k)
     bar = tqdm(total=max_steps, initial=start_step, desc="Steps", disable=not is_main, dynamic_ncols=True)
     last_time = time.perf_counter()
+    recent: collections.deque = collections.deque(maxlen=10)  # seconds of the last steps: a steady reading
 
     def report(step: int, losses: List[jax.Array]) -> None:
         nonlocal last_time
         loss = float(np.mean([float(x.addressable_data(0)) for x in losses]))  # waits for that step
         now = time.perf_counter()
-        seconds, last_time = now - last_time, now
+        recent.append(now - last_time)
+        last_time = now
+        seconds = float(np.mean(recent))
         metrics = {"loss": loss, "lr": float(schedule(step - 1))}
         trackers.log(metrics, step)
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{metrics['lr']:.2e}", step_s=f"{seconds:.3f}",
