@@ -1,4 +1,5 @@
-"""The `flax-inpaint` command line: demo, inpaint, sweep, convert and bench.
+"""The `flax-inpaint` command line: demo, inpaint, sweep, convert, bench and
+train-controlnet.
 
 Errors from user input end in one line `flax-inpaint: error: ...` naming the option and the fix (exit
 status 2), never a traceback; Ctrl-C and SIGTERM stop with one line too (130, 143). Outputs are
@@ -37,6 +38,7 @@ EPILOG = """examples:
   flax-inpaint inpaint --single-file model.safetensors --lora style.safetensors:0.8 \\
       --textual-inversion negemb.pt:negemb --negative-prompt negemb --image photo.png --mask mask.png --prompt "a cat"
   flax-inpaint bench --preset tiny --batch 1 --steps 2
+  flax-inpaint train-controlnet --pretrained_model_name_or_path BASE --train_data_dir DATA --output_dir OUT
 
 A model is a local diffusers folder (model_index.json) or a hub repo id (org/name), or with --single-file
 one .safetensors/.ckpt in the original Stable Diffusion layout.
@@ -50,6 +52,8 @@ MEMORY_HINT = {
     "sweep": "lower --per-device-batch or the spec's 'size', or set its 'dtype' to 'bfloat16'",
     "convert": "convert on a machine with more memory",
     "train": "lower --batch-size",
+    "train-controlnet": "lower --train_batch_size or --resolution, or pass --gradient_checkpointing or "
+                        "--mixed_precision bf16",
 }
 
 
@@ -507,6 +511,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run benchmarks/bench_inpaint.py of a source checkout with the remaining arguments.")
     bench.add_argument("--script", default=None, help="path of bench_inpaint.py (default: the checkout's)")
     bench.set_defaults(func=cmd_bench)
+
+    sub.add_parser(
+        "train-controlnet", add_help=False, allow_abbrev=False,
+        help="train a ControlNet on a base model and your data (flax_inpaint.train.controlnet; --help lists its "
+             "options)")
     return parser
 
 
@@ -524,7 +533,8 @@ def _first_line(error: BaseException) -> str:
 
 
 def _stop(code: int, how: str, command: str) -> None:
-    resume = "; rerun the same command to resume" if command in ("sweep", "train") else ""
+    resume = {"sweep": "; rerun the same command to resume", "train": "; rerun the same command to resume",
+              "train-controlnet": "; rerun it with --resume_from_checkpoint latest to resume"}.get(command, "")
     print(f"flax-inpaint: {how}; every file written so far is complete (none is half-written){resume}.",
           file=sys.stderr)
     raise SystemExit(code)
@@ -575,6 +585,11 @@ def main(argv: Optional[List[str]] = None) -> None:
     args, rest = parser.parse_known_args(argv)
     if args.command == "bench":
         run_command("bench", lambda: cmd_bench(args, rest))
+        return
+    if args.command == "train-controlnet":
+        from flax_inpaint.train.controlnet import main as train_controlnet
+
+        run_command("train-controlnet", lambda: train_controlnet(rest))
         return
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)} (see flax-inpaint {args.command} --help)")

@@ -40,12 +40,16 @@ class Runtime:
     flash_min_length: shortest query and key length that "auto"/"pallas" give to the Pallas kernel
       (SD at 512px: its 4096- and 1024-token self-attention; the 256- and 64-token levels and the
       77-token cross-attention stay with XLA, whose fused softmax is cheap at those sizes).
+    remat: gradient checkpointing: the UNet's and ControlNet's down, mid and up blocks keep only their
+      inputs for the backward pass and recompute their activations (`nn.remat`), trading compute for
+      the memory that training a large UNet at high resolution needs. Inference is unaffected.
     """
 
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     attention: AttentionImpl = "auto"
     flash_min_length: int = 1024
+    remat: bool = False
 
     def __post_init__(self):
         if self.attention not in ATTENTION_IMPLS:

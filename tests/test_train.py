@@ -12,6 +12,7 @@ import pytest
 from flax_inpaint.models.checkpoint import CheckpointError
 from flax_inpaint.models.controlnet import FlaxControlNetModel
 from flax_inpaint.train import data, recipes
+from flax_inpaint.train.controlnet import controlnet_from_unet
 from flax_inpaint.train.loop import TrainConfig, checkpoint_path, data_mesh, fit
 
 # ----------------------------------------------------------------------------- data
@@ -168,7 +169,7 @@ def test_controlnet_starts_as_the_unets_encoder_and_changes_nothing():
 
     unet = FlaxUNet2DConditionModel.from_config(TINY_UNET)
     unet_params = unet.init_weights(jax.random.key(0))
-    net, params = recipes.controlnet_from_inpaint_unet(unet, unet_params, jax.random.key(1))
+    net, params = controlnet_from_unet(unet, unet_params, recipes.CONTROLNET_EMBEDDING, jax.random.key(1))
     np.testing.assert_array_equal(params["conv_in"]["kernel"], unet_params["conv_in"]["kernel"][:, :, :4])
     np.testing.assert_array_equal(params["down_blocks_1"]["attentions_0"]["proj_in"]["kernel"],
                                   unet_params["down_blocks_1"]["attentions_0"]["proj_in"]["kernel"])

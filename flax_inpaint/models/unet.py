@@ -342,6 +342,15 @@ def _attention_fields(cfg: Any, i: int) -> dict:
     )
 
 
+def _maybe_remat(block: type, cfg: Any) -> type:
+    """`block`, or with `cfg.runtime.remat` its gradient-checkpointed version: the backward pass
+    recomputes the block's activations from its inputs. Up blocks take their upsample size (argument
+    5, counting self) as a static Python tuple."""
+    if not cfg.runtime.remat:
+        return block
+    return nn.remat(block, static_argnums=(5,) if issubclass(block, UpBlock2D) else ())
+
+
 def build_down_block(cfg: Any, i: int, name: str) -> nn.Module:
     """Down block i of a UNet-family config `cfg` (a UNet or ControlNet module with the same fields)."""
     n = len(cfg.block_out_channels)
@@ -351,8 +360,8 @@ def build_down_block(cfg: Any, i: int, name: str) -> nn.Module:
         act_fn=cfg.act_fn, add_downsample=i < n - 1, downsample_padding=cfg.downsample_padding, name=name,
     )
     if _block_type(cfg.down_block_types[i]) == "DownBlock2D":
-        return DownBlock2D(**common)
-    return CrossAttnDownBlock2D(
+        return _maybe_remat(DownBlock2D, cfg)(**common)
+    return _maybe_remat(CrossAttnDownBlock2D, cfg)(
         **common, **_attention_fields(cfg, i), only_cross_attention=_at(cfg, "only_cross_attention", i)
     )
 
@@ -361,7 +370,7 @@ def build_mid_block(cfg: Any, name: str = "mid_block") -> Optional[nn.Module]:
     """The mid block of a UNet-family config (settings of the deepest block), or None."""
     if cfg.mid_block_type is None:
         return None
-    return UNetMidBlock2DCrossAttn(
+    return _maybe_remat(UNetMidBlock2DCrossAttn, cfg)(
         cfg.block_out_channels[-1], cfg.runtime,
         num_layers=1 if cfg.mid_block_type == "UNetMidBlock2DCrossAttn" else 0,
         groups=cfg.norm_num_groups, eps=cfg.norm_eps, act_fn=cfg.act_fn,
@@ -379,8 +388,8 @@ def build_up_block(cfg: Any, i: int, name: str) -> nn.Module:
         act_fn=cfg.act_fn, add_upsample=i < n - 1, name=name,
     )
     if _block_type(cfg.up_block_types[i]) == "UpBlock2D":
-        return UpBlock2D(**common)
-    return CrossAttnUpBlock2D(
+        return _maybe_remat(UpBlock2D, cfg)(**common)
+    return _maybe_remat(CrossAttnUpBlock2D, cfg)(
         **common, **_attention_fields(cfg, j), only_cross_attention=_at(cfg, "only_cross_attention", j)
     )
 

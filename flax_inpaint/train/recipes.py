@@ -33,6 +33,7 @@ from flax_inpaint.pipelines.sampling import encode_text
 from flax_inpaint.schedulers import FlaxDDIMScheduler
 from flax_inpaint.schedulers.common import make_alphas_cumprod
 from flax_inpaint.train import data
+from flax_inpaint.train.controlnet import controlnet_from_unet
 from flax_inpaint.train.loop import Batch, FitResult, TrainConfig, fit
 
 IMAGE_SIZE = 64
@@ -304,19 +305,6 @@ def train_inpaint(out_dir: Path, config: TrainConfig = INPAINT_TRAINING, scenes:
 # ----------------------------------------------------------------------------- ControlNet
 
 
-def controlnet_from_inpaint_unet(unet: FlaxUNet2DConditionModel, unet_params, key: jax.Array):
-    """A ControlNet for the inpainting UNet, its encoder copied from the UNet (ControlNet paper).
-
-    ControlNets see only the 4 latent channels (see `sampling.generate`), so conv_in keeps the
-    kernel's slice for those and drops the mask and masked-latent inputs.
-    """
-    latent = unet.in_channels - 5  # 9 = latents + mask + masked-image latents
-    params = jax.tree_util.tree_map(lambda x: x, unet_params)
-    params["conv_in"] = dict(params["conv_in"], kernel=params["conv_in"]["kernel"][:, :, :latent, :])
-    return FlaxControlNetModel.from_unet(unet.clone(in_channels=latent), params,
-                                         conditioning_embedding_out_channels=CONTROLNET_EMBEDDING, rng=key)
-
-
 def train_controlnet(out_dir: Path, config: TrainConfig = CONTROLNET_TRAINING, scenes: int = CONTROLNET_SCENES,
                      progress: bool = True):
     """Train a ControlNet on fill-the-circle (outline -> filled circle in the prompted colour) on top
@@ -327,7 +315,8 @@ def train_controlnet(out_dir: Path, config: TrainConfig = CONTROLNET_TRAINING, s
     out_dir = Path(out_dir)
     pipe, pipe_params = FlaxStableDiffusionInpaintPipeline.from_pretrained(
         out_dir / "tiny-shapes-inpaint", safety_checker=None)
-    controlnet, params = controlnet_from_inpaint_unet(pipe.unet, pipe_params["unet"], jax.random.key(config.seed))
+    controlnet, params = controlnet_from_unet(pipe.unet, pipe_params["unet"], CONTROLNET_EMBEDDING,
+                                              jax.random.key(config.seed))
     models = Models(pipe.unet, pipe.text_encoder, pipe.vae, controlnet)
     frozen = {"unet": pipe_params["unet"], "text_encoder": pipe_params["text_encoder"],
               "alphas_cumprod": make_alphas_cumprod(ddim_scheduler())}
