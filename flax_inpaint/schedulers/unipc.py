@@ -220,9 +220,12 @@ class FlaxUniPCMultistepScheduler(SigmaMultistepMixin, SchedulerMixin):
         return self.predict_x0
 
     def _convert(self, model_output, sample, alpha_s, sigma_s):
-        """The model output as UniPC integrates it: x0 (predict_x0) or eps."""
+        """(x0, what UniPC integrates: x0 (predict_x0, clipped / thresholded if configured) or eps)."""
         x0, eps = to_x0_eps(model_output, sample, alpha_s, sigma_s, self.prediction_type)
-        return clip_or_threshold(x0, self) if self.predict_x0 else eps
+        if self.predict_x0:
+            x0 = clip_or_threshold(x0, self)
+            return x0, x0
+        return x0, eps
 
     # -- one step --------------------------------------------------------------------------------
     def step(
