@@ -671,9 +671,9 @@ def rounded(x: jax.Array) -> jax.Array:
 
     Numeric hazard: XLA contracts `a * x + y` into one fused multiply-add (and `1 / sqrt(v)` into rsqrt),
     which skips the rounding of `a * x` that the PyTorch reference performs. One ulp, harmless alone; but
-    where a step cancels large terms it grows by the cancellation factor, every step (UniPC's and
-    DPM-Solver's noise form with a sample / v model: x_t = 9.1 x - 8.1 eps on the first of 4 steps, 1e-5
-    relative after 4 steps). `where(x == x, x, nan)` is the identity (NaN stays NaN) that neither XLA nor
+    where a step cancels large terms it grows by the cancellation factor, every step (diffusers' UniPC
+    noise form with a sample / v model: x_t = 9.1 x - 8.1 eps; ours avoids that form, see `unipc`).
+    `where(x == x, x, nan)` is the identity (NaN stays NaN) that neither XLA nor
     LLVM folds, so the multiply feeding it cannot fuse with the add after it.
     """
     return jnp.where(x == x, x, jnp.nan)

@@ -18,11 +18,11 @@ chosen like diffusers (warm-up, `lower_order_final`, `euler_at_final`, final sig
 difference: a zero-length last step (final sigma == last sigma, e.g. Karras with `final_sigmas_type=
 "sigma_min"`) is first order, i.e. the identity, where diffusers 0.42 divides by h = 0 and returns NaN.
 
-Numerics (both solvers): the node scalars alpha_t, sigma_t, lambda_t and each step's e^hh - 1 are
-computed on the host (`SigmaNodes`) and every array term is rounded before it is summed
-(`common.sum_rounded`), as diffusers' eager PyTorch does. The noise form with a sample / v model cancels
-~10x per step (x_t = 9.1 x - 8.1 eps), so XLA's one-ulp liberties (fused multiply-adds, its exp / log)
-otherwise reach 5e-5 relative within 5 steps.
+Numerics: the node scalars alpha_t, sigma_t, lambda_t and each step's e^hh - 1 are computed on the host
+(`SigmaNodes`) and every array term is rounded before it is summed (`common.sum_rounded`), as diffusers'
+eager PyTorch does. The noise form's first-order term is evaluated through the model's x0 as
+(sigma_t / sigma_s0) x + alpha_t (1 - e^-h) x0, equal to diffusers' (alpha_t / alpha_s0) x - sigma_t
+(e^h - 1) eps without its cancellation (~9.1 x - 8.1 eps on a sample / v model's first steps, eps ~ x).
 
 This module also holds what UniPC shares with it: the multistep timestep spacing, the sigma schedule
 (optionally Karras) and the sigma-based `add_noise`.
@@ -116,14 +116,22 @@ class SigmaNodes:
     Computed on the host (`from_sigmas`), every op rounded to fp32 like diffusers' eager torch ops and
     log / exp correctly rounded like torch's. Not in the step, because XLA fuses sigma^2 + 1, turns
     1 / sqrt into rsqrt, reassociates (1/a) / (1/b), and its fp32 log / exp / expm1 are one ulp off for
-    5-15% of arguments: the noise-form solvers amplify an ulp of lambda or phi_1 ~10x per step
-    (see `common.rounded`).
+    5-15% of arguments (see `common.rounded`).
+
+    `sigma_ratio` / `alpha_ratio` / `x0_weight` give the first-order (DDIM) step from node i to i + 1,
+      x_(i+1) = sigma_ratio x_i + x0_weight x0_i = alpha_ratio x_i - sigma_(i+1) (e^h - 1) eps_i,
+    in float64 from the fp32 sigmas, rounded once. The noise forms take the left side, which has no
+    cancellation: the right one is ~9.1 x - 8.1 eps on a sample / v model's first steps (eps ~ x), where
+    one ulp of eps costs ~8 ulps of the result.
     """
 
     alpha_t: jax.Array  # [N + 1] f32, 1 / sqrt(sigma^2 + 1)
     sigma_t: jax.Array  # [N + 1] f32, sigma * alpha_t
     lambda_t: jax.Array  # [N + 1] f32, log(alpha_t) - log(sigma_t); +inf at sigma = 0
     phi_1: jax.Array  # [N] f32, h phi_1(hh) = e^hh - 1 of the step from node i to i + 1
+    sigma_ratio: jax.Array  # [N] f32, sigma_(i+1) / sigma_i
+    alpha_ratio: jax.Array  # [N] f32, alpha_(i+1) / alpha_i
+    x0_weight: jax.Array  # [N] f32, alpha_(i+1) (1 - e^-h) = alpha_(i+1) - sigma_(i+1) alpha_i / sigma_i
 
     @classmethod
     def from_sigmas(cls, sigmas: np.ndarray, data_prediction: bool, expm1: bool) -> "SigmaNodes":
@@ -137,11 +145,15 @@ class SigmaNodes:
             h = lam[1:] - lam[:-1]
         hh = -h if data_prediction else h
         phi_1 = exact_expm1(hh).astype(np.float32) if expm1 else exact_exp(hh).astype(np.float32) - np.float32(1.0)
-        return cls(*(jnp.asarray(v, jnp.float32) for v in (alpha, sigma, lam, phi_1)))
+        s64 = s.astype(np.float64)
+        a64 = 1.0 / np.sqrt(s64 * s64 + 1.0)
+        sg64 = s64 * a64
+        ddim = (sg64[1:] / sg64[:-1], a64[1:] / a64[:-1], a64[1:] - sg64[1:] * (a64[:-1] / sg64[:-1]))
+        return cls(*(jnp.asarray(v, jnp.float32) for v in (alpha, sigma, lam, phi_1) + ddim))
 
     @classmethod
     def empty(cls) -> "SigmaNodes":
-        return cls(*(jnp.zeros((0,), jnp.float32) for _ in range(4)))
+        return cls(*(jnp.zeros((0,), jnp.float32) for _ in range(7)))
 
     def at(self, i) -> Tuple[jax.Array, jax.Array, jax.Array]:
         """(alpha_t, sigma_t, lambda_t) of node i (traced int or int array)."""
@@ -195,7 +207,8 @@ class SigmaMultistepMixin:
 
     def _start_step(self, state, model_output: jax.Array, sample: jax.Array):
         """Checks and fp32 casts; returns (x, m, x0): the sample, the converted output at the current node
-        (what the solver integrates, x0 or eps) and the x0 estimate."""
+        (what the solver integrates, x0 or eps) and the data prediction (from the model output itself, not
+        from eps: at high noise x0 = (x - sigma eps) / alpha would turn one ulp of eps into ~1 / alpha)."""
         self._require_timesteps(state)
         if state.model_outputs.shape[1:] != model_output.shape:
             raise ValueError(
@@ -204,8 +217,8 @@ class SigmaMultistepMixin:
             )
         x = sample.astype(jnp.float32)
         alpha_s, sigma_s, _ = state.nodes.at(state.step_index)
-        m = self._convert(model_output.astype(jnp.float32), x, alpha_s, sigma_s)
-        return x, m, m if self._data_prediction else to_x0_eps(m, x, alpha_s, sigma_s, "epsilon")[0]
+        x0, m = self._convert(model_output.astype(jnp.float32), x, alpha_s, sigma_s)
+        return x, m, x0
 
     def add_noise(self, state, original_samples: jax.Array, noise: jax.Array, timesteps) -> jax.Array:
         """x_t = alpha_t x0 + sigma_t noise, with the sigma of the loop iteration whose timestep is `timesteps`.
@@ -365,29 +378,32 @@ class FlaxDPMSolverMultistepScheduler(SigmaMultistepMixin, SchedulerMixin):
         return self.algorithm_type == "dpmsolver++"
 
     def _convert(self, model_output, sample, alpha_s, sigma_s):
-        """The model output as the solver integrates it: x0 (dpmsolver++) or eps (dpmsolver)."""
+        """(x0, what the solver integrates: x0 for dpmsolver++, eps for dpmsolver), thresholded if configured."""
         x0, eps = to_x0_eps(model_output, sample, alpha_s, sigma_s, self.prediction_type)
         if self._data_prediction:
-            return clip_or_threshold(x0, self)
+            x0 = clip_or_threshold(x0, self)
+            return x0, x0
         if self.thresholding:  # threshold the x0 that eps implies, then convert back
             x0 = clip_or_threshold(to_x0_eps(eps, sample, alpha_s, sigma_s, "epsilon")[0], self)
             eps = to_x0_eps(x0, sample, alpha_s, sigma_s, "sample")[1]
-        return eps
+        return x0, eps
 
-    def _update(self, order: int, nodes: SigmaNodes, i, buf, x):
-        """x at node i -> node i + 1 with the static `order`, from the newest `order` outputs of `buf`."""
+    def _update(self, order: int, nodes: SigmaNodes, i, buf, x, x0):
+        """x at node i -> node i + 1 with the static `order`, from the newest `order` outputs of `buf` (and the
+        data prediction x0 at node i, which the noise form's first-order term uses)."""
         alpha_t, sigma_t, lambda_t = nodes.at(i + 1)
         alpha_s0, sigma_s0, lambda_s0 = nodes.at(i)
         h = lambda_t - lambda_s0
         # Both algorithms in one form: ++ integrates x0 over -lambda, the other eps over lambda.
-        if self._data_prediction:
-            hh, ratio, scale = -h, sigma_t / sigma_s0, alpha_t
-        else:
-            hh, ratio, scale = h, alpha_t / alpha_s0, sigma_t
+        hh, scale = (-h, alpha_t) if self._data_prediction else (h, sigma_t)
         phi_1 = nodes.phi_1[i]  # h phi_1(hh) = e^hh - 1
         m0 = buf[-1]
-        # Each term rounded before it is summed, like diffusers (the noise form cancels: see `rounded`).
-        terms = [ratio * x, -(scale * phi_1) * m0]
+        # Each term rounded before it is summed, like diffusers. First order: the DDIM step, which the noise
+        # form writes through x0 (alpha_t / alpha_s0 x - sigma_t phi_1 eps cancels; see `SigmaNodes`).
+        if self._data_prediction:
+            terms = [(sigma_t / sigma_s0) * x, -(scale * phi_1) * m0]
+        else:
+            terms = [nodes.sigma_ratio[i] * x, nodes.x0_weight[i] * x0]
         if order > 1:
             lambda_s = [lambda_s0] + [nodes.lambda_t[i - k] for k in range(1, order)]
             r0 = rounded((lambda_s[0] - lambda_s[1]) / h)  # (XLA would rewrite 1 / (a / h) as h / a)
@@ -430,7 +446,7 @@ class FlaxDPMSolverMultistepScheduler(SigmaMultistepMixin, SchedulerMixin):
         order = jnp.where(force_first | (lon < 1), 1, jnp.where(force_second | (lon < 2), 2, 3))
         order = jnp.minimum(order, self.solver_order)
         branches = [functools.partial(self._update, k) for k in range(1, self.solver_order + 1)]
-        prev = jax.lax.switch(order - 1, branches, state.nodes, i, buf, x)
+        prev = jax.lax.switch(order - 1, branches, state.nodes, i, buf, x, x0)
 
         new_state = state.replace(
             model_outputs=buf,

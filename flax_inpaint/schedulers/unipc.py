@@ -3,17 +3,29 @@ UniPCMultistepScheduler (B(h) variants bh1 / bh2, data or noise prediction, with
 
 Notation as in `dpm_solver`: sigma -> (alpha_t, sigma_t, lambda_t), h = lambda_t - lambda_s0,
 hh = -h for data prediction (x0, "predict_x0") and +h for noise prediction; B(h) = hh (bh1) or
-e^hh - 1 (bh2). With m_0 the newest converted output and D_j = (m_j - m_0) / r_j, r_j = (lambda_sj -
-lambda_s0) / h, both halves of a step are
-  x_t = (sigma_t / sigma_s0) x_s - alpha_t (e^hh - 1) m_0 - alpha_t B(h) sum_j rho_j D_j     (x0 form)
-where the rho solve R rho = b, R_kj = r_j^(k-1), b_k = k! phi_(k+1)(hh) / B(h)
+e^hh - 1 (bh2); c = alpha_t (x0 form) or sigma_t (noise form). With m_0 the newest converted output
+(x0 or eps) and D_j = (m_j - m_0) / r_j, r_j = (lambda_sj - lambda_s0) / h, both halves of a step are
+  x_t = F - c B(h) sum_j rho_j D_j,   F = (sigma_t / sigma_s0) x_s - alpha_t (e^hh - 1) m_0   (x0 form)
+                                      F = (alpha_t / alpha_s0) x_s - sigma_t (e^hh - 1) m_0   (noise form)
+with F the first-order (DDIM) step and rho solving R rho = b, R_kj = r_j^(k-1), b_k = k! phi_(k+1)(hh) / B(h)
 (eq. 8 / Alg. 2-3 of the paper):
   UniP-p (predictor, order p):   D_1..D_(p-1) from the p newest outputs; rho = 1/2 for p = 2.
-  UniC-p (corrector, order p):   re-does the previous step from `last_sample` once the model has been
-                                 evaluated at its result, adding D_t = m_t - m_0 (rho = 1/2 for p = 1).
+  UniC-p (corrector, order p):   re-does the previous step once the model has been evaluated at its
+                                 result: that step's F (kept in the state) minus the B(h) term with
+                                 D_t = m_t - m_0 added (rho = 1/2 for p = 1).
 Every step first corrects the incoming sample (except the first, and steps listed in
 `disable_corrector`), then predicts the next. The orders are traced ints dispatched with `lax.switch`
 to static-order branches, so `step` runs inside one `fori_loop`.
+
+Numerics of the noise form. eps comes from the incoming sample x (eps = (x - alpha_s0 x0) / sigma_s0 for a
+sample model), the predictor starts from the corrected one. On the first steps of a sample / v model
+eps ~ x and F is ~9.1 x - 8.1 eps: an ulp of eps, or of the corrected sample rounded to fp32, costs ~8
+ulps, compounding over the steps (1.7e-4 off diffusers' formula in float64 after 5 steps, as diffusers'
+fp32 is). We evaluate the same update without the cancellation: the corrector yields the correction
+delta = x_corrected - x = (F_prev - x) - c B(h) (...), never rounded into a corrected sample, and
+  F = (alpha_t / alpha_s0) delta + (sigma_t / sigma_s0) x + alpha_t (1 - e^-h) x0
+with x0 the model's own data prediction and the coefficients from `SigmaNodes` (float64, rounded once).
+The x0 form stays diffusers' expression term by term (it has no cancellation).
 
 Deliberate differences from diffusers 0.42, only where diffusers returns NaN/inf:
 * bh1 with final sigma 0: the last (first-order) step is x0 exactly; diffusers computes -inf * 0.
@@ -74,7 +86,7 @@ class UniPCMultistepState(DiffusersStateNames):
     sigmas: jax.Array  # [N + 1] f32, Karras sigma of each iteration; sigmas[N] is the final one (0 or min)
     nodes: SigmaNodes  # alpha_t / sigma_t / lambda_t [N + 1] and phi_1 [N] of those sigmas, f32
     model_outputs: jax.Array  # [solver_order, *shape] f32, converted outputs (x0 or eps), newest last
-    last_sample: jax.Array  # [*shape] f32, the sample the previous predictor started from (for UniC)
+    first_order: jax.Array  # [*shape] f32, the first-order (DDIM) part of the previous prediction (for UniC)
     this_order: jax.Array  # [] int32, order of the previous predictor (= order of the next corrector)
     lower_order_nums: jax.Array  # [] int32, steps taken since set_timesteps, capped at solver_order
     step_index: jax.Array  # [] int32, iteration the next `step` performs
@@ -152,7 +164,7 @@ class FlaxUniPCMultistepScheduler(SigmaMultistepMixin, SchedulerMixin):
     def create_state(self, common: Optional[CommonSchedulerState] = None) -> UniPCMultistepState:
         self._check_common(common)
         return self._empty_state(
-            UniPCMultistepState, last_sample=jnp.zeros((0,), jnp.float32), this_order=jnp.zeros((), jnp.int32)
+            UniPCMultistepState, first_order=jnp.zeros((0,), jnp.float32), this_order=jnp.zeros((), jnp.int32)
         )
 
     @cached_schedule
@@ -174,20 +186,22 @@ class FlaxUniPCMultistepScheduler(SigmaMultistepMixin, SchedulerMixin):
         return timesteps, np.concatenate([sig, [last]]).astype(np.float32)
 
     def set_timesteps(self, state: UniPCMultistepState, num_inference_steps: int, shape: tuple):
-        """Like DPM-Solver's, plus UniPC's corrector buffers: `shape` also sizes `last_sample`."""
+        """Like DPM-Solver's, plus UniPC's corrector buffers: `shape` also sizes `first_order`."""
         state = super().set_timesteps(state, num_inference_steps, shape)
-        return state.replace(last_sample=jnp.zeros(tuple(shape), jnp.float32), this_order=jnp.zeros((), jnp.int32))
+        return state.replace(first_order=jnp.zeros(tuple(shape), jnp.float32), this_order=jnp.zeros((), jnp.int32))
 
-    # -- the B(h) update shared by UniP and UniC ------------------------------------------------
-    def _bh_update(self, order: int, nodes: SigmaNodes, s0, t, buf, x, model_t=None):
-        """One B(h) update of x from node s0 to node t with the newest `order` (static) outputs of `buf`.
+    # -- the B(h) term shared by UniP and UniC --------------------------------------------------
+    def _bh_term(self, order: int, nodes: SigmaNodes, s0, t, buf, model_t=None):
+        """c B(h) sum_j rho_j D_j: what a B(h) update of order `order` (static) from node s0 to node t adds
+        to the first-order step (subtracted), from the newest `order` outputs of `buf`; c = alpha_t (x0 form)
+        or sigma_t (noise form).
 
-        UniP (model_t None): rho from the (order - 1)-square system (1/2 for order 2).
+        UniP (model_t None): rho from the (order - 1)-square system (1/2 for order 2); order >= 2.
         UniC (model_t = the converted output at t): rho from the order-square system (1/2 for order 1),
         its last entry weighting m_t - m_0.
         """
         alpha_t, sigma_t, lambda_t = nodes.at(t)
-        alpha_s0, sigma_s0, lambda_s0 = nodes.at(s0)
+        lambda_s0 = nodes.lambda_t[s0]
         h = lambda_t - lambda_s0
         m0 = buf[-1]
         r, D = [], []  # r_j = (lambda_sj - lambda_s0) / h,  D_j = (m_j - m_0) / r_j
@@ -206,29 +220,28 @@ class FlaxUniPCMultistepScheduler(SigmaMultistepMixin, SchedulerMixin):
         b = jnp.stack(b)
         R = jnp.stack([r**p for p in range(order)])
 
-        # Every product rounded before it is summed, like diffusers: the noise form cancels (see `rounded`).
-        ratio, c = (sigma_t / sigma_s0, alpha_t) if self.predict_x0 else (alpha_t / alpha_s0, sigma_t)
-        x_t = sum_rounded(ratio * x, -(c * h_phi_1) * m0)
-        scale = c * B_h
+        # Every product rounded before it is summed, like diffusers (see `rounded`).
+        scale = (alpha_t if self.predict_x0 else sigma_t) * B_h
         if model_t is None:  # UniP
-            if order == 1:
-                return x_t  # (diffusers subtracts scale * 0: NaN when B(h) is infinite)
             rho = jnp.full((1,), 0.5, jnp.float32) if order == 2 else jnp.linalg.solve(R[:-1, :-1], b[:-1])
-            return sum_rounded(x_t, -scale * _weighted_sum(rho, D))
+            return scale * _weighted_sum(rho, D)
         rho = jnp.full((1,), 0.5, jnp.float32) if order == 1 else jnp.linalg.solve(R, b)
         res = rho[-1] * (model_t - m0)
         if order > 1:
             res = sum_rounded(_weighted_sum(rho[:-1], D), res)
-        return sum_rounded(x_t, -scale * res)
+        return scale * res
 
     @property
     def _data_prediction(self) -> bool:
         return self.predict_x0
 
     def _convert(self, model_output, sample, alpha_s, sigma_s):
-        """The model output as UniPC integrates it: x0 (predict_x0) or eps."""
+        """(x0, what UniPC integrates: x0 (predict_x0, clipped / thresholded if configured) or eps)."""
         x0, eps = to_x0_eps(model_output, sample, alpha_s, sigma_s, self.prediction_type)
-        return clip_or_threshold(x0, self) if self.predict_x0 else eps
+        if self.predict_x0:
+            x0 = clip_or_threshold(x0, self)
+            return x0, x0
+        return x0, eps
 
     # -- one step --------------------------------------------------------------------------------
     def step(
@@ -242,35 +255,46 @@ class FlaxUniPCMultistepScheduler(SigmaMultistepMixin, SchedulerMixin):
         key: Optional[jax.Array] = None,
     ) -> SchedulerOutput:
         """Correct `sample` with UniC (after the first step), then predict the next sample with UniP."""
-        x_in, m, x0 = self._start_step(state, model_output, sample)
-        n, i = state.num_inference_steps, state.step_index
+        x, m, x0 = self._start_step(state, model_output, sample)
+        n, i, nodes = state.num_inference_steps, state.step_index, state.nodes
+        zeros = functools.partial(jnp.zeros_like, x)
 
-        # UniC: redo the previous step (last_sample at i - 1 -> i) now that m at i is known.
+        # UniC: redo the previous step (node i - 1 -> i) now that m at i is known: its first-order part,
+        # kept from that step, minus the B(h) term with m_i. The noise form keeps the correction
+        # delta = x_corrected - x instead of the corrected sample (see the module docstring).
         use_corrector = state.lower_order_nums > 0
         if self.disable_corrector:
             use_corrector &= ~jnp.isin(i - 1, jnp.asarray(self.disable_corrector, jnp.int32))
-        correctors = [lambda: x_in] + [
-            functools.partial(self._bh_update, k, state.nodes, i - 1, i, state.model_outputs, state.last_sample, m)
+        corrections = [
+            functools.partial(self._bh_term, k, nodes, i - 1, i, state.model_outputs, model_t=m)
             for k in range(1, self.solver_order + 1)
         ]
-        x = jax.lax.switch(jnp.where(use_corrector, state.this_order, 0), correctors)
+        term = jax.lax.switch(jnp.where(use_corrector, state.this_order, 0), [zeros] + corrections)
 
-        # UniP from the (corrected) sample at i to i + 1.
+        # UniP from the (corrected) sample at i to i + 1: first order (DDIM), minus the B(h) term.
         buf = push(state.model_outputs, m)
+        if self.predict_x0:
+            alpha_t, sigma_t, _ = nodes.at(i + 1)
+            sigma_s0 = nodes.sigma_t[i]
+            x = jnp.where(use_corrector, sum_rounded(state.first_order, -term), x)
+            first_order = sum_rounded((sigma_t / sigma_s0) * x, -(alpha_t * nodes.phi_1[i]) * m)
+        else:
+            delta = jnp.where(use_corrector, (state.first_order - x) - term, 0.0)
+            first_order = nodes.alpha_ratio[i] * delta + nodes.sigma_ratio[i] * x + nodes.x0_weight[i] * x0
         limit = jnp.minimum(self.solver_order, n - i) if self.lower_order_final else self.solver_order
         # Final sigma 0 or a zero-length last step: first order (see the module docstring).
         sigma_end, sigma_last = state.sigmas[n], state.sigmas[n - 1]
         limit = jnp.where((i == n - 1) & ((sigma_end == 0) | (sigma_end == sigma_last)), 1, limit)
         this_order = jnp.minimum(limit, state.lower_order_nums + 1).astype(jnp.int32)
-        predictors = [
-            functools.partial(self._bh_update, k, state.nodes, i, i + 1, buf, x)
-            for k in range(1, self.solver_order + 1)
+        predictions = [
+            functools.partial(self._bh_term, k, nodes, i, i + 1, buf) for k in range(2, self.solver_order + 1)
         ]
-        prev = jax.lax.switch(this_order - 1, predictors)
+        term = jax.lax.switch(this_order - 1, [zeros] + predictions)
+        prev = sum_rounded(first_order, -term)
 
         new_state = state.replace(
             model_outputs=buf,
-            last_sample=x,
+            first_order=first_order,
             this_order=this_order,
             lower_order_nums=jnp.minimum(state.lower_order_nums + 1, self.solver_order),
             step_index=i + 1,
