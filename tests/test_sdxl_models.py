@@ -8,9 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from diffusers import ControlNetModel, UNet2DConditionModel
+from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
 
-from flax_inpaint import FlaxControlNetModel, FlaxUNet2DConditionModel
+from flax_inpaint import FlaxCLIPTextModelWithProjection, FlaxControlNetModel, FlaxUNet2DConditionModel
+from flax_inpaint.models import FlaxAutoencoderKL, FlaxCLIPTextModelWithProjectionOutput
 from flax_inpaint.models.checkpoint import to_torch_state_dict
 
 TOL = 1e-4
@@ -231,3 +233,113 @@ def test_controlnet_from_sdxl_unet_matches_diffusers(tmp_path):
     assert set(ours) == set(ref.state_dict())
     for k in ("add_embedding.linear_1.weight", "down_blocks.2.attentions.1.transformer_blocks.1.attn2.to_k.weight"):
         np.testing.assert_array_equal(ours[k], ref.state_dict()[k].numpy(), err_msg=k)
+
+
+# ----------------------------------------------------------------------------- text encoder 2
+
+VOCAB = 100
+
+
+@pytest.fixture(scope="module")
+def text_encoder_2(tmp_path_factory):
+    """SDXL's text_encoder_2 layout (gelu, projection, legacy eos_token_id=2) at toy widths."""
+    torch.manual_seed(0)
+    config = CLIPTextConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=3,
+        hidden_act="gelu", projection_dim=POOLED, bos_token_id=0, eos_token_id=2, pad_token_id=1,
+        max_position_embeddings=16,
+    )
+    tm = CLIPTextModelWithProjection(config).eval()
+    folder = tmp_path_factory.mktemp("text_encoder_2")
+    tm.save_pretrained(folder)
+    return tm, folder
+
+
+def test_clip_with_projection_parity(text_encoder_2):
+    tm, folder = text_encoder_2
+    model, params = FlaxCLIPTextModelWithProjection.from_pretrained(folder, use_cache=False)
+    ids = np.zeros((2, 12), np.int64)  # bos, words, eos (the largest id), "!"-style padding (id 0)
+    rng = np.random.default_rng(0)
+    for row, n in enumerate((5, 9)):
+        ids[row, 0], ids[row, 1:n - 1], ids[row, n - 1] = 0, rng.integers(3, VOCAB - 1, n - 2), VOCAB - 1
+    with torch.no_grad():
+        ref = tm(torch.tensor(ids), output_hidden_states=True)
+    out = jax.jit(lambda p: model.apply({"params": p}, ids, output_hidden_states=True))(params)
+    assert isinstance(out, FlaxCLIPTextModelWithProjectionOutput)
+    np.testing.assert_allclose(out.text_embeds, ref.text_embeds.numpy(), rtol=0, atol=TOL)
+    np.testing.assert_allclose(out.last_hidden_state, ref.last_hidden_state.numpy(), rtol=0, atol=TOL)
+    assert len(out.hidden_states) == len(ref.hidden_states) == 4
+    # SDXL conditions on the penultimate layer's output, without the final layer norm.
+    np.testing.assert_allclose(out["hidden_states"][-2], ref.hidden_states[-2].numpy(), rtol=0, atol=TOL)
+    text_embeds, last = model.apply({"params": params}, ids, return_dict=False)
+    np.testing.assert_array_equal(text_embeds, out.text_embeds)
+
+
+def test_clip_with_projection_saves_for_transformers(text_encoder_2, tmp_path):
+    tm, folder = text_encoder_2
+    model, params = FlaxCLIPTextModelWithProjection.from_pretrained(folder, use_cache=False)
+    model.save_pretrained(tmp_path, params, pytorch_format=True)
+    back = CLIPTextModelWithProjection.from_pretrained(tmp_path).state_dict()
+    for k, v in tm.state_dict().items():
+        if not k.endswith("position_ids"):
+            torch.testing.assert_close(back[k], v, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="projection_dim"):
+        FlaxCLIPTextModelWithProjection(projection_dim=None)
+
+
+def test_tokenizer_2_pads_with_the_folders_pad_token(tmp_path):
+    """SDXL's tokenizer_2 folder sets pad_token "!" (tokenizer pads with <|endoftext|>): loading the
+    folder keeps it, so prompts pad with the id text_encoder_2 was trained with."""
+    from flax_inpaint.loaders.single_file import clip_tokenizer
+
+    clip_tokenizer(pad_token="!").save_pretrained(tmp_path / "tokenizer_2")
+    clip_tokenizer().save_pretrained(tmp_path / "tokenizer")
+    tok2 = CLIPTokenizer.from_pretrained(tmp_path / "tokenizer_2")
+    tok1 = CLIPTokenizer.from_pretrained(tmp_path / "tokenizer")
+    assert tok2.pad_token == "!" and tok2.pad_token_id == 0 and tok1.pad_token_id == 49407
+    ids = tok2("a cat", padding="max_length", max_length=tok2.model_max_length).input_ids
+    assert ids[:4] == tok1("a cat").input_ids and set(ids[4:]) == {0} and len(ids) == 77
+
+
+# ----------------------------------------------------------------------------- VAE
+
+SDXL_VAE = dict(  # stabilityai/sdxl-vae's config at toy widths
+    in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16, 16), layers_per_block=2,
+    down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3, norm_num_groups=4,
+    scaling_factor=0.13025, force_upcast=True, sample_size=1024,
+)
+
+
+def test_sdxl_vae_parity_and_upcast(tmp_path):
+    torch.manual_seed(0)
+    tm = perturb_norms(AutoencoderKL(**SDXL_VAE).eval())
+    tm.save_pretrained(tmp_path, safe_serialization=True)
+    vae, params = FlaxAutoencoderKL.from_pretrained(tmp_path, use_cache=False)
+    assert vae.scaling_factor == 0.13025 and vae.force_upcast and not vae.needs_upcasting
+    x = np.random.default_rng(0).uniform(-1, 1, (2, 3, 16, 16)).astype(np.float32)
+    with torch.no_grad():
+        mean = tm.encode(torch.tensor(x)).latent_dist.mean
+        ref_mean, ref_dec = mean.numpy(), tm.decode(mean).sample.numpy()
+
+    @jax.jit
+    def run(p, x):
+        mean = vae.apply({"params": p}, x, method=vae.encode).latent_dist.mean
+        return jnp.transpose(mean, (0, 3, 1, 2)), vae.apply({"params": p}, mean, method=vae.decode).sample
+
+    for ours, ref in zip(run(params, x), (ref_mean, ref_dec)):
+        assert np.abs(np.asarray(ours) - ref).max() <= TOL * np.abs(ref).max()
+
+    # force_upcast: a bf16 VAE decodes in float32 through upcasted(), from bf16 params as they are.
+    half, half_params = FlaxAutoencoderKL.from_pretrained(tmp_path, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
+                                                          use_cache=False)
+    assert half.needs_upcasting and half.upcasted().runtime.dtype == jnp.float32
+    assert half.upcasted().runtime.param_dtype == jnp.bfloat16
+    latents = jnp.asarray(ref_mean, jnp.bfloat16)
+    up = half.upcasted()
+    decoded = up.apply({"params": half_params}, latents, method=up.decode).sample
+    widened = jax.tree_util.tree_map(lambda p: p.astype(jnp.float32), half_params)
+    exact = vae.apply({"params": widened}, latents.astype(jnp.float32), method=vae.decode).sample
+    assert decoded.dtype == jnp.float32
+    np.testing.assert_array_equal(decoded, exact)
+    fix = half.clone(force_upcast=False)  # madebyollin/sdxl-vae-fp16-fix: runs in half precision
+    assert not fix.needs_upcasting and fix.upcasted() is fix

@@ -1,6 +1,11 @@
-"""Flax model families: UNet, VAE, CLIP text encoder, ControlNet and the safety checker."""
+"""Flax model families: UNet, VAE, CLIP text encoders, ControlNet and the safety checker."""
 from flax_inpaint.models.checkpoint import CheckpointError
-from flax_inpaint.models.clip import FlaxCLIPTextModel, FlaxCLIPTextModelOutput
+from flax_inpaint.models.clip import (
+    FlaxCLIPTextModel,
+    FlaxCLIPTextModelOutput,
+    FlaxCLIPTextModelWithProjection,
+    FlaxCLIPTextModelWithProjectionOutput,
+)
 from flax_inpaint.models.controlnet import FlaxControlNetModel, FlaxControlNetOutput
 from flax_inpaint.models.modeling import FlaxModelMixin
 from flax_inpaint.models.safety import CLIPImagePreprocessing, FlaxStableDiffusionSafetyChecker
@@ -19,6 +24,8 @@ __all__ = [
     "FlaxAutoencoderKLOutput",
     "FlaxCLIPTextModel",
     "FlaxCLIPTextModelOutput",
+    "FlaxCLIPTextModelWithProjection",
+    "FlaxCLIPTextModelWithProjectionOutput",
     "FlaxControlNetModel",
     "FlaxControlNetOutput",
     "FlaxDecoderOutput",
