@@ -1,9 +1,10 @@
-"""The conditional UNet of Stable Diffusion 1.x/2.x (incl. 9-channel inpainting), NHWC inside.
+"""The conditional UNet of Stable Diffusion 1.x/2.x and SDXL (incl. 9-channel inpainting), NHWC inside.
 
 Mirrors diffusers' `UNet2DConditionModel`: module names follow the PyTorch attribute names, so a
-diffusers checkpoint converts mechanically (see `checkpoint.py`). The blocks are module-level classes
-with explicit fields so a ControlNet can reuse the time embedding, down blocks and mid block;
-`build_down_block` / `build_mid_block` build them from any object carrying the UNet config fields.
+diffusers checkpoint converts mechanically (see `checkpoint.py`). The encoder half's config keys are
+declared once (`UNetEncoderConfig`) for the UNet and the ControlNet; the blocks are module-level
+classes with explicit fields, and `embed_time` / `build_down_block` / `build_mid_block` build the
+shared parts from either model.
 """
 from __future__ import annotations
 
