@@ -108,7 +108,7 @@ def _check_png(path: Path, option: str) -> None:
 
 def _check_cache() -> None:
     """Fail unless the params cache that loading writes converted weights into is usable."""
-    from flax_inpaint.models.checkpoint import default_cache_dir
+    from flax_inpaint.io import default_cache_dir
 
     check_folder(default_cache_dir(), "the params cache ($FLAX_INPAINT_CACHE, default ~/.cache/flax_inpaint)")
 
@@ -162,7 +162,7 @@ def _check_steps(pipe, steps: int, strength: float) -> None:
 
 def _write_png(image, path: Path, option: str) -> None:
     """Save atomically: a killed run never leaves a half-written PNG."""
-    from flax_inpaint.models.checkpoint import write_bytes_atomic
+    from flax_inpaint.io import write_bytes_atomic
 
     buf = io.BytesIO()
     image.save(buf, format="PNG")
@@ -306,7 +306,7 @@ def cmd_sweep(args) -> None:
 def cmd_convert(args) -> None:
     """Convert a PyTorch diffusers folder's models to Flax msgpack: into the params cache, and with
     --out into a folder that both diffusers and flax-inpaint load."""
-    from flax_inpaint.models.checkpoint import default_cache_dir
+    from flax_inpaint.io import default_cache_dir
 
     out = None if args.out is None else Path(args.out)
     if out is not None:

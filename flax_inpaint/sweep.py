@@ -58,7 +58,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from PIL import Image, ImageDraw
 
-from flax_inpaint.models.checkpoint import write_bytes_atomic
+from flax_inpaint.io import write_bytes_atomic
 
 MANIFEST = "manifest.jsonl"
 IMAGES = "images"

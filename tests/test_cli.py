@@ -27,7 +27,7 @@ from PIL import Image
 
 import tiny_sd
 from flax_inpaint import FlaxStableDiffusionInpaintPipeline, cli
-from flax_inpaint.models import checkpoint
+import flax_inpaint.io as checkpoint_io
 from flax_inpaint.sweep import LOCK, ResultStore, iter_manifest
 
 STEPS = "2"
@@ -405,7 +405,7 @@ def test_interrupts_and_failures_while_sampling(sd, tmp_path, capsys, monkeypatc
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
     fake_inpaint(monkeypatch)
-    monkeypatch.setattr(checkpoint, "write_bytes_atomic", disk_full)
+    monkeypatch.setattr(checkpoint_io, "write_bytes_atomic", disk_full)
     assert last_line(fails(capsys, *argv)) == (
         f"flax-inpaint: error: --out: could not write '{tmp_path / 'out/prompt0_seed0.png'}' (No space left on "
         "device); free space or pass another --out.")

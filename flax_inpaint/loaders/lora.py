@@ -46,7 +46,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flax_inpaint.models.checkpoint import CheckpointError, read_safetensors, to_torch_state_dict
+from flax_inpaint.io import CheckpointError, read_safetensors
+from flax_inpaint.models.conversion import to_torch_state_dict
 
 COMPONENTS = ("unet", "text_encoder")
 WEIGHT_NAMES = ("pytorch_lora_weights.safetensors", "pytorch_lora_weights.bin")
@@ -81,7 +82,7 @@ def read_lora(source: Source, weight_name: Optional[str] = None) -> Tuple[Dict[s
         return {k: _numpy(v) for k, v in source.items()}, {}
     path = Path(source)
     if not path.exists() and not path.suffix:
-        from flax_inpaint.models.checkpoint import resolve_folder
+        from flax_inpaint.io import resolve_folder
 
         path = resolve_folder(source)
     if path.is_dir():

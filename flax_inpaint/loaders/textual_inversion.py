@@ -19,7 +19,7 @@ import flax
 import jax.numpy as jnp
 import numpy as np
 
-from flax_inpaint.models.checkpoint import CheckpointError, read_safetensors
+from flax_inpaint.io import CheckpointError, read_safetensors
 
 WEIGHT_NAMES = ("learned_embeds.safetensors", "learned_embeds.bin")
 Source = Union[str, os.PathLike, Mapping[str, Any], np.ndarray]

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flax_inpaint.diffusers_compat import FrozenConfig, not_provided
-from flax_inpaint.models.checkpoint import Params
+from flax_inpaint.models.conversion import Params
 from flax_inpaint.models.modeling import FlaxModelMixin
 from flax_inpaint.models.clip import (
     TRANSFORMERS_FLAX_NAMES,

@@ -30,7 +30,7 @@ from flax_inpaint.image_processor import VaeImageProcessor, postprocess_inpaint,
 from flax_inpaint.loaders.lora import LoraLoaderMixin
 from flax_inpaint.loaders.single_file import FromSingleFileMixin
 from flax_inpaint.loaders.textual_inversion import TextualInversionLoaderMixin
-from flax_inpaint.models.checkpoint import CheckpointError, read_config, resolve_folder
+from flax_inpaint.io import CheckpointError, read_config, resolve_folder
 from flax_inpaint.pipelines import loading
 from flax_inpaint.pipelines.sampling import (
     CALL_WIDE_FIELDS,

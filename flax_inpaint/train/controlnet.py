@@ -46,7 +46,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from flax_inpaint.cli import _positive, _unit  # the CLI's argument types
-from flax_inpaint.models.checkpoint import CheckpointError, write_bytes_atomic
+from flax_inpaint.io import CheckpointError, write_bytes_atomic
 from flax_inpaint.models.controlnet import FlaxControlNetModel
 from flax_inpaint.pipelines.sampling import encode_text, nhwc_to_nchw
 from flax_inpaint.train import dataset as data_source

@@ -23,7 +23,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from flax_inpaint.models.checkpoint import CheckpointError, write_bytes_atomic
+from flax_inpaint.io import CheckpointError, write_bytes_atomic
 
 Params = Any
 Batch = Dict[str, np.ndarray]
