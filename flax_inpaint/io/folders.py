@@ -96,6 +96,20 @@ def resolve_file(path: os.PathLike | str, filename: str, subfolder: Optional[str
                               f"be fetched from the hub (local_files_only={local_files_only}): {e}") from e
 
 
+def named_file(source: os.PathLike | str, names: Sequence[str], what: str, accepted: str) -> Path:
+    """The file `source` names: itself, or in a folder the first of `names` there (an adapter's
+    `weight_name`, else its library's default file names). `what` and `accepted` word the errors."""
+    path = Path(source)
+    if path.is_dir():
+        found = next((path / n for n in names if (path / n).is_file()), None)
+        if found is None:
+            raise CheckpointError(f"{path} holds no {' or '.join(names)}; pass weight_name= the {what} file's name.")
+        return found
+    if not path.is_file():
+        raise CheckpointError(f"{what} {str(source)!r} does not exist; pass {accepted}.")
+    return path
+
+
 def read_config(folder: Path, name: str = "config.json") -> Dict[str, Any]:
     """The JSON config file `name` of `folder`, as a dict."""
     f = folder / name
