@@ -187,6 +187,9 @@ def _inpaint(pipe, params, image, mask, prompts: Sequence[str], negative: Option
     from flax_inpaint.sweep import seed_keys
 
     f = pipe.vae_scale_factor
+    if size and size % f:
+        _fail(f"--size {size} must be a multiple of {f} (the model's VAE scale factor); pass e.g. "
+              f"{max(f, size - size % f)}.")
     if not size and min(image.size) < f:
         _fail(f"--image is {image.width}x{image.height}; the model needs at least {f}x{f} pixels (its VAE factor): "
               "pass a larger image or --size.")
@@ -411,13 +414,6 @@ def _add_source_options(parser, loaders: bool) -> None:
                             help="a textual-inversion embedding, as TOKEN (default: the file's); repeatable")
 
 
-def _size(text):
-    value = _positive(int)(text)
-    if value % 8:
-        raise argparse.ArgumentTypeError(f"must be a multiple of 8, got {text}")
-    return value
-
-
 class _Help(argparse.ArgumentDefaultsHelpFormatter):
     """Shows "(default: ...)" only where an option has a default worth reading."""
 
@@ -466,8 +462,9 @@ def build_parser() -> argparse.ArgumentParser:
     inp.add_argument("--seed", type=_seed, default=0, help="seed of the first image of each prompt")
     inp.add_argument("--batch", type=_positive(int), default=1,
                      help="images per prompt, sampled together in one call")
-    inp.add_argument("--size", type=_size, default=None, help="square output size; default: the image's size "
-                                                             "floored to the VAE factor")
+    inp.add_argument("--size", type=_positive(int), default=None,
+                     help="square output size, a multiple of the model's VAE scale factor; default: the image's size "
+                          "floored to that factor")
     inp.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                      help="compute and params dtype (bfloat16 for TPUs and GPUs)")
     inp.add_argument("--overlay", action="store_true", help="paste the unmasked pixels of --image back exactly")

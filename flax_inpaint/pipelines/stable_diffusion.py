@@ -92,7 +92,7 @@ class FlaxDiffusionPipeline(FromSingleFileMixin, LoraLoaderMixin, TextualInversi
         self.vae, self.text_encoder, self.tokenizer, self.unet = vae, text_encoder, tokenizer, unet
         self.scheduler, self.safety_checker, self.feature_extractor = scheduler, safety_checker, feature_extractor
         self.dtype = dtype
-        self.vae_scale_factor = 2 ** (len(vae.block_out_channels) - 1)
+        self.vae_scale_factor = vae.downscale
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
         self.mask_processor = VaeImageProcessor.for_masks(self.vae_scale_factor)
         self._progress_bar_config: dict = {}
