@@ -1,5 +1,5 @@
 """Flax model families: UNet, VAE, CLIP text encoder, ControlNet and the safety checker."""
-from flax_inpaint.models.checkpoint import CheckpointError
+from flax_inpaint.io import CheckpointError
 from flax_inpaint.models.clip import FlaxCLIPTextModel, FlaxCLIPTextModelOutput
 from flax_inpaint.models.controlnet import FlaxControlNetModel, FlaxControlNetOutput
 from flax_inpaint.models.modeling import FlaxModelMixin

@@ -52,7 +52,7 @@ TRANSFORMERS_GENERIC_CONFIG_KEYS = frozenset(
     }
 )
 # Training-time settings of CLIP configs: dropout is off at inference, initialisers are unused.
-_CLIP_TRAINING_KEYS = frozenset({"attention_dropout", "dropout", "initializer_range", "initializer_factor"})
+CLIP_TRAINING_KEYS = frozenset({"attention_dropout", "dropout", "initializer_range", "initializer_factor"})
 # transformers' Flax CLIP models (4.x) save `flax_model.msgpack` and name encoder layer 3 `layers/3`.
 TRANSFORMERS_FLAX_STEMS = ("flax_model", "diffusion_flax_model")
 TRANSFORMERS_FLAX_NAMES = (("layers/{n}", "layers_{n}"),)
@@ -316,7 +316,7 @@ class FlaxCLIPTextModel(FlaxModelMixin, nn.Module):
     weight_stems = ("model", "pytorch_model")
     flax_weight_stems = TRANSFORMERS_FLAX_STEMS
     flax_names = TRANSFORMERS_FLAX_NAMES
-    ignored_config_keys = _CLIP_TRAINING_KEYS | TRANSFORMERS_GENERIC_CONFIG_KEYS
+    ignored_config_keys = CLIP_TRAINING_KEYS | TRANSFORMERS_GENERIC_CONFIG_KEYS
     fixed_config = {"model_type": ("clip_text_model",)}
 
     def __post_init__(self):

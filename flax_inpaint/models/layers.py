@@ -12,8 +12,8 @@ from typing import Optional, Tuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from flax_inpaint.image_processor import nearest_indices
 from flax_inpaint.runtime import Runtime, attention
 
 ACTIVATIONS = {
@@ -155,15 +155,6 @@ class Downsample2D(nn.Module):
         return conv(self.out_channels, self.runtime, stride=2, padding=self.padding, name="conv")(x)
 
 
-def _nearest_indices(in_size: int, out_size: int) -> np.ndarray:
-    """Source rows of torch's `F.interpolate(size=out_size, mode="nearest")` (float32 scale, floor)."""
-    if out_size == 2 * in_size:
-        return np.arange(out_size) // 2
-    scale = np.float32(in_size) / np.float32(out_size)
-    idx = np.floor(np.arange(out_size, dtype=np.float32) * scale).astype(np.int64)
-    return np.minimum(idx, in_size - 1)
-
-
 class Upsample2D(nn.Module):
     """Nearest-neighbour upsampling (2x, or to `output_size` like diffusers) followed by a 3x3 conv."""
 
@@ -175,8 +166,8 @@ class Upsample2D(nn.Module):
         if output_size is None or tuple(output_size) == (2 * x.shape[1], 2 * x.shape[2]):
             x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
         else:
-            x = x[:, _nearest_indices(x.shape[1], output_size[0])]
-            x = x[:, :, _nearest_indices(x.shape[2], output_size[1])]
+            x = x[:, nearest_indices(x.shape[1], output_size[0])]
+            x = x[:, :, nearest_indices(x.shape[2], output_size[1])]
         return conv(self.out_channels, self.runtime, name="conv")(x)
 
 

@@ -26,9 +26,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from flax_inpaint.diffusers_compat import FrozenConfig, not_provided
-from flax_inpaint.models.checkpoint import Params
+from flax_inpaint.models.conversion import Params
 from flax_inpaint.models.modeling import FlaxModelMixin
 from flax_inpaint.models.clip import (
+    CLIP_TRAINING_KEYS,
     TRANSFORMERS_FLAX_NAMES,
     TRANSFORMERS_FLAX_STEMS,
     TRANSFORMERS_GENERIC_CONFIG_KEYS,
@@ -224,7 +225,6 @@ class CLIPImagePreprocessing:
 
 # ----------------------------------------------------------------------------- the checker
 
-_CLIP_TRAINING_KEYS = frozenset({"attention_dropout", "dropout", "initializer_range", "initializer_factor"})
 _VISION_FIELDS = (
     "hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers", "num_channels",
     "image_size", "patch_size", "hidden_act", "layer_norm_eps",
@@ -290,7 +290,7 @@ class FlaxStableDiffusionSafetyChecker(FlaxModelMixin, _NotAPreTrainedModel, nn.
     flax_weight_stems = TRANSFORMERS_FLAX_STEMS
     flax_names = TRANSFORMERS_FLAX_NAMES
     ignored_config_keys = (
-        _CLIP_TRAINING_KEYS | TRANSFORMERS_GENERIC_CONFIG_KEYS
+        CLIP_TRAINING_KEYS | TRANSFORMERS_GENERIC_CONFIG_KEYS
         | {"text_config", "text_config_dict", "logit_scale_init_value"}
     )
     fixed_config = {"model_type": ("clip",)}

@@ -1,7 +1,7 @@
 """The conditional UNet of Stable Diffusion 1.x/2.x (incl. 9-channel inpainting), NHWC inside.
 
 Mirrors diffusers' `UNet2DConditionModel`: module names follow the PyTorch attribute names, so a
-diffusers checkpoint converts mechanically (see `checkpoint.py`). The blocks are module-level classes
+diffusers checkpoint converts mechanically (see `conversion.py`). The blocks are module-level classes
 with explicit fields so a ControlNet can reuse the time embedding, down blocks and mid block;
 `build_down_block` / `build_mid_block` build them from any object carrying the UNet config fields.
 """
