@@ -87,8 +87,9 @@ def read_ip_adapter(source: Source, subfolder: Optional[str] = None,
         else:
             stray.append(key)
     if stray or not all(out.values()):
+        found = f"; found {sorted(stray)[:5]}" if stray else ""
         raise CheckpointError(f"{name} is not an IP-Adapter in the published layout: expected keys under "
-                              f"'image_proj.' and 'ip_adapter.'" + (f"; found {sorted(stray)[:5]}" if stray else "") + ".")
+                              f"'image_proj.' and 'ip_adapter.'{found}.")
     return out
 
 
@@ -181,7 +182,8 @@ def load_ip_adapter(params: Mapping[str, Any], source: Source, subfolder: Option
                     weight_name: Optional[str] = None, *, unet: Any) -> Dict[str, Any]:
     """New pipeline params with the IP-Adapter of `source` added (after those already loaded), at scale 1
     in every cross-attention layer, as diffusers' `load_ip_adapter` leaves it; `params` is left as it is.
-    `unet` is the pipeline's UNet module (its config gives the cross-attention layers)."""
+    `unet` is the pipeline's UNet module (its config gives the cross-attention layers). The adapter's
+    weights take the dtype of the UNet's params (published files are often float16)."""
     paths = cross_attention_paths(unet)
     if not paths:
         raise ValueError("This UNet has no cross-attention layers, so an IP-Adapter has nothing to attach to.")
@@ -193,9 +195,9 @@ def load_ip_adapter(params: Mapping[str, Any], source: Source, subfolder: Option
     dtype = flat[paths[0] + ("to_k", "kernel")].dtype
     flat.update({path: jnp.asarray(kernel, dtype) for path, kernel in kernels.items()})
     scale = jnp.concatenate([jnp.asarray(loaded["scale"], jnp.float32), jnp.ones((len(paths), 1), jnp.float32)], axis=1)
+    proj = jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype), proj)
     return {**params, "unet": flax.traverse_util.unflatten_dict(flat),
-            "ip_adapter": {"image_proj": [*loaded["image_proj"], jax.tree_util.tree_map(jnp.asarray, proj)],
-                           "scale": scale}}
+            "ip_adapter": {"image_proj": [*loaded["image_proj"], proj], "scale": scale}}
 
 
 def unload_ip_adapter(params: Mapping[str, Any]) -> Dict[str, Any]:
@@ -267,7 +269,8 @@ def ip_adapter_scale(unet: Any, scale: Union[Scale, Sequence[Scale]], adapters: 
     return np.asarray(columns, np.float32).T.reshape(len(layers), adapters)
 
 
-def set_ip_adapter_scale(params: Mapping[str, Any], scale: Union[Scale, Sequence[Scale]], *, unet: Any) -> Dict[str, Any]:
+def set_ip_adapter_scale(params: Mapping[str, Any], scale: Union[Scale, Sequence[Scale]], *,
+                         unet: Any) -> Dict[str, Any]:
     """New params with the IP-Adapter scales of `scale` (see `ip_adapter_scale`); values only, so the
     sampling program does not recompile."""
     loaded = params.get("ip_adapter")

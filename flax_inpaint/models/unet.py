@@ -642,7 +642,9 @@ class FlaxUNet2DConditionModel(FlaxModelMixin, nn.Module):
         ip_blocks = [path[0] for path in cross_attention_paths(self)]  # the block of each scale row
 
         def ip_of(block):
-            return None if ip is None or block not in ip_blocks else ip.take(ip_blocks.index(block), ip_blocks.count(block))
+            if ip is None or block not in ip_blocks:
+                return None
+            return ip.take(ip_blocks.index(block), ip_blocks.count(block))
         if self.center_input_sample:
             sample = 2 * sample - 1.0
 
