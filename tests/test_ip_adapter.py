@@ -280,3 +280,9 @@ def test_two_adapters_then_unload(unet, tmp_path):
     restored = unload_ip_adapter(two)
     assert "ip_adapter" not in restored
     assert jax.tree_util.tree_structure(restored["unet"]) == jax.tree_util.tree_structure(unet.params["unet"])
+
+
+def test_tokens_without_adapter_weights_are_refused(unet):
+    x, ctx, tokens = np.zeros((2, 4, 8, 8), np.float32), np.ones((2, 5, CROSS), np.float32), [np.ones((2, 4, CROSS))]
+    with pytest.raises(ValueError, match="params hold fewer IP-Adapters"):
+        unet.model.apply({"params": unet.params["unet"]}, x, 1, ctx, ip_hidden_states=tokens)

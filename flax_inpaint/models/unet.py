@@ -705,7 +705,15 @@ class FlaxUNet2DConditionModel(FlaxModelMixin, nn.Module):
         if isinstance(hidden_states, jax.Array) or not isinstance(hidden_states, Sequence) or not hidden_states:
             raise TypeError("ip_hidden_states must be a list with one token array per IP-Adapter, as diffusers' "
                             "image_embeds; wrap a single adapter's array in a list.")
-        dim, layers = _at(self, "cross_attention_dim", 0), len(cross_attention_paths(self))
+        paths = cross_attention_paths(self)
+        if not paths:
+            raise ValueError("ip_hidden_states was given, but this UNet has no cross-attention layers to use it.")
+        params = flax.traverse_util.flatten_dict(flax.core.unfreeze(self.variables.get("params", {})))
+        last = paths[0] + (f"to_k_ip_{len(hidden_states) - 1}", "kernel")
+        if not self.is_initializing() and last not in params:
+            raise ValueError(f"ip_hidden_states has {len(hidden_states)} arrays, but the params hold fewer "
+                             "IP-Adapters; add them with flax_inpaint.loaders.ip_adapter.load_ip_adapter.")
+        dim, layers = _at(self, "cross_attention_dim", 0), len(paths)
         tokens = []
         for j, t in enumerate(hidden_states):
             if t.ndim not in (3, 4) or t.shape[0] != batch or t.shape[-1] != dim:
