@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 from typing import Optional, Tuple
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -171,12 +172,33 @@ class Upsample2D(nn.Module):
         return conv(self.out_channels, self.runtime, name="conv")(x)
 
 
+@flax.struct.dataclass
+class IPAdapterTokens:
+    """Image-prompt tokens for the decoupled cross-attention of IP-Adapters (see models/ip_adapter.py).
+
+    tokens: one [batch, tokens, cross_attention_dim] array per adapter (its image projection's output).
+    scale: float32 [layers, adapters], the scale of each adapter in each cross-attention layer still
+      ahead, in diffusers' attention-processor order; each block takes its own rows (`take`).
+    """
+
+    tokens: Tuple[jax.Array, ...]
+    scale: jax.Array
+
+    def take(self, start: int, count: int) -> "IPAdapterTokens":
+        """The same tokens with the scales of layers start .. start + count - 1."""
+        return self.replace(scale=self.scale[start : start + count])
+
+
 class Attention(nn.Module):
     """diffusers' `Attention` processor: q/k/v projections, multi-head attention, output projection.
 
     Works on [batch, tokens, channels]. With `norm_groups` set, it is the VAE's spatial self-attention
     (GroupNorm first, residual added, output divided by `rescale_output_factor`), which also accepts
     NHWC input.
+
+    With `ip` (IP-Adapter tokens, scale rows [1, adapters]) it is diffusers' `IPAdapterAttnProcessor2_0`:
+    the queries also attend to each adapter's tokens through its own bias-free `to_k_ip_j` /
+    `to_v_ip_j`, and scale_j times that attention is added to the text attention before `to_out_0`.
     """
 
     heads: int
@@ -186,9 +208,12 @@ class Attention(nn.Module):
     norm_groups: Optional[int] = None
     norm_eps: float = 1e-6
     rescale_output_factor: float = 1.0
+    out_bias: bool = True
 
     @nn.compact
-    def __call__(self, x: jax.Array, context: Optional[jax.Array] = None) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, context: Optional[jax.Array] = None, ip: Optional[IPAdapterTokens] = None
+    ) -> jax.Array:
         rt = self.runtime
         shape = x.shape
         residual = x
@@ -205,8 +230,13 @@ class Attention(nn.Module):
         q = heads(dense(inner, rt, self.qkv_bias, name="to_q")(x))
         k = heads(dense(inner, rt, self.qkv_bias, name="to_k")(context))
         v = heads(dense(inner, rt, self.qkv_bias, name="to_v")(context))
-        out = attention(q, k, v, rt).reshape(x.shape[0], x.shape[1], inner)
-        out = dense(shape[-1], rt, name="to_out_0")(out).reshape(shape)
+        out = attention(q, k, v, rt)
+        for j, tokens in enumerate(() if ip is None else ip.tokens):
+            k_ip = heads(dense(inner, rt, False, name=f"to_k_ip_{j}")(tokens.astype(rt.dtype)))
+            v_ip = heads(dense(inner, rt, False, name=f"to_v_ip_{j}")(tokens.astype(rt.dtype)))
+            out = out + ip.scale[0, j].astype(out.dtype) * attention(q, k_ip, v_ip, rt)
+        out = out.reshape(x.shape[0], x.shape[1], inner)
+        out = dense(shape[-1], rt, self.out_bias, name="to_out_0")(out).reshape(shape)
         if self.norm_groups is not None:
             out = (out + residual) / self.rescale_output_factor
         return out
