@@ -13,7 +13,7 @@ from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokeni
 
 from flax_inpaint import FlaxCLIPTextModelWithProjection, FlaxControlNetModel, FlaxUNet2DConditionModel
 from flax_inpaint.models import FlaxAutoencoderKL, FlaxCLIPTextModelWithProjectionOutput
-from flax_inpaint.models.checkpoint import to_torch_state_dict
+from flax_inpaint.models.conversion import to_torch_state_dict
 
 TOL = 1e-4
 TIME_DIM = 8  # addition_time_embed_dim (SDXL: 256)

@@ -1,11 +1,13 @@
-"""Flax model families: UNet, VAE, CLIP text encoders, ControlNet and the safety checker."""
-from flax_inpaint.models.checkpoint import CheckpointError
+"""Flax model families: UNet, VAE, CLIP text and image encoders, ControlNet, the safety checker and the
+IP-Adapter image projections."""
+from flax_inpaint.io import CheckpointError
 from flax_inpaint.models.clip import (
     FlaxCLIPTextModel,
     FlaxCLIPTextModelOutput,
     FlaxCLIPTextModelWithProjection,
     FlaxCLIPTextModelWithProjectionOutput,
 )
+from flax_inpaint.models.clip_vision import FlaxCLIPVisionModelOutput, FlaxCLIPVisionModelWithProjection
 from flax_inpaint.models.controlnet import FlaxControlNetModel, FlaxControlNetOutput
 from flax_inpaint.models.modeling import FlaxModelMixin
 from flax_inpaint.models.safety import CLIPImagePreprocessing, FlaxStableDiffusionSafetyChecker
@@ -26,6 +28,8 @@ __all__ = [
     "FlaxCLIPTextModelOutput",
     "FlaxCLIPTextModelWithProjection",
     "FlaxCLIPTextModelWithProjectionOutput",
+    "FlaxCLIPVisionModelOutput",
+    "FlaxCLIPVisionModelWithProjection",
     "FlaxControlNetModel",
     "FlaxControlNetOutput",
     "FlaxDecoderOutput",
