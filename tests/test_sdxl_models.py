@@ -2,6 +2,8 @@
 them (diffusers / transformers save_pretrained, safetensors; sharded and fp16 variants), loaded through
 our from_pretrained, same inputs. fp32 max abs diff <= 1e-4 (VAE: relative to the output's max)."""
 import json
+import re
+import types
 
 import jax
 import jax.numpy as jnp
@@ -12,8 +14,10 @@ from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
 
 from flax_inpaint import FlaxCLIPTextModelWithProjection, FlaxControlNetModel, FlaxUNet2DConditionModel
+from flax_inpaint.loaders.ip_adapter import ip_adapter_inputs, load_ip_adapter, set_ip_adapter_scale
 from flax_inpaint.models import FlaxAutoencoderKL, FlaxCLIPTextModelWithProjectionOutput
 from flax_inpaint.models.conversion import to_torch_state_dict
+from flax_inpaint.models.unet import cross_attention_paths
 
 TOL = 1e-4
 TIME_DIM = 8  # addition_time_embed_dim (SDXL: 256)
@@ -98,6 +102,39 @@ def test_unet_parity(name, tmp_path):
     assert ref.std() > 0.05 and np.abs(ref - other).max() > 1e-2, "the added conditioning must matter"
     out = jax.jit(lambda p, *a: model.apply({"params": p}, *a).sample)(params, x, t, ctx, added)
     np.testing.assert_allclose(out, ref, rtol=0, atol=TOL)
+
+
+def test_ip_adapter_on_per_layer_depths(tmp_path):
+    """IP-Adapter scales and weights land on the right attn2 layers when transformer depths differ per
+    layer (diffusers' processor order; each attentions_i takes its own rows of the scale table)."""
+    from diffusers.loaders import IPAdapterMixin
+
+    from test_ip_adapter import ip_attention, plain_image_proj, save_published
+
+    config, n_ids = UNETS["inpaint9_per_layer_depths"]
+    torch.manual_seed(0)
+    tm = perturb_norms(UNet2DConditionModel(**config).eval())
+    names = [n.removesuffix(".processor") for n in tm.attn_processors if n.endswith("attn2.processor")]
+    model = FlaxUNet2DConditionModel.from_config(config)
+    assert [re.sub(r"_(\d+)", r".\1", ".".join(p)) for p in cross_attention_paths(model)] == names
+    tm.save_pretrained(tmp_path / "unet", safe_serialization=True)
+    model, params = FlaxUNet2DConditionModel.from_pretrained(tmp_path / "unet", use_cache=False)
+    rng = np.random.default_rng(3)
+    state = {"image_proj": plain_image_proj(rng), "ip_adapter": ip_attention(rng, tm)}
+    params = load_ip_adapter({"unet": params}, tmp_path, weight_name=save_published(state, tmp_path / "ip.bin").name,
+                             unet=model)
+    tm._load_ip_adapter_weights([state])
+    scale = {"down": {"block_1": [0.4, 1.1]}, "up": {"block_0": [0.0, 1.2, 0.7], "block_1": 0.5}, "mid": 0.3}
+    IPAdapterMixin.set_ip_adapter_scale(types.SimpleNamespace(unet=tm), scale)
+    params = set_ip_adapter_scale(params, scale, unet=model)
+    x, t, ctx, added = unet_inputs(tm.config, (8, 8), n_ids)
+    embeds = [rng.standard_normal((2, 1, 20), np.float32)]
+    with torch.no_grad():
+        ref = tm(torch.tensor(x), torch.tensor(t), torch.tensor(ctx),
+                 added_cond_kwargs={**torch_tensors(added), "image_embeds": [torch.tensor(embeds[0])]}).sample.numpy()
+    out = jax.jit(lambda p, e: model.apply({"params": p["unet"]}, x, t, ctx, added, **ip_adapter_inputs(p, e)).sample)
+    np.testing.assert_allclose(out(params, embeds), ref, rtol=0, atol=TOL)
+    assert np.abs(np.asarray(out(params, [embeds[0] + 1])) - ref).max() > 1e-2, "the image tokens must matter"
 
 
 def test_unet_added_cond_kwargs_are_checked():
