@@ -4,14 +4,15 @@
 Nothing is downloaded: the UNet, VAE and CLIP text encoder are built from the SD1.5-inpainting or
 SD2 (768x768) configs below, or a tiny one for CPU smoke runs, and randomly initialised; speed does
 not depend on the weights' values. The sdxl preset (SDXL inpainting, 1024x1024) has no Flax pipeline
-to drive yet: it supports --flops-only, summing its models' passes (see `sdxl_flops`). Every measurement is one JSON line on stdout, with a "kind":
+to drive yet: it supports --flops-only, summing its models' passes (see `sdxl_flops`), and its VAE's
+--nan-check (`sdxl_vae_nan_check`). Every measurement is one JSON line on stdout, with a "kind":
 
   throughput     img/s, s/img, first-call and compile seconds, steady-state seconds, peak device
                  memory, TFLOP per image (XLA cost analysis) and the fraction of the compute floor;
   ratio          ours against each diffusers run of the same invocation (--torch);
   largest_batch  the largest batch that fits in device memory (--largest-batch);
   psnr           bf16 against fp32 images from the same weights, seed and inputs (--psnr);
-  nan_check      whether every scheduler gives finite images in this dtype (--nan-check);
+  nan_check      whether every scheduler gives finite images in this dtype (--nan-check; sdxl: the VAE);
   flops          compute per image only, from the lowered program, nothing run (--flops-only).
 
 diffusers runs in a subprocess (`bench_inpaint_torch.py`), started before JAX touches the device,
@@ -629,6 +630,27 @@ def sdxl_flops(args, preset: Preset, batch: int) -> Dict[str, Any]:
             "tflop_per_image_by_model": {k: v / batch / 1e12 for k, v in parts.items() if k != "unet_pass"}}
 
 
+def sdxl_vae_nan_check(args, preset: Preset, common):
+    """SDXL's VAE in this dtype on random weights, a random image of --size pixels encoded and its latents
+    decoded: one record as the pipeline will run it (`upcasted()`: float32 activations, `force_upcast`) and
+    one with half-precision activations (what an fp16-fix VAE, force_upcast=False, runs)."""
+    vae = FlaxAutoencoderKL.from_config(preset.vae, runtime=runtime_for(args))
+    params = vae.init_weights(jax.random.key(args.seed))
+    image = jax.random.uniform(jax.random.key(args.seed + 1), (min(args.batch), 3, args.size, args.size),
+                               minval=-1.0, maxval=1.0)
+    for model in (vae.upcasted(), vae.clone(force_upcast=False)):
+        @jax.jit
+        def roundtrip(p, x):
+            latents = model.apply({"params": p}, x.astype(model.runtime.dtype), method=model.encode).latent_dist.mode()
+            return model.apply({"params": p}, latents, method=model.decode).sample.astype(jnp.float32)
+
+        decoded = np.asarray(roundtrip(params, image))
+        yield {"kind": "nan_check", "system": "flax-inpaint", **common, "model": "vae", "batch": image.shape[0],
+               "activations": str(jnp.dtype(model.runtime.dtype)), "force_upcast": bool(model.force_upcast),
+               "finite": bool(np.isfinite(decoded).all()), "min": float(np.nanmin(decoded)),
+               "max": float(np.nanmax(decoded))}
+
+
 class Phase:
     """Wall and process CPU seconds of a `with` block. CPU time counts every thread of this process
     (XLA compiles on several) and is less disturbed than wall time by other jobs on a shared host."""
@@ -790,9 +812,12 @@ def parse_args(argv=None, torch_side: bool = False) -> argparse.Namespace:
         p.error(f"--batch, --steps and --repeat must be >= 1; got {args.batch}, {args.steps}, {args.repeat}.")
     args.size = args.size or PRESETS[args.preset].size
     if not torch_side:
-        if preset.text_encoder_2 is not None and (not args.flops_only or args.platform or args.torch != ["none"]):
-            p.error(f"--preset {args.preset}: only --flops-only (lowered for this host) until the Flax SDXL "
-                    "pipeline exists; run benchmarks/bench_inpaint_torch.py alone for diffusers.")
+        vae_check = args.nan_check and args.no_throughput and not (args.psnr or args.largest_batch)
+        if preset.text_encoder_2 is not None and (not (args.flops_only or vae_check) or args.platform
+                                                  or args.compile_only or args.torch != ["none"]):
+            p.error(f"--preset {args.preset}: only --flops-only (lowered for this host) or --nan-check "
+                    "--no-throughput (the VAE) until the Flax SDXL pipeline exists; run "
+                    "benchmarks/bench_inpaint_torch.py alone for diffusers.")
         if "none" in args.torch and len(args.torch) > 1:
             p.error(f"--torch {' '.join(args.torch)}: 'none' cannot be combined with eager/compile.")
         if args.platform and not (args.flops_only or args.compile_only):
@@ -829,6 +854,10 @@ def main(argv=None) -> int:
         return 0
     if args.compile_only:
         compile_only(args, preset, common, clock)
+        return 0
+    if preset.text_encoder_2 is not None:  # sdxl: parse_args let only the VAE's NaN check through
+        for rec in sdxl_vae_nan_check(args, preset, common):
+            emit(rec)
         return 0
     ours = bench_ours(args, preset, common, clock)
     for records in theirs.values():

@@ -3,6 +3,7 @@
 It checks that the script runs, that stdout is nothing but JSON lines and that each record carries
 its fields with sane types. No timing is asserted: the numbers depend on the machine.
 """
+import dataclasses
 import json
 import os
 import subprocess
@@ -81,8 +82,6 @@ def test_compile_only_reports_phases_and_memory():
 def test_sdxl_preset_is_flops_only_and_sums_its_models(monkeypatch):
     """The sdxl preset has no Flax pipeline to drive yet: only --flops-only, from its models' passes
     (checked here on the same code path with SDXL-shaped tiny configs, in-process)."""
-    import dataclasses
-
     import pytest
 
     monkeypatch.syspath_prepend(str(SCRIPT.parent))
@@ -108,3 +107,15 @@ def test_sdxl_preset_is_flops_only_and_sums_its_models(monkeypatch):
     parts = rec["tflop_per_image_by_model"]
     assert set(parts) == {"text_encoders", "vae_encode", "vae_decode"} and all(v > 0 for v in parts.values())
     assert rec["tflop_per_image"] > 6 * rec["unet_tflop_per_pass"] > 0
+
+
+def test_sdxl_vae_nan_check(monkeypatch):
+    """--preset sdxl --nan-check --no-throughput: SDXL's VAE round trip in bf16, upcast (force_upcast) and not."""
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    import bench_inpaint as bench
+
+    args = bench.parse_args(["--preset", "sdxl", "--nan-check", "--no-throughput", "--batch", "1", "--size", "32"])
+    preset = dataclasses.replace(bench.PRESETS["sdxl"], vae={**bench.PRESETS["tiny"].vae, "force_upcast": True})
+    records = list(bench.sdxl_vae_nan_check(args, preset, {}))
+    assert [(r["activations"], r["force_upcast"]) for r in records] == [("float32", True), ("bfloat16", False)]
+    assert all(r["finite"] and r["kind"] == "nan_check" and r["max"] > r["min"] for r in records)
