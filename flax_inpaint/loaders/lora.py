@@ -410,14 +410,18 @@ def _add(tree, deltas: Mapping[str, jax.Array]):
     return flax.traverse_util.unflatten_dict(flat)
 
 
-def merge_adapters(params) -> Dict[str, Any]:
+def merge_adapters(params, scale: Optional[jax.Array] = None) -> Dict[str, Any]:
     """The params the models run with: every unfused adapter added to its kernels at weight * active (traceable;
-    the sampling program calls it first). Params without adapters pass through unchanged."""
+    the sampling program calls it first), times `scale` if given (cross_attention_kwargs={"scale": s}: diffusers'
+    LoRA scale, for the UNet's and the text encoder's adapters alike). Params without adapters pass through."""
     if "lora" not in params:
         return params
     lora, out = params["lora"], {k: v for k, v in params.items() if k != "lora"}
+    def coefficient(s):
+        return s["weight"] * s["active"] if scale is None else s["weight"] * s["active"] * scale
+
     for component in COMPONENTS:
-        deltas = _deltas(lora, component, lambda s: s["weight"] * s["active"])
+        deltas = _deltas(lora, component, coefficient)
         if deltas:
             out[component] = _add(out[component], deltas)
     return out
