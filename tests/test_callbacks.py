@@ -324,9 +324,11 @@ def test_guidance_rescale_matches_diffusers(vpred):
     np.testing.assert_allclose(ours, ref, atol=ATOL, rtol=0)
     _, pipe, params = vpred
     ids = pipe.prepare_inputs(["a red cat"])
-    with tiny_sd.count_compiles("generate") as compiles:
-        pipe(ids, params, jax.random.key(0), height=32, width=32, num_inference_steps=4, guidance_rescale=0.3)
-    assert compiles == []  # another rescale value: the same program
+    noise = np.zeros((1, 4, 8, 8), np.float32)
+    with tiny_sd.count_compiles("generate") as compiles:  # another rescale value: the same program
+        pipe(ids, params, jax.random.key(0), height=32, width=32, num_inference_steps=4, guidance_scale=7.5,
+             latents=noise, guidance_rescale=0.3)
+    assert compiles == []
 
 
 # ----------------------------------------------------------------------------- custom schedules
