@@ -366,3 +366,28 @@ def test_custom_schedule_unsupported_raises_like_diffusers(models, loaded, sched
     torch_pipe.scheduler = cls.from_config(torch_pipe.scheduler.config, **extra)
     with pytest.raises(ValueError, match=rf"does not support custom {word} schedules"):
         torch_pipe("a", image=image, mask_image=mask, height=32, width=32, **{kind: [999, 500, 0]})
+
+
+# ----------------------------------------------------------------------------- previews
+
+def test_latent_rgb_preview_tracks_the_vae(tmp_path):
+    """LATENT_RGB (fitted by tools/fit_latent_rgb.py on scenes of seed 0) explains most of the bundled VAE's
+    decoded colours on other scenes: RMSE under half the pixels' std. PreviewWriter writes one PNG per
+    image and step, at the latent resolution."""
+    import importlib.util
+    from pathlib import Path
+
+    from PIL import Image
+
+    spec = importlib.util.spec_from_file_location("fit", Path(__file__).resolve().parents[1] / "tools" / "fit_latent_rgb.py")
+    fit = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fit)
+    pipe, params = FlaxStableDiffusionInpaintPipeline.from_pretrained(fit.ASSETS / fit.DEMO_MODEL, safety_checker=None)
+    latents, rgb = fit.latents_and_rgb(pipe.vae, params["vae"], seed=2, n=32)
+    preview = callbacks.latents_to_rgb(np.transpose(latents, (0, 3, 1, 2))).astype(np.float32) / 127.5 - 1
+    assert np.sqrt(np.mean((preview - rgb) ** 2)) < 0.5 * rgb.std()
+
+    writer = callbacks.PreviewWriter(tmp_path / "previews", every=2)
+    writer(4, 500.0, np.transpose(latents[:2], (0, 3, 1, 2)))
+    assert sorted(p.name for p in (tmp_path / "previews").iterdir()) == ["000-step004.png", "001-step004.png"]
+    assert Image.open(writer.written[0]).size == (16, 16)  # 64 px scenes, VAE factor 4

@@ -234,14 +234,15 @@ class StepProgress:
 
 # Least-squares fit rgb ~ [latents, 1] @ LATENT_RGB for the bundled tiny VAE (assets/tiny-shapes-inpaint):
 # rows are the 4 latent channels (scaled latents, as the loop holds them) and a bias; columns R, G, B in
-# [-1, 1]. tools/fit_latent_rgb.py derives it (encoded shape images, decoded pixels averaged over each
-# latent cell); other VAEs (SD 1.5's) need their own factors.
+# [-1, 1]. tools/fit_latent_rgb.py derives it from encoded training-like scenes, decoded and averaged
+# over each latent cell (held-out RMSE 0.30 against a pixel std of 0.71). Other VAEs (SD 1.5's) need
+# their own factors: pass them to PreviewWriter.
 LATENT_RGB = np.array([
-    [0.0, 0.0, 0.0],
-    [0.0, 0.0, 0.0],
-    [0.0, 0.0, 0.0],
-    [0.0, 0.0, 0.0],
-    [0.0, 0.0, 0.0],
+    [0.5068, 0.6317, 0.3270],
+    [-0.1312, -0.1773, -0.4702],
+    [0.0343, 0.3667, 0.5299],
+    [0.4182, 0.2089, -0.1203],
+    [0.2640, 0.3834, 0.0414],
 ], np.float32)
 
 
