@@ -561,9 +561,9 @@ def _compute(spec: SweepSpec, todo: List[Tuple[str, Config]], pipeline, mesh: Op
     Returns the sampling program's compilations per group."""
     from tqdm import tqdm
 
-    from flax_inpaint.pipelines.stable_diffusion import FlaxStableDiffusionInpaintPipeline
-
     from flax_inpaint.loaders import options
+    from flax_inpaint.pipelines.callbacks import wants_bar
+    from flax_inpaint.pipelines.stable_diffusion import FlaxStableDiffusionInpaintPipeline
 
     if pipeline is None:
         import jax.numpy as jnp
@@ -624,9 +624,11 @@ def _compute(spec: SweepSpec, todo: List[Tuple[str, Config]], pipeline, mesh: Op
 
     compiles: Dict[str, int] = {}
     quiet = True if store is None else None if progress is None else not progress  # None: only on a terminal
+    step_bar = quiet is not True and wants_bar(progress)  # a per-step bar for each call, under the sweep's
     with tqdm(total=len(todo), unit="img", desc="sweep", disable=quiet) as bar:
         for g, items in groups.items():
             pipe, params = pipes[g.scheduler]
+            pipe.set_progress_bar_config(desc=g.label, unit="step", leave=False)
             compiles[g.label] = 0
             by_call: Dict[tuple, List[Tuple[str, Config]]] = defaultdict(list)
             for item in items:  # strength and the LoRA weights are one value per call (both traced)
@@ -647,7 +649,7 @@ def _compute(spec: SweepSpec, todo: List[Tuple[str, Config]], pipeline, mesh: Op
                                    seed_keys([c.seed for c in local]), num_inference_steps=g.steps,
                                    height=g.height, width=g.width, image=images, strength=strength,
                                    guidance_scale=np.array([c.guidance for c in local], np.float32),
-                                   neg_prompt_ids=pipe.tokenize(neg), mesh=mesh)
+                                   neg_prompt_ids=pipe.tokenize(neg), mesh=mesh, progress=step_bar)
                     seconds = time.perf_counter() - tic
                     compiles[g.label] += counter.count
                     if store is not None:

@@ -217,6 +217,13 @@ def call_ids(call_id: int, lead: tuple) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- progress and previews
 
+def wants_bar(progress: Optional[bool]) -> bool:
+    """A bar's switch as tqdm reads `disable=not progress`: None means only when stderr is a terminal."""
+    import sys
+
+    return sys.stderr.isatty() if progress is None else bool(progress)
+
+
 class StepProgress:
     """A tqdm bar that moves once per denoising step (a host callback without latents)."""
 
