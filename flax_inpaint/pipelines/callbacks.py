@@ -345,8 +345,7 @@ class CallHooks:
         if self.progress:
             sched, f = pipeline.scheduler, pipeline.vae_scale_factor
             shape = (1, opts.height // f, opts.width // f, pipeline.vae.latent_channels)
-            loop = jax.eval_shape(lambda s: sched.set_timesteps(s, opts.num_inference_steps, shape).timesteps,
-                                  params["scheduler"]).shape[-1]
+            loop = np.shape(sched.set_timesteps(params["scheduler"], opts.num_inference_steps, shape).timesteps)[-1]
             total = loop - int(np.max(batch.begin_index))
             self._host.append(HostCallback(StepProgress(total, **pipeline._progress_bar_config), 1, latents=False))
         opts = dataclasses.replace(opts, step_end=step_end, host_callback=bool(self._host),
