@@ -209,7 +209,8 @@ def _inpaint(pipe, params, image, mask, prompts: Sequence[str], negative: Option
         for lo in range(0, len(prompts), batch):
             chunk = list(prompts[lo:lo + batch])
             pipe.set_progress_bar_config(desc=f"batch {lo // batch + 1}", unit="step", leave=False)
-            hooks = [PreviewWriter(preview, preview_every, f"batch{lo // batch + 1}_").host_callback()] if preview else []
+            writer = PreviewWriter(preview, preview_every, f"batch{lo // batch + 1}_") if preview else None
+            hooks = [writer.host_callback()] if writer else []
             out = pipe.inpaint(chunk, image, mask, params, seed_keys(seeds[lo:lo + batch]),
                                negative_prompt=None if negative is None else [negative] * len(chunk),
                                height=height, width=width, num_inference_steps=steps, guidance_scale=guidance,

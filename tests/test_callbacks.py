@@ -211,6 +211,33 @@ def test_host_callbacks_once_per_step(batch8, path):
     np.testing.assert_allclose(last, np.asarray(images).reshape(8, 4, 8, 8), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("path", ["pmap", "mesh"])
+def test_step_end_dynamic_cfg_matches_diffusers_on_8_devices(models, batch8, path):
+    """The dynamic-CFG callback in the program split over 8 (fake) devices, per device under the pmap
+    convention and on a mesh: every image agrees with diffusers' (one prompt, its initial noise for all 8),
+    and a host callback beside it still sees each loop step once (PNDM's 3 steps: 4 iterations)."""
+    _, torch_pipe = models[9]
+    cls, extra = tiny_sd.SCHEDULERS["pndm"]
+    torch_pipe.scheduler = cls.from_config(torch_pipe.scheduler.config, **extra)
+    image, mask = tiny_sd.sample_image_and_mask()
+    with torch.no_grad():
+        ref = torch_pipe("a red cat", image=image, mask_image=mask, negative_prompt="blurry", height=32, width=32,
+                         guidance_scale=7.5, num_inference_steps=3, output_type="np",
+                         generator=torch.Generator().manual_seed(0), callback_on_step_end=torch_dynamic_cfg,
+                         callback_on_step_end_tensor_inputs=["prompt_embeds", "mask", "masked_image_latents"]).images
+    pipe = batch8[0]
+    latents, neg = np.repeat(noise_for(9), 8, axis=0), pipe.tokenize(["blurry"] * 8)
+    if path == "pmap":
+        latents, neg = shard(latents), shard(neg)
+    ticks = []
+    ours = run_path(batch8, path, latents=latents, neg_prompt_ids=neg, callback_on_step_end=jax_dynamic_cfg,
+                    callback_on_step_end_tensor_inputs=["guidance_scale"],
+                    host_callbacks=[callbacks.HostCallback(lambda s, t, x: ticks.append(s), latents=False)])
+    ours = np.asarray(ours, np.float32).reshape(8, 32, 32, 3)
+    assert ref.std() > 0.02 and sorted(ticks) == [0, 1, 2, 3]
+    np.testing.assert_allclose(ours, np.broadcast_to(ref, ours.shape), atol=ATOL, rtol=0)
+
+
 def test_progress_bar_counts_steps(batch8, capsys):
     pipe = batch8[0]
     pipe.set_progress_bar_config(desc="denoise", ncols=60)
@@ -233,7 +260,8 @@ def test_early_stop_after_k_steps(batch8):
         if step == 1:
             stop.set()
 
-    stopped = np.asarray(run_path(batch8, "single", stop=stop, host_callbacks=[callbacks.HostCallback(watch, latents=False)]))
+    watcher = callbacks.HostCallback(watch, latents=False)
+    stopped = np.asarray(run_path(batch8, "single", stop=stop, host_callbacks=[watcher]))
     assert sorted(seen) == [0, 1]
     full = np.asarray(run_path(batch8, "single"))
     assert np.isfinite(stopped).all() and np.abs(stopped - full).max() > 1e-2
@@ -379,7 +407,8 @@ def test_latent_rgb_preview_tracks_the_vae(tmp_path):
 
     from PIL import Image
 
-    spec = importlib.util.spec_from_file_location("fit", Path(__file__).resolve().parents[1] / "tools" / "fit_latent_rgb.py")
+    tool = Path(__file__).resolve().parents[1] / "tools" / "fit_latent_rgb.py"
+    spec = importlib.util.spec_from_file_location("fit", tool)
     fit = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(fit)
     pipe, params = FlaxStableDiffusionInpaintPipeline.from_pretrained(fit.ASSETS / fit.DEMO_MODEL, safety_checker=None)

@@ -240,8 +240,9 @@ def _check_text_width(tensors: Mapping[str, np.ndarray], modules: Mapping[str, M
                    and _split(k)[2] == "down" and v.ndim == 2), None)
     if ours is not None and theirs is not None and theirs != ours:
         raise CheckpointError(
-            f"This LoRA was made for a UNet with {theirs}-wide text embeddings ({_TEXT_WIDTHS.get(theirs, 'another model')})"
-            f"; this pipeline's takes {ours} ({_TEXT_WIDTHS.get(ours, 'this model')}). Use a LoRA made for this model.")
+            f"This LoRA was made for a UNet with {theirs}-wide text embeddings "
+            f"({_TEXT_WIDTHS.get(theirs, 'another model')}); this pipeline's takes {ours} "
+            f"({_TEXT_WIDTHS.get(ours, 'this model')}). Use a LoRA made for this model.")
 
 
 def _pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any:

@@ -322,7 +322,8 @@ class CallHooks:
         """(batch, options) with the traced values and static switches these keywords ask for."""
         from flax_inpaint.schedulers.custom import custom_schedule
 
-        if not isinstance(self.callback_steps, int) or isinstance(self.callback_steps, bool) or self.callback_steps <= 0:
+        steps = self.callback_steps
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps <= 0:
             raise ValueError(f"`callback_steps` has to be a positive integer but is {self.callback_steps} of type "
                              f"{type(self.callback_steps)}.")
         kwargs = dict(self.cross_attention_kwargs or {})

@@ -255,10 +255,11 @@ def generate(c: Components, opts: Options, params, batch: Batch, key: Array):
         eps = eps.astype(jnp.float32)
         if opts.do_cfg:  # examples with guidance <= 1 take the text prediction, as without CFG
             uncond, text = jnp.split(eps, 2)
+            guide = g > 1.0  # first, as before guidance_rescale: without it the program is unchanged
             guided = uncond + g * (text - uncond)
             if batch.guidance_rescale is not None:
                 guided = rescale_noise_cfg(guided, text, batch.guidance_rescale)
-            eps = jnp.where(g > 1.0, guided, text)
+            eps = jnp.where(guide, guided, text)
         out = sched.step(state, eps, t, latents, key=jax.random.fold_in(key_loop, i), **step_kwargs)
         latents, state = out.prev_sample, out.state
         if unet.in_channels == 4 and mask is not None:
@@ -268,11 +269,13 @@ def generate(c: Components, opts: Options, params, batch: Batch, key: Array):
             latents = (1 - m) * proper + m * latents
         if opts.early_stop:  # what a stop returns: the x0 estimate, outside the mask the image
             est = latents if out.pred_original_sample is None else out.pred_original_sample.astype(latents.dtype)
-            live = {**live, "estimate": est if m is None or unet.in_channels == 9 else (1 - m) * image_latents + m * est}
+            blend = m is not None and unet.in_channels == 4
+            live = {**live, "estimate": (1 - m) * image_latents + m * est if blend else est}
         if opts.step_end is not None:
             latents, live = callbacks.step_end(opts.step_end, i - batch.begin_index, t, latents, live, opts.do_cfg)
         if opts.host_callback:
-            done = callbacks.host_step(batch.callback_ids, i - batch.begin_index, t, latents if opts.host_latents else None)
+            sent = latents if opts.host_latents else None
+            done = callbacks.host_step(batch.callback_ids, i - batch.begin_index, t, sent)
             live = {**live, "done": done} if opts.early_stop else live
         return latents, state, live
 

@@ -29,7 +29,8 @@ def check_custom_schedule(scheduler, num_inference_steps: int, timesteps: Option
     return num_inference_steps
 
 
-def custom_schedule(scheduler, timesteps: Optional[Sequence[float]], sigmas: Optional[Sequence[float]]) -> Dict[str, Any]:
+def custom_schedule(scheduler, timesteps: Optional[Sequence[float]],
+                    sigmas: Optional[Sequence[float]]) -> Dict[str, Any]:
     """The state fields (`scheduler.custom_schedule_fields`) that a custom schedule sets."""
     kwargs = {"timesteps": timesteps} if timesteps is not None else {"sigmas": sigmas}
     state = scheduler.set_timesteps(scheduler.create_state(), **kwargs)
