@@ -36,19 +36,7 @@ def models(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def loaded(models):
-    cache = {}
-
-    def load(in_channels: int, scheduler: str):
-        if (in_channels, scheduler) not in cache:
-            folder, torch_pipe = models[in_channels]
-            cls, extra = tiny_sd.SCHEDULERS[scheduler]
-            config = cls.from_config(torch_pipe.scheduler.config, **extra).config
-            flax_sched = scheduler_class(cls.__name__).from_config(dict(config))
-            cache[in_channels, scheduler] = FlaxStableDiffusionInpaintPipeline.from_pretrained(
-                folder, scheduler=flax_sched)
-        return cache[in_channels, scheduler]
-
-    return load
+    return tiny_sd.flax_loader(models)
 
 
 def noise_for(in_channels: int) -> np.ndarray:
