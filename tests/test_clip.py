@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModel, CLIPTextConfig, CLIPTextModel
 
 from flax_inpaint.models import FlaxCLIPTextModel, FlaxCLIPTextModelOutput
-from flax_inpaint.models.checkpoint import CheckpointError
+from flax_inpaint.io import CheckpointError
 
 VOCAB = 100
 TOL = 1e-4

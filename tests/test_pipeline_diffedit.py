@@ -235,7 +235,6 @@ def test_bad_inputs_raise_one_clear_error(pipes):
     with pytest.raises(ValueError, match="exactly one of source_prompt"):
         pipe.generate_mask(image(), params, KEY, target_prompt="b")
     with pytest.raises(ValueError, match="in_channels=4"):
-        from tests.tiny_sd import make_pipeline as _  # noqa: F401
         FlaxStableDiffusionDiffEditPipeline(pipe.vae, pipe.text_encoder, pipe.tokenizer,
                                             pipe.unet.clone(in_channels=9), pipe.scheduler)
 

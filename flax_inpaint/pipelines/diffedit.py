@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flax_inpaint.diffusers_compat import BaseOutput, FrozenConfig
-from flax_inpaint.models.checkpoint import read_config, resolve_folder, write_bytes_atomic
+from flax_inpaint.io import read_config, resolve_folder, write_bytes_atomic
 from flax_inpaint.pipelines import loading
 from flax_inpaint.pipelines.sampling import decode_latents, encode_image, encode_text, nchw_to_nhwc, nhwc_to_nchw
 from flax_inpaint.pipelines.stable_diffusion import FlaxDiffusionPipeline, FlaxStableDiffusionPipelineOutput
