@@ -617,3 +617,22 @@ class FlaxStableDiffusionDiffEditPipeline(FlaxDiffusionPipeline):
         if output_type == "pil":
             images = self.numpy_to_pil(images)
         return FlaxStableDiffusionPipelineOutput(images, nsfw) if return_dict else (images, nsfw)
+
+    def edit(self, image, params, prng_seed, *, source_prompt: PromptLike, target_prompt: PromptLike,
+             num_inference_steps: int = 50, guidance_scale: float = 7.5, invert_guidance_scale: float = 7.5,
+             inpaint_strength: float = 0.8, num_maps_per_mask: int = 10, mask_encode_strength: float = 0.5,
+             mask_thresholding_ratio: float = 3.0, negative_prompt: PromptLike = None):
+        """The three steps in a row, as diffusers' DiffEdit example runs them: the mask from the two
+        prompts, the image inverted under `source_prompt`, the masked region regenerated under
+        `target_prompt`. Returns (mask [B, h, w] at latent size, images NHWC in [0, 1]); the CLI and
+        sweeps use it."""
+        mask = self.generate_mask(image, params, prng_seed, source_prompt=source_prompt, target_prompt=target_prompt,
+                                  num_maps_per_mask=num_maps_per_mask, mask_encode_strength=mask_encode_strength,
+                                  mask_thresholding_ratio=mask_thresholding_ratio,
+                                  num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
+        latents = self.invert(image, params, prng_seed, prompt=source_prompt, num_inference_steps=num_inference_steps,
+                              inpaint_strength=inpaint_strength, guidance_scale=invert_guidance_scale).latents
+        images = self(target_prompt, mask, latents, params, prng_seed, inpaint_strength=inpaint_strength,
+                      num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                      negative_prompt=negative_prompt).images
+        return mask, images

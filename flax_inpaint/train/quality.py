@@ -188,14 +188,11 @@ def diffedit_scores(pipe, params, cases: DiffEditCases, seed: int, steps: int = 
     drifts, and edits come out washed-out (0.25 target colour accuracy at strength 0.8, against 0.8-0.9)."""
     key = jax.random.key(seed)
     images = np.transpose(cases.images * 2 - 1, (0, 3, 1, 2))
-    mask = pipe.generate_mask(images, params, key, source_prompt=cases.source, target_prompt=cases.target,
-                              num_maps_per_mask=num_maps_per_mask, mask_encode_strength=mask_encode_strength,
-                              mask_thresholding_ratio=mask_thresholding_ratio, num_inference_steps=steps,
-                              guidance_scale=guidance)
-    inverted = pipe.invert(images, params, key, prompt=cases.source, num_inference_steps=steps,
-                           inpaint_strength=inpaint_strength, guidance_scale=invert_guidance).latents
-    edited = pipe(cases.target, mask, inverted, params, key, inpaint_strength=inpaint_strength,
-                  num_inference_steps=steps, guidance_scale=guidance).images
+    mask, edited = pipe.edit(images, params, key, source_prompt=cases.source, target_prompt=cases.target,
+                             num_inference_steps=steps, guidance_scale=guidance, invert_guidance_scale=invert_guidance,
+                             inpaint_strength=inpaint_strength, num_maps_per_mask=num_maps_per_mask,
+                             mask_encode_strength=mask_encode_strength,
+                             mask_thresholding_ratio=mask_thresholding_ratio)
     f = pipe.vae_scale_factor
     pixels = np.repeat(np.repeat(mask > 0.5, f, axis=1), f, axis=2)
     iou = (pixels & cases.interior).sum((1, 2)) / np.maximum(1, (pixels | cases.interior).sum((1, 2)))
