@@ -38,6 +38,8 @@ EPILOG = """examples:
   flax-inpaint inpaint --single-file model.safetensors --lora style.safetensors:0.8 \\
       --textual-inversion negemb.pt:negemb --negative-prompt negemb --image photo.png --mask mask.png --prompt "a cat"
   flax-inpaint bench --preset tiny --batch 1 --steps 2
+  flax-inpaint diffedit --image photo.png --source-prompt "a bowl of fruits" --target-prompt "a bowl of pears" \\
+      --model path/to/sd --out edits
   flax-inpaint train-controlnet --pretrained_model_name_or_path BASE --train_data_dir DATA --output_dir OUT
 
 A model is a local diffusers folder (model_index.json) or a hub repo id (org/name), or with --single-file
@@ -49,6 +51,7 @@ TRACEBACK_ENV = "FLAX_INPAINT_TRACEBACK"
 MEMORY_HINT = {
     "demo": "lower --scale",
     "inpaint": "lower --batch or --size, or pass --dtype bfloat16",
+    "diffedit": "lower --size or --num-maps-per-mask, or pass --dtype bfloat16",
     "sweep": "lower --per-device-batch or the spec's 'size', or set its 'dtype' to 'bfloat16'",
     "convert": "convert on a machine with more memory",
     "train": "lower --batch-size",
@@ -521,6 +524,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run benchmarks/bench_inpaint.py of a source checkout with the remaining arguments.")
     bench.add_argument("--script", default=None, help="path of bench_inpaint.py (default: the checkout's)")
     bench.set_defaults(func=cmd_bench)
+
+    from flax_inpaint.cli_diffedit import add_parser as add_diffedit
+
+    add_diffedit(sub, fmt)
 
     sub.add_parser(
         "train-controlnet", add_help=False, allow_abbrev=False,
