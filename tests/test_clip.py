@@ -160,7 +160,6 @@ def test_bf16_is_finite_and_close(case):
 
 
 def test_jit_matches_eager_and_does_not_retrace():
-    te, folder = None, None
     torch_model = make_torch(CASES["sd2_gelu_eos"][0])
     te = FlaxCLIPTextModel.from_config(torch_model.config.to_dict())
     params = te.convert_torch_state_dict({k: v.numpy() for k, v in torch_model.state_dict().items()})

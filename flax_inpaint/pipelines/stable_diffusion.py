@@ -32,6 +32,7 @@ from flax_inpaint.loaders.single_file import FromSingleFileMixin
 from flax_inpaint.loaders.textual_inversion import TextualInversionLoaderMixin
 from flax_inpaint.io import CheckpointError, read_config, resolve_folder
 from flax_inpaint.pipelines import loading
+from flax_inpaint.pipelines.callbacks import INPAINT_TENSOR_INPUTS, TEXT_TENSOR_INPUTS, CallHooks
 from flax_inpaint.pipelines.sampling import (
     CALL_WIDE_FIELDS,
     Batch,
@@ -67,6 +68,7 @@ class FlaxDiffusionPipeline(FromSingleFileMixin, LoraLoaderMixin, TextualInversi
 
     config_name = "model_index.json"
     _pipeline_class = "StableDiffusionPipeline"
+    _callback_tensor_inputs = TEXT_TENSOR_INPUTS
 
     push_to_hub = not_provided(PUSH_TO_HUB)
     register_modules = not_provided(
@@ -276,8 +278,10 @@ class FlaxDiffusionPipeline(FromSingleFileMixin, LoraLoaderMixin, TextualInversi
         return tuple(lead)
 
     def _run(self, batch: Batch, opts: Options, params, prng_seed, jit: bool, mesh: Optional[Mesh],
-             lead: tuple, output_type: str, return_dict: bool):
+             lead: tuple, output_type: str, return_dict: bool, hooks: Optional[CallHooks] = None):
         comps = self._components()
+        hooks = hooks or CallHooks()
+        batch, opts = hooks.apply(self, batch, opts, params)
         needed = ["unet", "vae", "scheduler"] + ["text_encoder"] * (batch.prompt_ids is not None) \
             + ["safety_checker"] * (self.safety_checker is not None)
         missing = [name for name in needed if name not in params]
@@ -290,25 +294,27 @@ class FlaxDiffusionPipeline(FromSingleFileMixin, LoraLoaderMixin, TextualInversi
         if jit:
             n = lead[0]
             wide = {f: v for f in CALL_WIDE_FIELDS if (v := getattr(batch, f)) is not None}
-            batch = batch.replace(**{f: np.broadcast_to(v, (n,) + np.shape(v)) for f, v in wide.items()})
+            batch = batch.replace(**jax.tree_util.tree_map(lambda v: np.broadcast_to(v, (n,) + np.shape(v)), wide))
             keys = jnp.asarray(prng_seed)
             if keys.shape[:1] != (n,):
                 raise ValueError(f"prng_seed must hold one key per device ({n}); got shape {keys.shape}. "
                                  "Use jax.random.split(key, jax.local_device_count()).")
             _check_replicated(params, n)
-            images, nsfw = _generate_pmap(comps, opts, params, batch, keys)
-        else:
-            key_data = _per_prompt_keys(prng_seed, lead[0])
-            program = _generate_jit if key_data is None else _generate_per_example_jit
-            if mesh is not None:
-                params, (batch, key_data) = _on_mesh(mesh, params, (batch, key_data), lead[0])
-            # The mesh in context lets the TPU attention kernel run per device (runtime.attention).
-            with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
-                images, nsfw = program(comps, opts, params, batch, prng_seed if key_data is None else key_data)
-        if not images.is_fully_addressable:  # mesh over several processes: every process gets all images
-            images, nsfw = multihost_utils.process_allgather((images, nsfw), tiled=True)
-        images = np.asarray(images)
-        nsfw = None if nsfw is None else np.asarray(nsfw)
+        with hooks.session(batch, lead) as batch:  # host callbacks registered until the images are here
+            if jit:
+                images, nsfw = _generate_pmap(comps, opts, params, batch, keys)
+            else:
+                key_data = _per_prompt_keys(prng_seed, lead[0])
+                program = _generate_jit if key_data is None else _generate_per_example_jit
+                if mesh is not None:
+                    params, (batch, key_data) = _on_mesh(mesh, params, (batch, key_data), lead[0])
+                # The mesh in context lets the TPU attention kernel run per device (runtime.attention).
+                with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+                    images, nsfw = program(comps, opts, params, batch, prng_seed if key_data is None else key_data)
+            if not images.is_fully_addressable:  # mesh over several processes: every process gets all images
+                images, nsfw = multihost_utils.process_allgather((images, nsfw), tiled=True)
+            images = np.asarray(images)
+            nsfw = None if nsfw is None else np.asarray(nsfw)
         if output_type == "pil":
             images = VaeImageProcessor.numpy_to_pil(images.reshape(-1, *images.shape[-3:]))
         return FlaxStableDiffusionPipelineOutput(images, nsfw) if return_dict else (images, nsfw)
@@ -478,7 +484,11 @@ class FlaxStableDiffusionPipeline(FlaxDiffusionPipeline):
                  latents=None, neg_prompt_ids=None, return_dict: bool = True, jit: bool = False, *,
                  num_images_per_prompt: int = 1, prompt_embeds=None, negative_prompt_embeds=None,
                  clip_skip: Optional[int] = None, eta: float = 0.0, output_type: str = "np",
-                 mesh: Optional[Mesh] = None):
+                 mesh: Optional[Mesh] = None, **hooks):
+        """Text to image; `hooks`: the per-step keywords of `CallHooks` (callbacks, progress, early stop,
+        timesteps / sigmas, guidance_rescale, cross_attention_kwargs)."""
+        hooks = CallHooks(**hooks)
+        num_inference_steps = hooks.num_inference_steps(self.scheduler, num_inference_steps)
         default_h, default_w = self.default_size()
         height, width = height or default_h, width or default_w
         opts = self._options(num_inference_steps, height, width, guidance_scale, output_type, clip_skip,
@@ -488,7 +498,7 @@ class FlaxStableDiffusionPipeline(FlaxDiffusionPipeline):
                                          lead, opts.do_cfg, guidance_scale),
                       latents=self._check_latents("latents", latents, lead, opts), eta=np.float32(eta),
                       **self._strength_fields(num_inference_steps, 1.0))
-        return self._run(batch, opts, params, prng_seed, jit, mesh, lead, output_type, return_dict)
+        return self._run(batch, opts, params, prng_seed, jit, mesh, lead, output_type, return_dict, hooks)
 
 
 class FlaxStableDiffusionImg2ImgPipeline(FlaxDiffusionPipeline):
@@ -503,7 +513,10 @@ class FlaxStableDiffusionImg2ImgPipeline(FlaxDiffusionPipeline):
                  guidance_scale=7.5, noise=None, neg_prompt_ids=None, return_dict: bool = True,
                  jit: bool = False, *, num_images_per_prompt: int = 1, prompt_embeds=None,
                  negative_prompt_embeds=None, clip_skip: Optional[int] = None, eta: float = 0.0,
-                 output_type: str = "np", mesh: Optional[Mesh] = None):
+                 output_type: str = "np", mesh: Optional[Mesh] = None, **hooks):
+        """Image to image; `hooks`: the per-step keywords of `CallHooks`."""
+        hooks = CallHooks(**hooks)
+        num_inference_steps = hooks.num_inference_steps(self.scheduler, num_inference_steps)
         image, height, width = self._image_input(image, height, width)
         opts = self._options(num_inference_steps, height, width, guidance_scale, output_type, clip_skip,
                              num_images_per_prompt)
@@ -513,13 +526,14 @@ class FlaxStableDiffusionImg2ImgPipeline(FlaxDiffusionPipeline):
                                          lead, opts.do_cfg, guidance_scale),
                       image=image, latents=self._check_latents("noise", noise, lead, opts), eta=np.float32(eta),
                       **self._strength_fields(num_inference_steps, strength))
-        return self._run(batch, opts, params, prng_seed, jit, mesh, lead, output_type, return_dict)
+        return self._run(batch, opts, params, prng_seed, jit, mesh, lead, output_type, return_dict, hooks)
 
 
 class FlaxStableDiffusionInpaintPipeline(FlaxDiffusionPipeline):
     """Inpainting with 9-channel inpainting UNets or, by latent blending, plain 4-channel UNets."""
 
     _pipeline_class = "StableDiffusionInpaintPipeline"
+    _callback_tensor_inputs = INPAINT_TENSOR_INPUTS
 
     def prepare_inputs(self, prompt, image, mask, height: Optional[int] = None, width: Optional[int] = None,
                        return_image: bool = False, padding_mask_crop: Optional[int] = None):
@@ -583,8 +597,11 @@ class FlaxStableDiffusionInpaintPipeline(FlaxDiffusionPipeline):
                  latents=None, neg_prompt_ids=None, return_dict: bool = True, jit: bool = False, *,
                  image=None, strength: float = 1.0, eta: float = 0.0, num_images_per_prompt: int = 1,
                  prompt_embeds=None, negative_prompt_embeds=None, masked_image_latents=None,
-                 clip_skip: Optional[int] = None, output_type: str = "np", mesh: Optional[Mesh] = None):
-        """Inpaint; arguments as diffusers' Flax pipeline, plus PyTorch-pipeline features as keywords.
+                 clip_skip: Optional[int] = None, output_type: str = "np", mesh: Optional[Mesh] = None,
+                 **hooks):
+        """Inpaint; arguments as diffusers' Flax pipeline, plus PyTorch-pipeline features as keywords
+        (`hooks`: the per-step keywords of `CallHooks`: callbacks, progress, early stop, timesteps / sigmas,
+        guidance_rescale, cross_attention_kwargs).
 
         `image` (the unmasked, processed image from `prepare_inputs(..., return_image=True)`, or its
         scaled latents, e.g. another pipeline's output_type="latent") is needed for 4-channel UNets and
@@ -607,6 +624,8 @@ class FlaxStableDiffusionInpaintPipeline(FlaxDiffusionPipeline):
         `prng_seed` holds one key per device. With `mesh=`, the global batch must be divisible by the
         mesh's data axis instead.
         """
+        hooks = CallHooks(**hooks)
+        num_inference_steps = hooks.num_inference_steps(self.scheduler, num_inference_steps)
         batch, opts, lead = self._inpaint_inputs(
             prompt_ids, mask, masked_image, num_inference_steps, height, width, guidance_scale, latents,
             neg_prompt_ids, jit, image=image, strength=strength, eta=eta,
@@ -614,7 +633,7 @@ class FlaxStableDiffusionInpaintPipeline(FlaxDiffusionPipeline):
             negative_prompt_embeds=negative_prompt_embeds, masked_image_latents=masked_image_latents,
             clip_skip=clip_skip, output_type=output_type,
         )
-        return self._run(batch, opts, params, prng_seed, jit, mesh, lead, output_type, return_dict)
+        return self._run(batch, opts, params, prng_seed, jit, mesh, lead, output_type, return_dict, hooks)
 
     def _inpaint_inputs(self, prompt_ids, mask, masked_image, num_inference_steps, height, width, guidance_scale,
                         latents, neg_prompt_ids, jit, *, image, strength, eta, num_images_per_prompt, prompt_embeds,
