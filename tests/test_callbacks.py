@@ -272,7 +272,7 @@ def test_stop_from_another_thread(batch8):
     assert sorted(seen) == [0]
 
 
-@pytest.mark.parametrize("path", ["single", "mesh"])
+@pytest.mark.parametrize("path", ["single", "per-prompt", "mesh"])
 def test_vae_previews_every_k_steps(batch8, tmp_path, path):
     """Decoded host callbacks get the VAE's images of the whole batch on their steps only (PNDM's 3 steps:
     loop steps 0-3), the last being the call's images (the same decoder on the same latents: 1e-5, fp32

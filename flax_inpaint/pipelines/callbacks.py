@@ -149,12 +149,12 @@ def host_step(ids: Array, step: Array, t: Array, latents: Optional[Array]) -> Ar
 def decoded_step(ids: Array, step: Array, t: Array, latents: Array, decode: Callable[[Array], Array],
                  every: int) -> None:
     """Every `every` steps, send `decode(latents)` (NHWC images) to the host's decoded callbacks; a
-    `lax.cond` skips the decoder on the other steps."""
+    `lax.cond` skips the decoder on the other steps. A `jax.debug.callback`, not an `io_callback`: JAX
+    refuses IO effects in a cond under vmap (the per-prompt-key program)."""
     def send(x):
-        return io_callback(_arrive_decoded, jax.ShapeDtypeStruct((), jnp.int32), ids, step, t,
-                           decode(x).astype(jnp.float32), ordered=False)
+        jax.debug.callback(_arrive_decoded, ids, step, t, decode(x).astype(jnp.float32))
 
-    jax.lax.cond(step % every == 0, send, lambda x: jnp.zeros((), jnp.int32), latents)
+    jax.lax.cond(step % every == 0, send, lambda x: None, latents)
 
 
 def send_step(opts, ids: Array, step: Array, t: Array, latents: Array,
@@ -238,8 +238,8 @@ def _arrive(ids, step, t, latents=None, decoded=False) -> np.ndarray:
     return np.int32(0)
 
 
-def _arrive_decoded(ids, step, t, images) -> np.ndarray:
-    return _arrive(ids, step, t, images, decoded=True)
+def _arrive_decoded(ids, step, t, images) -> None:
+    _arrive(ids, step, t, images, decoded=True)
 
 
 def _stop_requested(ids, done) -> np.ndarray:
