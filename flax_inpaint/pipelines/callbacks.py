@@ -12,8 +12,8 @@ All are off unless asked for, and then the program is the one without them (test
   sends the step, its timestep and, if a callback wants them, the latents to the host. The pieces of one
   step (one per device under pmap, one per prompt with per-prompt keys) are gathered here and each
   callback runs once per step on the whole batch: `fn(step, timestep, latents NCHW numpy or None)`.
-  Callbacks that want VAE-decoded images get them from a second `io_callback` that runs, with the decoder,
-  only every k steps (`PreviewWriter(..., vae=True)`).
+  Callbacks that want VAE-decoded images get them from a second host callback that runs, with the
+  decoder, only every k steps (`PreviewWriter(..., vae=True)`).
 * Early stop: a `StopFlag` set from any thread (or a host callback) ends the loop between steps (the loop
   becomes a `lax.while_loop` only then); the call returns the current estimate of the clean latents
   decoded (the scheduler's x0 prediction where its step gives one, else the current latents).
@@ -159,8 +159,8 @@ def decoded_step(ids: Array, step: Array, t: Array, latents: Array, decode: Call
 
 def send_step(opts, ids: Array, step: Array, t: Array, latents: Array,
               decode: Callable[[Array], Array]) -> Optional[Array]:
-    """A loop step's io_callbacks as the static `opts` (`host_switches`' fields) ask; returns the per-step
-    token (None without one)."""
+    """A loop step's host callbacks as the static `opts` (`host_switches`' fields) ask; returns the
+    per-step token (None without one)."""
     done = None
     if opts.host_callback:
         done = host_step(ids, step, t, latents if opts.host_latents else None)
