@@ -438,12 +438,13 @@ def peak_tflops(args, device_kind: str) -> Optional[float]:
 
 def step_hooks(args) -> Dict[str, Any]:
     """The per-step keywords of --progress (a tqdm bar on stderr) and --preview K (latent-to-RGB PNGs every
-    K steps into a temporary folder: the latents go to the host at every step)."""
+    K steps into a temporary folder: the latents go to the host at every step; with --preview-vae the VAE's
+    decode, run in the program every K steps)."""
     from flax_inpaint.pipelines.callbacks import PreviewWriter
 
     hooks: Dict[str, Any] = {"progress": True} if args.progress else {}
     if args.preview:
-        writer = PreviewWriter(tempfile.mkdtemp(prefix="bench-preview-"), args.preview)
+        writer = PreviewWriter(tempfile.mkdtemp(prefix="bench-preview-"), args.preview, vae=args.preview_vae)
         hooks["host_callbacks"] = [writer.host_callback()]
     return hooks
 
@@ -805,6 +806,8 @@ def parse_args(argv=None, torch_side: bool = False) -> argparse.Namespace:
         p.add_argument("--progress", action="store_true", help="with a per-step progress bar (a host callback)")
         p.add_argument("--preview", type=int, default=0, metavar="K",
                        help="with latent-to-RGB preview PNGs every K steps (the latents go to the host every step)")
+        p.add_argument("--preview-vae", action="store_true",
+                       help="--preview K decodes with the VAE in the program every K steps (full-size PNGs)")
         p.add_argument("--flash-min-length", type=int, default=Runtime.flash_min_length,
                        help="shortest sequence the Pallas TPU kernel takes (Runtime.flash_min_length)")
         p.add_argument("--compile-only", action="store_true",
@@ -841,6 +844,8 @@ def parse_args(argv=None, torch_side: bool = False) -> argparse.Namespace:
             p.error(f"--platform {args.platform} only lowers: combine it with --flops-only or --compile-only.")
         if args.pallas_interpret and not args.compile_only:
             p.error("--pallas-interpret only applies to --compile-only (interpreted kernels are for analysis).")
+        if args.preview_vae and not args.preview:
+            p.error("--preview-vae decodes the previews of --preview K; pass --preview K too.")
         if args.psnr and args.dtype == "float32":
             p.error("--psnr compares --dtype against float32; pass --dtype bfloat16 or float16.")
     return args
@@ -850,6 +855,7 @@ def common_fields(args) -> Dict[str, Any]:
     return {"preset": args.preset, "height": args.size, "width": args.size, "steps": args.steps,
             "scheduler": args.scheduler, "guidance_scale": args.guidance, "dtype": args.dtype,
             "progress": getattr(args, "progress", False), "preview_every": getattr(args, "preview", 0),
+            "preview_vae": getattr(args, "preview_vae", False),
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
 
 

@@ -179,13 +179,14 @@ def _inpaint(pipe, params, image, mask, prompts: Sequence[str], negative: Option
              guidance: float, strength: float, seeds: Sequence[int], size: Optional[int], overlay: bool,
              batch: Optional[int] = None, progress: Optional[bool] = False,
              save: Optional[Callable[[int, list], None]] = None, preview: Optional[Path] = None,
-             preview_every: int = 1):
+             preview_every: int = 1, preview_vae: bool = False):
     """One image per (prompt, seed) pair, each sampled with its own key; returns (PIL images, nsfw, seconds).
 
     Calls of `batch` pairs each (default: all at once) advance a progress bar (`progress`: True,
     False, or None for only on a terminal); a pair's image does not depend on its batch companions.
     `save(first_index, images)` receives each call's images as soon as they exist. A second bar moves per
-    denoising step of each call; `preview` gets a latent-to-RGB PNG per image every `preview_every` steps.
+    denoising step of each call; `preview` gets a latent-to-RGB PNG per image every `preview_every` steps
+    (`preview_vae`: the VAE's decode, at full size).
     """
     from tqdm import tqdm
 
@@ -212,7 +213,8 @@ def _inpaint(pipe, params, image, mask, prompts: Sequence[str], negative: Option
         for lo in range(0, len(prompts), batch):
             chunk = list(prompts[lo:lo + batch])
             pipe.set_progress_bar_config(desc=f"batch {lo // batch + 1}", unit="step", leave=False)
-            writer = PreviewWriter(preview, preview_every, f"batch{lo // batch + 1}_") if preview else None
+            writer = PreviewWriter(preview, preview_every, f"batch{lo // batch + 1}_", vae=preview_vae) \
+                if preview else None
             hooks = [writer.host_callback()] if writer else []
             out = pipe.inpaint(chunk, image, mask, params, seed_keys(seeds[lo:lo + batch]),
                                negative_prompt=None if negative is None else [negative] * len(chunk),
@@ -251,6 +253,8 @@ def cmd_demo(args) -> None:
 
 
 def cmd_inpaint(args) -> None:
+    if args.preview_vae and not args.preview:
+        _fail("--preview-vae decodes the previews of --preview DIR; pass --preview DIR too.")
     image, mask = _load_image(args.image, "--image"), _load_image(args.mask, "--mask")
     if image.size != mask.size:
         _fail(f"--image is {image.size[0]}x{image.size[1]} but --mask is {mask.size[0]}x{mask.size[1]}; "
@@ -280,7 +284,8 @@ def cmd_inpaint(args) -> None:
     images, nsfw, seconds = _inpaint(pipe, params, image, mask, prompts, args.negative_prompt, args.steps,
                                      args.guidance, args.strength, seeds, args.size, args.overlay, args.batch,
                                      progress=False if args.no_progress else None, save=save,
-                                     preview=args.preview and Path(args.preview), preview_every=args.preview_every)
+                                     preview=args.preview and Path(args.preview), preview_every=args.preview_every,
+                                     preview_vae=args.preview_vae)
     flagged = 0 if nsfw is None else int(sum(bool(x) for x in nsfw))
     print(f"wrote {len(images)} image(s) to {out_dir} in {seconds:.1f} s"
           + (f", replacing {replaced} of the same name" if replaced else "")
@@ -486,6 +491,8 @@ def build_parser() -> argparse.ArgumentParser:
     inp.add_argument("--preview", default=None, metavar="DIR",
                      help="write latent-to-RGB previews (batch<b>_<image>-step<s>.png) while sampling")
     inp.add_argument("--preview-every", type=_positive(int), default=5, help="steps between previews")
+    inp.add_argument("--preview-vae", action="store_true",
+                     help="decode the previews with the VAE (full size; the decoder runs every --preview-every steps)")
     inp.set_defaults(func=cmd_inpaint)
 
     sw = sub.add_parser(

@@ -272,12 +272,54 @@ def test_stop_from_another_thread(batch8):
     assert sorted(seen) == [0]
 
 
+@pytest.mark.parametrize("path", ["single", "per-prompt", "mesh"])
+def test_vae_previews_every_k_steps(batch8, tmp_path, path):
+    """Decoded host callbacks get the VAE's images of the whole batch on their steps only (PNDM's 3 steps:
+    loop steps 0-3), the last being the call's images (the same decoder on the same latents: 1e-5, fp32
+    kernels fused otherwise); PreviewWriter(vae=True) writes them at full size every 2 steps."""
+    got = []
+    decoded = callbacks.HostCallback(lambda s, t, x: got.append((s, x.copy())), every=3, decoded=True)
+    writer = callbacks.PreviewWriter(tmp_path, every=2, vae=True)
+    images = np.asarray(run_path(batch8, path, host_callbacks=[decoded, writer.host_callback()]))
+    assert [s for s, _ in sorted(got, key=lambda g: g[0])] == [0, 3]
+    np.testing.assert_allclose(max(got, key=lambda g: g[0])[1], images.reshape(8, 32, 32, 3), atol=1e-5, rtol=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{k:03d}-step{s:03d}.png" for k in range(8) for s in (0, 2)]
+    from PIL import Image
+
+    assert Image.open(writer.written[0]).size == (32, 32)
+
+
+def test_vae_decodes_only_on_its_steps(batch8, monkeypatch):
+    """The program runs the decoder only on the steps a decoded callback wants (a lax.cond), not on every
+    step: with k = 2 over PNDM's loop steps 0-3 it decodes at steps 0 and 2, plus the final decode."""
+    pipe, params, ids, masked, masks = batch8
+    runs, seen = [], []
+    real = sampling.decode_latents
+
+    def counted(vae, p, x):
+        jax.debug.callback(lambda: runs.append(1))
+        return real(vae, p, x)
+
+    monkeypatch.setattr(sampling, "decode_latents", counted)
+    opts = dataclasses.replace(pipe._options(3, 32, 32, 7.5, "np", None, 1), decode_every=2)
+    host = [callbacks.HostCallback(lambda s, t, x: seen.append(s), every=2, decoded=True)]
+    with callbacks.host_session((8,), host) as ids_:
+        batch = sampling.Batch(prompt_ids=ids, neg_prompt_ids=ids, mask=masks, masked_image=masked,
+                               guidance_scale=np.full(8, 7.5, np.float32), callback_ids=ids_)
+        program = jax.jit(lambda *a: sampling.generate(*a), static_argnums=(0, 1))  # traced anew
+        jax.block_until_ready(program(pipe._components(), opts, params, batch, jax.random.key(0)))
+        jax.effects_barrier()
+    assert sorted(seen) == [0, 2] and len(runs) == 3
+
+
 # ----------------------------------------------------------------------------- no cost when unused
 
 def lowered_text(pipe, params, opts, batch):
+    """A fresh function each time: jit's trace cache is keyed by the function, so lowering `generate` itself
+    twice would not trace it again (and a patched hook would go unseen)."""
     comps = pipe._components()
-    return jax.jit(sampling.generate, static_argnums=(0, 1)).lower(comps, opts, params, batch,
-                                                                   jax.random.key(0)).as_text()
+    program = jax.jit(lambda *a: sampling.generate(*a), static_argnums=(0, 1))
+    return program.lower(comps, opts, params, batch, jax.random.key(0)).as_text()
 
 
 def test_program_unchanged_without_hooks(batch8, monkeypatch):
@@ -293,7 +335,7 @@ def test_program_unchanged_without_hooks(batch8, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("a hook was traced")
 
-    for name in ("step_end", "host_step", "loop_until_stopped"):
+    for name in ("step_end", "host_step", "loop_until_stopped", "send_step", "decoded_step"):
         monkeypatch.setattr(callbacks, name, boom)
     monkeypatch.setattr(sampling, "rescale_noise_cfg", boom)
     assert lowered_text(pipe, params, opts, batch) == text

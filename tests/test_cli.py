@@ -113,6 +113,20 @@ def test_inpaint_step_bar_and_previews(sd, tmp_path, capsys, monkeypatch):
         f"batch{b}_000-step{s:03d}.png" for b in (1, 2) for s in range(3)]
 
 
+def test_inpaint_vae_previews(sd, tmp_path, capsys):
+    """--preview-vae writes the VAE's decode at the output size every --preview-every steps (PNDM: 2 steps
+    are loop steps 0-2); without --preview it is one clear error before any model loads."""
+    root, folder = sd
+    common = ["inpaint", "--model", folder, "--image", root / "image.png", "--mask", root / "mask.png",
+              "--prompt", "a red cat", "--steps", STEPS, "--out", tmp_path / "out", "--no-progress"]
+    run(capsys, *common, "--preview", tmp_path / "previews", "--preview-every", "2", "--preview-vae")
+    previews = sorted((tmp_path / "previews").iterdir())
+    assert [p.name for p in previews] == ["batch1_000-step000.png", "batch1_000-step002.png"]
+    assert Image.open(previews[0]).size == Image.open(tmp_path / "out" / "prompt0_seed0.png").size
+    err = fails(capsys, *common, "--preview-vae")
+    assert "--preview-vae decodes the previews of --preview DIR" in err
+
+
 def test_inpaint_scheduler_and_overlay_errors(sd, tmp_path, capsys):
     root, folder = sd
     common = ["inpaint", "--model", folder, "--image", root / "image.png", "--mask", root / "mask.png",

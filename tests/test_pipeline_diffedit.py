@@ -246,3 +246,83 @@ def test_saved_folder_loads_in_diffusers(pipes, tmp_path):
     assert type(again.inverse_scheduler).__name__ == "DDIMInverseScheduler"
     ours, _ = FlaxStableDiffusionDiffEditPipeline.from_pretrained(tmp_path / "out")
     assert ours.inverse_scheduler == pipe.inverse_scheduler
+
+
+def recorder(log: list):
+    """diffusers' `callback(step, timestep, latents)` that keeps what it gets (torch or numpy)."""
+    return lambda i, t, x: log.append((int(i), float(t), np.array(x, np.float32)))
+
+
+def test_host_callbacks_match_diffusers(pipes, capsys):
+    """`callback` / `callback_steps` in `invert` and `__call__` see diffusers' steps and timesteps once
+    each, with its latents (<= 1e-4 relative, as the inverted latents above); `progress` moves per step."""
+    pipe, params, ref = pipes
+    inv_kw = dict(prompt="a cat", num_inference_steps=STEPS, inpaint_strength=0.7, guidance_scale=3.0)
+    want, got = [], []
+    inv = ref.invert(image=image(), generator=generator(), callback=recorder(want), callback_steps=3,
+                     **inv_kw).latents
+    pipe.set_progress_bar_config(desc="invert", ncols=60)
+    try:
+        pipe.invert(image(), params, KEY, callback=recorder(got), callback_steps=3, progress=True, **inv_kw)
+    finally:
+        pipe.set_progress_bar_config()
+    err = capsys.readouterr().err
+    assert "invert: 100%" in err and "7/7" in err  # int(10 * 0.7) inverse steps
+    mask = np.zeros((1, SIZE // 4, SIZE // 4), np.float32)
+    mask[:, 4:12, 2:9] = 1
+    edit_kw = dict(inpaint_strength=0.7, num_inference_steps=STEPS, guidance_scale=4.0)
+    ref(prompt="a red", mask_image=mask, image_latents=inv, generator=generator(), callback=recorder(want),
+        callback_steps=3, **edit_kw)
+    pipe("a red", mask, inv.numpy(), params, KEY, callback=recorder(got), callback_steps=3, **edit_kw)
+    assert [(i, t) for i, t, _ in got] == [(i, t) for i, t, _ in want]
+    assert [i for i, _, _ in got] == [0, 3, 6] * 2
+    for (_, _, ours), (_, _, theirs) in zip(got, want):
+        assert ours.shape == theirs.shape == (1, 4, SIZE // 4, SIZE // 4)
+        assert np.abs(ours - theirs).max() <= 1e-4 * np.abs(theirs).max()
+
+
+class _Lowered(Exception):
+    pass
+
+
+def lowered_programs(pipe, params, monkeypatch, **hooks):
+    """The HLO text of the programs `invert` and `__call__` would run (lowered, not run), each traced anew
+    (jit's trace cache is keyed by the function: a patched hook would go unseen in a cached trace)."""
+    from flax_inpaint.pipelines import diffedit
+
+    texts = []
+    calls = {"_invert_jit": lambda: pipe.invert(image(), params, KEY, prompt="a cat", num_inference_steps=4,
+                                                inpaint_strength=0.5, **hooks),
+             "_edit_jit": lambda: pipe("a red", np.ones((16, 16)), np.zeros((1, 2, 4, 16, 16)), params, KEY,
+                                       num_inference_steps=4, inpaint_strength=0.5, **hooks)}
+    programs = {"_invert_jit": diffedit.invert_program, "_edit_jit": diffedit.edit_program}
+    for name, call in calls.items():
+        def lower(*args, program=programs[name]):
+            fresh = jax.jit(lambda *a: program(*a), static_argnums=(0, 1))
+            texts.append(fresh.lower(*args).as_text())
+            raise _Lowered
+
+        with monkeypatch.context() as mp:
+            mp.setattr(diffedit, name, lower)
+            with pytest.raises(_Lowered):
+                call()
+    return texts
+
+
+def test_programs_unchanged_without_hooks(pipes, monkeypatch):
+    """Without host callbacks the invert and edit programs trace no hook code: the same HLO when the hook
+    functions are replaced by failing ones, with no host callback in it; with a callback they differ."""
+    from flax_inpaint.pipelines import callbacks
+
+    pipe, params, _ = pipes
+    plain = lowered_programs(pipe, params, monkeypatch)
+    assert len(plain) == 2 and not any("callback" in t for t in plain)
+
+    def boom(*a, **k):
+        raise AssertionError("a hook was traced")
+
+    with monkeypatch.context() as mp:
+        for name in ("send_step", "host_step", "decoded_step"):
+            mp.setattr(callbacks, name, boom)
+        assert lowered_programs(pipe, params, monkeypatch) == plain
+    assert all("callback" in t for t in lowered_programs(pipe, params, monkeypatch, callback=print))

@@ -12,6 +12,8 @@ All are off unless asked for, and then the program is the one without them (test
   sends the step, its timestep and, if a callback wants them, the latents to the host. The pieces of one
   step (one per device under pmap, one per prompt with per-prompt keys) are gathered here and each
   callback runs once per step on the whole batch: `fn(step, timestep, latents NCHW numpy or None)`.
+  Callbacks that want VAE-decoded images get them from a second host callback that runs, with the
+  decoder, only every k steps (`PreviewWriter(..., vae=True)`).
 * Early stop: a `StopFlag` set from any thread (or a host callback) ends the loop between steps (the loop
   becomes a `lax.while_loop` only then); the call returns the current estimate of the clean latents
   decoded (the scheduler's x0 prediction where its step gives one, else the current latents).
@@ -21,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
+import math
 import os
 import threading
 from pathlib import Path
@@ -53,11 +56,16 @@ class StepEnd:
 @dataclasses.dataclass(frozen=True)
 class HostCallback:
     """A host function `fn(step, timestep, latents)` called every `every` steps; `latents` (NCHW numpy,
-    the whole batch) only when `latents=True` (sending them costs a device-to-host copy per step)."""
+    the whole batch) only when `latents=True` (sending them costs a device-to-host copy per step).
+
+    With `decoded=True` it gets the VAE's images instead (NHWC float32 in [0, 1]): the program decodes the
+    latents only on the steps such a callback wants (under a `lax.cond`), so the decoder's cost is paid
+    every `every` steps, not every step."""
 
     fn: Callable[[int, float, Optional[np.ndarray]], None]
     every: int = 1
     latents: bool = True
+    decoded: bool = False
 
 
 class StopFlag:
@@ -138,6 +146,38 @@ def host_step(ids: Array, step: Array, t: Array, latents: Optional[Array]) -> Ar
     return io_callback(_arrive, jax.ShapeDtypeStruct((), jnp.int32), *args, ordered=False)
 
 
+def decoded_step(ids: Array, step: Array, t: Array, latents: Array, decode: Callable[[Array], Array],
+                 every: int) -> None:
+    """Every `every` steps, send `decode(latents)` (NHWC images) to the host's decoded callbacks; a
+    `lax.cond` skips the decoder on the other steps. A `jax.debug.callback`, not an `io_callback`: JAX
+    refuses IO effects in a cond under vmap (the per-prompt-key program)."""
+    def send(x):
+        jax.debug.callback(_arrive_decoded, ids, step, t, decode(x).astype(jnp.float32))
+
+    jax.lax.cond(step % every == 0, send, lambda x: None, latents)
+
+
+def send_step(opts, ids: Array, step: Array, t: Array, latents: Array,
+              decode: Callable[[Array], Array]) -> Optional[Array]:
+    """A loop step's host callbacks as the static `opts` (`host_switches`' fields) ask; returns the
+    per-step token (None without one)."""
+    done = None
+    if opts.host_callback:
+        done = host_step(ids, step, t, latents if opts.host_latents else None)
+    if opts.decode_every:
+        decoded_step(ids, step, t, latents, decode, opts.decode_every)
+    return done
+
+
+def host_switches(host: Sequence[HostCallback]) -> Dict[str, Any]:
+    """The static program options the host callbacks need: host_callback (a per-step io_callback),
+    host_latents (sending the latents) and decode_every (steps between VAE decodes, their `every`s' gcd;
+    0: none)."""
+    per_step, decoded = [h for h in host if not h.decoded], [h.every for h in host if h.decoded]
+    return {"host_callback": bool(per_step), "host_latents": any(h.latents for h in per_step),
+            "decode_every": math.gcd(*decoded) if decoded else 0}
+
+
 def loop_until_stopped(body, begin: Array, end: Array, carry, ids: Array) -> Array:
     """`fori_loop(begin, end, body, carry)` as a while_loop that also ends once the call's StopFlag is set
     (read on the host after every step, after that step's host callbacks: the carry's "done" token).
@@ -164,33 +204,42 @@ class _Call:
     rows: int  # prompts in the call: a step is complete when all have arrived
     callbacks: Tuple[HostCallback, ...]
     stop: Optional[StopFlag]
-    pending: Dict[int, Dict[int, Any]] = dataclasses.field(default_factory=dict)  # step -> row -> latents
+    # (decoded, step) -> row -> latents (or images)
+    pending: Dict[Tuple[bool, int], Dict[int, Any]] = dataclasses.field(default_factory=dict)
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
 
-    def arrive(self, rows: np.ndarray, step: int, t: float, latents: Optional[np.ndarray]) -> None:
+    def arrive(self, rows: np.ndarray, step: int, t: float, latents: Optional[np.ndarray],
+               decoded: bool = False) -> None:
         parts = [None] * len(rows) if latents is None else np.split(latents, len(rows))
         with self.lock:
-            got = self.pending.setdefault(step, {})
+            got = self.pending.setdefault((decoded, step), {})
             got.update(zip(rows.tolist(), parts))
             if len(got) < self.rows:
                 return
-            del self.pending[step]
-        full = None if latents is None else np.transpose(np.concatenate([got[r] for r in sorted(got)]), (0, 3, 1, 2))
+            del self.pending[decoded, step]
+        full = None if latents is None else np.concatenate([got[r] for r in sorted(got)])
+        if full is not None and not decoded:
+            full = np.transpose(full, (0, 3, 1, 2))
         for cb in self.callbacks:
-            if step % cb.every == 0:
-                cb.fn(step, t, full if cb.latents else None)
+            if cb.decoded == decoded and step % cb.every == 0:
+                cb.fn(step, t, full if cb.latents or decoded else None)
 
 
 _CALLS: Dict[int, _Call] = {}
 _IDS = itertools.count(1)
 
 
-def _arrive(ids, step, t, latents=None) -> np.ndarray:
+def _arrive(ids, step, t, latents=None, decoded=False) -> np.ndarray:
     ids = np.asarray(ids)
     call = _CALLS.get(int(ids[0, 0]))
     if call is not None:
-        call.arrive(ids[:, 1], int(step), float(t), None if latents is None else np.asarray(latents, np.float32))
+        call.arrive(ids[:, 1], int(step), float(t), None if latents is None else np.asarray(latents, np.float32),
+                    decoded)
     return np.int32(0)
+
+
+def _arrive_decoded(ids, step, t, images) -> None:
+    _arrive(ids, step, t, images, decoded=True)
 
 
 def _stop_requested(ids, done) -> np.ndarray:
@@ -199,20 +248,45 @@ def _stop_requested(ids, done) -> np.ndarray:
 
 
 @contextlib.contextmanager
-def host_session(rows: int, callbacks: Sequence[HostCallback], stop: Optional[StopFlag]) -> Iterator[int]:
-    """Register a call's host callbacks and stop flag for as long as it runs; yields its call id."""
+def host_session(lead: tuple, callbacks: Sequence[HostCallback],
+                 stop: Optional[StopFlag] = None) -> Iterator[Optional[np.ndarray]]:
+    """Register a call's host callbacks and stop flag for as long as it runs (its programs must have
+    finished inside); yields the call's `callback_ids` [*lead, 2], or None when it has neither (its program
+    then has no hook). Closes the progress bars at the end."""
+    if not callbacks and stop is None:
+        yield None
+        return
     call_id = next(_IDS) % (2**31 - 1)
-    _CALLS[call_id] = _Call(rows, tuple(callbacks), stop)
+    _CALLS[call_id] = _Call(int(np.prod(lead)), tuple(callbacks), stop)
     try:
-        yield call_id
+        yield call_ids(call_id, lead)
     finally:
         del _CALLS[call_id]
+        for h in callbacks:
+            if isinstance(h.fn, StepProgress):
+                h.fn.close()
 
 
 def call_ids(call_id: int, lead: tuple) -> np.ndarray:
     """The Batch's `callback_ids` [*lead, 2]: (call id, global prompt row) per prompt."""
     rows = np.arange(int(np.prod(lead)), dtype=np.int32).reshape(lead)
     return np.stack([np.full(lead, call_id, np.int32), rows], axis=-1)
+
+
+def make_host_callbacks(callback: Optional[Callable[[int, float, np.ndarray], None]], callback_steps: int,
+                        progress_total: Optional[int], bar_config: Dict[str, Any],
+                        more: Sequence[HostCallback] = ()) -> List[HostCallback]:
+    """A call's host callbacks: `more`, diffusers' `callback` every `callback_steps` steps (checked as
+    diffusers checks it) and, when `progress_total` is given, a per-step bar of that many steps."""
+    if not isinstance(callback_steps, int) or isinstance(callback_steps, bool) or callback_steps <= 0:
+        raise ValueError(f"`callback_steps` has to be a positive integer but is {callback_steps} of type "
+                         f"{type(callback_steps)}.")
+    host = list(more)
+    if callback is not None:
+        host.append(HostCallback(callback, callback_steps, latents=True))
+    if progress_total is not None:
+        host.append(HostCallback(StepProgress(progress_total, **bar_config), 1, latents=False))
+    return host
 
 
 # ----------------------------------------------------------------------------- progress and previews
@@ -262,17 +336,24 @@ def latents_to_rgb(latents: np.ndarray, factors: np.ndarray = LATENT_RGB) -> np.
 
 class PreviewWriter:
     """Writes a preview PNG per image every `every` steps into `directory` ({prefix}{image}-step{step}.png),
-    each written to a temporary name first and renamed, so no half-written file is left."""
+    each written to a temporary name first and renamed, so no half-written file is left. The preview is
+    the latent-to-RGB map (latent resolution), or with `vae=True` the VAE's decode (full resolution, the
+    decoder run in the program every `every` steps)."""
 
-    def __init__(self, directory: os.PathLike, every: int = 1, prefix: str = "", factors: np.ndarray = LATENT_RGB):
+    def __init__(self, directory: os.PathLike, every: int = 1, prefix: str = "", factors: np.ndarray = LATENT_RGB,
+                 vae: bool = False):
         self.directory, self.every, self.prefix, self.factors = Path(directory), every, prefix, factors
+        self.vae = vae
         self.directory.mkdir(parents=True, exist_ok=True)
         self.written: List[Path] = []
 
     def __call__(self, step: int, t: float, latents: np.ndarray) -> None:
+        """`latents`: NCHW latents, or with `vae=True` the decoded NHWC images in [0, 1]."""
         import PIL.Image
 
-        for k, rgb in enumerate(latents_to_rgb(latents, self.factors)):
+        rgbs = (np.clip(np.rint(latents * 255), 0, 255).astype(np.uint8) if self.vae
+                else latents_to_rgb(latents, self.factors))
+        for k, rgb in enumerate(rgbs):
             path = self.directory / f"{self.prefix}{k:03d}-step{step:03d}.png"
             tmp = path.with_name(path.name + ".partial")
             PIL.Image.fromarray(rgb).save(tmp, format="PNG")
@@ -280,7 +361,7 @@ class PreviewWriter:
             self.written.append(path)
 
     def host_callback(self) -> HostCallback:
-        return HostCallback(self, self.every, latents=True)
+        return HostCallback(self, self.every, latents=True, decoded=self.vae)
 
 
 # ----------------------------------------------------------------------------- the pipelines' keywords
@@ -322,10 +403,6 @@ class CallHooks:
         """(batch, options) with the traced values and static switches these keywords ask for."""
         from flax_inpaint.schedulers.custom import custom_schedule
 
-        steps = self.callback_steps
-        if not isinstance(steps, int) or isinstance(steps, bool) or steps <= 0:
-            raise ValueError(f"`callback_steps` has to be a positive integer but is {self.callback_steps} of type "
-                             f"{type(self.callback_steps)}.")
         kwargs = dict(self.cross_attention_kwargs or {})
         if set(kwargs) - {"scale"}:
             raise ValueError(f"cross_attention_kwargs={kwargs}: only 'scale' (the LoRA scale) is supported here.")
@@ -340,30 +417,21 @@ class CallHooks:
         if self.callback_on_step_end is not None:
             names = check_tensor_inputs(self.callback_on_step_end_tensor_inputs, pipeline._callback_tensor_inputs)
             step_end = StepEnd(self.callback_on_step_end, pipeline, names)
-        self._host = list(self.host_callbacks)
-        if self.callback is not None:
-            self._host.append(HostCallback(self.callback, self.callback_steps, latents=True))
+        total = None
         if self.progress:
             sched, f = pipeline.scheduler, pipeline.vae_scale_factor
             shape = (1, opts.height // f, opts.width // f, pipeline.vae.latent_channels)
             loop = np.shape(sched.set_timesteps(params["scheduler"], opts.num_inference_steps, shape).timesteps)[-1]
             total = loop - int(np.max(batch.begin_index))
-            self._host.append(HostCallback(StepProgress(total, **pipeline._progress_bar_config), 1, latents=False))
-        opts = dataclasses.replace(opts, step_end=step_end, host_callback=bool(self._host),
-                                   host_latents=any(h.latents for h in self._host), early_stop=self.stop is not None)
+        self._host = make_host_callbacks(self.callback, self.callback_steps, total, pipeline._progress_bar_config,
+                                         self.host_callbacks)
+        opts = dataclasses.replace(opts, step_end=step_end, early_stop=self.stop is not None,
+                                   **host_switches(self._host))
         return batch.replace(**fields), opts
 
     @contextlib.contextmanager
     def session(self, batch, lead: tuple):
         """The batch with its `callback_ids` while the call's host callbacks are registered (the batch as is
         when there are none)."""
-        if not self._host and self.stop is None:
-            yield batch
-            return
-        try:
-            with host_session(int(np.prod(lead)), self._host, self.stop) as call_id:
-                yield batch.replace(callback_ids=call_ids(call_id, lead))
-        finally:
-            for h in self._host:
-                if isinstance(h.fn, StepProgress):
-                    h.fn.close()
+        with host_session(lead, self._host, self.stop) as ids:
+            yield batch if ids is None else batch.replace(callback_ids=ids)

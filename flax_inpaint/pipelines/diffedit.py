@@ -32,7 +32,7 @@ import numpy as np
 
 from flax_inpaint.diffusers_compat import BaseOutput, FrozenConfig
 from flax_inpaint.io import read_config, resolve_folder, write_bytes_atomic
-from flax_inpaint.pipelines import loading
+from flax_inpaint.pipelines import callbacks, loading
 from flax_inpaint.pipelines.sampling import decode_latents, encode_image, encode_text, nchw_to_nhwc, nhwc_to_nchw
 from flax_inpaint.pipelines.stable_diffusion import FlaxDiffusionPipeline, FlaxStableDiffusionPipelineOutput
 from flax_inpaint.schedulers import FlaxDDIMInverseScheduler
@@ -165,13 +165,14 @@ def regularise(reg: Regulariser, pred: Array, sample: Array, alpha_cumprod: Arra
 
 
 def invert_latents(unet_fn: Callable[[Array, Array], Array], sched, state, latents: Array, num_iterations: int,
-                   guidance_scale, do_cfg: bool, reg: Regulariser, lambdas: Array, rolls: Optional[Array]) -> Array:
+                   guidance_scale, do_cfg: bool, reg: Regulariser, lambdas: Array, rolls: Optional[Array],
+                   on_step: Optional[Callable[[Array, Array, Array], Any]] = None) -> Array:
     """DDIM inversion of NHWC `latents` over the first `num_iterations` inverse timesteps of `state`.
 
     unet_fn(x, t) -> model output for x (doubled for CFG by the caller's context). Returns the latents
     after every inverse step, [num_iterations, B, h, w, C] in step order (least noised first).
     rolls: [num_iterations, num_reg_steps, num_auto_corr_rolls, B, C, levels], or None without
-    regularisation.
+    regularisation. on_step(i, t, latents): the host callbacks after step i (`_on_step`), or None.
     """
     def body(carry, i):
         x, st = carry
@@ -180,6 +181,8 @@ def invert_latents(unet_fn: Callable[[Array, Array], Array], sched, state, laten
         if reg.num_reg_steps:
             pred = regularise(reg, pred, x, st.alphas_cumprod[t], lambdas, None if rolls is None else rolls[i])
         out = sched.step(st, pred, t, x)
+        if on_step is not None:
+            on_step(i, t, out.prev_sample)
         return (out.prev_sample, out.state), out.prev_sample
 
     _, path = jax.lax.scan(body, (latents, state), jnp.arange(num_iterations))
@@ -212,6 +215,10 @@ class DiffEditOptions:
     regulariser: Regulariser = Regulariser()  # invert
     decode: bool = False  # invert: decode every inverted latent; edit: decode the result
     scheduler_takes_eta: bool = False  # edit
+    # invert / edit: host callbacks (callbacks.host_switches); without them the loops have no hook
+    host_callback: bool = False
+    host_latents: bool = False
+    decode_every: int = 0
 
 
 @flax.struct.dataclass
@@ -242,6 +249,14 @@ def _unet_fn(m: DiffEditModels, params, context: Array):
         return out.astype(jnp.float32)
 
     return fn
+
+
+def _on_step(m: DiffEditModels, opts: DiffEditOptions, params, callback_ids: Optional[Array]):
+    """The loops' per-step host callbacks `(i, t, latents) -> None`, or None when the call has none."""
+    if not (opts.host_callback or opts.decode_every):
+        return None
+    decode = lambda x: decode_latents(m.vae, params["vae"], x)  # noqa: E731
+    return lambda i, t, x: callbacks.send_step(opts, callback_ids, i, t, x, decode)
 
 
 def _image_latents(m: DiffEditModels, params, image: Array, key: Array) -> Array:
@@ -277,12 +292,12 @@ def mask_program(m: DiffEditModels, opts: DiffEditOptions, params, image: Array,
 
 
 def invert_program(m: DiffEditModels, opts: DiffEditOptions, params, image: Array, prompt: Prompt, guidance_scale,
-                   lambdas: Array, rolls: Optional[Array], key: Array):
+                   lambdas: Array, rolls: Optional[Array], key: Array, callback_ids: Optional[Array] = None):
     """diffusers' `invert`: returns (latents [B, n, 4, h, w] NCHW, most noised first, and with
     `opts.decode` their images [B * n, H, W, 3] in [0, 1], else None).
 
     rolls: the auto-correlation rolls [n, num_reg_steps, num_auto_corr_rolls, B, C, levels] or None to
-    draw them from `key` (see `auto_corr_loss`).
+    draw them from `key` (see `auto_corr_loss`); callback_ids: [B, 2] with host callbacks, else None.
     """
     key_image, key_rolls = jax.random.split(key)
     latents = _image_latents(m, params, image, key_image)
@@ -296,7 +311,7 @@ def invert_program(m: DiffEditModels, opts: DiffEditOptions, params, image: Arra
         rolls = jax.random.randint(key_rolls, shape, 0, bounds)
     context = prompt_context(m, params, prompt, opts.do_cfg)
     path = invert_latents(_unet_fn(m, params, context), inv, state, latents, opts.num_iterations, guidance_scale,
-                          opts.do_cfg, reg, lambdas, rolls)
+                          opts.do_cfg, reg, lambdas, rolls, _on_step(m, opts, params, callback_ids))
     path = path[::-1]  # [n, B, h, w, C], most noised first
     images = None
     if opts.decode:
@@ -306,17 +321,19 @@ def invert_program(m: DiffEditModels, opts: DiffEditOptions, params, image: Arra
 
 
 def edit_program(m: DiffEditModels, opts: DiffEditOptions, params, prompt: Prompt, mask: Array, image_latents: Array,
-                 guidance_scale, begin_index, eta, key: Array):
+                 guidance_scale, begin_index, eta, key: Array, callback_ids: Optional[Array] = None):
     """diffusers' `__call__`: returns (images [B, H, W, 3] in [0, 1] or latents NCHW, nsfw flags or None).
 
     mask: [B, h, w] {0, 1}; image_latents: [B, n, 4, h, w] from `invert_program` with n the iterations
-    the forward scheduler runs from `begin_index` (inpaint_strength).
+    the forward scheduler runs from `begin_index` (inpaint_strength); callback_ids: [B, 2] with host
+    callbacks, else None.
     """
     sched = m.scheduler
     inverted = jnp.transpose(image_latents.astype(jnp.float32), (1, 0, 3, 4, 2))  # [n, B, h, w, C]
     state = sched.set_begin_index(
         sched.set_timesteps(params["scheduler"], opts.num_inference_steps, inverted.shape[1:]), begin_index)
     unet_fn = _unet_fn(m, params, prompt_context(m, params, prompt, opts.do_cfg))
+    on_step = _on_step(m, opts, params, callback_ids)
 
     def body(carry, xs):
         x, st = carry
@@ -327,7 +344,10 @@ def edit_program(m: DiffEditModels, opts: DiffEditOptions, params, prompt: Promp
         kwargs = {"eta": eta} if opts.scheduler_takes_eta else {}
         out = sched.step(st, pred, t, x, key=jax.random.fold_in(key, i), **kwargs)
         keep = mask[..., None]
-        return (out.prev_sample * keep + inv * (1.0 - keep), out.state), None
+        x = out.prev_sample * keep + inv * (1.0 - keep)
+        if on_step is not None:
+            on_step(i, t, x)
+        return (x, out.state), None
 
     (latents, _), _ = jax.lax.scan(body, (inverted[0], state), (inverted, jnp.arange(inverted.shape[0])))
     if not opts.decode:
@@ -535,13 +555,16 @@ class FlaxStableDiffusionDiffEditPipeline(FlaxDiffusionPipeline):
                prompt_embeds=None, negative_prompt_embeds=None, decode_latents: bool = False,
                output_type: str = "np", return_dict: bool = True, lambda_auto_corr: float = 20.0,
                lambda_kl: float = 20.0, num_reg_steps: int = 0, num_auto_corr_rolls: int = 5,
-               auto_corr_rolls=None):
+               auto_corr_rolls=None, callback: Optional[Callable[[int, float, np.ndarray], None]] = None,
+               callback_steps: int = 1, host_callbacks: Sequence[callbacks.HostCallback] = (), progress: bool = False):
         """DDIM-inverted latents of `image` under `prompt` for the last int(steps * inpaint_strength)
         steps, with `num_reg_steps` rounds of noise regularisation (see `regularise`).
 
         `auto_corr_rolls` ([n, num_reg_steps, num_auto_corr_rolls, B, 4, levels] ints, see
         `auto_corr_loss`) replaces the rolls drawn from `prng_seed`. The KL term is per image
-        (diffusers: over the whole batch).
+        (diffusers: over the whole batch). `callback(step, timestep, latents NCHW)` every `callback_steps`
+        inverse steps, `host_callbacks` and `progress` (a per-step bar): as in the other pipelines
+        (`callbacks.CallHooks`).
         """
         steps = self._steps(num_inference_steps)
         n = self._strength("inpaint_strength", inpaint_strength, steps)
@@ -565,13 +588,16 @@ class FlaxStableDiffusionDiffEditPipeline(FlaxDiffusionPipeline):
             if np.shape(auto_corr_rolls) != want:
                 raise ValueError(f"auto_corr_rolls has shape {np.shape(auto_corr_rolls)}; expected {want}.")
             auto_corr_rolls = jnp.asarray(auto_corr_rolls, jnp.int32)
-        opts = DiffEditOptions(steps, do_cfg, num_iterations=n, regulariser=reg, decode=bool(decode_latents))
+        host = callbacks.make_host_callbacks(callback, callback_steps, n if progress else None,
+                                             self._progress_bar_config, host_callbacks)
+        opts = DiffEditOptions(steps, do_cfg, num_iterations=n, regulariser=reg, decode=bool(decode_latents),
+                               **callbacks.host_switches(host))
         lambdas = np.array([lambda_auto_corr, lambda_kl], np.float32)
-        latents, images = _invert_jit(self._models(), opts, params, image, prompt, np.float32(guidance_scale),
-                                      lambdas, auto_corr_rolls, prng_seed)
-        latents = np.asarray(latents)
+        with callbacks.host_session((b,), host) as ids:  # until the program is done
+            latents, images = _invert_jit(self._models(), opts, params, image, prompt, np.float32(guidance_scale),
+                                          lambdas, auto_corr_rolls, prng_seed, ids)
+            latents, images = np.asarray(latents), None if images is None else np.asarray(images)
         if images is not None:
-            images = np.asarray(images)
             if output_type == "pil":
                 images = self.numpy_to_pil(images)
         return DiffEditInversionPipelineOutput(latents, images) if return_dict else (latents, images)
@@ -579,12 +605,16 @@ class FlaxStableDiffusionDiffEditPipeline(FlaxDiffusionPipeline):
     def __call__(self, prompt: PromptLike, mask_image, image_latents, params, prng_seed, *,
                  inpaint_strength: float = 0.8, num_inference_steps: int = 50, guidance_scale: float = 7.5,
                  negative_prompt: PromptLike = None, prompt_embeds=None, negative_prompt_embeds=None,
-                 eta: float = 0.0, output_type: str = "np", return_dict: bool = True):
+                 eta: float = 0.0, output_type: str = "np", return_dict: bool = True,
+                 callback: Optional[Callable[[int, float, np.ndarray], None]] = None, callback_steps: int = 1,
+                 host_callbacks: Sequence[callbacks.HostCallback] = (), progress: bool = False):
         """Regenerate the masked region of the inverted image under `prompt`.
 
         mask_image: [B, h, w] or [h, w] (latent size, e.g. `generate_mask`'s), binarised at 0.5;
         image_latents: `invert`'s latents [B, n, 4, h, w] for the same num_inference_steps and
-        inpaint_strength. `prng_seed` feeds the scheduler's noise (eta > 0 with DDIM).
+        inpaint_strength. `prng_seed` feeds the scheduler's noise (eta > 0 with DDIM). `callback`,
+        `callback_steps`, `host_callbacks`, `progress`: as in `invert` (the latents after each step's
+        blending, like diffusers').
         """
         if output_type not in ("np", "pil", "latent"):
             raise ValueError(f"output_type={output_type!r}; use 'np', 'pil' or 'latent'.")
@@ -607,13 +637,15 @@ class FlaxStableDiffusionDiffEditPipeline(FlaxDiffusionPipeline):
             raise ValueError("mask_image must lie in [0, 1].")
         mask = np.broadcast_to((mask >= 0.5).astype(np.float32), (b,) + mask.shape[1:])
         takes_eta = "eta" in inspect.signature(self.scheduler.step).parameters
+        host = callbacks.make_host_callbacks(callback, callback_steps, n if progress else None,
+                                             self._progress_bar_config, host_callbacks)
         opts = DiffEditOptions(steps, do_cfg, num_iterations=n, decode=output_type != "latent",
-                               scheduler_takes_eta=takes_eta)
+                               scheduler_takes_eta=takes_eta, **callbacks.host_switches(host))
         begin = begin_index_for_strength(steps, inpaint_strength, self.scheduler.order)
-        images, nsfw = _edit_jit(self._models(), opts, params, prompt, mask, image_latents,
-                                 np.float32(guidance_scale), np.int32(begin), np.float32(eta), prng_seed)
-        images = np.asarray(images)
-        nsfw = None if nsfw is None else np.asarray(nsfw)
+        with callbacks.host_session((b,), host) as ids:  # until the program is done
+            images, nsfw = _edit_jit(self._models(), opts, params, prompt, mask, image_latents,
+                                     np.float32(guidance_scale), np.int32(begin), np.float32(eta), prng_seed, ids)
+            images, nsfw = np.asarray(images), None if nsfw is None else np.asarray(nsfw)
         if output_type == "pil":
             images = self.numpy_to_pil(images)
         return FlaxStableDiffusionPipelineOutput(images, nsfw) if return_dict else (images, nsfw)

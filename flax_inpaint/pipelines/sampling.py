@@ -57,6 +57,7 @@ class Options:
     host_callback: bool = False  # one io_callback per step to the host (progress, callback/callback_steps, previews)
     host_latents: bool = False  # ... sending the latents too
     early_stop: bool = False  # a while_loop that ends when the call's StopFlag is set
+    decode_every: int = 0  # > 0: VAE-decoded images to the host every so many steps (VAE previews)
 
 
 @flax.struct.dataclass
@@ -273,10 +274,10 @@ def generate(c: Components, opts: Options, params, batch: Batch, key: Array):
             live = {**live, "estimate": (1 - m) * image_latents + m * est if blend else est}
         if opts.step_end is not None:
             latents, live = callbacks.step_end(opts.step_end, i - batch.begin_index, t, latents, live, opts.do_cfg)
-        if opts.host_callback:
-            sent = latents if opts.host_latents else None
-            done = callbacks.host_step(batch.callback_ids, i - batch.begin_index, t, sent)
-            live = {**live, "done": done} if opts.early_stop else live
+        if opts.host_callback or opts.decode_every:
+            done = callbacks.send_step(opts, batch.callback_ids, i - batch.begin_index, t, latents,
+                                       lambda x: decode_latents(vae, params["vae"], x))
+            live = {**live, "done": done} if opts.early_stop and done is not None else live
         return latents, state, live
 
     if opts.early_stop:
