@@ -281,6 +281,31 @@ def test_mesh_over_8_devices_matches_single_device(request, examples):
     np.testing.assert_allclose(out, ex.singles, atol=DEVICE_ATOL, rtol=0)
 
 
+def test_scales_and_inputs_do_not_recompile_on_pmap_and_mesh(cn, per_example):
+    """On the pmap convention and on a mesh too, new ControlNet scales and windows, strength, prompts,
+    seeds, masks and guidance reuse the compiled program."""
+    pipe, params = cn.ours[9]
+    x, replicated, mesh = per_example.inputs, replicate(params), Mesh(np.array(jax.devices()), ("data",))
+
+    def both(seed, x, **kwargs):
+        common = dict(num_inference_steps=STEPS, latents=None, **kwargs)
+        s = shard(x)
+        pmapped = pipe(s["ids"], s["mask"], s["masked"], replicated, jax.random.split(jax.random.key(seed), N_DEV),
+                       jit=True, control_image=s["control"], image=s["image"], guidance_scale=s["guidance"], **common)
+        meshed = pipe(x["ids"], x["mask"], x["masked"], params, jax.random.key(seed), mesh=mesh,
+                      control_image=x["control"], image=x["image"], guidance_scale=x["guidance"], **common)
+        return pmapped.images, meshed.images
+
+    first = both(0, x)
+    other = dict(x, ids=pipe.tokenize(PROMPTS[::-1]), mask=x["mask"][:, :, ::-1].copy(), guidance=x["guidance"][::-1])
+    with tiny_sd.count_compiles() as compiles:
+        second = both(1, other, controlnet_conditioning_scale=0.3, control_guidance_start=0.5, strength=0.8)
+        both(2, x, controlnet_conditioning_scale=1.5, control_guidance_end=0.4)
+    assert compiles == []
+    for a, b in zip(first, second):
+        assert np.abs(a - b).max() > 1e-2  # the new inputs took effect
+
+
 def test_per_prompt_keys_match_single_prompt_calls(per_example):
     """One key per prompt samples each prompt as if alone: its control image goes with it."""
     x = jax.tree_util.tree_map(lambda v: v[:3], per_example.inputs)

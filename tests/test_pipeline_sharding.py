@@ -88,6 +88,26 @@ def test_mesh_matches_single_device_call_on_global_batch(sd):
     np.testing.assert_allclose(out, single(sd, slice(None), key), atol=ATOL, rtol=0)
 
 
+def test_mesh_new_inputs_do_not_recompile(sd):
+    """On a mesh too, new prompts, keys (one, or one per prompt), masks, guidance, strength and eta reuse
+    the program of their key form."""
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+
+    def meshed(key, ids=sd.ids, mask=sd.mask, guidance=sd.guidance, **kwargs):
+        return sd.pipe(ids, mask, sd.image * (mask < 0.5), sd.params, key, image=sd.image, mesh=mesh,
+                       guidance_scale=guidance, **{**OPTS, **kwargs}).images
+
+    first = meshed(jax.random.key(0))
+    per_prompt = meshed(jax.random.split(jax.random.key(0), N_DEV))
+    mask = np.rot90(sd.mask, axes=(2, 3)).copy()
+    with tiny_sd.count_compiles() as compiles:
+        out = meshed(jax.random.key(7), ids=sd.pipe.tokenize(["a cat", "red"] * (N_DEV // 2)), mask=mask,
+                     guidance=sd.guidance[::-1].copy(), strength=0.6, eta=0.2)
+        meshed(jax.random.split(jax.random.key(3), N_DEV), mask=mask, strength=0.9)
+    assert compiles == []
+    assert np.abs(out - first).max() > 1e-2 and np.abs(per_prompt - first).max() > 1e-2
+
+
 def test_error_jit_needs_device_axis(sd):
     keys = jax.random.split(jax.random.key(0), N_DEV)
     params = sd.params  # never used: the inputs are rejected first

@@ -71,8 +71,9 @@ def build(pipe, jit: bool, *, prompt_ids, num_inference_steps: int, guidance_sca
         else:
             masked_image = None
         spatial.check("mask", mask, channels=1)
+    image_latents = None
     if image is not None:
-        image = _image_input(pipe, image, spatial)
+        image, image_latents = _image_input(pipe, image, spatial)
     elif image_required or (inpainting and (pipe.unet.in_channels == 4 or strength < 1.0)):
         why = "a 4-channel UNet blends with it" if pipe.unet.in_channels == 4 else f"strength={strength} < 1"
         raise ValueError(f"image is required because {why}: use prepare_inputs(..., return_image=True) and pass "
@@ -90,17 +91,18 @@ def build(pipe, jit: bool, *, prompt_ids, num_inference_steps: int, guidance_sca
     opts = _options(pipe, num_inference_steps, spatial.height, spatial.width, guidance_scale, output_type,
                     clip_skip, num_images_per_prompt)
     lead = _lead(pipe, prompt_ids, prompt_embeds, jit)
-    for name, arr in (("mask", mask), ("masked_image", masked_image), ("image", image)):
+    for name, arr in (("mask", mask), ("masked_image", masked_image), ("image", image), ("image", image_latents)):
         if arr is not None:
             _check_batch(name, arr, lead)
+    masked_image_latents = _check_latents(pipe, "masked_image_latents", masked_image_latents, lead, opts,
+                                          per_prompt=True)
+    latents = _check_latents(pipe, "noise" if noise is not None else "latents", noise if noise is not None else latents,
+                             lead, opts)
     batch = Batch(
         **_text_fields(pipe, prompt_ids, neg_prompt_ids, prompt_embeds, negative_prompt_embeds, lead, opts.do_cfg,
                        guidance_scale),
-        image=image, mask=mask, masked_image=masked_image,
-        masked_image_latents=_check_latents(pipe, "masked_image_latents", masked_image_latents, lead, opts,
-                                            per_prompt=True),
-        latents=_check_latents(pipe, "noise" if noise is not None else "latents",
-                               noise if noise is not None else latents, lead, opts),
+        image=_nhwc(image), image_latents=_nhwc(image_latents), mask=_nhwc(mask), masked_image=_nhwc(masked_image),
+        masked_image_latents=_nhwc(masked_image_latents), latents=_nhwc(latents),
         eta=np.float32(eta), **strength_fields(pipe.scheduler, num_inference_steps, strength),
     )
     if control_image is not None:
@@ -131,9 +133,14 @@ class _Spatial:
         return arr
 
 
-def _image_input(pipe, image, spatial: _Spatial) -> np.ndarray:
-    """`image` as NCHW pixels, or as its scaled latents [..., latent_channels, h, w] (e.g. another
-    pipeline's output_type="latent" output); sets the generated size from it."""
+def _nhwc(x) -> Optional[np.ndarray]:
+    """An NCHW input (after any batch dims) as the NHWC array the program takes."""
+    return None if x is None else np.moveaxis(np.asarray(x), -3, -1)
+
+
+def _image_input(pipe, image, spatial: _Spatial) -> tuple:
+    """(pixels, None) for NCHW pixels, (None, latents) for scaled latents [..., latent_channels, h, w]
+    (e.g. another pipeline's output_type="latent" output); sets the generated size from them."""
     shape = np.shape(image)
     c, f = pipe.vae.latent_channels, pipe.vae_scale_factor
     if len(shape) < 4 or shape[-3] not in (3, c):
@@ -141,13 +148,13 @@ def _image_input(pipe, image, spatial: _Spatial) -> np.ndarray:
                          f"{c} (a leading device axis first with jit=True). Use pipeline.prepare_inputs.")
     image = np.asarray(image, np.float32)
     if shape[-3] == 3:
-        return spatial.check("image", image)
+        return spatial.check("image", image), None
     h, w = shape[-2] * f, shape[-1] * f
     if (spatial.height or h, spatial.width or w) != (h, w):
         raise ValueError(f"image holds latents of shape {shape}, i.e. a {h}x{w} image, but height x width = "
                          f"{spatial.height}x{spatial.width}; they must match.")
     spatial.height, spatial.width = h, w
-    return image
+    return None, image
 
 
 def _options(pipe, num_inference_steps, height, width, guidance_scale, output_type, clip_skip,
@@ -300,7 +307,8 @@ def _numbers(pipe, name: str, value) -> list:
 
 
 def _control_images(pipe, name: str, image, lead: tuple, height: int, width: int) -> tuple:
-    """Processed control images checked against the nets and the generated size, broadcast to `lead`."""
+    """Processed control images checked against the nets and the generated size, broadcast to `lead`
+    (NHWC)."""
     images = pipe._net_images(name, image)
     out = []
     for k, (net, x) in enumerate(zip(pipe.controlnets, images)):
@@ -314,7 +322,7 @@ def _control_images(pipe, name: str, image, lead: tuple, height: int, width: int
                 f"{item[0]} conditioning channels at the generated size {height}x{width}, one per prompt or "
                 "one for all (after a leading device axis with jit=True). Use prepare_control_image."
             )
-        out.append(np.broadcast_to(x, lead + item))
+        out.append(_nhwc(np.broadcast_to(x, lead + item)))
     return tuple(out)
 
 

@@ -1,17 +1,18 @@
 """Stable Diffusion pipelines: text-to-image, image-to-image and inpainting, with diffusers' Flax API.
 
-Every pipeline validates and shapes its inputs on the host, then runs `sampling.generate`, the one
-compiled program, in one of three ways:
-  * `jit=False`: `jax.jit` on one device, unsharded arrays, one PRNG key;
-  * `jit=True`: `jax.pmap` over the leading device axis (replicated params, sharded inputs, one key
-    per device), like diffusers' removed Flax pipelines;
-  * `mesh=Mesh(...)`: `jax.jit` over global arrays sharded along the mesh's data axis (multi-host).
-Without pmap, `prng_seed` may hold one key per prompt: each prompt is then sampled as if alone with
+Every pipeline's `__call__` hands its arguments to `inputs.build` (checked once, into a `Batch`), then
+`sampling.run`, the one execution path: `jax.jit` of the sampling program over a device mesh.
+  * `jit=False`: a mesh of one device; `mesh=Mesh(...)`: global arrays sharded along the mesh's data
+    axis (multi-host);
+  * `jit=True`: diffusers' pmap calling convention (inputs [devices, per_device, ...], replicated
+    params, one key per device), adapted onto a mesh over the local devices: rows merged, params
+    used where each device holds its copy, outputs split back to [devices, per_device, ...]; each
+    device's images are those of a one-device call on its rows with its key.
+Without jit=True, `prng_seed` may hold one key per prompt: each prompt is then sampled as if alone with
 its key (like diffusers' list of generators), so results do not depend on how prompts are batched.
 """
 from __future__ import annotations
 
-import contextlib
 import inspect
 import os
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import PIL.Image
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from flax_inpaint.diffusers_compat import PUSH_TO_HUB, BaseOutput, ConfigMixin, FrozenConfig, not_provided
@@ -34,18 +35,12 @@ from flax_inpaint.models.checkpoint import CheckpointError, read_config, resolve
 from flax_inpaint.pipelines import loading
 from flax_inpaint.pipelines.inputs import Prepared, build
 from flax_inpaint.pipelines.sampling import (
-    CALL_WIDE_FIELDS,
-    Batch,
     Components,
     decode_latents,
-    generate,
-    generate_per_example,
+    run,
 )
 from flax_inpaint.schedulers.common import begin_index_for_strength
 
-_generate_jit = jax.jit(generate, static_argnums=(0, 1))
-_generate_pmap = jax.pmap(generate, static_broadcasted_argnums=(0, 1))
-_generate_per_example_jit = jax.jit(generate_per_example, static_argnums=(0, 1))
 _decode_jit = jax.jit(decode_latents, static_argnums=0)
 
 
@@ -273,74 +268,44 @@ class FlaxDiffusionPipeline(FromSingleFileMixin, LoraLoaderMixin, TextualInversi
                              "from_pretrained), as with diffusers.")
         if jit and mesh is not None:
             raise ValueError("Pass either jit=True (pmap over local devices) or mesh=..., not both.")
-        if jit:
+        keys = _keys(prng_seed)
+        if jit:  # diffusers' pmap convention: [devices, per_device, ...] rows, replicated params, a key per device
             n = lead[0]
-            wide = {f: v for f in CALL_WIDE_FIELDS if (v := getattr(batch, f)) is not None}
-            batch = batch.replace(**{f: np.broadcast_to(v, (n,) + np.shape(v)) for f, v in wide.items()})
-            keys = jnp.asarray(prng_seed)
-            if keys.shape[:1] != (n,):
-                raise ValueError(f"prng_seed must hold one key per device ({n}); got shape {keys.shape}. "
+            if keys.shape != (n,):
+                raise ValueError(f"prng_seed must hold one key per device ({n}); got shape {np.shape(prng_seed)}. "
                                  "Use jax.random.split(key, jax.local_device_count()).")
             _check_replicated(params, n)
-            images, nsfw = _generate_pmap(comps, opts, params, batch, keys)
+            merge = lambda x: np.reshape(x, (-1, *np.shape(x)[2:]))  # noqa: E731
+            batch = batch.replace(**jax.tree_util.tree_map(merge, batch.rows()))
+            mesh = Mesh(np.array(jax.local_devices()), ("devices",))
         else:
-            key_data = _per_prompt_keys(prng_seed, lead[0])
-            program = _generate_jit if key_data is None else _generate_per_example_jit
-            if mesh is not None:
-                params, (batch, key_data) = _on_mesh(mesh, params, (batch, key_data), lead[0])
-            # The mesh in context lets the TPU attention kernel run per device (runtime.attention).
-            with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
-                images, nsfw = program(comps, opts, params, batch, prng_seed if key_data is None else key_data)
+            if keys.shape[0] not in (1, lead[0]):
+                raise ValueError(f"prng_seed has shape {np.shape(prng_seed)}; pass one key (jax.random.key(seed)) or "
+                                 f"one key per prompt, e.g. jax.random.split(key, {lead[0]}) (this process's rows).")
+            mesh = mesh or Mesh(np.array(jax.devices()[:1]), ("data",))
+        images, nsfw = run(comps, opts, params, batch, keys, mesh, stacked=jit)
         if not images.is_fully_addressable:  # mesh over several processes: every process gets all images
             images, nsfw = multihost_utils.process_allgather((images, nsfw), tiled=True)
         images = np.asarray(images)
         nsfw = None if nsfw is None else np.asarray(nsfw)
+        if output_type == "latent":  # NCHW at the public boundary, as diffusers returns latents
+            images = np.moveaxis(images, -1, -3)
+        if jit:  # back to [devices, per_device, ...]
+            images = images.reshape(lead[0], -1, *images.shape[1:])
+            nsfw = None if nsfw is None else nsfw.reshape(lead[0], -1)
         if output_type == "pil":
             images = VaeImageProcessor.numpy_to_pil(images.reshape(-1, *images.shape[-3:]))
         return FlaxStableDiffusionPipelineOutput(images, nsfw) if return_dict else (images, nsfw)
 
 
-def _per_prompt_keys(prng_seed, batch_size: int) -> Optional[np.ndarray]:
-    """Raw key data [B, ...] when `prng_seed` holds one key per prompt (typed keys [B] or raw [B, 2]),
-    None when it is one key for the whole call."""
-    typed = jax.dtypes.issubdtype(prng_seed.dtype, jax.dtypes.prng_key)
-    data = jax.random.key_data(prng_seed) if typed else prng_seed
-    if np.ndim(data) == 1:
-        return None
-    if np.ndim(data) != 2 or data.shape[0] != batch_size:
-        raise ValueError(f"prng_seed has shape {np.shape(prng_seed)}; pass one key (jax.random.key(seed)) or one "
-                         f"key per prompt, e.g. jax.random.split(key, {batch_size}) (this process's rows).")
-    return np.asarray(data)
+def _is_typed(prng_seed) -> bool:
+    return jax.dtypes.issubdtype(getattr(prng_seed, "dtype", None), jax.dtypes.prng_key)
 
 
-def _on_mesh(mesh: Mesh, params, batch, batch_size: int):
-    """Params and the call-wide Batch fields replicated; every batched input sharded along the mesh's
-    first (data) axis. With several processes each passes its local rows of the global batch."""
-    axis = mesh.axis_names[0]
-    global_batch = batch_size * jax.process_count()
-    if global_batch % mesh.shape[axis]:
-        raise ValueError(
-            f"The batch of {global_batch} is not divisible by the mesh's {axis!r} axis of size "
-            f"{mesh.shape[axis]}; pad the batch or change the mesh."
-        )
-    replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P(axis))
-
-    def put(x):
-        if not np.ndim(x):
-            return jax.device_put(x, replicated)
-        if jax.process_count() > 1 and not isinstance(x, jax.Array):
-            return jax.make_array_from_process_local_data(sharded, np.asarray(x))
-        return jax.device_put(x, sharded)
-
-    def place(tree):
-        if not isinstance(tree, Batch):
-            return jax.tree_util.tree_map(put, tree)
-        wide = {f: getattr(tree, f) for f in CALL_WIDE_FIELDS}
-        rows = jax.tree_util.tree_map(put, tree.replace(**dict.fromkeys(wide)))
-        return rows.replace(**jax.device_put(wide, replicated))
-
-    return jax.device_put(params, replicated), jax.tree_util.tree_map(
-        place, batch, is_leaf=lambda x: isinstance(x, Batch))
+def _keys(prng_seed) -> jax.Array:
+    """`prng_seed` as typed keys [K]: one key (typed, or raw jax.random.PRNGKey data) or a batch of them."""
+    keys = prng_seed if _is_typed(prng_seed) else jax.random.wrap_key_data(np.asarray(prng_seed))
+    return keys.reshape(-1) if keys.ndim == 0 else keys
 
 
 def pipeline_class(name: str) -> type:
