@@ -320,7 +320,7 @@ class Ours:
         program = _flops(fn.trace(*call).lower(lowering_platforms=platforms))
 
         unet = self.models[0].clone(runtime=runtime)
-        f = 2 ** (len(self.models[1].block_out_channels) - 1)
+        f = self.models[1].downscale
         batch_size = inputs["prompt_ids"].shape[0]
         n = batch_size * (2 if guidance > 1.0 else 1)
         latent = (n, size // f, size // f, unet.in_channels)

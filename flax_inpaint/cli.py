@@ -108,7 +108,7 @@ def _check_png(path: Path, option: str) -> None:
 
 def _check_cache() -> None:
     """Fail unless the params cache that loading writes converted weights into is usable."""
-    from flax_inpaint.models.checkpoint import default_cache_dir
+    from flax_inpaint.io import default_cache_dir
 
     check_folder(default_cache_dir(), "the params cache ($FLAX_INPAINT_CACHE, default ~/.cache/flax_inpaint)")
 
@@ -164,7 +164,7 @@ def _check_steps(pipe, steps: int, strength: float) -> None:
 
 def _write_png(image, path: Path, option: str) -> None:
     """Save atomically: a killed run never leaves a half-written PNG."""
-    from flax_inpaint.models.checkpoint import write_bytes_atomic
+    from flax_inpaint.io import write_bytes_atomic
 
     buf = io.BytesIO()
     image.save(buf, format="PNG")
@@ -189,6 +189,9 @@ def _inpaint(pipe, params, image, mask, prompts: Sequence[str], negative: Option
     from flax_inpaint.pipelines.inputs import seed_keys
 
     f = pipe.vae_scale_factor
+    if size and size % f:
+        _fail(f"--size {size} must be a multiple of {f} (the model's VAE scale factor); pass e.g. "
+              f"{max(f, size - size % f)}.")
     if not size and min(image.size) < f:
         _fail(f"--image is {image.width}x{image.height}; the model needs at least {f}x{f} pixels (its VAE factor): "
               "pass a larger image or --size.")
@@ -308,7 +311,7 @@ def cmd_sweep(args) -> None:
 def cmd_convert(args) -> None:
     """Convert a PyTorch diffusers folder's models to Flax msgpack: into the params cache, and with
     --out into a folder that both diffusers and flax-inpaint load."""
-    from flax_inpaint.models.checkpoint import default_cache_dir
+    from flax_inpaint.io import default_cache_dir
 
     out = None if args.out is None else Path(args.out)
     if out is not None:
@@ -413,13 +416,6 @@ def _add_source_options(parser, loaders: bool) -> None:
                             help="a textual-inversion embedding, as TOKEN (default: the file's); repeatable")
 
 
-def _size(text):
-    value = _positive(int)(text)
-    if value % 8:
-        raise argparse.ArgumentTypeError(f"must be a multiple of 8, got {text}")
-    return value
-
-
 class _Help(argparse.ArgumentDefaultsHelpFormatter):
     """Shows "(default: ...)" only where an option has a default worth reading."""
 
@@ -468,8 +464,9 @@ def build_parser() -> argparse.ArgumentParser:
     inp.add_argument("--seed", type=_seed, default=0, help="seed of the first image of each prompt")
     inp.add_argument("--batch", type=_positive(int), default=1,
                      help="images per prompt, sampled together in one call")
-    inp.add_argument("--size", type=_size, default=None, help="square output size; default: the image's size "
-                                                             "floored to the VAE factor")
+    inp.add_argument("--size", type=_positive(int), default=None,
+                     help="square output size, a multiple of the model's VAE scale factor; default: the image's size "
+                          "floored to that factor")
     inp.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                      help="compute and params dtype (bfloat16 for TPUs and GPUs)")
     inp.add_argument("--overlay", action="store_true", help="paste the unmasked pixels of --image back exactly")

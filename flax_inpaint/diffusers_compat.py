@@ -14,6 +14,8 @@ import re
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Dict, Mapping, Optional, Tuple, Union
 
+from flax_inpaint.io import read_config, resolve_file, write_bytes_atomic
+
 
 class FrozenConfig(dict):
     """A config dict that also reads keys as attributes (`unet.config.sample_size`), like diffusers'
@@ -96,35 +98,6 @@ def config_json(class_name: str, config: Mapping[str, Any]) -> str:
 _DOWNLOAD_OPTIONS_NOT_TAKEN = ("local_dir", "local_dir_use_symlinks", "mirror", "user_agent", "dduf_entries")
 
 
-def config_file(path: Union[str, os.PathLike], filename: str, subfolder: Optional[str] = None, *,
-                local_files_only: bool = False, revision: Optional[str] = None, **hub) -> Path:
-    """`filename` in a local folder (its `subfolder` if that exists), or that one file from a hub repo.
-
-    `hub` holds huggingface_hub download options (cache_dir, token, proxies, force_download).
-    """
-    from flax_inpaint.models.checkpoint import CheckpointError, _looks_like_repo_id
-
-    folder = Path(path)
-    if folder.exists():
-        if subfolder and (folder / subfolder).is_dir():
-            folder = folder / subfolder
-        if not (folder / filename).is_file():
-            where = f"{folder} (nor {folder / subfolder})" if subfolder and folder.name != subfolder else str(folder)
-            raise CheckpointError(f"{where} has no {filename}.")
-        return folder / filename
-    if not _looks_like_repo_id(str(path)):
-        raise CheckpointError(f"{str(path)!r} is neither a local folder nor a hub repo id ('org/name').")
-    from huggingface_hub import hf_hub_download
-
-    try:
-        return Path(hf_hub_download(str(path), filename, subfolder=subfolder or None, revision=revision,
-                                    local_files_only=local_files_only,
-                                    **{k: v for k, v in hub.items() if v is not None}))
-    except Exception as e:  # network, auth, unknown repo, or not in the local hub cache
-        raise CheckpointError(f"{str(path)!r} is not a local folder and its {subfolder or '.'}/{filename} could not "
-                              f"be fetched from the hub (local_files_only={local_files_only}): {e}") from e
-
-
 class ConfigMixin:
     """diffusers' ConfigMixin API over a class's `config` (a FrozenConfig) and `config_name` file."""
 
@@ -147,8 +120,6 @@ class ConfigMixin:
         return config_json(self._config_class_name, self.config)
 
     def to_json_file(self, json_file_path: Union[str, os.PathLike]) -> None:
-        from flax_inpaint.models.checkpoint import write_bytes_atomic
-
         write_bytes_atomic(json_file_path, self.to_json_string().encode())
 
     def save_config(self, save_directory: Union[str, os.PathLike], push_to_hub: bool = False, **kwargs) -> None:
@@ -167,17 +138,15 @@ class ConfigMixin:
         As in diffusers, `return_unused_kwargs=True` also returns the other keyword arguments (config
         overrides for `from_config`) and `return_commit_hash=True` the hub commit (None for a local folder).
         """
-        from flax_inpaint.models.checkpoint import read_config
-
         taken = sorted(set(kwargs) & set(_DOWNLOAD_OPTIONS_NOT_TAKEN))
         if taken:
             raise TypeError(f"load_config does not take {taken}: download with huggingface_hub.snapshot_download("
                             "...) and pass the folder.")
         if kwargs and not return_unused_kwargs:
             raise TypeError(f"load_config got unexpected keyword arguments {sorted(kwargs)}.")
-        file = config_file(pretrained_model_name_or_path, cls.config_name, subfolder, local_files_only=local_files_only,
-                           revision=revision, cache_dir=cache_dir, force_download=force_download or None,
-                           proxies=proxies, token=token)
+        file = resolve_file(pretrained_model_name_or_path, cls.config_name, subfolder,
+                            local_files_only=local_files_only, revision=revision, cache_dir=cache_dir,
+                            force_download=force_download or None, proxies=proxies, token=token)
         out: tuple = (read_config(file.parent, file.name),)
         if return_unused_kwargs:
             out += (kwargs,)

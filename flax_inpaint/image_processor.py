@@ -266,8 +266,8 @@ class VaeImageProcessor:
             image = image[..., None]
         if image.ndim != 4:
             raise ValueError(f"resize expects a PIL image or an NHWC / NHW array, got shape {image.shape}.")
-        rows = _nearest_indices(image.shape[1], height)
-        cols = _nearest_indices(image.shape[2], width)
+        rows = nearest_indices(image.shape[1], height)
+        cols = nearest_indices(image.shape[2], width)
         return image[:, rows][:, :, cols]
 
     # ------------------------------------------------------------------ preprocess / postprocess
@@ -550,7 +550,7 @@ def _stretch_span(lo: int, hi: int, length: float, size: int) -> Tuple[int, int]
     return lo + undershoot, min(hi + undershoot, size)
 
 
-def _nearest_indices(in_size: int, out_size: int) -> np.ndarray:
+def nearest_indices(in_size: int, out_size: int) -> np.ndarray:
     """Source indices of torch's `F.interpolate(mode="nearest")` along one axis (float32 scale, floor)."""
     if out_size == in_size:
         return np.arange(out_size)

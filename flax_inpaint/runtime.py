@@ -1,4 +1,4 @@
-"""Runtime settings shared by every model, and the one attention function.
+"""Runtime settings shared by every model, the one attention function, and the one data-parallel mesh.
 
 A model's architecture comes from its config; *how* it runs (activation dtype, parameter dtype,
 attention kernel) comes from one `Runtime` object handed to the top-level module and passed down
@@ -9,12 +9,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental.pallas.ops.tpu import flash_attention as pallas_flash
-from jax.sharding import PartitionSpec as P
+from jax.sharding import Mesh, PartitionSpec as P
 
 AttentionImpl = Literal["auto", "xla", "cudnn", "pallas"]
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "pallas")
@@ -154,3 +155,11 @@ def attention(
     return jax.nn.dot_product_attention(
         q, k, v, mask=mask, scale=scale, is_causal=is_causal, implementation=impl
     )
+
+
+def data_mesh(devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
+    """A one-axis ("data") mesh over `devices`; by default every device of every process, each process's
+    devices contiguous (so each process feeds one block of a batch)."""
+    if devices is None:
+        devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
+    return Mesh(np.asarray(devices), ("data",))

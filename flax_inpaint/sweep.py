@@ -58,9 +58,10 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from PIL import Image, ImageDraw
 
-from flax_inpaint.models.checkpoint import write_bytes_atomic
+from flax_inpaint.io import write_bytes_atomic
 from flax_inpaint.pipelines.inputs import seed_keys, strength_fields
 from flax_inpaint.pipelines.loading import model_error, with_scheduler
+from flax_inpaint.runtime import data_mesh
 
 MANIFEST = "manifest.jsonl"
 IMAGES = "images"
@@ -129,7 +130,8 @@ _CHECKS = {
     "steps": (lambda v: _is_int(v) and v >= 1, "an int >= 1"),
     "scheduler": (lambda v: v is None or isinstance(v, str),
                   "a scheduler class name such as 'DDIMScheduler', or null for the model's"),
-    "size": (lambda v: v is None or (_is_int(v) and v > 0 and v % 8 == 0), "a positive multiple of 8, or null"),
+    "size": (lambda v: v is None or (_is_int(v) and v > 0), "a positive int (a multiple of the model's VAE scale "
+                                                             "factor), or null"),
     "lora_weight": (lambda v: v is None or _is_number(v) or (isinstance(v, list) and all(map(_is_number, v))),
                     "a number (every LoRA of the spec) or a list of numbers (one per LoRA)"),
 }
@@ -449,12 +451,6 @@ class _Group:
                 f"-{'cfg' if self.cfg else 'nocfg'}")
 
 
-def data_mesh() -> Mesh:
-    """A 1-D "data" mesh over every device of every process, each process's devices contiguous."""
-    devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
-    return Mesh(np.array(devices), ("data",))
-
-
 def _local_rows(mesh: Mesh, n: int) -> slice:
     """The rows of a global batch of `n` that this process's devices hold."""
     sharding = NamedSharding(mesh, P(mesh.axis_names[0]))
@@ -462,7 +458,7 @@ def _local_rows(mesh: Mesh, n: int) -> slice:
     lo, hi = min(s for s, _ in spans), max(e for _, e in spans)
     if hi - lo != n // jax.process_count():
         raise ValueError(f"This process's devices do not hold one contiguous block of the mesh's "
-                         f"{mesh.axis_names[0]!r} axis; build the mesh with sweep.data_mesh().")
+                         f"{mesh.axis_names[0]!r} axis; build the mesh with runtime.data_mesh().")
     return slice(lo, hi)
 
 
@@ -566,6 +562,9 @@ def _compute(spec: SweepSpec, todo: List[Tuple[str, Config]], pipeline, mesh: Op
 
     def group_of(c: Config) -> _Group:
         if c.size:
+            if c.size % f:
+                raise SweepSpecError(f"sweep spec 'size' = {c.size} must be a multiple of {f} (the model's VAE scale "
+                                     f"factor); use e.g. {max(f, c.size - c.size % f)}.")
             h = w = c.size
         else:
             with Image.open(spec.base_dir / c.image) as im:

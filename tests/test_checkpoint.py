@@ -12,8 +12,9 @@ import torch
 from diffusers.models.resnet import ResnetBlock2D as TorchResnet
 from safetensors.torch import save_file
 
-from flax_inpaint.models import checkpoint as ckpt
-from flax_inpaint.models.checkpoint import CheckpointError, PretrainedMixin
+from flax_inpaint.io import CheckpointError
+from flax_inpaint.models import conversion, modeling
+from flax_inpaint.models.modeling import PretrainedMixin
 from flax_inpaint.models.layers import ResnetBlock2D
 from flax_inpaint.runtime import Runtime
 
@@ -72,7 +73,7 @@ def test_load_matches_torch_and_round_trips(tmp_path, inputs):
     out = model.apply({"params": params}, *inputs)
     np.testing.assert_allclose(out, reference_output(tm, *inputs), atol=1e-5)
 
-    back = ckpt.to_torch_state_dict(params)
+    back = conversion.to_torch_state_dict(params)
     ref = {k: v.numpy() for k, v in state(tm).items()}
     assert set(back) == set(ref)
     for k in ref:
@@ -145,7 +146,7 @@ def test_second_load_uses_msgpack_cache(tmp_path, monkeypatch):
     folder = write_folder(tmp_path / "m", state(torch_twin()))
     _, first = TinyNet.from_pretrained(folder)
     calls = []
-    monkeypatch.setattr(ckpt, "read_state_dict", lambda files: calls.append(files))
+    monkeypatch.setattr(modeling, "read_state_dict", lambda files: calls.append(files))
     _, second = TinyNet.from_pretrained(folder)
     assert calls == []
     jax.tree_util.tree_map(np.testing.assert_array_equal, first, second)

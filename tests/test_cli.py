@@ -18,6 +18,8 @@ import socket
 import subprocess
 import sys
 import time
+from importlib import resources
+from pathlib import Path
 from types import SimpleNamespace
 
 import jax
@@ -26,8 +28,8 @@ import pytest
 from PIL import Image
 
 import tiny_sd
+import flax_inpaint.io as checkpoint_io
 from flax_inpaint import FlaxStableDiffusionInpaintPipeline, cli
-from flax_inpaint.models import checkpoint
 from flax_inpaint.sweep import LOCK, ResultStore, iter_manifest
 
 STEPS = "2"
@@ -157,8 +159,8 @@ def test_help_reads_well(capsys):
      "argument --strength: must lie in [0, 1], got 1.5"),
     (["inpaint", "--model", "m", "--image", "i", "--mask", "k", "--prompt", "p", "--steps", "0"],
      "argument --steps: must be > 0, got 0"),
-    (["inpaint", "--model", "m", "--image", "i", "--mask", "k", "--prompt", "p", "--size", "20"],
-     "argument --size: must be a multiple of 8, got 20"),
+    (["inpaint", "--model", "m", "--image", "i", "--mask", "k", "--prompt", "p", "--size", "0"],
+     "argument --size: must be > 0, got 0"),  # the model's VAE factor: test_size_is_checked_against_the_vae
     (["inpaint", "--model", "m", "--image", "nope.png", "--mask", "k", "--prompt", "p"],
      "--image 'nope.png' does not exist; pass the path of a PNG/JPEG file."),
     (["sweep", "nope.json"], "sweep spec 'nope.json' does not exist"),
@@ -166,6 +168,18 @@ def test_help_reads_well(capsys):
 ])
 def test_errors_name_the_argument(capsys, argv, message):
     assert message in fails(capsys, *argv)
+
+
+def test_size_is_checked_against_the_vae(tmp_path, capsys):
+    """The bundled model's VAE downsamples 4x (not SD's 8x): --size 20 is a valid size, 18 is one line of error."""
+    assets = Path(str(resources.files("flax_inpaint.assets")))
+    common = ["inpaint", "--model", assets / "tiny-shapes-inpaint", "--image", assets / "sample_image.png",
+              "--mask", assets / "sample_mask.png", "--prompt", "a circle", "--steps", "1", "--out", tmp_path]
+    assert last_line(fails(capsys, *common, "--size", "18")) == (
+        "flax-inpaint: error: --size 18 must be a multiple of 4 (the model's VAE scale factor); pass e.g. 16.")
+    assert not list(tmp_path.iterdir())
+    run(capsys, *common, "--size", "20")
+    assert Image.open(tmp_path / "prompt0_seed0.png").size == (20, 20)
 
 
 @pytest.mark.parametrize("model,reason", [
@@ -405,7 +419,7 @@ def test_interrupts_and_failures_while_sampling(sd, tmp_path, capsys, monkeypatc
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
     fake_inpaint(monkeypatch)
-    monkeypatch.setattr(checkpoint, "write_bytes_atomic", disk_full)
+    monkeypatch.setattr(checkpoint_io, "write_bytes_atomic", disk_full)
     assert last_line(fails(capsys, *argv)) == (
         f"flax-inpaint: error: --out: could not write '{tmp_path / 'out/prompt0_seed0.png'}' (No space left on "
         "device); free space or pass another --out.")

@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModel, CLIPTextConfig, CLIPTextModel
 
 from flax_inpaint.models import FlaxCLIPTextModel, FlaxCLIPTextModelOutput
-from flax_inpaint.models.checkpoint import CheckpointError
+from flax_inpaint.io import CheckpointError
 
 VOCAB = 100
 TOL = 1e-4
@@ -160,7 +160,6 @@ def test_bf16_is_finite_and_close(case):
 
 
 def test_jit_matches_eager_and_does_not_retrace():
-    te, folder = None, None
     torch_model = make_torch(CASES["sd2_gelu_eos"][0])
     te = FlaxCLIPTextModel.from_config(torch_model.config.to_dict())
     params = te.convert_torch_state_dict({k: v.numpy() for k, v in torch_model.state_dict().items()})

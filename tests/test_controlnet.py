@@ -12,7 +12,7 @@ from diffusers import ControlNetModel, UNet2DConditionModel
 
 from flax_inpaint import FlaxControlNetModel, FlaxUNet2DConditionModel
 from flax_inpaint.models import FlaxControlNetOutput
-from flax_inpaint.models.checkpoint import to_torch_state_dict
+from flax_inpaint.models.conversion import to_torch_state_dict
 
 TOL = 1e-4
 HW = (8, 8)  # latent size

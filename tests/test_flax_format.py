@@ -32,7 +32,7 @@ from flax_inpaint import (
     FlaxStableDiffusionSafetyChecker,
     FlaxUNet2DConditionModel,
 )
-from flax_inpaint.models.checkpoint import CheckpointError
+from flax_inpaint.io import CheckpointError
 
 FIXTURES = Path(__file__).parent / "flax_format"
 FLAX, PYTORCH = FIXTURES / "sd-inpaint-flax", FIXTURES / "sd-inpaint-pytorch"

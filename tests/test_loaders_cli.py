@@ -25,7 +25,7 @@ def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("loaders-cli")
     folder, pipe = tiny_sd.make_pipeline(root, in_channels=9)
     single = tl.write_file(tl.original_state(pipe, "sd1"), root / "model.safetensors")
-    style = tl.write_lora(pipe, "kohya", root / "style.safetensors")
+    tl.write_lora(pipe, "kohya", root / "style.safetensors")
     torch.save({"string_to_param": {"*": torch.randn(2, 32, generator=torch.Generator().manual_seed(0))},
                 "name": "neg"}, root / "neg.pt")
     image, mask = tiny_sd.sample_image_and_mask()

@@ -16,7 +16,7 @@ import tiny_loaders as tl
 import tiny_sd
 from flax_inpaint import FlaxStableDiffusionInpaintPipeline
 from flax_inpaint.loaders import lora
-from flax_inpaint.models.checkpoint import CheckpointError
+from flax_inpaint.io import CheckpointError
 
 ATOL = 1e-3
 STEPS = 3

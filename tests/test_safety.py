@@ -33,7 +33,7 @@ from flax_inpaint import (
     FlaxStableDiffusionInpaintPipeline,
     FlaxStableDiffusionPipeline,
 )
-from flax_inpaint.models.checkpoint import CheckpointError
+from flax_inpaint.io import CheckpointError
 from flax_inpaint.models.safety import (
     CLIPImagePreprocessing,
     FlaxStableDiffusionSafetyChecker,

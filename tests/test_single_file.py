@@ -22,7 +22,8 @@ from flax_inpaint import (
     FlaxUNet2DConditionModel,
 )
 from flax_inpaint.loaders import single_file as sf
-from flax_inpaint.models.checkpoint import CheckpointError, to_torch_state_dict
+from flax_inpaint.io import CheckpointError
+from flax_inpaint.models.conversion import to_torch_state_dict
 
 ATOL = 1e-3
 STEPS = 3

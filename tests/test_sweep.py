@@ -12,6 +12,7 @@ import os
 import socket
 import subprocess
 import sys
+from importlib import resources
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -96,12 +97,27 @@ def test_spec_expands_list_times_grid(sd, tmp_path):
     ({"list": [{"seed": 3}]}, r"list\[0\].seed is also a grid axis"),
     ({"dtype": "float16"}, r"'dtype' = 'float16'; use one of \['float32', 'bfloat16'\]"),
     ({"per_device_batch": 0}, r"'per_device_batch' = 0 must be an int >= 1"),
-    ({"grid": {"size": [12]}}, r"grid.size\[0\] = 12: size must be a positive multiple of 8"),
+    ({"grid": {"size": [0]}}, r"grid.size\[0\] = 0: size must be a positive int"),  # see test_size_follows_the_vae
     ({"grid": {"scheduler": [None, "Fancy"]}}, r"grid.scheduler\[1\]: Scheduler 'Fancy' is not supported; supported: "),
 ])
 def test_spec_errors_name_the_key(sd, tmp_path, change, message):
     with pytest.raises(SweepSpecError, match=message):
         make_spec(sd, tmp_path, **change)
+
+
+def test_size_follows_the_vae(tmp_path):
+    """The bundled model's VAE downsamples 4x (not SD's 8x): size 20 runs, 18 fails before computing."""
+    assets = Path(str(resources.files("flax_inpaint.assets")))
+    pipeline = FlaxStableDiffusionInpaintPipeline.from_pretrained(assets / "tiny-shapes-inpaint", safety_checker=None)
+    spec = {"model": str(assets / "tiny-shapes-inpaint"), "image": str(assets / "sample_image.png"),
+            "mask": str(assets / "sample_mask.png"), "prompt": "a circle", "steps": 1}
+    with pytest.raises(SweepSpecError, match=r"^sweep spec 'size' = 18 must be a multiple of 4 \(the model's VAE "
+                                             r"scale factor\); use e.g. 16.$"):
+        run_sweep(SweepSpec.from_dict({**spec, "out": str(tmp_path / "18"), "size": 18}), pipeline=pipeline)
+    assert not list((tmp_path / "18" / "images").iterdir())
+    run_sweep(SweepSpec.from_dict({**spec, "out": str(tmp_path / "20"), "size": 20}), pipeline=pipeline)
+    (record,) = iter_manifest(tmp_path / "20")
+    assert Image.open(tmp_path / "20" / record["file"]).size == (20, 20)
 
 
 def test_spec_files_json_and_yaml(sd, tmp_path):

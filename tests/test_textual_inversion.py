@@ -10,7 +10,7 @@ from safetensors.numpy import save_file
 import tiny_loaders as tl
 import tiny_sd
 from flax_inpaint import FlaxStableDiffusionInpaintPipeline
-from flax_inpaint.models.checkpoint import CheckpointError
+from flax_inpaint.io import CheckpointError
 
 ATOL = 1e-3
 PROMPT = "a <cat-toy> cat in charturner style"

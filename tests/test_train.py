@@ -9,11 +9,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flax_inpaint.models.checkpoint import CheckpointError
+from flax_inpaint.io import CheckpointError
 from flax_inpaint.models.controlnet import FlaxControlNetModel
+from flax_inpaint.runtime import data_mesh
 from flax_inpaint.train import data, recipes
 from flax_inpaint.train.controlnet import controlnet_from_unet
-from flax_inpaint.train.loop import TrainConfig, checkpoint_path, data_mesh, fit
+from flax_inpaint.train.loop import TrainConfig, checkpoint_path, fit
 
 # ----------------------------------------------------------------------------- data
 

@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from flax_inpaint.models.checkpoint import read_safetensors, to_torch_state_dict
+from flax_inpaint.io import read_safetensors
+from flax_inpaint.models.conversion import to_torch_state_dict
 from flax_inpaint.models.controlnet import FlaxControlNetModel
 from flax_inpaint.pipelines.loading import load_components
 from flax_inpaint.schedulers.common import make_alphas_cumprod

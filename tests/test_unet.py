@@ -13,8 +13,8 @@ from diffusers.models.embeddings import get_timestep_embedding
 from safetensors.torch import load_file, save_file
 
 from flax_inpaint import FlaxUNet2DConditionModel
+from flax_inpaint.image_processor import nearest_indices
 from flax_inpaint.models import CheckpointError
-from flax_inpaint.models.layers import _nearest_indices
 from flax_inpaint.models.unet import FlaxUNet2DConditionOutput, broadcast_timesteps, timestep_embedding
 from flax_inpaint.runtime import Runtime
 
@@ -178,7 +178,7 @@ def test_timestep_embedding(flip, shift, dim):
 def test_upsample_to_size_matches_torch_nearest(size_in, size_out):
     src = torch.arange(size_in, dtype=torch.float32)[None, None, :, None]
     ref = torch.nn.functional.interpolate(src, size=(size_out, 1), mode="nearest")[0, 0, :, 0]
-    np.testing.assert_array_equal(_nearest_indices(size_in, size_out), ref.numpy().astype(int))
+    np.testing.assert_array_equal(nearest_indices(size_in, size_out), ref.numpy().astype(int))
 
 
 def residual_shapes(model, batch, hw):

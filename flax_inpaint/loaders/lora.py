@@ -46,7 +46,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flax_inpaint.models.checkpoint import CheckpointError, read_safetensors, to_torch_state_dict
+from flax_inpaint.io import CheckpointError, named_file, read_safetensors, resolve_folder
+from flax_inpaint.models.conversion import to_torch_state_dict
 
 COMPONENTS = ("unet", "text_encoder")
 WEIGHT_NAMES = ("pytorch_lora_weights.safetensors", "pytorch_lora_weights.bin")
@@ -81,18 +82,9 @@ def read_lora(source: Source, weight_name: Optional[str] = None) -> Tuple[Dict[s
         return {k: _numpy(v) for k, v in source.items()}, {}
     path = Path(source)
     if not path.exists() and not path.suffix:
-        from flax_inpaint.models.checkpoint import resolve_folder
-
         path = resolve_folder(source)
-    if path.is_dir():
-        names = [weight_name] if weight_name else list(WEIGHT_NAMES)
-        found = next((path / n for n in names if (path / n).is_file()), None)
-        if found is None:
-            raise CheckpointError(f"{path} holds no {' or '.join(names)}; pass weight_name= the LoRA file's name.")
-        path = found
-    if not path.is_file():
-        raise CheckpointError(f"LoRA {str(source)!r} does not exist; pass a .safetensors file, a folder holding one, or "
-                              "a state dict.")
+    path = named_file(path, [weight_name] if weight_name else WEIGHT_NAMES, "LoRA",
+                      "a .safetensors file, a folder holding one, or a state dict")
     if path.suffix == ".safetensors":
         return read_safetensors(path), _metadata(path)
     from flax_inpaint.loaders.single_file import read_checkpoint

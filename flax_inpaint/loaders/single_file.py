@@ -13,7 +13,7 @@ read off the Flax model's param tree) a table names the original key and a trans
 stored for a linear (the VAE's attention), or one third of OpenCLIP's fused q/k/v. The same table maps
 back (`to_original`), which is how tests write single files. Every tensor under a component's prefix must
 be used; tensors elsewhere must be known leftovers (`IGNORED`); otherwise one error lists the unused
-and the missing tensors, like the diffusers-folder conversion in models/checkpoint.py.
+and the missing tensors, like the diffusers-folder conversion in models/conversion.py.
 
 The architecture comes from the tensors (channels, layers, block types, cross-attention size, linear
 or conv projections) or from `config=`, a local diffusers folder, which also supplies what tensors
@@ -33,7 +33,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import jax.numpy as jnp
 import numpy as np
 
-from flax_inpaint.models.checkpoint import CheckpointError, read_safetensors, to_torch_state_dict
+from flax_inpaint.io import CheckpointError, read_safetensors
+from flax_inpaint.models.conversion import to_torch_state_dict
 from flax_inpaint.runtime import Runtime
 
 StateDict = Dict[str, np.ndarray]

@@ -19,7 +19,7 @@ import flax
 import jax.numpy as jnp
 import numpy as np
 
-from flax_inpaint.models.checkpoint import CheckpointError, read_safetensors
+from flax_inpaint.io import CheckpointError, named_file, read_safetensors
 
 WEIGHT_NAMES = ("learned_embeds.safetensors", "learned_embeds.bin")
 Source = Union[str, os.PathLike, Mapping[str, Any], np.ndarray]
@@ -31,16 +31,8 @@ def read_embedding(source: Source, token: Optional[str] = None,
     """(token, embedding [n, dim]) of one textual-inversion file, folder, state dict or tensor."""
     name = "the embedding"
     if isinstance(source, (str, os.PathLike)):
-        path = Path(source)
-        if path.is_dir():
-            names = [weight_name] if weight_name else list(WEIGHT_NAMES)
-            found = next((path / n for n in names if (path / n).is_file()), None)
-            if found is None:
-                raise CheckpointError(f"{path} holds no {' or '.join(names)}; pass weight_name= the embedding file.")
-            path = found
-        if not path.is_file():
-            raise CheckpointError(f"textual inversion {str(source)!r} does not exist; pass a .pt/.bin/.safetensors "
-                                  "file, a folder holding learned_embeds.*, a state dict or an array.")
+        path = named_file(source, [weight_name] if weight_name else WEIGHT_NAMES, "textual inversion",
+                          "a .pt/.bin/.safetensors file, a folder holding learned_embeds.*, a state dict or an array")
         name, source = str(path), read_safetensors(path) if path.suffix == ".safetensors" else _torch_load(path)
     if hasattr(source, "shape"):
         if token is None:

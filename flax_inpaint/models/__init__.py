@@ -1,6 +1,8 @@
-"""Flax model families: UNet, VAE, CLIP text encoder, ControlNet and the safety checker."""
-from flax_inpaint.models.checkpoint import CheckpointError
+"""Flax model families: UNet, VAE, CLIP text and image encoders, ControlNet, the safety checker and the
+IP-Adapter image projections."""
+from flax_inpaint.io import CheckpointError
 from flax_inpaint.models.clip import FlaxCLIPTextModel, FlaxCLIPTextModelOutput
+from flax_inpaint.models.clip_vision import FlaxCLIPVisionModelOutput, FlaxCLIPVisionModelWithProjection
 from flax_inpaint.models.controlnet import FlaxControlNetModel, FlaxControlNetOutput
 from flax_inpaint.models.modeling import FlaxModelMixin
 from flax_inpaint.models.safety import CLIPImagePreprocessing, FlaxStableDiffusionSafetyChecker
@@ -19,6 +21,8 @@ __all__ = [
     "FlaxAutoencoderKLOutput",
     "FlaxCLIPTextModel",
     "FlaxCLIPTextModelOutput",
+    "FlaxCLIPVisionModelOutput",
+    "FlaxCLIPVisionModelWithProjection",
     "FlaxControlNetModel",
     "FlaxControlNetOutput",
     "FlaxDecoderOutput",

@@ -52,10 +52,20 @@ TRANSFORMERS_GENERIC_CONFIG_KEYS = frozenset(
     }
 )
 # Training-time settings of CLIP configs: dropout is off at inference, initialisers are unused.
-_CLIP_TRAINING_KEYS = frozenset({"attention_dropout", "dropout", "initializer_range", "initializer_factor"})
+CLIP_TRAINING_KEYS = frozenset({"attention_dropout", "dropout", "initializer_range", "initializer_factor"})
 # transformers' Flax CLIP models (4.x) save `flax_model.msgpack` and name encoder layer 3 `layers/3`.
 TRANSFORMERS_FLAX_STEMS = ("flax_model", "diffusion_flax_model")
 TRANSFORMERS_FLAX_NAMES = (("layers/{n}", "layers_{n}"),)
+
+
+class TransformersCLIPFiles:
+    """The `PretrainedMixin` class attributes of a transformers CLIP model folder: its weight files and
+    the config keys that change nothing here. List it before FlaxModelMixin among a model's bases."""
+
+    weight_stems = ("model", "pytorch_model")
+    flax_weight_stems = TRANSFORMERS_FLAX_STEMS
+    flax_names = TRANSFORMERS_FLAX_NAMES
+    ignored_config_keys = CLIP_TRAINING_KEYS | TRANSFORMERS_GENERIC_CONFIG_KEYS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -259,6 +269,41 @@ class CLIPVisionTransformer(nn.Module):
         return last, self.post_layernorm(last[:, 0]), states
 
 
+class CLIPVisionFields(nn.Module):
+    """The `CLIPVisionConfig` keys of the models built on the vision tower, with transformers' defaults
+    (ViT-B/32), checked on construction. List it last among a model's bases (then PretrainedMixin's
+    `dummy_inputs` comes first: set `dummy_inputs = CLIPVisionFields.dummy_inputs`)."""
+
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_attention_heads: int = 12
+    num_hidden_layers: int = 12
+    num_channels: int = 3
+    image_size: int = 224
+    patch_size: int = 32
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+
+    def __post_init__(self):
+        for key in ("image_size", "patch_size"):
+            if not isinstance(getattr(self, key), int):
+                raise ValueError(
+                    f"{key}={getattr(self, key)!r}: only square images (one integer) are supported."
+                )
+        CLIPEncoderConfig.from_model(self)  # validates hidden_act and the head split now, not at first apply
+        super().__post_init__()
+
+    def to_nhwc(self, pixels: jax.Array, name: str) -> jax.Array:
+        """NCHW CLIP pixel values [B, num_channels, image_size, image_size] (argument `name`) -> NHWC."""
+        if pixels.ndim != 4 or pixels.shape[1] != self.num_channels:
+            c, s = self.num_channels, self.image_size
+            raise ValueError(f"{name} must be NCHW [batch, {c}, {s}, {s}]; got shape {pixels.shape}.")
+        return jnp.transpose(pixels, (0, 2, 3, 1))
+
+    def dummy_inputs(self) -> Tuple[Any, ...]:
+        return (jnp.zeros((1, self.num_channels, self.image_size, self.image_size), jnp.float32),)
+
+
 class CLIPVisionModel(nn.Module):
     """transformers' CLIPVisionModel as a submodule: the tower lives under `vision_model`, so its
     params are `<name>/vision_model/...` like the torch keys `<name>.vision_model.*`."""
@@ -316,7 +361,7 @@ class FlaxCLIPTextModel(FlaxModelMixin, nn.Module):
     weight_stems = ("model", "pytorch_model")
     flax_weight_stems = TRANSFORMERS_FLAX_STEMS
     flax_names = TRANSFORMERS_FLAX_NAMES
-    ignored_config_keys = _CLIP_TRAINING_KEYS | TRANSFORMERS_GENERIC_CONFIG_KEYS
+    ignored_config_keys = CLIP_TRAINING_KEYS | TRANSFORMERS_GENERIC_CONFIG_KEYS
     fixed_config = {"model_type": ("clip_text_model",)}
 
     def __post_init__(self):

@@ -5,7 +5,7 @@ down blocks, mid block, all built by `unet.py`) whose input is the noisy latent 
 of the control image, and whose outputs are the skip connections and mid-block activation passed
 through 1x1 "zero convolutions". Those residuals are added to a UNet's own (see
 `FlaxUNet2DConditionModel.nhwc`). Module names follow the PyTorch attribute names, so a diffusers
-ControlNet folder converts mechanically (see `checkpoint.py`).
+ControlNet folder converts mechanically (see `conversion.py`).
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flax_inpaint.models.checkpoint import Params
+from flax_inpaint.models.conversion import Params
 from flax_inpaint.diffusers_compat import BaseOutput
 from flax_inpaint.models.modeling import FlaxModelMixin
 from flax_inpaint.models.layers import conv

@@ -9,11 +9,12 @@ from __future__ import annotations
 import functools
 from typing import Optional, Tuple
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from flax_inpaint.image_processor import nearest_indices
 from flax_inpaint.runtime import Runtime, attention
 
 ACTIVATIONS = {
@@ -155,15 +156,6 @@ class Downsample2D(nn.Module):
         return conv(self.out_channels, self.runtime, stride=2, padding=self.padding, name="conv")(x)
 
 
-def _nearest_indices(in_size: int, out_size: int) -> np.ndarray:
-    """Source rows of torch's `F.interpolate(size=out_size, mode="nearest")` (float32 scale, floor)."""
-    if out_size == 2 * in_size:
-        return np.arange(out_size) // 2
-    scale = np.float32(in_size) / np.float32(out_size)
-    idx = np.floor(np.arange(out_size, dtype=np.float32) * scale).astype(np.int64)
-    return np.minimum(idx, in_size - 1)
-
-
 class Upsample2D(nn.Module):
     """Nearest-neighbour upsampling (2x, or to `output_size` like diffusers) followed by a 3x3 conv."""
 
@@ -175,9 +167,26 @@ class Upsample2D(nn.Module):
         if output_size is None or tuple(output_size) == (2 * x.shape[1], 2 * x.shape[2]):
             x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
         else:
-            x = x[:, _nearest_indices(x.shape[1], output_size[0])]
-            x = x[:, :, _nearest_indices(x.shape[2], output_size[1])]
+            x = x[:, nearest_indices(x.shape[1], output_size[0])]
+            x = x[:, :, nearest_indices(x.shape[2], output_size[1])]
         return conv(self.out_channels, self.runtime, name="conv")(x)
+
+
+@flax.struct.dataclass
+class IPAdapterTokens:
+    """Image-prompt tokens for the decoupled cross-attention of IP-Adapters (see models/ip_adapter.py).
+
+    tokens: one [batch, tokens, cross_attention_dim] array per adapter (its image projection's output).
+    scale: float32 [layers, adapters], the scale of each adapter in each cross-attention layer still
+      ahead, in diffusers' attention-processor order; each block takes its own rows (`take`).
+    """
+
+    tokens: Tuple[jax.Array, ...]
+    scale: jax.Array
+
+    def take(self, start: int, count: int) -> "IPAdapterTokens":
+        """The same tokens with the scales of layers start .. start + count - 1."""
+        return self.replace(scale=self.scale[start : start + count])
 
 
 class Attention(nn.Module):
@@ -186,6 +195,10 @@ class Attention(nn.Module):
     Works on [batch, tokens, channels]. With `norm_groups` set, it is the VAE's spatial self-attention
     (GroupNorm first, residual added, output divided by `rescale_output_factor`), which also accepts
     NHWC input.
+
+    With `ip` (IP-Adapter tokens, scale rows [1, adapters]) it is diffusers' `IPAdapterAttnProcessor2_0`:
+    the queries also attend to each adapter's tokens through its own bias-free `to_k_ip_j` /
+    `to_v_ip_j`, and scale_j times that attention is added to the text attention before `to_out_0`.
     """
 
     heads: int
@@ -195,9 +208,12 @@ class Attention(nn.Module):
     norm_groups: Optional[int] = None
     norm_eps: float = 1e-6
     rescale_output_factor: float = 1.0
+    out_bias: bool = True
 
     @nn.compact
-    def __call__(self, x: jax.Array, context: Optional[jax.Array] = None) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, context: Optional[jax.Array] = None, ip: Optional[IPAdapterTokens] = None
+    ) -> jax.Array:
         rt = self.runtime
         shape = x.shape
         residual = x
@@ -214,8 +230,13 @@ class Attention(nn.Module):
         q = heads(dense(inner, rt, self.qkv_bias, name="to_q")(x))
         k = heads(dense(inner, rt, self.qkv_bias, name="to_k")(context))
         v = heads(dense(inner, rt, self.qkv_bias, name="to_v")(context))
-        out = attention(q, k, v, rt).reshape(x.shape[0], x.shape[1], inner)
-        out = dense(shape[-1], rt, name="to_out_0")(out).reshape(shape)
+        out = attention(q, k, v, rt)
+        for j, tokens in enumerate(() if ip is None else ip.tokens):
+            k_ip = heads(dense(inner, rt, False, name=f"to_k_ip_{j}")(tokens.astype(rt.dtype)))
+            v_ip = heads(dense(inner, rt, False, name=f"to_v_ip_{j}")(tokens.astype(rt.dtype)))
+            out = out + ip.scale[0, j].astype(out.dtype) * attention(q, k_ip, v_ip, rt)
+        out = out.reshape(x.shape[0], x.shape[1], inner)
+        out = dense(shape[-1], rt, self.out_bias, name="to_out_0")(out).reshape(shape)
         if self.norm_groups is not None:
             out = (out + residual) / self.rescale_output_factor
         return out

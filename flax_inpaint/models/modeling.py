@@ -1,19 +1,278 @@
-"""`FlaxModelMixin`: diffusers' public model API (config files, dtype casts) on top of checkpoint I/O.
+"""The model mixins: loading, saving and configuring our linen models as diffusers/transformers ones.
 
-Every model here is a linen module with `FlaxModelMixin` as a base: `from_pretrained` / `save_pretrained`
-/ `from_config` / `init_weights` come from `checkpoint.PretrainedMixin`, the rest of diffusers'
-FlaxModelMixin and ConfigMixin surface from here.
+`PretrainedMixin` holds `from_config` / `from_pretrained` / `init_weights` / `save_pretrained` over
+`flax_inpaint.io` (files, folders, cache) and `conversion` (tensors onto params); `FlaxModelMixin` adds the
+rest of diffusers' FlaxModelMixin and ConfigMixin surface. Every model here lists `FlaxModelMixin` as a
+base before nn.Module.
 """
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any, ClassVar, Dict, Mapping, Optional, Tuple
 
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from flax_inpaint.diffusers_compat import PUSH_TO_HUB, ConfigMixin, not_provided
-from flax_inpaint.models.checkpoint import Params, PretrainedMixin
+from flax_inpaint.diffusers_compat import PUSH_TO_HUB, ConfigMixin, FrozenConfig, not_provided
+from flax_inpaint.io import (
+    CheckpointError,
+    find_weight_files,
+    params_cache_file,
+    read_config,
+    read_msgpack,
+    read_state_dict,
+    remove_weight_files,
+    resolve_folder,
+    write_bytes_atomic,
+    write_safetensors_atomic,
+)
+from flax_inpaint.models.conversion import (
+    Params,
+    convert_flax_params,
+    convert_state_dict,
+    rename_flax_path,
+    to_torch_state_dict,
+)
+from flax_inpaint.runtime import Runtime
+
+
+class PretrainedMixin:
+    """`from_config` / `from_pretrained` / `init_weights` / `save_pretrained` for our linen models.
+
+    A model class declares:
+      torch_class: the diffusers/transformers class name written to config.json.
+      weight_stems: file stems of its PyTorch weights (e.g. "diffusion_pytorch_model").
+      flax_weight_stems: file stems of its Flax msgpack weights; the first is what diffusers' (or
+        transformers') Flax save_pretrained writes, and what we write.
+      flax_names: (reference Flax name, ours) pairs of the param path fragments that diffusers'
+        or transformers' Flax model of this family names differently from us (see rename_flax_path).
+      ignored_config_keys: config keys that do not change the computation.
+      fixed_config: architecture keys we do not implement, with the values we accept.
+      dummy_inputs(): example inputs for `init`.
+      torch_rename(key): canonical torch key, or None for a buffer to skip.
+    """
+
+    torch_class: ClassVar[str] = ""
+    weight_stems: ClassVar[Tuple[str, ...]] = ("diffusion_pytorch_model",)
+    flax_weight_stems: ClassVar[Tuple[str, ...]] = ("diffusion_flax_model", "flax_model")
+    flax_names: ClassVar[Tuple[Tuple[str, str], ...]] = ()
+    ignored_config_keys: ClassVar[frozenset] = frozenset()
+    fixed_config: ClassVar[Mapping[str, Tuple[Any, ...]]] = {}
+    _always_ignored = frozenset(
+        {"_class_name", "_diffusers_version", "_name_or_path", "_use_default_values",
+         "transformers_version", "architectures", "torch_dtype", "dtype"}
+    )
+
+    # -- config ---------------------------------------------------------------------------------
+    @classmethod
+    def config_fields(cls) -> Tuple[str, ...]:
+        return tuple(
+            f.name for f in dataclasses.fields(cls) if f.name not in ("runtime", "parent", "name")
+        )
+
+    @property
+    def config(self) -> FrozenConfig:
+        return FrozenConfig({k: getattr(self, k) for k in self.config_fields()})
+
+    @classmethod
+    def from_config(cls, config: Optional[Mapping[str, Any]] = None, return_unused_kwargs: bool = False, *,
+                    runtime: Optional[Runtime] = None, **kwargs):
+        """Build the module from a diffusers/transformers config dict, validating its keys.
+
+        Like diffusers: keyword arguments that are config keys override `config`; `dtype` (and our
+        `param_dtype`, `attention`) set the Runtime unless `runtime` is given; `return_unused_kwargs=True`
+        returns (model, the other keyword arguments), which otherwise raise.
+        """
+        if config is None or not isinstance(config, Mapping):
+            why = " (load_config(path) reads one)" if "pretrained_model_name_or_path" in kwargs else ""
+            raise TypeError(f"{cls.__name__}.from_config takes a config dict{why}; got {type(config).__name__}.")
+        if not isinstance(return_unused_kwargs, bool):
+            raise TypeError(f"{cls.__name__}.from_config's second argument is return_unused_kwargs (a bool, as in "
+                            f"diffusers); got {type(return_unused_kwargs).__name__}. Pass runtime=... by keyword.")
+        fields = set(cls.config_fields())
+        runtime_keys = {f.name for f in dataclasses.fields(Runtime)}
+        runtime_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in runtime_keys}
+        overrides = {k: kwargs.pop(k) for k in list(kwargs) if k in fields or k in cls.fixed_config}
+        if kwargs and not return_unused_kwargs:
+            raise TypeError(f"{cls.__name__}.from_config got unexpected keyword arguments {sorted(kwargs)}; it "
+                            f"takes config keys and {sorted(runtime_keys)}.")
+        kwargs_out, unknown, unsupported = {}, [], []
+        for key, value in {**config, **overrides}.items():
+            if key in fields:
+                kwargs_out[key] = tuple(value) if isinstance(value, list) else value
+            elif key in cls.fixed_config:
+                if value not in cls.fixed_config[key]:
+                    unsupported.append(f"{key}={value!r} (supported: {cls.fixed_config[key]})")
+            elif key not in cls.ignored_config_keys and key not in cls._always_ignored:
+                unknown.append(key)
+        if unsupported:
+            raise ValueError(
+                f"{cls.__name__} does not implement these config values, which change the "
+                f"architecture: {', '.join(unsupported)}."
+            )
+        if unknown:
+            warnings.warn(f"{cls.__name__}: ignoring unknown config keys {sorted(unknown)}.")
+        model = cls(**kwargs_out, runtime=runtime or Runtime(**runtime_kwargs))
+        return (model, kwargs) if return_unused_kwargs else model
+
+    @classmethod
+    def torch_rename(cls, key: str) -> Optional[str]:
+        return key
+
+    def dummy_inputs(self) -> Tuple[Any, ...]:
+        raise NotImplementedError
+
+    # -- params ---------------------------------------------------------------------------------
+    def init_weights(self, rng: jax.Array) -> Params:
+        """Randomly initialised params (on the default device), in runtime.param_dtype."""
+        return jax.jit(lambda r: self.init(r, *self.dummy_inputs())["params"])(rng)
+
+    def param_shapes(self) -> Dict[Tuple[str, ...], jax.ShapeDtypeStruct]:
+        shapes = jax.eval_shape(lambda r: self.init(r, *self.dummy_inputs())["params"], jax.random.key(0))
+        return flax.traverse_util.flatten_dict(flax.core.unfreeze(shapes))
+
+    def convert_torch_state_dict(self, state: Mapping[str, np.ndarray]) -> Params:
+        return convert_state_dict(state, self.param_shapes(), self.torch_rename)
+
+    def convert_flax_params(self, flat: Mapping[Tuple[str, ...], np.ndarray]) -> Params:
+        """Flat Flax params named by diffusers'/transformers' Flax models (or by us) -> our params, checked."""
+        return convert_flax_params(flat, self.param_shapes(), self.flax_names)
+
+    def _check_tree(self, params: Params, source: str) -> Params:
+        shapes = self.param_shapes()
+        flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params))
+        bad = sorted(
+            "/".join(p) for p in set(shapes) ^ set(flat)
+        ) + sorted(
+            f"{'/'.join(p)} {list(flat[p].shape)} != {list(shapes[p].shape)}"
+            for p in set(shapes) & set(flat)
+            if tuple(flat[p].shape) != tuple(shapes[p].shape)
+        )
+        if bad:
+            raise CheckpointError(
+                f"{source} does not fit {type(self).__name__} with this config: "
+                + ", ".join(bad[:20])
+            )
+        return params
+
+    def _cast(self, params: Params) -> Params:
+        dt = self.runtime.param_dtype
+        return jax.tree_util.tree_map(
+            lambda x: jnp.asarray(x, dt) if jnp.issubdtype(np.asarray(x).dtype, np.floating) else jnp.asarray(x),
+            params,
+        )
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: os.PathLike | str,
+        dtype: Any = jnp.float32,
+        *,
+        subfolder: Optional[str] = None,
+        param_dtype: Any = jnp.float32,
+        attention: str = "auto",
+        variant: Optional[str] = None,
+        from_pt: bool = False,
+        config: Optional[Mapping[str, Any]] = None,
+        params_cache_dir: Optional[os.PathLike] = None,
+        use_cache: bool = True,
+        local_files_only: bool = False,
+        revision: Optional[str] = None,
+        cache_dir: Optional[os.PathLike] = None,
+        force_download: bool = False,
+        proxies: Optional[dict] = None,
+        token: Any = None,
+    ):
+        """Load `(model, params)` from a local diffusers/transformers folder (or a hub repo id).
+
+        The weights come from the first format the folder has (`WEIGHT_FORMATS`): the Flax msgpack that
+        diffusers'/transformers' Flax `save_pretrained` (and ours) write, then safetensors, then pickled
+        PyTorch files (only through `torch.load(weights_only=True)`); `from_pt=True` skips the Flax
+        msgpack, as in diffusers. A hub `revision` (e.g. "flax", the branch where hub repos keep Flax weights) selects the
+        snapshot. Flax params load directly; PyTorch weights are converted, and the converted params are
+        cached as msgpack under `params_cache_dir` ($FLAX_INPAINT_CACHE, default ~/.cache/flax_inpaint)
+        so the next load skips conversion. `config` replaces the folder's config.json; `cache_dir`,
+        `force_download`, `proxies` and `token` are huggingface_hub's download options, as in diffusers.
+        """
+        hub = dict(cache_dir=cache_dir, force_download=force_download, proxies=proxies, token=token)
+        folder = resolve_folder(pretrained_model_name_or_path, subfolder, local_files_only, revision, **hub)
+        model = cls.from_config(
+            read_config(folder) if config is None else config,
+            runtime=Runtime(dtype=dtype, param_dtype=param_dtype, attention=attention),
+        )
+        files = find_weight_files(folder, cls.weight_stems, () if from_pt else cls.flax_weight_stems, variant)
+        if files[0].suffix == ".msgpack":
+            return model, model._cast(model.convert_flax_params(read_msgpack(files)))
+        cache = params_cache_file(files, cls.__name__, model.config, params_cache_dir) if use_cache else None
+        if cache is not None and cache.is_file():
+            try:
+                return model, model._cast(model.convert_flax_params(read_msgpack([cache])))
+            except CheckpointError:
+                cache.unlink(missing_ok=True)  # stale or damaged cache entry: rebuild it
+        params = model.convert_torch_state_dict(read_state_dict(files))
+        if cache is not None:
+            write_bytes_atomic(cache, flax.serialization.msgpack_serialize(params))
+        return model, model._cast(params)
+
+    @classmethod
+    def from_single_file(
+        cls,
+        path: os.PathLike | str,
+        config: Optional[os.PathLike | str] = None,
+        dtype: Any = jnp.float32,
+        param_dtype: Any = jnp.float32,
+        attention: str = "auto",
+        **overrides,
+    ):
+        """Load `(model, params)` from a single file in the original Stable Diffusion layout (a whole
+        pipeline's file, or a standalone UNet/VAE/ControlNet file); see `flax_inpaint.loaders.single_file`.
+        `config`: a local diffusers folder of the same architecture; `overrides`: image_size, num_in_channels."""
+        from flax_inpaint.loaders.single_file import load_model
+
+        return load_model(cls, path, config, runtime=Runtime(dtype, param_dtype, attention), **overrides)
+
+    def save_pretrained(self, save_directory: os.PathLike, params: Params, is_main_process: bool = True,
+                        push_to_hub: bool = False, *, pytorch_format: bool = False, **kwargs) -> None:
+        """Write config.json and the params as a Flax msgpack (and, optionally, PyTorch safetensors).
+
+        The msgpack is what diffusers' (UNet, VAE, ControlNet: `diffusion_flax_model.msgpack`) or
+        transformers' (CLIP, safety checker: `flax_model.msgpack`) Flax `save_pretrained(params=...)`
+        writes, with their param names, so their Flax `from_pretrained` loads it too.
+        `pytorch_format=True` also writes `<stem>.safetensors` with diffusers/transformers names,
+        loadable by PyTorch (our loader reads it with `from_pt=True`). Every file is written atomically; weight files
+        of an earlier save that this one does not rewrite are removed, so the folder loads what was saved.
+        Only the main process writes (`is_main_process=False` on the others of a multi-host job).
+        """
+        if push_to_hub or kwargs:
+            raise ValueError(f"save_pretrained(push_to_hub=True, {', '.join(kwargs)}) is not provided: {PUSH_TO_HUB}")
+        if not is_main_process:
+            return
+        folder = Path(save_directory)
+        params = self._check_tree(jax.device_get(params), "params")
+        config = {"_class_name": self.torch_class, **self.config}
+        if self.weight_stems[0] == "model":  # transformers-style folder
+            config = {"architectures": [self.torch_class], **self.config}
+            if "model_type" in self.fixed_config:  # transformers' Auto* classes dispatch on it
+                config["model_type"] = self.fixed_config["model_type"][0]
+        flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params))
+        reference = {rename_flax_path(p, self.flax_names, to_reference=True): v for p, v in flat.items()}
+        written = {folder / f"{self.flax_weight_stems[0]}.msgpack": flax.traverse_util.unflatten_dict(reference)}
+        if pytorch_format:
+            written[folder / f"{self.weight_stems[0]}.safetensors"] = to_torch_state_dict(params)
+        if folder.is_dir():
+            remove_weight_files(folder, self.weight_stems, self.flax_weight_stems, keep=list(written))
+        write_bytes_atomic(folder / "config.json", json.dumps(config, indent=2, default=list).encode())
+        for file, tree in written.items():
+            if file.suffix == ".msgpack":
+                write_bytes_atomic(file, flax.serialization.msgpack_serialize(tree))
+            else:
+                write_safetensors_atomic(file, tree)
 
 
 class FlaxModelMixin(PretrainedMixin, ConfigMixin):

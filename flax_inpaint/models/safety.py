@@ -26,13 +26,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from flax_inpaint.diffusers_compat import FrozenConfig, not_provided
-from flax_inpaint.models.checkpoint import Params
+from flax_inpaint.models.conversion import Params
 from flax_inpaint.models.modeling import FlaxModelMixin
 from flax_inpaint.models.clip import (
+    CLIP_TRAINING_KEYS,
     TRANSFORMERS_FLAX_NAMES,
     TRANSFORMERS_FLAX_STEMS,
     TRANSFORMERS_GENERIC_CONFIG_KEYS,
     CLIPEncoderConfig,
+    CLIPVisionFields,
     CLIPVisionModel,
 )
 from flax_inpaint.runtime import Runtime
@@ -224,7 +226,6 @@ class CLIPImagePreprocessing:
 
 # ----------------------------------------------------------------------------- the checker
 
-_CLIP_TRAINING_KEYS = frozenset({"attention_dropout", "dropout", "initializer_range", "initializer_factor"})
 _VISION_FIELDS = (
     "hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers", "num_channels",
     "image_size", "patch_size", "hidden_act", "layer_norm_eps",
@@ -254,7 +255,7 @@ class _NotAPreTrainedModel:
     module_class = not_provided(_LINEN)
 
 
-class FlaxStableDiffusionSafetyChecker(FlaxModelMixin, _NotAPreTrainedModel, nn.Module):
+class FlaxStableDiffusionSafetyChecker(FlaxModelMixin, _NotAPreTrainedModel, CLIPVisionFields):
     """diffusers' `StableDiffusionSafetyChecker` in Flax.
 
     Fields: the `vision_config` keys of its `CLIPConfig` config.json, the top-level
@@ -272,15 +273,6 @@ class FlaxStableDiffusionSafetyChecker(FlaxModelMixin, _NotAPreTrainedModel, nn.
     `checker.apply({'params': params}, clip_input)`.
     """
 
-    hidden_size: int = 768
-    intermediate_size: int = 3072
-    num_attention_heads: int = 12
-    num_hidden_layers: int = 12
-    num_channels: int = 3
-    image_size: int = 224
-    patch_size: int = 32
-    hidden_act: str = "quick_gelu"
-    layer_norm_eps: float = 1e-5
     projection_dim: int = 512
     preprocessing: CLIPImagePreprocessing = CLIPImagePreprocessing()
     runtime: Runtime = Runtime()
@@ -290,19 +282,11 @@ class FlaxStableDiffusionSafetyChecker(FlaxModelMixin, _NotAPreTrainedModel, nn.
     flax_weight_stems = TRANSFORMERS_FLAX_STEMS
     flax_names = TRANSFORMERS_FLAX_NAMES
     ignored_config_keys = (
-        _CLIP_TRAINING_KEYS | TRANSFORMERS_GENERIC_CONFIG_KEYS
+        CLIP_TRAINING_KEYS | TRANSFORMERS_GENERIC_CONFIG_KEYS
         | {"text_config", "text_config_dict", "logit_scale_init_value"}
     )
     fixed_config = {"model_type": ("clip",)}
-
-    def __post_init__(self):
-        for key in ("image_size", "patch_size"):
-            if not isinstance(getattr(self, key), int):
-                raise ValueError(
-                    f"{key}={getattr(self, key)!r}: only square images (one integer) are supported."
-                )
-        CLIPEncoderConfig.from_model(self)  # validates hidden_act and the head split now, not at first apply
-        super().__post_init__()
+    dummy_inputs = CLIPVisionFields.dummy_inputs
 
     # -- config: CLIPConfig {"projection_dim", "vision_config": {...}} <-> flat fields ----------
     @classmethod
@@ -349,9 +333,6 @@ class FlaxStableDiffusionSafetyChecker(FlaxModelMixin, _NotAPreTrainedModel, nn.
             return "vision_model." + key
         return key
 
-    def dummy_inputs(self) -> Tuple[Any, ...]:
-        return (jnp.zeros((1, self.num_channels, self.image_size, self.image_size), jnp.float32),)
-
     def _cast(self, params: Params) -> Params:
         heads = {k: jnp.asarray(params[k], jnp.float32) for k in _HEAD_PARAMS}
         return {**super()._cast(params), **heads}
@@ -377,12 +358,7 @@ class FlaxStableDiffusionSafetyChecker(FlaxModelMixin, _NotAPreTrainedModel, nn.
 
     def image_embeds(self, clip_input: jax.Array) -> jax.Array:
         """NCHW CLIP pixel values [B, C, image_size, image_size] -> embeddings [B, projection_dim]."""
-        if clip_input.ndim != 4 or clip_input.shape[1] != self.num_channels:
-            c, s = self.num_channels, self.image_size
-            raise ValueError(
-                f"clip_input must be NCHW [batch, {c}, {s}, {s}]; got shape {clip_input.shape}."
-            )
-        _, pooled, _ = self.vision_model(jnp.transpose(clip_input, (0, 2, 3, 1)))
+        _, pooled, _ = self.vision_model(self.to_nhwc(clip_input, "clip_input"))
         return self.visual_projection(pooled)
 
     def __call__(self, clip_input: jax.Array) -> jax.Array:

@@ -1,7 +1,7 @@
 """The conditional UNet of Stable Diffusion 1.x/2.x (incl. 9-channel inpainting), NHWC inside.
 
 Mirrors diffusers' `UNet2DConditionModel`: module names follow the PyTorch attribute names, so a
-diffusers checkpoint converts mechanically (see `checkpoint.py`). The blocks are module-level classes
+diffusers checkpoint converts mechanically (see `conversion.py`). The blocks are module-level classes
 with explicit fields so a ControlNet can reuse the time embedding, down blocks and mid block;
 `build_down_block` / `build_mid_block` build them from any object carrying the UNet config fields.
 """
@@ -21,6 +21,7 @@ from flax_inpaint.models.modeling import FlaxModelMixin
 from flax_inpaint.models.layers import (
     Attention,
     Downsample2D,
+    IPAdapterTokens,
     ResnetBlock2D,
     Upsample2D,
     conv,
@@ -93,27 +94,38 @@ class TimestepEmbedding(nn.Module):
 
 
 class GEGLU(nn.Module):
-    """proj to 2*inner, then value * gelu(gate) (exact gelu, as torch's F.gelu)."""
+    """proj to 2*inner, then value * gelu(gate) (exact gelu, as torch's F.gelu). `gated=False` is
+    diffusers' GELU module instead: proj to inner, then gelu."""
 
     inner_dim: int
     runtime: Runtime
+    bias: bool = True
+    gated: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        h, gate = jnp.split(dense(2 * self.inner_dim, self.runtime, name="proj")(x), 2, axis=-1)
-        return h * get_activation("gelu")(gate)
+        gelu = get_activation("gelu")
+        h = dense((2 if self.gated else 1) * self.inner_dim, self.runtime, self.bias, name="proj")(x)
+        if not self.gated:
+            return gelu(h)
+        h, gate = jnp.split(h, 2, axis=-1)
+        return h * gelu(gate)
 
 
 class FeedForward(nn.Module):
-    """diffusers' FeedForward with GEGLU: `net.0` (GEGLU), `net.1` (dropout), `net.2` (Linear)."""
+    """diffusers' FeedForward: `net.0` (GEGLU, or GELU with activation_fn="gelu"), `net.1` (dropout),
+    `net.2` (Linear)."""
 
     runtime: Runtime
-    mult: int = 4
+    mult: float = 4
+    activation_fn: str = "geglu"
+    bias: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        h = GEGLU(x.shape[-1] * self.mult, self.runtime, name="net_0")(x)
-        return dense(x.shape[-1], self.runtime, name="net_2")(h)
+        gated = {"geglu": True, "gelu": False}[self.activation_fn]
+        h = GEGLU(int(x.shape[-1] * self.mult), self.runtime, self.bias, gated, name="net_0")(x)
+        return dense(x.shape[-1], self.runtime, self.bias, name="net_2")(h)
 
 
 class BasicTransformerBlock(nn.Module):
@@ -128,14 +140,14 @@ class BasicTransformerBlock(nn.Module):
     only_cross_attention: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, context: jax.Array, ip: Optional[IPAdapterTokens] = None) -> jax.Array:
         rt = self.runtime
         h = layer_norm(1e-5, rt, name="norm1")(x)
         x = x + Attention(self.heads, self.head_dim, rt, name="attn1")(
             h, context if self.only_cross_attention else None
         )
         h = layer_norm(1e-5, rt, name="norm2")(x)
-        x = x + Attention(self.heads, self.head_dim, rt, name="attn2")(h, context)
+        x = x + Attention(self.heads, self.head_dim, rt, name="attn2")(h, context, ip)
         return x + FeedForward(rt, name="ff")(layer_norm(1e-5, rt, name="norm3")(x))
 
 
@@ -156,7 +168,7 @@ class Transformer2DModel(nn.Module):
 
     @traced_once
     @nn.compact
-    def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, context: jax.Array, ip: Optional[IPAdapterTokens] = None) -> jax.Array:
         rt = self.runtime
         b, hgt, wid, channels = x.shape
         inner = self.heads * self.head_dim
@@ -171,7 +183,7 @@ class Transformer2DModel(nn.Module):
         for i in range(self.num_layers):
             h = BasicTransformerBlock(
                 self.heads, self.head_dim, rt, self.only_cross_attention, name=f"transformer_blocks_{i}"
-            )(h, context)
+            )(h, context, None if ip is None else ip.take(i, 1))
         h = proj(channels, "proj_out")(h.reshape(b, hgt, wid, inner))
         return h + x
 
@@ -194,17 +206,17 @@ class DownBlock2D(nn.Module):
     add_downsample: bool = True
     downsample_padding: int = 1
 
-    def attend(self, i: int, x: jax.Array, context: Optional[jax.Array]) -> jax.Array:
+    def attend(self, i: int, x: jax.Array, context: Optional[jax.Array], ip: Optional[IPAdapterTokens]) -> jax.Array:
         return x
 
     @nn.compact
-    def __call__(self, x, temb, context=None) -> Tuple[jax.Array, Tuple[jax.Array, ...]]:
+    def __call__(self, x, temb, context=None, ip=None) -> Tuple[jax.Array, Tuple[jax.Array, ...]]:
         rt, skips = self.runtime, ()
         for i in range(self.num_layers):
             x = ResnetBlock2D(self.out_channels, rt, self.groups, self.eps, self.act_fn, name=f"resnets_{i}")(
                 x, temb
             )
-            x = self.attend(i, x, context)
+            x = self.attend(i, x, context, ip)
             skips += (x,)
         if self.add_downsample:
             x = Downsample2D(self.out_channels, rt, self.downsample_padding, name="downsamplers_0")(x)
@@ -224,8 +236,9 @@ class _CrossAttnBlock(nn.Module):
     use_linear_projection: bool = False
     only_cross_attention: bool = False
 
-    def attend(self, i, x, context):
-        return _transformer(self, self.out_channels, i)(x, context)
+    def attend(self, i, x, context, ip):
+        t = self.transformer_layers
+        return _transformer(self, self.out_channels, i)(x, context, None if ip is None else ip.take(i * t, t))
 
 
 class CrossAttnDownBlock2D(_CrossAttnBlock, DownBlock2D):
@@ -247,18 +260,18 @@ class UpBlock2D(nn.Module):
     act_fn: str = "silu"
     add_upsample: bool = True
 
-    def attend(self, i: int, x: jax.Array, context: Optional[jax.Array]) -> jax.Array:
+    def attend(self, i: int, x: jax.Array, context: Optional[jax.Array], ip: Optional[IPAdapterTokens]) -> jax.Array:
         return x
 
     @nn.compact
-    def __call__(self, x, skips, temb, context=None, upsample_size=None) -> jax.Array:
+    def __call__(self, x, skips, temb, context=None, upsample_size=None, ip=None) -> jax.Array:
         rt = self.runtime
         for i in range(self.num_layers):
             x = jnp.concatenate([x, skips[-1 - i]], axis=-1)
             x = ResnetBlock2D(self.out_channels, rt, self.groups, self.eps, self.act_fn, name=f"resnets_{i}")(
                 x, temb
             )
-            x = self.attend(i, x, context)
+            x = self.attend(i, x, context, ip)
         if self.add_upsample:
             x = Upsample2D(self.out_channels, rt, name="upsamplers_0")(x, upsample_size)
         return x
@@ -287,7 +300,7 @@ class UNetMidBlock2DCrossAttn(nn.Module):
     only_cross_attention = False  # not configurable for this block in diffusers
 
     @nn.compact
-    def __call__(self, x, temb, context=None) -> jax.Array:
+    def __call__(self, x, temb, context=None, ip=None) -> jax.Array:
         def resnet(i):
             return ResnetBlock2D(
                 self.channels, self.runtime, self.groups, self.eps, self.act_fn, self.output_scale_factor,
@@ -296,7 +309,10 @@ class UNetMidBlock2DCrossAttn(nn.Module):
 
         x = resnet(0)(x, temb)
         for i in range(self.num_layers):
-            x = resnet(i + 1)(_transformer(self, self.channels, i)(x, context), temb)
+            t = self.transformer_layers
+            x = resnet(i + 1)(
+                _transformer(self, self.channels, i)(x, context, None if ip is None else ip.take(i * t, t)), temb
+            )
         return x
 
 
@@ -391,6 +407,27 @@ def build_up_block(cfg: Any, i: int, name: str) -> nn.Module:
         return _maybe_remat(UpBlock2D, cfg)(**common)
     return _maybe_remat(CrossAttnUpBlock2D, cfg)(
         **common, **_attention_fields(cfg, j), only_cross_attention=_at(cfg, "only_cross_attention", j)
+    )
+
+
+def cross_attention_paths(cfg: Any) -> Tuple[Tuple[str, ...], ...]:
+    """Param paths of a UNet config's cross-attention (attn2) layers in diffusers' attention-processor
+    order, which IP-Adapter files and scales follow: down blocks, up blocks, then the mid block (the
+    order in which the PyTorch UNet registers them)."""
+    n = len(cfg.block_out_channels)
+    blocks = [  # (name, attentions, transformer blocks in each)
+        (f"down_blocks_{i}", _at(cfg, "layers_per_block", i), _at(cfg, "transformer_layers_per_block", i))
+        for i in range(n) if _block_type(cfg.down_block_types[i]) == "CrossAttnDownBlock2D"
+    ] + [
+        (f"up_blocks_{i}", _at(cfg, "layers_per_block", n - 1 - i) + 1,
+         _at(cfg, "transformer_layers_per_block", n - 1 - i))
+        for i in range(n) if _block_type(cfg.up_block_types[i]) == "CrossAttnUpBlock2D"
+    ]
+    if cfg.mid_block_type == "UNetMidBlock2DCrossAttn":
+        blocks.append(("mid_block", 1, _at(cfg, "transformer_layers_per_block", n - 1)))
+    return tuple(
+        (name, f"attentions_{a}", f"transformer_blocks_{t}", "attn2")
+        for name, attentions, layers in blocks for a in range(attentions) for t in range(layers)
     )
 
 
@@ -540,9 +577,11 @@ class FlaxUNet2DConditionModel(FlaxModelMixin, nn.Module):
         mid_block_additional_residual: Optional[jax.Array] = None,
         return_dict: bool = True,
         train: bool = False,
+        ip_hidden_states: Optional[Sequence[jax.Array]] = None,
+        ip_adapter_scale: Union[jax.Array, float, None] = None,
     ):
         """NCHW in and out, like diffusers' Flax UNet (same arguments, same order). ControlNet residuals
-        are NCHW too.
+        are NCHW too. IP-Adapter tokens and scales: see `nhwc`.
 
         The model is deterministic whatever `train` says (no dropout or other train-time behaviour, so
         True gives the same output), and `added_cond_kwargs` must be None or empty because it only
@@ -568,7 +607,7 @@ class FlaxUNet2DConditionModel(FlaxModelMixin, nn.Module):
         out = self.nhwc(
             to_nhwc(sample), timesteps, encoder_hidden_states,
             None if down is None else [to_nhwc(r) for r in down],
-            to_nhwc(mid_block_additional_residual),
+            to_nhwc(mid_block_additional_residual), ip_hidden_states, ip_adapter_scale,
         )
         out = jnp.transpose(out, (0, 3, 1, 2))
         return FlaxUNet2DConditionOutput(sample=out) if return_dict else (out,)
@@ -581,17 +620,31 @@ class FlaxUNet2DConditionModel(FlaxModelMixin, nn.Module):
         encoder_hidden_states: jax.Array,
         down_residuals: Optional[Sequence[jax.Array]] = None,
         mid_residual: Optional[jax.Array] = None,
+        ip_hidden_states: Optional[Sequence[jax.Array]] = None,
+        ip_adapter_scale: Union[jax.Array, float, None] = None,
     ) -> jax.Array:
         """The UNet on NHWC `sample` [B, H, W, in_channels]; returns [B, H, W, out_channels].
 
         timesteps: scalar, [1] or [B], int or float. encoder_hidden_states: [B, tokens, dim].
         down_residuals (one per skip connection, conv_in's first) and mid_residual are ControlNet
         outputs, NHWC, added like diffusers does; give both or neither.
+        ip_hidden_states: IP-Adapter image tokens, one [B, tokens, dim] (or [B, images, tokens, dim])
+        array per loaded adapter, what diffusers appends to the text tokens; the params then need the
+        adapters' `to_k_ip_j` / `to_v_ip_j` (loaders/ip_adapter.py). ip_adapter_scale: broadcastable to
+        [cross-attention layers, adapters] (`cross_attention_paths` order), default 1; an argument, so
+        new scales do not recompile.
         """
         rt, n = self.runtime, len(self.block_out_channels)
         batch = sample.shape[0]
         self._check_inputs(sample, timesteps, encoder_hidden_states, down_residuals, mid_residual)
         context = encoder_hidden_states.astype(rt.dtype)
+        ip = self._ip_tokens(ip_hidden_states, ip_adapter_scale, batch)
+        ip_blocks = [path[0] for path in cross_attention_paths(self)]  # the block of each scale row
+
+        def ip_of(block):
+            if ip is None or block not in ip_blocks:
+                return None
+            return ip.take(ip_blocks.index(block), ip_blocks.count(block))
         if self.center_input_sample:
             sample = 2 * sample - 1.0
 
@@ -608,7 +661,7 @@ class FlaxUNet2DConditionModel(FlaxModelMixin, nn.Module):
         h = conv(self.block_out_channels[0], rt, k_in, padding=(k_in - 1) // 2, name="conv_in")(sample)
         skips = (h,)
         for i in range(n):
-            h, res = build_down_block(self, i, f"down_blocks_{i}")(h, emb, context)
+            h, res = build_down_block(self, i, f"down_blocks_{i}")(h, emb, context, ip_of(f"down_blocks_{i}"))
             skips += res
         if down_residuals is not None:
             # A residual may broadcast: global-pooled ControlNets give [B, 1, 1, C].
@@ -625,7 +678,7 @@ class FlaxUNet2DConditionModel(FlaxModelMixin, nn.Module):
 
         mid = build_mid_block(self)
         if mid is not None:
-            h = mid(h, emb, context)
+            h = mid(h, emb, context, ip_of("mid_block"))
         if mid_residual is not None:
             h = h + mid_residual.astype(h.dtype)
 
@@ -636,12 +689,45 @@ class FlaxUNet2DConditionModel(FlaxModelMixin, nn.Module):
             block = build_up_block(self, i, f"up_blocks_{i}")
             res, skips = skips[-block.num_layers:], skips[:-block.num_layers]
             size = skips[-1].shape[1:3] if forward_size and i < n - 1 else None
-            h = block(h, res, emb, context, size)
+            h = block(h, res, emb, context, size, ip_of(f"up_blocks_{i}"))
 
         h = get_activation(self.act_fn)(
             group_norm(self.norm_num_groups, self.norm_eps, rt, name="conv_norm_out")(h)
         )
         return conv(self.out_channels, rt, k_out, padding=(k_out - 1) // 2, name="conv_out")(h)
+
+    def _ip_tokens(self, hidden_states, scale, batch: int) -> Optional[IPAdapterTokens]:
+        """The IP-Adapter inputs checked and shaped: tokens [B, n, dim] each, scales [layers, adapters]."""
+        if hidden_states is None:
+            if scale is not None:
+                raise ValueError("ip_adapter_scale was given without ip_hidden_states; pass both or neither.")
+            return None
+        if isinstance(hidden_states, jax.Array) or not isinstance(hidden_states, Sequence) or not hidden_states:
+            raise TypeError("ip_hidden_states must be a list with one token array per IP-Adapter, as diffusers' "
+                            "image_embeds; wrap a single adapter's array in a list.")
+        paths = cross_attention_paths(self)
+        if not paths:
+            raise ValueError("ip_hidden_states was given, but this UNet has no cross-attention layers to use it.")
+        params = flax.traverse_util.flatten_dict(flax.core.unfreeze(self.variables.get("params", {})))
+        last = paths[0] + (f"to_k_ip_{len(hidden_states) - 1}", "kernel")
+        if not self.is_initializing() and last not in params:
+            raise ValueError(f"ip_hidden_states has {len(hidden_states)} arrays, but the params hold fewer "
+                             "IP-Adapters; add them with flax_inpaint.loaders.ip_adapter.load_ip_adapter.")
+        dim, layers = _at(self, "cross_attention_dim", 0), len(paths)
+        tokens = []
+        for j, t in enumerate(hidden_states):
+            if t.ndim not in (3, 4) or t.shape[0] != batch or t.shape[-1] != dim:
+                raise ValueError(f"ip_hidden_states[{j}] has shape {t.shape}; expected [{batch}, tokens, {dim}] "
+                                 f"or [{batch}, images, tokens, {dim}].")
+            tokens.append(t.reshape(batch, -1, dim))
+        shape = (layers, len(tokens))
+        scale = jnp.float32(1.0) if scale is None else jnp.asarray(scale, jnp.float32)
+        try:
+            scale = jnp.broadcast_to(scale, shape)
+        except ValueError:
+            raise ValueError(f"ip_adapter_scale has shape {scale.shape}; expected one broadcastable to "
+                             f"[cross-attention layers, adapters] = {list(shape)}.") from None
+        return IPAdapterTokens(tuple(tokens), scale)
 
     def _check_inputs(self, sample, timesteps, context, down_residuals, mid_residual) -> None:
         """Fail before any compute on inputs that cannot fit this configuration."""

@@ -296,6 +296,11 @@ class FlaxAutoencoderKL(FlaxModelMixin, nn.Module):
         get_activation(self.act_fn)  # raises, naming the supported ones
         super().__post_init__()
 
+    @property
+    def downscale(self) -> int:
+        """How many times smaller than the image a latent is a side (8 for SD's VAEs): diffusers' vae_scale_factor."""
+        return 2 ** (len(self.block_out_channels) - 1)
+
     def setup(self):
         rt = self.runtime
         shared = dict(

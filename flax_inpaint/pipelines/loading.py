@@ -9,7 +9,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import jax.numpy as jnp
 
-from flax_inpaint.models.checkpoint import (
+from flax_inpaint.io import (
     CheckpointError,
     read_config,
     resolve_folder,

@@ -172,7 +172,7 @@ def generate(c: Components, opts: Options, params, batch: Batch, key: Array):
     n_img = opts.num_images_per_prompt
     context = _prompt_context(c, opts, params, batch)
     bsz = context.shape[0] // (2 if opts.do_cfg else 1)
-    factor = 2 ** (len(vae.block_out_channels) - 1)
+    factor = vae.downscale
     shape = (bsz, opts.height // factor, opts.width // factor, vae.latent_channels)
     key_noise, key_image, key_masked, key_loop = jax.random.split(key, 4)
 

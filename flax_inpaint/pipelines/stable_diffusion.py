@@ -31,7 +31,7 @@ from flax_inpaint.image_processor import VaeImageProcessor, postprocess_inpaint,
 from flax_inpaint.loaders.lora import LoraLoaderMixin
 from flax_inpaint.loaders.single_file import FromSingleFileMixin
 from flax_inpaint.loaders.textual_inversion import TextualInversionLoaderMixin
-from flax_inpaint.models.checkpoint import CheckpointError, read_config, resolve_folder
+from flax_inpaint.io import CheckpointError, read_config, resolve_folder
 from flax_inpaint.pipelines import loading
 from flax_inpaint.pipelines.inputs import Prepared, build
 from flax_inpaint.pipelines.sampling import (
@@ -87,7 +87,7 @@ class FlaxDiffusionPipeline(FromSingleFileMixin, LoraLoaderMixin, TextualInversi
         self.vae, self.text_encoder, self.tokenizer, self.unet = vae, text_encoder, tokenizer, unet
         self.scheduler, self.safety_checker, self.feature_extractor = scheduler, safety_checker, feature_extractor
         self.dtype = dtype
-        self.vae_scale_factor = 2 ** (len(vae.block_out_channels) - 1)
+        self.vae_scale_factor = vae.downscale
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
         self.mask_processor = VaeImageProcessor.for_masks(self.vae_scale_factor)
         self._progress_bar_config: dict = {}

@@ -46,11 +46,12 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from flax_inpaint.cli import _positive, _unit  # the CLI's argument types
-from flax_inpaint.models.checkpoint import CheckpointError, write_bytes_atomic
+from flax_inpaint.io import CheckpointError, write_bytes_atomic
 from flax_inpaint.models.controlnet import FlaxControlNetModel
 from flax_inpaint.pipelines.sampling import encode_text
+from flax_inpaint.runtime import data_mesh
 from flax_inpaint.train import dataset as data_source
-from flax_inpaint.train.loop import TrainState, data_mesh
+from flax_inpaint.train.loop import TrainState
 
 Params = Any
 Batch = Dict[str, jax.Array]
@@ -107,7 +108,7 @@ def controlnet_loss(models: Models, params: Params, frozen: Dict[str, Any], batc
     frozen: {"unet", "vae", "text_encoder": params, "alphas_cumprod": [num_train_timesteps] fp32}.
     """
     unet, vae, net = models.unet, models.vae, models.controlnet
-    factor = 2 ** (len(vae.block_out_channels) - 1)
+    factor = vae.downscale
 
     def latents_of(pixels, eps):  # a posterior sample, scaled
         dist = vae.apply({"params": frozen["vae"]}, pixels.astype(vae.runtime.dtype), method=vae.encode_nhwc)
@@ -144,8 +145,7 @@ def train_step(models: Models, optimizer: optax.GradientTransformation, seed: in
                frozen: Dict[str, Any], batch: Batch) -> Tuple[TrainState, jax.Array]:
     """One micro-batch: draws, loss and ControlNet gradients, then the optimiser (with
     `optax.MultiSteps` it applies the mean gradient every k micro-batches). Returns (state, loss)."""
-    f = 2 ** (len(models.vae.block_out_channels) - 1)
-    size = batch["image"].shape[1] // f
+    size = batch["image"].shape[1] // models.vae.downscale
     draws = draw(seed, batch["position"], (size, size, models.vae.latent_channels),
                  frozen["alphas_cumprod"].shape[0])
     loss, grads = jax.value_and_grad(functools.partial(controlnet_loss, models))(state.params, frozen, batch, draws)
@@ -349,7 +349,7 @@ def _models(args, seed: int, compute):
         args.pretrained_model_name_or_path, dtype=compute, param_dtype=jnp.float32, variant=args.variant,
         revision=args.revision, skip=("safety_checker", "feature_extractor", "image_encoder", "controlnet"))
     unet, vae, scheduler = comps["unet"], comps["vae"], comps["scheduler"]
-    factor = 2 ** (len(vae.block_out_channels) - 1)
+    factor = vae.downscale
     if args.resolution % factor:
         raise ValueError(f"--resolution {args.resolution} must be a multiple of the VAE's downsampling factor {factor}.")
     if scheduler.prediction_type not in ("epsilon", "v_prediction"):

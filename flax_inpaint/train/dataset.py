@@ -357,7 +357,7 @@ def make_example_dataset(folder: Path, num_examples: int = 2048, resolution: int
     ControlNet for `flax_inpaint/assets/tiny-shapes-inpaint`. Every file is written atomically and
     metadata.jsonl last, so an interrupted run leaves no folder that looks complete.
     """
-    from flax_inpaint.models.checkpoint import write_bytes_atomic
+    from flax_inpaint.io import write_bytes_atomic
     from flax_inpaint.train import data
 
     def png(array: np.ndarray) -> bytes:

@@ -23,7 +23,8 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from flax_inpaint.models.checkpoint import CheckpointError, write_bytes_atomic
+from flax_inpaint.io import CheckpointError, write_bytes_atomic
+from flax_inpaint.runtime import data_mesh
 
 Params = Any
 Batch = Dict[str, np.ndarray]
@@ -75,11 +76,6 @@ class FitResult(NamedTuple):
     def final_loss(self) -> float:
         """Mean of the last (up to) 10 logged losses: a smoothed end-of-training loss."""
         return float(np.mean(self.losses[-10:])) if self.losses else float("nan")
-
-
-def data_mesh(devices=None) -> Mesh:
-    """A one-axis ("data") mesh over `devices` (default: all)."""
-    return Mesh(np.asarray(devices if devices is not None else jax.devices()), ("data",))
 
 
 def checkpoint_path(out_dir: Path, name: str) -> Path:

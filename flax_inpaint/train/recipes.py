@@ -153,7 +153,7 @@ def encode_scenes(vae: FlaxAutoencoderKL, vae_params, seed: int, n: int, task: s
     `sampling.generate`), the caption and, for task="controlnet", the circle's outline (uint8 HW).
     The losses sample both posteriors afresh each step.
     """
-    factor = 2 ** (len(vae.block_out_channels) - 1)
+    factor = vae.downscale
 
     @jax.jit
     def moments(params, images, masks):

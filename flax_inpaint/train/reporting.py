@@ -10,7 +10,7 @@ import jax
 import numpy as np
 from PIL import Image
 
-from flax_inpaint.models.checkpoint import write_bytes_atomic
+from flax_inpaint.io import write_bytes_atomic
 
 REPORT_TO = ("tensorboard", "wandb", "all", "none")
 
