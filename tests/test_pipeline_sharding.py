@@ -63,6 +63,19 @@ def test_pmap_matches_per_shard_single_device_calls(sd):
     assert np.abs(out[0] - out[2]).max() > 1e-2  # same prompt, other key and guidance: another image
 
 
+def test_pmap_latent_output_matches_single_device_calls(sd):
+    """output_type="latent" under jit=True: NCHW latents [devices, per_device, C, h, w], each device's those
+    of a one-device call on its shard with its key (the adapter splits the one program's rows back)."""
+    keys = jax.random.split(jax.random.key(2), N_DEV)
+    out = pmapped(sd, keys, output_type="latent", strength=0.8)
+    assert out.shape == (N_DEV, 1, 4, 8, 8)
+    for d in (0, N_DEV - 1):
+        rows = slice(d, d + 1)
+        one = sd.pipe(sd.ids[rows], sd.mask[rows], sd.masked[rows], sd.params, keys[d], image=sd.image[rows],
+                      guidance_scale=sd.guidance[rows], output_type="latent", strength=0.8, **OPTS).images
+        np.testing.assert_allclose(out[d], one, atol=ATOL, rtol=0)
+
+
 def test_pmap_new_inputs_do_not_recompile(sd):
     """Under jit=True too, new prompts, keys, masks, guidance, strength and eta reuse the program."""
     first = pmapped(sd, jax.random.split(jax.random.key(0), N_DEV))  # compiles unless an earlier test did
