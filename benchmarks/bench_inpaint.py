@@ -285,11 +285,12 @@ class Ours:
         return {"prompt_ids": ids, "neg_prompt_ids": self.pipe.tokenize([""] * batch), "mask": masks,
                 "masked_image": masked}
 
-    def run(self, inputs, steps: int, guidance: float) -> np.ndarray:
-        """NHWC images in [0, 1] as a host array (so the call has finished)."""
+    def run(self, inputs, steps: int, guidance: float, **hooks) -> np.ndarray:
+        """NHWC images in [0, 1] as a host array (so the call has finished); `hooks`: the pipeline's per-step
+        keywords (progress, host_callbacks)."""
         return self.pipe(inputs["prompt_ids"], inputs["mask"], inputs["masked_image"], self.params, self.key,
                          num_inference_steps=steps, guidance_scale=guidance,
-                         neg_prompt_ids=inputs["neg_prompt_ids"]).images
+                         neg_prompt_ids=inputs["neg_prompt_ids"], **hooks).images
 
     def program(self, inputs, steps: int, guidance: float, size: int, runtime=None):
         """(the jitted sampling program, its arguments) for one pipeline call, the models running with
@@ -399,8 +400,21 @@ def peak_tflops(args, device_kind: str) -> Optional[float]:
     return next((v for k, v in PEAK_TFLOPS.items() if k in device_kind), None)
 
 
+def step_hooks(args) -> Dict[str, Any]:
+    """The per-step keywords of --progress (a tqdm bar on stderr) and --preview K (latent-to-RGB PNGs every
+    K steps into a temporary folder: the latents go to the host at every step)."""
+    from flax_inpaint.pipelines.callbacks import PreviewWriter
+
+    hooks: Dict[str, Any] = {"progress": True} if args.progress else {}
+    if args.preview:
+        writer = PreviewWriter(tempfile.mkdtemp(prefix="bench-preview-"), args.preview)
+        hooks["host_callbacks"] = [writer.host_callback()]
+    return hooks
+
+
 def bench_ours(args, preset: Preset, common: Dict[str, Any], clock: CompileClock) -> List[Dict[str, Any]]:
     ours = Ours(preset, args.scheduler, runtime_for(args), seed=args.seed)
+    hooks = step_hooks(args)
     peak = peak_tflops(args, jax.devices()[0].device_kind)
     records = []
     # ascending: the process-wide memory high-water mark is this batch's
@@ -410,7 +424,7 @@ def bench_ours(args, preset: Preset, common: Dict[str, Any], clock: CompileClock
         out = {}
 
         def call():
-            out["images"] = ours.run(inputs, args.steps, args.guidance)
+            out["images"] = ours.run(inputs, args.steps, args.guidance, **hooks)
 
         first = once(call)
         compile_s = clock.seconds - before
@@ -683,6 +697,9 @@ def parse_args(argv=None, torch_side: bool = False) -> argparse.Namespace:
         p.add_argument("--psnr", action="store_true", help="PSNR of --dtype images against float32 ones")
         p.add_argument("--nan-check", action="store_true", help="finite images with every scheduler")
         p.add_argument("--flops-only", action="store_true", help="only TFLOP per image (lowering, no run)")
+        p.add_argument("--progress", action="store_true", help="with a per-step progress bar (a host callback)")
+        p.add_argument("--preview", type=int, default=0, metavar="K",
+                       help="with latent-to-RGB preview PNGs every K steps (the latents go to the host every step)")
         p.add_argument("--flash-min-length", type=int, default=Runtime.flash_min_length,
                        help="shortest sequence the Pallas TPU kernel takes (Runtime.flash_min_length)")
         p.add_argument("--compile-only", action="store_true",
@@ -718,6 +735,7 @@ def parse_args(argv=None, torch_side: bool = False) -> argparse.Namespace:
 def common_fields(args) -> Dict[str, Any]:
     return {"preset": args.preset, "height": args.size, "width": args.size, "steps": args.steps,
             "scheduler": args.scheduler, "guidance_scale": args.guidance, "dtype": args.dtype,
+            "progress": getattr(args, "progress", False), "preview_every": getattr(args, "preview", 0),
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
 
 

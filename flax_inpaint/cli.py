@@ -38,6 +38,8 @@ EPILOG = """examples:
   flax-inpaint inpaint --single-file model.safetensors --lora style.safetensors:0.8 \\
       --textual-inversion negemb.pt:negemb --negative-prompt negemb --image photo.png --mask mask.png --prompt "a cat"
   flax-inpaint bench --preset tiny --batch 1 --steps 2
+  flax-inpaint diffedit --image photo.png --source-prompt "a bowl of fruits" --target-prompt "a bowl of pears" \\
+      --model path/to/sd --out edits
   flax-inpaint train-controlnet --pretrained_model_name_or_path BASE --train_data_dir DATA --output_dir OUT
 
 A model is a local diffusers folder (model_index.json) or a hub repo id (org/name), or with --single-file
@@ -49,6 +51,7 @@ TRACEBACK_ENV = "FLAX_INPAINT_TRACEBACK"
 MEMORY_HINT = {
     "demo": "lower --scale",
     "inpaint": "lower --batch or --size, or pass --dtype bfloat16",
+    "diffedit": "lower --size or --num-maps-per-mask, or pass --dtype bfloat16",
     "sweep": "lower --per-device-batch or the spec's 'size', or set its 'dtype' to 'bfloat16'",
     "convert": "convert on a machine with more memory",
     "train": "lower --batch-size",
@@ -177,15 +180,18 @@ def _write_png(image, path: Path, option: str) -> None:
 def _inpaint(pipe, params, image, mask, prompts: Sequence[str], negative: Optional[str], steps: int,
              guidance: float, strength: float, seeds: Sequence[int], size: Optional[int], overlay: bool,
              batch: Optional[int] = None, progress: Optional[bool] = False,
-             save: Optional[Callable[[int, list], None]] = None):
+             save: Optional[Callable[[int, list], None]] = None, preview: Optional[Path] = None,
+             preview_every: int = 1):
     """One image per (prompt, seed) pair, each sampled with its own key; returns (PIL images, nsfw, seconds).
 
     Calls of `batch` pairs each (default: all at once) advance a progress bar (`progress`: True,
     False, or None for only on a terminal); a pair's image does not depend on its batch companions.
-    `save(first_index, images)` receives each call's images as soon as they exist.
+    `save(first_index, images)` receives each call's images as soon as they exist. A second bar moves per
+    denoising step of each call; `preview` gets a latent-to-RGB PNG per image every `preview_every` steps.
     """
     from tqdm import tqdm
 
+    from flax_inpaint.pipelines.callbacks import PreviewWriter, wants_bar
     from flax_inpaint.pipelines.inputs import seed_keys
 
     f = pipe.vae_scale_factor
@@ -207,10 +213,14 @@ def _inpaint(pipe, params, image, mask, prompts: Sequence[str], negative: Option
     with tqdm(total=len(prompts), unit="img", desc="inpaint", disable=quiet) as bar:
         for lo in range(0, len(prompts), batch):
             chunk = list(prompts[lo:lo + batch])
+            pipe.set_progress_bar_config(desc=f"batch {lo // batch + 1}", unit="step", leave=False)
+            writer = PreviewWriter(preview, preview_every, f"batch{lo // batch + 1}_") if preview else None
+            hooks = [writer.host_callback()] if writer else []
             out = pipe.inpaint(chunk, image, mask, params, seed_keys(seeds[lo:lo + batch]),
                                negative_prompt=None if negative is None else [negative] * len(chunk),
                                height=height, width=width, num_inference_steps=steps, guidance_scale=guidance,
-                               strength=strength, apply_overlay=overlay)
+                               strength=strength, apply_overlay=overlay, progress=wants_bar(progress),
+                               host_callbacks=hooks)
             if save is not None:
                 save(lo, list(out.images))
             images += list(out.images)
@@ -265,11 +275,14 @@ def cmd_inpaint(args) -> None:
         for name, im in zip(names[first:], images):
             _write_png(im, out_dir / name, "--out")
 
+    if args.preview:
+        check_folder(Path(args.preview), "--preview")
     _say(f"inpainting {len(prompts)} image(s) in batches of {args.batch}, {args.steps} steps (the first batch "
          "compiles) ...")
     images, nsfw, seconds = _inpaint(pipe, params, image, mask, prompts, args.negative_prompt, args.steps,
                                      args.guidance, args.strength, seeds, args.size, args.overlay, args.batch,
-                                     progress=False if args.no_progress else None, save=save)
+                                     progress=False if args.no_progress else None, save=save,
+                                     preview=args.preview and Path(args.preview), preview_every=args.preview_every)
     flagged = 0 if nsfw is None else int(sum(bool(x) for x in nsfw))
     print(f"wrote {len(images)} image(s) to {out_dir} in {seconds:.1f} s"
           + (f", replacing {replaced} of the same name" if replaced else "")
@@ -472,6 +485,9 @@ def build_parser() -> argparse.ArgumentParser:
     inp.add_argument("--overlay", action="store_true", help="paste the unmasked pixels of --image back exactly")
     inp.add_argument("--out", default="outputs", help="output folder")
     inp.add_argument("--no-progress", action="store_true", help="no progress bar (there is none off a terminal)")
+    inp.add_argument("--preview", default=None, metavar="DIR",
+                     help="write latent-to-RGB previews (batch<b>_<image>-step<s>.png) while sampling")
+    inp.add_argument("--preview-every", type=_positive(int), default=5, help="steps between previews")
     inp.set_defaults(func=cmd_inpaint)
 
     sw = sub.add_parser(
@@ -510,6 +526,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run benchmarks/bench_inpaint.py of a source checkout with the remaining arguments.")
     bench.add_argument("--script", default=None, help="path of bench_inpaint.py (default: the checkout's)")
     bench.set_defaults(func=cmd_bench)
+
+    from flax_inpaint.cli_diffedit import add_parser as add_diffedit
+
+    add_diffedit(sub, fmt)
 
     sub.add_parser(
         "train-controlnet", add_help=False, allow_abbrev=False,

@@ -16,6 +16,9 @@ Instead of "model", "single_file" (with an optional "config" folder) loads an or
 and embeddings (as the CLI's --lora / --textual-inversion), and the option "lora_weight" (a number for
 every LoRA, or one per LoRA) may vary in the grid: the weights are traced, so it never recompiles.
 
+"pipeline": "diffedit" runs DiffEdit on a text-to-image model instead: configurations give "source_prompt"
+(what the image shows) and "prompt" (what it should show) but no "mask"; see `_compute_diffedit`.
+
 How it runs (`run_sweep`):
   * Configurations are grouped by what the compiled program depends on (height, width, steps,
     scheduler, guidance > 1), so each group compiles once; prompts, seeds, guidance, strength and
@@ -72,7 +75,8 @@ _OWN_FILE = re.compile(r"[0-9a-f]{16}\.png|\.[0-9a-f]{16}\.png\..+\.tmp")
 DTYPES = ("float32", "bfloat16")
 COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 _SETTINGS = ("model", "single_file", "config", "lora", "textual_inversion", "out", "dtype", "per_device_batch", "grid",
-             "list")
+             "list", "pipeline")
+PIPELINES = ("inpaint", "diffedit")
 
 
 class SweepSpecError(ValueError):
@@ -89,7 +93,7 @@ class Config:
 
     prompt: str
     image: str
-    mask: str
+    mask: Optional[str] = None  # None for DiffEdit, which finds the mask itself
     negative_prompt: Optional[str] = None
     seed: int = 0
     guidance: float = 7.5
@@ -98,16 +102,19 @@ class Config:
     scheduler: Optional[str] = None  # a diffusers scheduler class name; None keeps the model's
     size: Optional[int] = None  # square output size; None keeps the image's size (floored to 8)
     lora_weight: Optional[Union[float, Tuple[float, ...]]] = None  # the spec's LoRAs' weights (traced: no recompile)
+    source_prompt: Optional[str] = None  # DiffEdit: what the image shows (`prompt`: what it should show)
 
     def result_id(self, model: str, dtype: str) -> str:
         """Deterministic id: a hash of this configuration, the model and the dtype."""
-        fields = {k: v for k, v in dataclasses.asdict(self).items() if k != "lora_weight" or v is not None}
+        fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in _ID_IF_SET or v is not None}
         payload = json.dumps({"model": model, "dtype": dtype, **fields}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
 AXES = tuple(f.name for f in dataclasses.fields(Config))
-_REQUIRED = ("prompt", "image", "mask")
+_REQUIRED = {"inpaint": ("prompt", "image", "mask"), "diffedit": ("prompt", "image", "source_prompt")}
+_ID_IF_SET = ("mask", "lora_weight", "source_prompt")  # in a result's id only when set (older ids stay)
+_ONLY_IN = {"mask": "inpaint", "scheduler": "inpaint", "source_prompt": "diffedit"}  # options of one pipeline
 
 
 def _is_int(v) -> bool:
@@ -134,6 +141,7 @@ _CHECKS = {
                                                              "factor), or null"),
     "lora_weight": (lambda v: v is None or _is_number(v) or (isinstance(v, list) and all(map(_is_number, v))),
                     "a number (every LoRA of the spec) or a list of numbers (one per LoRA)"),
+    "source_prompt": (lambda v: isinstance(v, str), "a string (DiffEdit: what the image shows)"),
 }
 
 
@@ -151,6 +159,7 @@ class SweepSpec:
     config: Optional[str] = None
     loras: Tuple[Tuple[str, float], ...] = ()  # (path, default weight)
     embeddings: Tuple[Tuple[str, Optional[str]], ...] = ()  # (path, token)
+    pipeline: str = "inpaint"  # or "diffedit": `prompt` is the target, `source_prompt` what the image shows
 
     @classmethod
     def from_dict(cls, spec: Mapping[str, Any], base_dir: Union[str, os.PathLike] = ".",
@@ -178,6 +187,12 @@ class SweepSpec:
         per_device = spec.get("per_device_batch", 1)
         if not _is_int(per_device) or per_device < 1:
             fail(f"'per_device_batch' = {per_device!r} must be an int >= 1.")
+        pipeline = spec.get("pipeline", "inpaint")
+        if pipeline not in PIPELINES:
+            fail(f"'pipeline' = {pipeline!r}; use one of {list(PIPELINES)}.")
+        if pipeline == "diffedit" and (loaders["single_file"] or loaders["loras"] or loaders["embeddings"]):
+            fail("'pipeline': 'diffedit' takes a diffusers 'model' folder; drop 'single_file', 'lora' and "
+                 "'textual_inversion'.")
         out_dir = out if out is not None else spec.get("out")
         if not isinstance(out_dir, str) or not out_dir:
             fail(f"'out' must be the output folder (a path), got {out_dir!r}; set it or pass --out.")
@@ -238,9 +253,14 @@ class SweepSpec:
         for i, entry in enumerate(entries):
             for combo in itertools.product(*grid.values()):
                 values = {**defaults, **entry, **dict(zip(grid, combo))}
-                missing = [k for k in _REQUIRED if k not in values]
+                missing = [k for k in _REQUIRED[pipeline] if k not in values]
                 if missing:
                     fail(f"list[{i}] has no {missing}; give them at the top level, in the grid or in the entry.")
+                unused = [k for k, p in _ONLY_IN.items() if p != pipeline and values.get(k) is not None]
+                if unused:
+                    fail(f"list[{i}] sets {unused}, which the {pipeline!r} pipeline does not take; drop them"
+                         + (" (DiffEdit finds the mask and runs DDIM)." if pipeline == "diffedit" else
+                            " or set \"pipeline\": \"diffedit\"."))
                 if isinstance(values.get("lora_weight"), list):
                     values["lora_weight"] = tuple(values["lora_weight"])
                 weight = values.get("lora_weight")
@@ -249,7 +269,7 @@ class SweepSpec:
                     fail(f"lora_weight={weight!r} needs the spec's 'lora' list, one weight for all or one per LoRA "
                          f"({len(loaders['loras'])}).")
                 config = Config(**values)
-                if sizes[config.image] != sizes[config.mask]:
+                if config.mask is not None and sizes[config.image] != sizes[config.mask]:
                     (iw, ih), (mw, mh) = sizes[config.image], sizes[config.mask]
                     fail(f"image {config.image!r} is {iw}x{ih} but its mask {config.mask!r} is {mw}x{mh}; pair "
                          "each image with a mask of its size (list entries pair them; a grid crosses them).")
@@ -257,7 +277,7 @@ class SweepSpec:
                     seen.add(config)
                     configs.append(config)
         return cls(model=model, out=base / out_dir, configs=tuple(configs), dtype=dtype,
-                   per_device_batch=per_device, base_dir=base, **loaders)
+                   per_device_batch=per_device, base_dir=base, pipeline=pipeline, **loaders)
 
     @classmethod
     def from_file(cls, path: Union[str, os.PathLike], out: Optional[str] = None) -> "SweepSpec":
@@ -518,7 +538,8 @@ def run_sweep(spec: SweepSpec, pipeline: Optional[Tuple[Any, Any]] = None, mesh:
         if not plan[0]:
             raise refused or SweepLockError(f"process 0 could not lock {spec.out}; see its error.")
         todo = [(i, c) for i, c, d in zip(ids, spec.configs, plan[1:]) if not d]
-        compiles = _compute(spec, todo, pipeline, mesh, progress, store if writer else None, done) if todo else {}
+        compute = _compute_diffedit if spec.pipeline == "diffedit" else _compute
+        compiles = compute(spec, todo, pipeline, mesh, progress, store if writer else None, done) if todo else {}
 
         sheet = None
         if writer:
@@ -528,15 +549,30 @@ def run_sweep(spec: SweepSpec, pipeline: Optional[Tuple[Any, Any]] = None, mesh:
                         compiles=compiles, contact_sheet=sheet)
 
 
+def _output_size(spec: SweepSpec, c: Config, f: int) -> Tuple[int, int]:
+    """(height, width) of a configuration's result: its 'size', or its image's size floored to the VAE factor `f`."""
+    if c.size:
+        if c.size % f:
+            raise SweepSpecError(f"sweep spec 'size' = {c.size} must be a multiple of {f} (the model's VAE scale "
+                                 f"factor); use e.g. {max(f, c.size - c.size % f)}.")
+        return c.size, c.size
+    with Image.open(spec.base_dir / c.image) as im:
+        w, h = im.size
+    if min(w, h) < f:
+        raise SweepSpecError(f"image {c.image!r} is {w}x{h}; the model needs at least {f}x{f} pixels "
+                             "(its VAE factor): pass a larger image or set 'size'.")
+    return h - h % f, w - w % f
+
+
 def _compute(spec: SweepSpec, todo: List[Tuple[str, Config]], pipeline, mesh: Optional[Mesh],
              progress: Optional[bool], store: Optional[ResultStore], done: Dict[str, dict]) -> Dict[str, int]:
     """Run `todo` group by group; process 0 (`store` given) writes each result and adds it to `done`.
     Returns the sampling program's compilations per group."""
     from tqdm import tqdm
 
-    from flax_inpaint.pipelines.stable_diffusion import FlaxStableDiffusionInpaintPipeline
-
     from flax_inpaint.loaders import options
+    from flax_inpaint.pipelines.callbacks import wants_bar
+    from flax_inpaint.pipelines.stable_diffusion import FlaxStableDiffusionInpaintPipeline
 
     if pipeline is None:
         import jax.numpy as jnp
@@ -561,18 +597,7 @@ def _compute(spec: SweepSpec, todo: List[Tuple[str, Config]], pipeline, mesh: Op
     f = base_pipe.vae_scale_factor
 
     def group_of(c: Config) -> _Group:
-        if c.size:
-            if c.size % f:
-                raise SweepSpecError(f"sweep spec 'size' = {c.size} must be a multiple of {f} (the model's VAE scale "
-                                     f"factor); use e.g. {max(f, c.size - c.size % f)}.")
-            h = w = c.size
-        else:
-            with Image.open(spec.base_dir / c.image) as im:
-                w, h = im.size
-            if min(w, h) < f:
-                raise SweepSpecError(f"image {c.image!r} is {w}x{h}; the model needs at least {f}x{f} pixels "
-                                     "(its VAE factor): pass a larger image or set 'size'.")
-        return _Group(h - h % f, w - w % f, c.steps, c.scheduler, c.guidance > 1)
+        return _Group(*_output_size(spec, c, f), c.steps, c.scheduler, c.guidance > 1)
 
     groups: Dict[_Group, List[Tuple[str, Config]]] = defaultdict(list)
     for item in todo:
@@ -600,9 +625,11 @@ def _compute(spec: SweepSpec, todo: List[Tuple[str, Config]], pipeline, mesh: Op
 
     compiles: Dict[str, int] = {}
     quiet = True if store is None else None if progress is None else not progress  # None: only on a terminal
+    step_bar = quiet is not True and wants_bar(progress)  # a per-step bar for each call, under the sweep's
     with tqdm(total=len(todo), unit="img", desc="sweep", disable=quiet) as bar:
         for g, items in groups.items():
             pipe, params = pipes[g.scheduler]
+            pipe.set_progress_bar_config(desc=g.label, unit="step", leave=False)
             compiles[g.label] = 0
             by_call: Dict[tuple, List[Tuple[str, Config]]] = defaultdict(list)
             for item in items:  # strength and the LoRA weights are one value per call (both traced)
@@ -623,25 +650,86 @@ def _compute(spec: SweepSpec, todo: List[Tuple[str, Config]], pipeline, mesh: Op
                                    seed_keys([c.seed for c in local]), num_inference_steps=g.steps,
                                    height=g.height, width=g.width, image=images, strength=strength,
                                    guidance_scale=np.array([c.guidance for c in local], np.float32),
-                                   neg_prompt_ids=pipe.tokenize(neg), mesh=mesh)
+                                   neg_prompt_ids=pipe.tokenize(neg), mesh=mesh, progress=step_bar)
                     seconds = time.perf_counter() - tic
                     compiles[g.label] += counter.count
                     if store is not None:
                         timings = {"batch_s": round(seconds, 4), "per_image_s": round(seconds / len(chunk), 4),
                                    "compile_s": round(counter.seconds, 4)}
                         nsfw = out.nsfw_content_detected
+                        batch = {"size": global_batch, "real": len(chunk), "devices": int(mesh.devices.size),
+                                 "processes": jax.process_count()}
                         for row, (rid, c) in enumerate(chunk):
-                            record = {
-                                "id": rid, "file": f"{IMAGES}/{rid}.png", "config": dataclasses.asdict(c),
-                                "seed": c.seed, "model": spec.model, "dtype": spec.dtype, "height": g.height,
-                                "width": g.width, "group": g.label, "nsfw": None if nsfw is None else bool(nsfw[row]),
-                                "timings": timings, "batch": {"size": global_batch, "real": len(chunk),
-                                                              "devices": int(mesh.devices.size),
-                                                              "processes": jax.process_count()},
-                            }
+                            record = _record(spec, rid, c, g, None if nsfw is None else bool(nsfw[row]), timings,
+                                             batch)
                             store.write(record, _png(out.images[row]))
                             done[rid] = record
                     bar.update(len(chunk))
+    return compiles
+
+
+def _record(spec: SweepSpec, rid: str, c: Config, g: _Group, nsfw: Optional[bool], timings: dict, batch: dict,
+            **extra) -> dict:
+    """The manifest line of one result."""
+    return {"id": rid, "file": f"{IMAGES}/{rid}.png", "config": dataclasses.asdict(c), "seed": c.seed,
+            "model": spec.model, "dtype": spec.dtype, "height": g.height, "width": g.width, "group": g.label,
+            "nsfw": nsfw, "timings": timings, "batch": batch, **extra}
+
+
+def _compute_diffedit(spec: SweepSpec, todo: List[Tuple[str, Config]], pipeline, mesh: Optional[Mesh],
+                      progress: Optional[bool], store: Optional[ResultStore], done: Dict[str, dict]) -> Dict[str, int]:
+    """`_compute` for `"pipeline": "diffedit"`: the three DiffEdit steps (`edit`), one configuration per call
+    on one device (the DiffEdit pipeline has no mesh path yet), so `mesh` and `per_device_batch` are unused.
+    The groups add the strength, which sets the number of inverted latents; manifest lines add the
+    share of the image the mask covered ("mask_fraction")."""
+    from tqdm import tqdm
+
+    from flax_inpaint.pipelines.diffedit import FlaxStableDiffusionDiffEditPipeline
+
+    if jax.process_count() > 1:
+        raise SweepSpecError("'pipeline': 'diffedit' runs in one process; run the sweep without --distributed.")
+    if pipeline is None:
+        import jax.numpy as jnp
+
+        try:
+            pipeline = FlaxStableDiffusionDiffEditPipeline.from_pretrained(spec.model, dtype=getattr(jnp, spec.dtype))
+        except (ValueError, OSError) as e:  # as in _compute, and a 9-channel (inpainting) UNet
+            raise SweepSpecError(model_error("sweep spec 'model'", spec.model, e)) from e
+    pipe, params = pipeline
+    f = pipe.vae_scale_factor
+    groups: Dict[Tuple[_Group, float], List[Tuple[str, Config]]] = defaultdict(list)
+    for rid, c in todo:
+        try:
+            pipe._strength("strength", c.strength, c.steps)
+        except ValueError as e:
+            raise SweepSpecError(f"configuration {dataclasses.asdict(c)}: {e}") from None
+        groups[_Group(*_output_size(spec, c, f), c.steps, None, c.guidance > 1), c.strength].append((rid, c))
+    compiles: Dict[str, int] = {}
+    quiet = True if store is None else None if progress is None else not progress
+    with tqdm(total=len(todo), unit="img", desc="sweep", disable=quiet) as bar:
+        for (g, strength), items in groups.items():
+            label = f"{g.label}-strength{strength}"
+            compiles.setdefault(label, 0)
+            for rid, c in items:
+                image = _open(spec.base_dir / c.image, "RGB").resize((g.width, g.height), Image.BICUBIC)
+                neg = None if c.negative_prompt is None else [c.negative_prompt]
+                tic = time.perf_counter()
+                with _CompileCounter() as counter:
+                    mask, images = pipe.edit(image, params, jax.random.key(c.seed), source_prompt=[c.source_prompt],
+                                             target_prompt=[c.prompt], num_inference_steps=c.steps,
+                                             guidance_scale=c.guidance, invert_guidance_scale=c.guidance,
+                                             inpaint_strength=strength, negative_prompt=neg)
+                seconds = time.perf_counter() - tic
+                compiles[label] += counter.count
+                if store is not None:
+                    timings = {"batch_s": round(seconds, 4), "per_image_s": round(seconds, 4),
+                               "compile_s": round(counter.seconds, 4)}
+                    record = _record(spec, rid, c, g, None, timings, {"size": 1, "real": 1, "devices": 1,
+                                                                      "processes": 1},
+                                     mask_fraction=float(mask.mean()))
+                    store.write(record, _png(images[0]))
+                    done[rid] = record
+                bar.update(1)
     return compiles
 
 

@@ -100,6 +100,19 @@ def test_inpaint_and_sweep_agree_and_sweep_resumes(sd, tmp_path, capsys, monkeyp
     assert "4 found, 0 computed" in out and len(list(iter_manifest(tmp_path / "sweep"))) == 4
 
 
+def test_inpaint_step_bar_and_previews(sd, tmp_path, capsys, monkeypatch):
+    """On a terminal each call gets a per-step bar; --preview writes a PNG per image and step (PNDM: 2 steps
+    are 3 loop iterations)."""
+    root, folder = sd
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    _, err = run(capsys, "inpaint", "--model", folder, "--image", root / "image.png", "--mask", root / "mask.png",
+                 "--prompt", "a red cat", "a cat", "--steps", STEPS, "--out", tmp_path / "out",
+                 "--preview", tmp_path / "previews", "--preview-every", "1")
+    assert "batch 1:" in err and "batch 2:" in err and "0/3 " in err  # tqdm redraws at most every 0.1 s
+    assert sorted(p.name for p in (tmp_path / "previews").iterdir()) == [
+        f"batch{b}_000-step{s:03d}.png" for b in (1, 2) for s in range(3)]
+
+
 def test_inpaint_scheduler_and_overlay_errors(sd, tmp_path, capsys):
     root, folder = sd
     common = ["inpaint", "--model", folder, "--image", root / "image.png", "--mask", root / "mask.png",

@@ -48,20 +48,20 @@ def ref(setup):
     return reference(folder, files)
 
 
-def diffusers_images(ref):
+def diffusers_images(ref, **kwargs):
     image, mask = tiny_sd.sample_image_and_mask()
     with torch.no_grad():
         return ref("a red cat", image=image, mask_image=mask, negative_prompt="blurry", height=32, width=32,
                    num_inference_steps=STEPS, guidance_scale=7.5, generator=torch.Generator().manual_seed(0),
-                   output_type="np").images
+                   output_type="np", **kwargs).images
 
 
-def our_images(pipe, params):
+def our_images(pipe, params, **kwargs):
     image, mask = tiny_sd.sample_image_and_mask()
     noise = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(0)).numpy()
     return pipe.inpaint("a red cat", image, mask, params, jax.random.key(0), negative_prompt="blurry", height=32,
                         width=32, num_inference_steps=STEPS, guidance_scale=7.5, latents=noise,
-                        output_type="np").images
+                        output_type="np", **kwargs).images
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +94,22 @@ def test_changing_adapters_and_weights_does_not_recompile(setup):
     with tiny_sd.count_compiles("generate") as compiles:
         for names, weights in (("kohya", 0.3), (["peft", "old"], [1.2, -0.5]), ("old", {"unet": 0.0})):
             our_images(ours, ours.set_adapters(params, names, weights))
+    assert compiles == []
+
+
+def test_cross_attention_scale_matches_diffusers(setup, ref):
+    """cross_attention_kwargs={"scale": s} scales every active adapter, in the UNet and the text encoder
+    (diffusers + PEFT: scale_lora_layers on both); a traced value, so another scale reuses the program."""
+    *_, ours, _, params = setup
+    ref.set_adapters(["peft", "kohya"], [0.7, 0.4])
+    chosen = ours.set_adapters(params, ["peft", "kohya"], [0.7, 0.4])
+    full = diffusers_images(ref)
+    expected = diffusers_images(ref, cross_attention_kwargs={"scale": 0.4})
+    assert np.abs(expected - full).max() > 0.05  # the scale matters
+    np.testing.assert_allclose(our_images(ours, chosen, cross_attention_kwargs={"scale": 0.4}), expected,
+                               atol=ATOL, rtol=0)
+    with tiny_sd.count_compiles("generate") as compiles:
+        our_images(ours, chosen, cross_attention_kwargs={"scale": 1.3})
     assert compiles == []
 
 

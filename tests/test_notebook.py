@@ -1,6 +1,7 @@
 """notebooks/flax_inpaint_colab_tpu.ipynb runs top to bottom on the CPU (conftest's 8 fake devices,
 inherited by the kernel) with its default model, the bundled tiny shapes model, and 2 steps: install
-guarded off Colab, loading, the pmap and mesh paths, a sweep and its resume, image grids shown inline.
+guarded off Colab, loading, the pmap and mesh paths with per-step bars, a sweep and its resume, image grids
+shown inline.
 On a (simulated) Colab the install cell installs flax-inpaint from the source the user sets."""
 import json
 import subprocess
@@ -28,6 +29,7 @@ def test_notebook_executes(tmp_path, monkeypatch):
     assert len(pictures) == 4  # image | mask, pmap grid, mesh grid, contact sheet
     text = "".join(o.get("text", "") for o in outputs)
     assert "8 cpu device(s)" in text and "tiny-shapes-inpaint" in text and "8 found, 0 computed" in text
+    assert "denoising: 100%" in text and "2/2 [" in text  # the per-step bars of the pmap and mesh calls
     records = [json.loads(line) for line in (tmp_path / "sweep-demo/results/manifest.jsonl").read_text().splitlines()]
     assert len(records) == 8 and len(list((tmp_path / "sweep-demo/results/images").iterdir())) == 8
 

@@ -211,6 +211,15 @@ def test_scales_windows_and_strength_do_not_recompile(cn):
         assert np.abs(other - base).max() > 1e-2
 
 
+def test_host_callback_sees_every_step(cn):
+    """The per-step keywords reach the ControlNet pipelines too: `callback` sees each of PNDM's 5 loop
+    iterations once, the last with the latents the call returns (output_type="latent")."""
+    noise, got = diffusers_noise(9, 1.0).numpy(), []
+    out = ours_inpaint(cn, 9, latents=noise, output_type="latent", callback=lambda s, t, x: got.append((s, x.copy())))
+    assert [s for s, _ in got] == [0, 1, 2, 3, 4]
+    np.testing.assert_array_equal(got[-1][1], out)
+
+
 def random_examples(seed: int, nets: int) -> dict:
     """N_DEV examples' own control images (one array per ControlNet for several), latents and guidance."""
     rng = np.random.default_rng(seed)

@@ -11,8 +11,6 @@ import pytest
 import torch
 
 import tiny_sd
-from flax_inpaint import FlaxStableDiffusionInpaintPipeline
-from flax_inpaint.pipelines.loading import scheduler_class
 
 ATOL = 1e-3
 LATENT = (4, 8, 8)  # per image: 32x32 pixels, VAE factor 4
@@ -28,19 +26,7 @@ def models(tmp_path_factory):
 @pytest.fixture(scope="module")
 def loaded(models):
     """Our pipeline and params for (in_channels, scheduler), loaded once per module."""
-    cache = {}
-
-    def load(in_channels: int, scheduler: str):
-        if (in_channels, scheduler) not in cache:
-            folder, torch_pipe = models[in_channels]
-            cls, extra = tiny_sd.SCHEDULERS[scheduler]
-            config = cls.from_config(torch_pipe.scheduler.config, **extra).config
-            flax_sched = scheduler_class(cls.__name__).from_config(dict(config))
-            cache[in_channels, scheduler] = FlaxStableDiffusionInpaintPipeline.from_pretrained(
-                folder, scheduler=flax_sched)
-        return cache[in_channels, scheduler]
-
-    return load
+    return tiny_sd.flax_loader(models)
 
 
 def diffusers_noise(in_channels: int, strength: float, n_images: int = 1, seed: int = 0) -> torch.Tensor:

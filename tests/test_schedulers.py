@@ -305,6 +305,31 @@ def test_variant_parity(name, extra, step_kw, monkeypatch, tmp_path):
             assert_parity(name, {**BASE, **extra}, n, mp, tmp_path, step_kw=step_kw)
 
 
+@pytest.mark.parametrize("alias", [False, True])
+def test_ddim_inverse_deprecated_set_alpha_to_zero_parity(alias, tmp_path):
+    """diffusers' DDIMInverseScheduler takes `set_alpha_to_zero` (its name before 0.18) as the value of
+    set_alpha_to_one, as a keyword and from an old config file; ours too. The opposite
+    set_alpha_to_one shows the alias wins (the first inverse step's abar differs: 1 vs abar_0)."""
+    base = {k: v for k, v in BASE.items() if k != "set_alpha_to_one"}
+    ref = diffusers.DDIMInverseScheduler(**base, set_alpha_to_one=not alias, set_alpha_to_zero=alias)
+    ours = FlaxDDIMInverseScheduler.from_config({**base, "set_alpha_to_one": not alias}, set_alpha_to_zero=alias)
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "scheduler_config.json").write_text(
+        json.dumps({"_class_name": "DDIMInverseScheduler", **base, "set_alpha_to_zero": alias}))
+    from_file, _ = FlaxDDIMInverseScheduler.from_pretrained(tmp_path / "old")
+    ref_file = diffusers.DDIMInverseScheduler.from_pretrained(tmp_path / "old")
+    assert ours.set_alpha_to_one is alias and from_file.set_alpha_to_one is alias
+    for n in (4, 25):
+        ref_t, ref_x = run_torch(ref, n)
+        assert rel_err(run_flax(ours, n)[1], ref_x) <= RTOL
+        file_t, file_x = run_torch(ref_file, n)
+        our_t, our_x, _ = run_flax(from_file, n)
+        assert_timesteps_match(from_file, ref_file, our_t, file_t)
+        assert rel_err(our_x, file_x) <= RTOL
+    other = FlaxDDIMInverseScheduler.from_config({**base, "set_alpha_to_one": not alias})
+    assert rel_err(run_flax(other, 4)[1], run_torch(ref, 4)[1]) > 1e-3  # the alias changes the result
+
+
 def test_ddpm_learned_range_variance_parity(monkeypatch):
     """The model output carries the variance in doubled channels; ours finds the doubled axis."""
     config = {**BASE, "variance_type": "learned_range"}

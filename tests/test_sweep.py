@@ -211,10 +211,10 @@ def test_kill_and_resume_one_compile_per_group_and_diffusers_parity(sd, tmp_path
         np.testing.assert_allclose(ours, ref, atol=2 / 255, rtol=0)
 
 
-def test_scheduler_steps_and_image_axes_compile_once_per_group(sd, tmp_path):
+def test_scheduler_steps_and_image_axes_compile_once_per_group(sd, tmp_path, capsys):
     """Steps x scheduler x two image/mask pairs: one compilation per (steps, scheduler) group, whose second
     batch (on a 1-device mesh, one image/mask pair per batch) reuses the program; every result once, and
-    each axis changes the image."""
+    each axis changes the image. With progress=True each call also shows a per-step bar named by its group."""
     image, mask = tiny_sd.sample_image_and_mask(seed=1)
     image.save(sd.root / "image2.png")
     mask.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(sd.root / "mask2.png")
@@ -223,9 +223,12 @@ def test_scheduler_steps_and_image_axes_compile_once_per_group(sd, tmp_path):
                      list=[{"image": "image.png", "mask": "mask.png"}, {"image": "image2.png", "mask": "mask2.png"}])
     assert len(spec.configs) == 8
     jax.clear_caches()
-    summary = run_sweep(spec, pipeline=(sd.pipe, sd.params), mesh=Mesh(np.array(jax.devices()[:1]), ("data",)))
-    assert summary.compiles == {f"32x32-{n}steps-{s}-nocfg": 1 for n in (2, 3)
-                                for s in ("model-scheduler", "DDIMScheduler")}
+    summary = run_sweep(spec, pipeline=(sd.pipe, sd.params), mesh=Mesh(np.array(jax.devices()[:1]), ("data",)),
+                        progress=True)
+    labels = [f"32x32-{n}steps-{s}-nocfg" for n in (2, 3) for s in ("model-scheduler", "DDIMScheduler")]
+    assert summary.compiles == dict.fromkeys(labels, 1)
+    err = capsys.readouterr().err
+    assert all(f"{label}: " in err for label in labels) and "step/s]" in err and "img/s]" in err
     assert (summary.total, summary.computed) == (8, 8) and summary.contact_sheet.is_file()
     records = check_folder(spec)
     for rid, c in zip(spec.ids(), spec.configs):

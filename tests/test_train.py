@@ -11,6 +11,7 @@ import pytest
 
 from flax_inpaint.io import CheckpointError
 from flax_inpaint.models.controlnet import FlaxControlNetModel
+from flax_inpaint.models.unet import FlaxUNet2DConditionModel
 from flax_inpaint.runtime import data_mesh
 from flax_inpaint.train import data, recipes
 from flax_inpaint.train.controlnet import controlnet_from_unet
@@ -134,7 +135,7 @@ TINY_TEXT = dict(recipes.TEXT_CONFIG, hidden_size=16, intermediate_size=32, num_
 
 
 def test_recipes_train_resume_and_export_loadable_folders(tmp_path):
-    from flax_inpaint import FlaxStableDiffusionInpaintPipeline
+    from flax_inpaint import FlaxStableDiffusionInpaintPipeline, FlaxStableDiffusionPipeline
 
     steps = TrainConfig(steps=2, batch_size=8, checkpoint_every=1, log_every=1)
     vae, vae_params, result = recipes.train_vae(tmp_path, steps, progress=False)
@@ -161,6 +162,30 @@ def test_recipes_train_resume_and_export_loadable_folders(tmp_path):
     again, again_params = FlaxControlNetModel.from_pretrained(tmp_path / "tiny-shapes-controlnet")
     assert again.cond_downscale == loaded.vae_scale_factor
     jax.tree_util.tree_map(np.testing.assert_array_equal, again_params, cn_params)
+
+    txt2img, t2i_params, result = recipes.train_txt2img(tmp_path, steps, scenes=16, progress=False)
+    assert np.isfinite(result.final_loss) and txt2img.unet.in_channels == 4
+    plain, plain_params = FlaxStableDiffusionPipeline.from_pretrained(tmp_path / "tiny-shapes-txt2img")
+    assert plain.unet.in_channels == 4 and plain.config["_class_name"] == "StableDiffusionPipeline"
+    for name in ("unet", "text_encoder", "vae"):
+        jax.tree_util.tree_map(np.testing.assert_array_equal, plain_params[name], t2i_params[name])
+    jax.tree_util.tree_map(np.testing.assert_array_equal, plain_params["text_encoder"], params["text_encoder"])
+
+
+def test_txt2img_unet_starts_as_the_inpainting_unet_on_its_latent_channels():
+    """unet_from_inpaint drops conv_in's mask and masked-image rows: on inputs whose extra channels
+    are zero the two UNets agree exactly."""
+    unet = FlaxUNet2DConditionModel.from_config(TINY_UNET)
+    params = unet.init_weights(jax.random.key(0))
+    plain, plain_params = recipes.unet_from_inpaint(unet, params)
+    x = jax.random.normal(jax.random.key(1), (2, 16, 16, 4))
+    context = jax.random.normal(jax.random.key(2), (2, 5, TINY_UNET["cross_attention_dim"]))
+    t = jnp.array([10, 900])
+    ref = unet.apply({"params": params}, jnp.concatenate([x, jnp.zeros((2, 16, 16, 5))], -1), t, context,
+                     method=unet.nhwc)
+    ours = plain.apply({"params": plain_params}, x, t, context, method=plain.nhwc)
+    assert plain.in_channels == 4
+    np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-6)  # the dropped rows multiplied zeros
 
 
 def test_controlnet_starts_as_the_unets_encoder_and_changes_nothing():

@@ -103,6 +103,27 @@ def make_controlnet(seed: int = 0, **overrides) -> ControlNetModel:
     return net.eval()
 
 
+def flax_loader(models):
+    """`load(in_channels, scheduler)` -> our (pipeline, params) from the folders of `models` ({in_channels:
+    (folder, torch pipeline)}) with that scheduler configured from the torch one, each loaded once."""
+    from flax_inpaint import FlaxStableDiffusionInpaintPipeline
+    from flax_inpaint.pipelines.loading import scheduler_class
+
+    cache = {}
+
+    def load(in_channels: int, scheduler: str):
+        if (in_channels, scheduler) not in cache:
+            folder, torch_pipe = models[in_channels]
+            cls, extra = SCHEDULERS[scheduler]
+            config = cls.from_config(torch_pipe.scheduler.config, **extra).config
+            flax_sched = scheduler_class(cls.__name__).from_config(dict(config))
+            cache[in_channels, scheduler] = FlaxStableDiffusionInpaintPipeline.from_pretrained(
+                folder, scheduler=flax_sched)
+        return cache[in_channels, scheduler]
+
+    return load
+
+
 def sample_image_and_mask(size: int = 32, seed: int = 0):
     """A random RGB image and a rectangular mask (white = repaint) as PIL images."""
     rng = np.random.default_rng(seed)

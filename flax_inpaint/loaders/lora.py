@@ -240,8 +240,9 @@ def _check_text_width(tensors: Mapping[str, np.ndarray], modules: Mapping[str, M
                    and _split(k)[2] == "down" and v.ndim == 2), None)
     if ours is not None and theirs is not None and theirs != ours:
         raise CheckpointError(
-            f"This LoRA was made for a UNet with {theirs}-wide text embeddings ({_TEXT_WIDTHS.get(theirs, 'another model')})"
-            f"; this pipeline's takes {ours} ({_TEXT_WIDTHS.get(ours, 'this model')}). Use a LoRA made for this model.")
+            f"This LoRA was made for a UNet with {theirs}-wide text embeddings "
+            f"({_TEXT_WIDTHS.get(theirs, 'another model')}); this pipeline's takes {ours} "
+            f"({_TEXT_WIDTHS.get(ours, 'this model')}). Use a LoRA made for this model.")
 
 
 def _pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any:
@@ -402,14 +403,18 @@ def _add(tree, deltas: Mapping[str, jax.Array]):
     return flax.traverse_util.unflatten_dict(flat)
 
 
-def merge_adapters(params) -> Dict[str, Any]:
+def merge_adapters(params, scale: Optional[jax.Array] = None) -> Dict[str, Any]:
     """The params the models run with: every unfused adapter added to its kernels at weight * active (traceable;
-    the sampling program calls it first). Params without adapters pass through unchanged."""
+    the sampling program calls it first), times `scale` if given (cross_attention_kwargs={"scale": s}: diffusers'
+    LoRA scale, for the UNet's and the text encoder's adapters alike). Params without adapters pass through."""
     if "lora" not in params:
         return params
     lora, out = params["lora"], {k: v for k, v in params.items() if k != "lora"}
+    def coefficient(s):
+        return s["weight"] * s["active"] if scale is None else s["weight"] * s["active"] * scale
+
     for component in COMPONENTS:
-        deltas = _deltas(lora, component, lambda s: s["weight"] * s["active"])
+        deltas = _deltas(lora, component, coefficient)
         if deltas:
             out[component] = _add(out[component], deltas)
     return out

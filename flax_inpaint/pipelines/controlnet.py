@@ -202,10 +202,11 @@ class FlaxStableDiffusionControlNetPipeline(_ControlNetMixin, FlaxDiffusionPipel
                  jit: bool = False, *, guess_mode: bool = False, control_guidance_start=0.0,
                  control_guidance_end=1.0, num_images_per_prompt: int = 1, prompt_embeds=None,
                  negative_prompt_embeds=None, clip_skip: Optional[int] = None, eta: float = 0.0,
-                 output_type: str = "np", mesh: Optional[Mesh] = None):
+                 output_type: str = "np", mesh: Optional[Mesh] = None, **hooks):
         """Generate images the size of the control images `image` (from `prepare_image_inputs`: one
         NCHW array, or a list with one per ControlNet). `controlnet_conditioning_scale` and
-        `control_guidance_start/end` are floats, or lists with one per ControlNet."""
+        `control_guidance_start/end` are floats, or lists with one per ControlNet; `hooks`: the per-step
+        keywords of `CallHooks`."""
         return self._call(locals())
 
 
@@ -267,7 +268,7 @@ class FlaxStableDiffusionControlNetInpaintPipeline(_ControlNetMixin, FlaxStableD
                  control_guidance_start=0.0, control_guidance_end=1.0, image=None, strength: float = 1.0,
                  eta: float = 0.0, num_images_per_prompt: int = 1, prompt_embeds=None,
                  negative_prompt_embeds=None, masked_image_latents=None, clip_skip: Optional[int] = None,
-                 output_type: str = "np", mesh: Optional[Mesh] = None):
+                 output_type: str = "np", mesh: Optional[Mesh] = None, **hooks):
         """Inpaint as `FlaxStableDiffusionInpaintPipeline.__call__`, guided by `control_image` (from
         `prepare_inputs`: NCHW at the mask's size; a list with one per ControlNet for several).
         `controlnet_conditioning_scale` and `control_guidance_start/end` are floats or lists with one

@@ -25,6 +25,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from flax_inpaint.loaders.lora import merge_adapters
+from flax_inpaint.pipelines import callbacks
+from flax_inpaint.pipelines.guidance import rescale_noise_cfg
 
 Array = jax.Array
 
@@ -54,6 +56,10 @@ class Options:
     num_images_per_prompt: int = 1
     scheduler_takes_eta: bool = False
     guess_mode: bool = False  # ControlNets: residuals scaled up with depth; with CFG, on the text half only
+    step_end: Optional[callbacks.StepEnd] = None  # callback_on_step_end, traced into the loop
+    host_callback: bool = False  # one io_callback per step to the host (progress, callback/callback_steps, previews)
+    host_latents: bool = False  # ... sending the latents too
+    early_stop: bool = False  # a while_loop that ends when the call's StopFlag is set
 
 
 @flax.struct.dataclass
@@ -78,6 +84,10 @@ class Batch:
     eta: Array = 0.0
     control_images: Optional[Tuple[Array, ...]] = None  # per ControlNet [B, H, W, C], in [0, 1] (-1: masked)
     controlnet_scales: Optional[Array] = None  # [num_iterations, num_controlnets] fp32: scale x keep per iteration
+    guidance_rescale: Optional[Array] = None  # [] fp32, diffusers' rescale_noise_cfg factor (None: off)
+    lora_scale: Optional[Array] = None  # [] fp32, cross_attention_kwargs["scale"]: multiplies every LoRA adapter
+    schedule: Optional[Any] = None  # custom timesteps= / sigmas=: the scheduler state fields they set
+    callback_ids: Optional[Array] = None  # [B, 2] int32 (call id, prompt row): host callbacks find their call
 
     def rows(self) -> dict:
         """The per-example fields that are set (all but `CALL_WIDE_FIELDS`), by name."""
@@ -87,7 +97,8 @@ class Batch:
 
 # Batch fields that hold one value for the whole call, not one per example: a mesh replicates them,
 # the key groups of `generate_groups` share them.
-CALL_WIDE_FIELDS = ("begin_index", "strength_is_max", "eta", "controlnet_scales")
+CALL_WIDE_FIELDS = ("begin_index", "strength_is_max", "eta", "controlnet_scales", "guidance_rescale", "lora_scale",
+                    "schedule")
 
 
 def encode_text(text_encoder, params, ids: Array, clip_skip: Optional[int]) -> Array:
@@ -168,7 +179,7 @@ def _controlnet_residuals(c: Components, opts: Options, params, control_images, 
 def generate(c: Components, opts: Options, params, batch: Batch, key: Array):
     """Run the full sampling program; returns (images or latents, nsfw flags or None)."""
     unet, vae, sched = c.unet, c.vae, c.scheduler
-    params = merge_adapters(params)  # LoRA adapters at their (traced) weights, once per call
+    params = merge_adapters(params, batch.lora_scale)  # LoRA adapters at their (traced) weights, once per call
     n_img = opts.num_images_per_prompt
     context = _prompt_context(c, opts, params, batch)
     bsz = context.shape[0] // (2 if opts.do_cfg else 1)
@@ -177,6 +188,8 @@ def generate(c: Components, opts: Options, params, batch: Batch, key: Array):
     key_noise, key_image, key_masked, key_loop = jax.random.split(key, 4)
 
     state = sched.set_timesteps(params["scheduler"], opts.num_inference_steps, shape)
+    if batch.schedule is not None:  # custom timesteps= / sigmas=: traced values of the same length
+        state = state.replace(**batch.schedule)
     state = sched.set_begin_index(state, batch.begin_index)
     timesteps = state.timesteps
     n_iter = timesteps.shape[0]
@@ -218,33 +231,59 @@ def generate(c: Components, opts: Options, params, batch: Batch, key: Array):
         double = cfg if opts.do_cfg and not opts.guess_mode else (lambda x: x)
         controls = tuple(double(_repeat(x, n_img)) for x in batch.control_images)
 
+    live = {}  # the tensors a step-end callback may replace ride in the loop carry
+    if opts.step_end is not None:
+        live = {"context": context, "guidance": guidance, **({"extra": extra} if extra is not None else {}),
+                **({"mask": mask} if mask is not None and unet.in_channels == 4 else {})}
+
     def body(i, carry):
-        latents, state = carry
+        latents, state, live = carry
+        ctx, g, ex, m = (live.get(k, v) for k, v in (("context", context), ("guidance", guidance), ("extra", extra),
+                                                      ("mask", mask)))
         t = timesteps[i]
         x_in = sched.scale_model_input(state, cfg(latents), t)
         x_in = x_in.astype(unet.runtime.dtype)
         down = mid = None
         if c.controlnets:  # they see the latents only, not an inpainting UNet's mask channels
             down, mid = _controlnet_residuals(c, opts, params, controls, batch.controlnet_scales[i], x_in, t,
-                                              context)
-        if extra is not None:
-            x_in = jnp.concatenate([x_in, extra], axis=-1)
+                                              ctx)
+        if ex is not None:
+            x_in = jnp.concatenate([x_in, ex], axis=-1)
         tt = jnp.broadcast_to(t, (x_in.shape[0],))
-        eps = unet.apply({"params": params["unet"]}, x_in, tt, context, down, mid, method=unet.nhwc)
+        eps = unet.apply({"params": params["unet"]}, x_in, tt, ctx, down, mid, method=unet.nhwc)
         eps = eps.astype(jnp.float32)
         if opts.do_cfg:  # examples with guidance <= 1 take the text prediction, as without CFG
             uncond, text = jnp.split(eps, 2)
-            eps = jnp.where(guidance > 1.0, uncond + guidance * (text - uncond), text)
+            guide = g > 1.0  # first, as before guidance_rescale: without it the program is unchanged
+            guided = uncond + g * (text - uncond)
+            if batch.guidance_rescale is not None:
+                guided = rescale_noise_cfg(guided, text, batch.guidance_rescale)
+            eps = jnp.where(guide, guided, text)
         out = sched.step(state, eps, t, latents, key=jax.random.fold_in(key_loop, i), **step_kwargs)
         latents, state = out.prev_sample, out.state
         if unet.in_channels == 4 and mask is not None:
             nxt = timesteps[jnp.minimum(i + 1, n_iter - 1)]
             renoised = sched.add_noise(state, image_latents, noise, jnp.broadcast_to(nxt, (bsz,)))
             proper = jnp.where(i < n_iter - 1, renoised, image_latents)
-            latents = (1 - mask) * proper + mask * latents
-        return latents, state
+            latents = (1 - m) * proper + m * latents
+        if opts.early_stop:  # what a stop returns: the x0 estimate, outside the mask the image
+            est = latents if out.pred_original_sample is None else out.pred_original_sample.astype(latents.dtype)
+            blend = m is not None and unet.in_channels == 4
+            live = {**live, "estimate": (1 - m) * image_latents + m * est if blend else est}
+        if opts.step_end is not None:
+            latents, live = callbacks.step_end(opts.step_end, i - batch.begin_index, t, latents, live, opts.do_cfg)
+        if opts.host_callback:
+            sent = latents if opts.host_latents else None
+            done = callbacks.host_step(batch.callback_ids, i - batch.begin_index, t, sent)
+            live = {**live, "done": done} if opts.early_stop else live
+        return latents, state, live
 
-    latents, _ = jax.lax.fori_loop(batch.begin_index, n_iter, body, (latents, state))
+    if opts.early_stop:
+        live = {**live, "estimate": latents, "done": jnp.zeros((), jnp.int32)}
+        latents = callbacks.loop_until_stopped(body, batch.begin_index, n_iter, (latents, state, live),
+                                               batch.callback_ids)
+    else:
+        latents, _, _ = jax.lax.fori_loop(batch.begin_index, n_iter, body, (latents, state, live))
 
     if opts.output_type == "latent":
         return latents, None

@@ -33,6 +33,7 @@ from flax_inpaint.loaders.single_file import FromSingleFileMixin
 from flax_inpaint.loaders.textual_inversion import TextualInversionLoaderMixin
 from flax_inpaint.io import CheckpointError, read_config, resolve_folder
 from flax_inpaint.pipelines import loading
+from flax_inpaint.pipelines.callbacks import INPAINT_TENSOR_INPUTS, TEXT_TENSOR_INPUTS, CallHooks
 from flax_inpaint.pipelines.inputs import Prepared, build
 from flax_inpaint.pipelines.sampling import (
     Components,
@@ -62,6 +63,7 @@ class FlaxDiffusionPipeline(FromSingleFileMixin, LoraLoaderMixin, TextualInversi
 
     config_name = "model_index.json"
     _pipeline_class = "StableDiffusionPipeline"
+    _callback_tensor_inputs = TEXT_TENSOR_INPUTS
 
     push_to_hub = not_provided(PUSH_TO_HUB)
     register_modules = not_provided(
@@ -247,16 +249,19 @@ class FlaxDiffusionPipeline(FromSingleFileMixin, LoraLoaderMixin, TextualInversi
         """Every `__call__` hands over its arguments (`locals()`): one checked `Batch`, one program."""
         args = {self._renamed.get(k, k): v for k, v in args.items() if k != "self"}
         run = {k: args.pop(k) for k in ("params", "prng_seed", "jit", "mesh", "return_dict")}
+        hooks = CallHooks(**args.pop("hooks", {}))
+        args["num_inference_steps"] = hooks.num_inference_steps(self.scheduler, args["num_inference_steps"])
         prepared = build(self, run["jit"], **args, **self._inputs)
-        return self._run(prepared, args["output_type"], **run)
+        return self._run(prepared, args["output_type"], hooks=hooks, **run)
 
     def _program_params(self, params):
         """`params` as the sampling program reads them."""
         return params
 
     def _run(self, prepared: Prepared, output_type: str, params, prng_seed, jit: bool,
-             mesh: Optional[Mesh], return_dict: bool):
+             mesh: Optional[Mesh], return_dict: bool, hooks: CallHooks):
         batch, opts, lead = prepared.batch, prepared.opts, prepared.lead
+        batch, opts = hooks.apply(self, batch, opts, params)
         params = self._program_params(params)
         comps = self._components()
         needed = ["unet", "vae", "scheduler"] + ["text_encoder"] * (batch.prompt_ids is not None) \
@@ -275,19 +280,21 @@ class FlaxDiffusionPipeline(FromSingleFileMixin, LoraLoaderMixin, TextualInversi
                 raise ValueError(f"prng_seed must hold one key per device ({n}); got shape {np.shape(prng_seed)}. "
                                  "Use jax.random.split(key, jax.local_device_count()).")
             _check_replicated(params, n)
-            merge = lambda x: np.reshape(x, (-1, *np.shape(x)[2:]))  # noqa: E731
-            batch = batch.replace(**jax.tree_util.tree_map(merge, batch.rows()))
             mesh = Mesh(np.array(jax.local_devices()), ("devices",))
         else:
             if keys.shape[0] not in (1, lead[0]):
                 raise ValueError(f"prng_seed has shape {np.shape(prng_seed)}; pass one key (jax.random.key(seed)) or "
                                  f"one key per prompt, e.g. jax.random.split(key, {lead[0]}) (this process's rows).")
             mesh = mesh or Mesh(np.array(jax.devices()[:1]), ("data",))
-        images, nsfw = run(comps, opts, params, batch, keys, mesh, stacked=jit)
-        if not images.is_fully_addressable:  # mesh over several processes: every process gets all images
-            images, nsfw = multihost_utils.process_allgather((images, nsfw), tiled=True)
-        images = np.asarray(images)
-        nsfw = None if nsfw is None else np.asarray(nsfw)
+        with hooks.session(batch, lead) as batch:  # host callbacks registered until the images are here
+            if jit:  # the [devices, per_device] rows as one batch
+                merge = lambda x: np.reshape(x, (-1, *np.shape(x)[2:]))  # noqa: E731
+                batch = batch.replace(**jax.tree_util.tree_map(merge, batch.rows()))
+            images, nsfw = run(comps, opts, params, batch, keys, mesh, stacked=jit)
+            if not images.is_fully_addressable:  # mesh over several processes: every process gets all images
+                images, nsfw = multihost_utils.process_allgather((images, nsfw), tiled=True)
+            images = np.asarray(images)
+            nsfw = None if nsfw is None else np.asarray(nsfw)
         if output_type == "latent":  # NCHW at the public boundary, as diffusers returns latents
             images = np.moveaxis(images, -1, -3)
         if jit:  # back to [devices, per_device, ...]
@@ -334,7 +341,9 @@ class FlaxStableDiffusionPipeline(FlaxDiffusionPipeline):
                  latents=None, neg_prompt_ids=None, return_dict: bool = True, jit: bool = False, *,
                  num_images_per_prompt: int = 1, prompt_embeds=None, negative_prompt_embeds=None,
                  clip_skip: Optional[int] = None, eta: float = 0.0, output_type: str = "np",
-                 mesh: Optional[Mesh] = None):
+                 mesh: Optional[Mesh] = None, **hooks):
+        """Text to image; `hooks`: the per-step keywords of `CallHooks` (callbacks, progress, early stop,
+        timesteps / sigmas, guidance_rescale, cross_attention_kwargs)."""
         return self._call(locals())
 
 
@@ -352,7 +361,8 @@ class FlaxStableDiffusionImg2ImgPipeline(FlaxDiffusionPipeline):
                  guidance_scale=7.5, noise=None, neg_prompt_ids=None, return_dict: bool = True,
                  jit: bool = False, *, num_images_per_prompt: int = 1, prompt_embeds=None,
                  negative_prompt_embeds=None, clip_skip: Optional[int] = None, eta: float = 0.0,
-                 output_type: str = "np", mesh: Optional[Mesh] = None):
+                 output_type: str = "np", mesh: Optional[Mesh] = None, **hooks):
+        """Image to image; `hooks`: the per-step keywords of `CallHooks`."""
         return self._call(locals())
 
 
@@ -361,6 +371,7 @@ class FlaxStableDiffusionInpaintPipeline(FlaxDiffusionPipeline):
 
     _pipeline_class = "StableDiffusionInpaintPipeline"
     _inputs = {"inpainting": True}
+    _callback_tensor_inputs = INPAINT_TENSOR_INPUTS
 
     def prepare_inputs(self, prompt, image, mask, height: Optional[int] = None, width: Optional[int] = None,
                        return_image: bool = False, padding_mask_crop: Optional[int] = None):
@@ -424,8 +435,11 @@ class FlaxStableDiffusionInpaintPipeline(FlaxDiffusionPipeline):
                  latents=None, neg_prompt_ids=None, return_dict: bool = True, jit: bool = False, *,
                  image=None, strength: float = 1.0, eta: float = 0.0, num_images_per_prompt: int = 1,
                  prompt_embeds=None, negative_prompt_embeds=None, masked_image_latents=None,
-                 clip_skip: Optional[int] = None, output_type: str = "np", mesh: Optional[Mesh] = None):
-        """Inpaint; arguments as diffusers' Flax pipeline, plus PyTorch-pipeline features as keywords.
+                 clip_skip: Optional[int] = None, output_type: str = "np", mesh: Optional[Mesh] = None,
+                 **hooks):
+        """Inpaint; arguments as diffusers' Flax pipeline, plus PyTorch-pipeline features as keywords
+        (`hooks`: the per-step keywords of `CallHooks`: callbacks, progress, early stop, timesteps / sigmas,
+        guidance_rescale, cross_attention_kwargs).
 
         `image` (the unmasked, processed image from `prepare_inputs(..., return_image=True)`, or its
         scaled latents, e.g. another pipeline's output_type="latent") is needed for 4-channel UNets and

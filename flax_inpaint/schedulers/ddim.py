@@ -7,7 +7,7 @@ with s_t = eta * sqrt((1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev))
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import flax
 import jax
@@ -140,6 +140,18 @@ class FlaxDDIMInverseScheduler(SchedulerMixin):
     dtype: Any = jnp.float32
 
     diffusers_class = "DDIMInverseScheduler"
+
+    @classmethod
+    def from_config(cls, config: Optional[Mapping[str, Any]] = None, return_unused_kwargs: bool = False, **kwargs):
+        """As `SchedulerMixin.from_config`, plus diffusers' deprecated `set_alpha_to_zero` (configs and
+        keyword arguments of diffusers < 0.18): where given, it is the value of `set_alpha_to_one`, as in
+        diffusers (which keeps set_alpha_to_one in its config but computes with the alias's value)."""
+        alias = kwargs.pop("set_alpha_to_zero", None)
+        if isinstance(config, Mapping) and alias is None:
+            alias = config.get("set_alpha_to_zero")
+        if alias is not None:
+            kwargs["set_alpha_to_one"] = alias
+        return super().from_config(config, return_unused_kwargs, **kwargs)
 
     def create_state(self, common: Optional[CommonSchedulerState] = None) -> DDIMSchedulerState:
         self._check_common(common)

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Optional, Tuple
+from typing import Any, Optional, Sequence, Tuple
 
 import flax
 import jax
@@ -194,7 +194,9 @@ class SigmaMultistepMixin:
     def set_timesteps(self, state, num_inference_steps: int, shape: tuple):
         """Timesteps and sigmas for `num_inference_steps` (Python int) from the subclass's `_schedule`;
         `shape` sizes the history buffer."""
-        timesteps, sigmas = self._schedule(num_inference_steps)
+        return self._scheduled_state(state, *self._schedule(num_inference_steps), shape)
+
+    def _scheduled_state(self, state, timesteps: np.ndarray, sigmas: np.ndarray, shape: tuple):
         return state.replace(
             timesteps=jnp.asarray(timesteps, jnp.int32),
             sigmas=jnp.asarray(sigmas),
@@ -371,6 +373,26 @@ class FlaxDPMSolverMultistepScheduler(SigmaMultistepMixin, SchedulerMixin):
             sig = np.interp(timesteps, np.arange(0, len(sigmas)), sigmas)
         last = sigmas[0] if self.final_sigmas_type == "sigma_min" else 0.0
         return timesteps, np.concatenate([sig, [last]]).astype(np.float32)
+
+    custom_schedule_fields = ("timesteps", "sigmas", "nodes")
+
+    def set_timesteps(self, state, num_inference_steps: Optional[int] = None, shape: tuple = (),
+                      timesteps: Optional[Sequence[int]] = None):
+        """Timesteps and sigmas for `num_inference_steps`, or diffusers' custom integer `timesteps` (sigmas
+        interpolated from the training ones); `shape` sizes the history buffer."""
+        if num_inference_steps is None and timesteps is None:
+            raise ValueError("Must pass exactly one of `num_inference_steps` or `timesteps`.")
+        if num_inference_steps is not None and timesteps is not None:
+            raise ValueError("Can only pass one of `num_inference_steps` or `custom_timesteps`.")
+        if timesteps is None:
+            return super().set_timesteps(state, num_inference_steps, shape)
+        if self.use_karras_sigmas:
+            raise ValueError("Cannot use `timesteps` with `config.use_karras_sigmas = True`")
+        ts = np.asarray(timesteps).astype(np.int64).ravel()
+        sigmas = train_sigmas(sigma_alphas_cumprod(self))
+        last = sigmas[0] if self.final_sigmas_type == "sigma_min" else 0.0
+        sig = np.concatenate([np.interp(ts, np.arange(0, len(sigmas)), sigmas), [last]]).astype(np.float32)
+        return self._scheduled_state(state, ts, sig, shape)
 
     # -- one step --------------------------------------------------------------------------------
     @property

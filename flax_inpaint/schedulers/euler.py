@@ -8,7 +8,7 @@ with sigma_up^2 + sigma_down^2 = sigma_next^2.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional, Tuple
+from typing import Any, Optional, Sequence, Tuple
 
 import flax
 import jax
@@ -90,9 +90,10 @@ class SigmaSchedulerMixin(SchedulerMixin):
         """(history buffer, LMS coefficient table) of multistep subclasses; empty for Euler."""
         return jnp.zeros((0,), jnp.float32), jnp.zeros((0,), jnp.float32)
 
-    def _sigma_state(self, num_inference_steps: int, shape: Optional[tuple]) -> SigmaSchedulerState:
+    def _sigma_state(self, num_inference_steps: int, shape: Optional[tuple], schedule=None) -> SigmaSchedulerState:
+        """The state for `num_inference_steps`, or for a custom `schedule` (timesteps [n], sigmas [n + 1])."""
         n = check_num_inference_steps(num_inference_steps, self.num_train_timesteps)
-        ts, sigmas = self._sigma_schedule(n)
+        ts, sigmas = self._sigma_schedule(n) if schedule is None else schedule
         smax = sigmas.max()
         init = smax if self.timestep_spacing in ("linspace", "trailing") else np.sqrt(smax * smax + np.float32(1))
         history, lms_coeffs = self._history(sigmas, shape)
@@ -168,6 +169,7 @@ class FlaxEulerDiscreteScheduler(SigmaSchedulerMixin):
     final_sigmas_type: str = "zero"
 
     diffusers_class = "EulerDiscreteScheduler"
+    custom_schedule_fields = ("timesteps", "sigmas", "init_noise_sigma")
     unsupported_config = {
         "interpolation_type": ("linear",),
         "use_exponential_sigmas": (False, None),
@@ -175,6 +177,32 @@ class FlaxEulerDiscreteScheduler(SigmaSchedulerMixin):
         "timestep_type": ("discrete",),
         "final_sigmas_type": ("zero", "sigma_min"),
     }
+
+    def set_timesteps(self, state: SigmaSchedulerState, num_inference_steps: Optional[int] = None, shape: tuple = (),
+                      timesteps: Optional[Sequence[float]] = None, sigmas: Optional[Sequence[float]] = None):
+        """Sigmas for `num_inference_steps`, or diffusers' custom `timesteps` [n] (sigmas interpolated from the
+        training ones) or `sigmas` [n + 1] (the last is the final sigma; timesteps by log-sigma interpolation)."""
+        if timesteps is not None and sigmas is not None:
+            raise ValueError("Only one of `timesteps` or `sigmas` should be set.")
+        if num_inference_steps is None and timesteps is None and sigmas is None:
+            raise ValueError("Must pass exactly one of `num_inference_steps` or `timesteps` or `sigmas.")
+        if num_inference_steps is not None and (timesteps is not None or sigmas is not None):
+            raise ValueError("Can only pass one of `num_inference_steps` or `timesteps` or `sigmas`.")
+        if timesteps is not None and self.use_karras_sigmas:
+            raise ValueError("Cannot set `timesteps` with `config.use_karras_sigmas = True`.")
+        if timesteps is None and sigmas is None:
+            return self._sigma_state(num_inference_steps, tuple(shape))
+        train = train_sigmas(sigma_alphas_cumprod(self))
+        if sigmas is not None:
+            sig = np.asarray(sigmas, np.float32).ravel()
+            if sig.size < 2:
+                raise ValueError(f"sigmas has {sig.size} values; give at least 2 (the last is the final sigma).")
+            ts = sigma_to_t(sig[:-1], log_f32(train)).astype(np.float32)
+        else:
+            ts = np.asarray(timesteps, np.float32).ravel()
+            last = train[0] if self.final_sigmas_type == "sigma_min" else 0.0
+            sig = np.concatenate([np.interp(ts, np.arange(0, len(train)), train), [last]]).astype(np.float32)
+        return self._sigma_state(len(ts), tuple(shape), (ts, sig))
 
     def step(
         self,

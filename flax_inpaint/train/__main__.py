@@ -1,4 +1,4 @@
-"""`python -m flax_inpaint.train {vae,inpaint,controlnet,all} --out DIR [--steps N] [--batch-size B] [--seed S]`.
+"""`python -m flax_inpaint.train {vae,inpaint,controlnet,txt2img,all} --out DIR [--steps N] [--batch-size B] [--seed S]`.
 
 Each stage resumes from `DIR/checkpoints` and needs the previous stages' output in DIR; see
 `flax_inpaint.train.recipes` for what is written. `--export-to flax_inpaint/assets` then copies the
@@ -14,13 +14,15 @@ from flax_inpaint.cli import check_folder, run_command
 from flax_inpaint.train import recipes
 
 # stage -> (the stage before it, the folder of DIR it reads)
-NEEDS = {"inpaint": ("vae", "vae"), "controlnet": ("inpaint", "tiny-shapes-inpaint")}
+NEEDS = {"inpaint": ("vae", "vae"), "controlnet": ("inpaint", "tiny-shapes-inpaint"),
+         "txt2img": ("inpaint", "tiny-shapes-inpaint")}
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m flax_inpaint.train",
-        description="Train the tiny shapes models (VAE, text encoder + inpainting UNet, ControlNet) on "
+        description="Train the tiny shapes models (VAE, text encoder + inpainting UNet, ControlNet, "
+                    "text-to-image UNet) on "
                     "procedural data, resumably.",
     )
     parser.add_argument("stage", choices=[*recipes.STAGES, "all"])

@@ -1,6 +1,7 @@
 """Training recipes for the tiny shapes models: a KL autoencoder, then a CLIP text encoder trained
 jointly with a 9-channel inpainting UNet on the denoising loss (the VAE frozen), then a ControlNet
-on fill-the-circle (everything else frozen).
+on fill-the-circle (everything else frozen), and a plain 4-channel text-to-image UNet on the same
+scenes (fine-tuned from the inpainting UNet; VAE and text encoder frozen and shared).
 
 Everything is sized to train on a small CPU (2 cores) in well under an hour: 64x64 images, a VAE with scale factor 4
 (16x16x4 latents), a two-level UNet and a two-layer text encoder with a word-level vocabulary. The
@@ -12,6 +13,7 @@ result loads through the same `from_pretrained` as any real checkpoint:
     out_dir/tokenizer/                         CLIP BPE tokenizer files
     out_dir/tiny-shapes-inpaint/               the inpainting pipeline (DDIM, v-prediction)
     out_dir/tiny-shapes-controlnet/            the ControlNet (diffusers ControlNetModel folder)
+    out_dir/tiny-shapes-txt2img/               the text-to-image pipeline (4-channel UNet, DDIM)
     out_dir/sample_image.png, sample_mask.png  the demo's inputs
 """
 from __future__ import annotations
@@ -68,6 +70,8 @@ CONTROLNET_TRAINING = TrainConfig(steps=1500, batch_size=32, learning_rate=1e-3,
 CONTROLNET_SCENES = 2048
 CONTROLNET_FULL_MASKS = 0.75  # share of whole-image masks (text-to-image, placed by the outline alone)
 CONTROLNET_EMBEDDING = (8, 16, 32)  # conditioning embedding widths: 2 stride-2 convs = the VAE's factor 4
+TXT2IMG_TRAINING = TrainConfig(steps=1500, batch_size=32, learning_rate=5e-4, warmup_steps=100)
+TXT2IMG_SCENES = 8192
 
 
 def _rng(seed: int, step: int, stream: int) -> np.random.Generator:
@@ -133,11 +137,16 @@ class Models:
 
 
 def _scenes_and_masks(rng: np.random.Generator, n: int, task: str):
-    """Inpainting: any scene, `data.inpaint_masks`. ControlNet (fill the circle): one circle, no
-    distractor, mostly whole-image masks (the outline alone must place the circle)."""
+    """Inpainting: any scene, `data.inpaint_masks`. Text-to-image: any scene, the mask is the
+    captioned shape's silhouette grown by a pixel (it only weighs the loss). ControlNet (fill the
+    circle): one circle, no distractor, mostly whole-image masks (the outline alone must place the
+    circle)."""
     if task == "inpaint":
         scenes = data.sample_scenes(rng, n, IMAGE_SIZE)
         return scenes, data.inpaint_masks(rng, scenes)
+    if task == "txt2img":
+        scenes = data.sample_scenes(rng, n, IMAGE_SIZE)
+        return scenes, (scenes.distance() < 1.0).astype(np.float32)
     scenes = data.sample_scenes(rng, n, IMAGE_SIZE, shapes=(data.SHAPES.index("circle"),), distractor=0.0)
     full = rng.random(n) < CONTROLNET_FULL_MASKS
     return scenes, np.where(full[:, None, None], np.float32(1.0), data.inpaint_masks(rng, scenes))
@@ -255,6 +264,16 @@ def controlnet_loss(models: Models, params, frozen, batch: Batch, key: jax.Array
     return masked_weighted_mse(pred, target, batch["mask"]), {}
 
 
+def txt2img_loss(models: Models, params, frozen, batch: Batch, key: jax.Array):
+    """v-prediction MSE of the 4-channel UNet on the noisy latents alone, the captioned shape's
+    latents weighted like the inpainting hole (the shape is what the caption is about; unweighted,
+    a small UNet learns the background first and the shape's colour last)."""
+    noisy, target, t, _ = _denoising_example(models, frozen["alphas_cumprod"], batch, key)
+    context = encode_text(models.text_encoder, frozen["text_encoder"], batch["ids"], None)
+    pred = models.unet.apply({"params": params}, noisy, t, context, method=models.unet.nhwc)
+    return masked_weighted_mse(pred, target, batch["mask"]), {}
+
+
 def ddim_scheduler() -> FlaxDDIMScheduler:
     return FlaxDDIMScheduler(**SCHEDULE, clip_sample=False, set_alpha_to_one=False, steps_offset=1,
                              prediction_type="v_prediction")
@@ -299,6 +318,41 @@ def train_inpaint(out_dir: Path, config: TrainConfig = INPAINT_TRAINING, scenes:
     )
     pipe_params = {**result.params, "vae": vae_params, "scheduler": scheduler.create_state()}
     pipe.save_pretrained(out_dir / "tiny-shapes-inpaint", pipe_params)
+    return pipe, pipe_params, result
+
+
+def unet_from_inpaint(unet: FlaxUNet2DConditionModel, params, in_channels: int = 4):
+    """A copy of the inpainting UNet taking only the first `in_channels` latent channels: every
+    weight is kept except conv_in's kernel rows for the mask and masked-image channels. A head start
+    for text-to-image (the inpainting UNet already paints whole-image holes from the caption)."""
+    conv_in = dict(params["conv_in"], kernel=params["conv_in"]["kernel"][:, :, :in_channels])  # HWIO
+    return unet.clone(in_channels=in_channels), {**params, "conv_in": conv_in}
+
+
+def train_txt2img(out_dir: Path, config: TrainConfig = TXT2IMG_TRAINING, scenes: int = TXT2IMG_SCENES,
+                  progress: bool = True):
+    """Train a 4-channel text-to-image UNet, initialised from `out_dir/tiny-shapes-inpaint`'s UNet,
+    with that folder's VAE and text encoder frozen, and save the pipeline (same VAE, text encoder,
+    tokenizer and DDIM scheduler) to `out_dir/tiny-shapes-txt2img`; returns (pipeline, params,
+    FitResult)."""
+    from flax_inpaint.pipelines import FlaxStableDiffusionInpaintPipeline, FlaxStableDiffusionPipeline
+
+    out_dir = Path(out_dir)
+    inpaint, inpaint_params = FlaxStableDiffusionInpaintPipeline.from_pretrained(
+        out_dir / "tiny-shapes-inpaint", safety_checker=None)
+    unet, params = unet_from_inpaint(inpaint.unet, inpaint_params["unet"])
+    models = Models(unet, inpaint.text_encoder, inpaint.vae)
+    frozen = {"text_encoder": inpaint_params["text_encoder"], "alphas_cumprod": make_alphas_cumprod(ddim_scheduler())}
+    dataset = encode_scenes(inpaint.vae, inpaint_params["vae"], config.seed, scenes, task="txt2img")
+    result = fit("txt2img", functools.partial(txt2img_loss, models), params,
+                 scene_batches(dataset, config.seed, config.batch_size, inpaint.tokenizer), config,
+                 out_dir / "checkpoints", frozen=frozen, progress=progress)
+    scheduler = ddim_scheduler()
+    pipe = FlaxStableDiffusionPipeline(vae=inpaint.vae, text_encoder=inpaint.text_encoder,
+                                       tokenizer=inpaint.tokenizer, unet=unet, scheduler=scheduler)
+    pipe_params = {"unet": result.params, "text_encoder": inpaint_params["text_encoder"],
+                   "vae": inpaint_params["vae"], "scheduler": scheduler.create_state()}
+    pipe.save_pretrained(out_dir / "tiny-shapes-txt2img", pipe_params)
     return pipe, pipe_params, result
 
 
@@ -348,21 +402,23 @@ def export_assets(out_dir: Path, assets_dir: Path) -> None:
     import shutil
 
     out_dir, assets_dir = Path(out_dir), Path(assets_dir)
-    for name in ("tiny-shapes-inpaint", "tiny-shapes-controlnet"):
+    for name in ("tiny-shapes-inpaint", "tiny-shapes-controlnet", "tiny-shapes-txt2img"):
+        if not (out_dir / name).is_dir():
+            continue
         shutil.rmtree(assets_dir / name, ignore_errors=True)
         shutil.copytree(out_dir / name, assets_dir / name, ignore=shutil.ignore_patterns("*.msgpack"))
     for name in ("sample_image.png", "sample_mask.png"):
         shutil.copyfile(out_dir / name, assets_dir / name)
 
 
-STAGES = ("vae", "inpaint", "controlnet")
+STAGES = ("vae", "inpaint", "controlnet", "txt2img")
 
 
 def train_all(out_dir: Path, vae_steps: Optional[int] = None, inpaint_steps: Optional[int] = None,
-              controlnet_steps: Optional[int] = None, batch_size: Optional[int] = None, seed: int = 0,
+              controlnet_steps: Optional[int] = None, txt2img_steps: Optional[int] = None, batch_size: Optional[int] = None, seed: int = 0,
               stages: Sequence[str] = STAGES, progress: bool = True) -> Dict[str, FitResult]:
-    """The `stages` in order (VAE, text encoder + UNet, ControlNet; each needs the previous ones'
-    output in `out_dir`), each resuming from its checkpoint, plus the demo inputs. Steps and batch
+    """The `stages` in order (VAE, text encoder + UNet, ControlNet, text-to-image UNet; the last two
+    need the inpainting stage's output in `out_dir`, which needs the VAE's), each resuming from its checkpoint, plus the demo inputs. Steps and batch
     size default to each recipe's; returns each stage's FitResult."""
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
@@ -371,6 +427,7 @@ def train_all(out_dir: Path, vae_steps: Optional[int] = None, inpaint_steps: Opt
         "vae": (train_vae, VAE_TRAINING, vae_steps),
         "inpaint": (train_inpaint, INPAINT_TRAINING, inpaint_steps),
         "controlnet": (train_controlnet, CONTROLNET_TRAINING, controlnet_steps),
+        "txt2img": (train_txt2img, TXT2IMG_TRAINING, txt2img_steps),
     }
     results = {}
     for stage in stages:
