@@ -330,6 +330,32 @@ def generate_groups(c: Components, opts: Options, params, batch: Batch, keys: Ar
 _generate_groups_jit = jax.jit(generate_groups, static_argnums=(0, 1, 5))
 
 
+def _place(tree, sharding: NamedSharding):
+    """`tree` laid out as `sharding` (rows of a global batch when it splits the first axis: each process
+    gives its own). Leaves already laid out so are kept as they are: params placed once (or replicated
+    for pmap) cost nothing per call."""
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    laid_out = {}  # (leaf sharding, ndim) -> equivalent to `sharding`: params share a few shardings
+
+    def there(x) -> bool:
+        if not isinstance(x, jax.Array):
+            return False
+        key = (x.sharding, len(x.shape))
+        if key not in laid_out:
+            laid_out[key] = x.sharding.is_equivalent_to(sharding, key[1])
+        return laid_out[key]
+
+    todo = [i for i, x in enumerate(leaves) if not there(x)]
+    if jax.process_count() > 1 and sharding.spec:
+        moved = [jax.make_array_from_process_local_data(sharding, np.asarray(leaves[i]))
+                 if not isinstance(leaves[i], jax.Array) else jax.device_put(leaves[i], sharding) for i in todo]
+    else:
+        moved = jax.device_put([leaves[i] for i in todo], sharding)
+    for i, x in zip(todo, moved):
+        leaves[i] = x
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
 def run(c: Components, opts: Options, params, batch: Batch, keys: Array, mesh: Mesh, stacked: bool = False):
     """The one execution path: `generate_groups` jitted over `mesh`, batch rows and keys sharded along its
     first (data) axis, the call-wide fields replicated, params replicated or, `stacked`, one copy per
@@ -343,19 +369,12 @@ def run(c: Components, opts: Options, params, batch: Batch, keys: Array, mesh: M
             f"{mesh.shape[axis]}; pad the batch or change the mesh."
         )
     replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P(axis))
-
-    def put(x):
-        if jax.process_count() > 1 and not isinstance(x, jax.Array):
-            return jax.make_array_from_process_local_data(sharded, np.asarray(x))
-        return jax.device_put(x, sharded)
-
     wide = {f: getattr(batch, f) for f in CALL_WIDE_FIELDS}
-    batch = jax.tree_util.tree_map(put, batch.replace(**dict.fromkeys(wide))).replace(
-        **jax.device_put(wide, replicated))
+    batch = _place(batch.replace(**dict.fromkeys(wide)), sharded).replace(**_place(wide, replicated))
     impl = jax.random.key_impl(keys)
     data = np.asarray(jax.random.key_data(keys))  # this process's keys
-    keys = jax.random.wrap_key_data(put(data) if keys.shape[0] > 1 else jax.device_put(data, replicated), impl=impl)
-    params = jax.device_put(params, sharded if stacked else replicated)
+    keys = jax.random.wrap_key_data(_place(data, sharded if keys.shape[0] > 1 else replicated), impl=impl)
+    params = _place(params, sharded if stacked else replicated)
     # The mesh in context lets the TPU attention kernel run per device (runtime.attention).
     with jax.set_mesh(mesh):
         return _generate_groups_jit(c, opts, params, batch, keys, axis if stacked else None)
