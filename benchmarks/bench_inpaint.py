@@ -3,14 +3,16 @@
 
 Nothing is downloaded: the UNet, VAE and CLIP text encoder are built from the SD1.5-inpainting or
 SD2 (768x768) configs below, or a tiny one for CPU smoke runs, and randomly initialised; speed does
-not depend on the weights' values. Every measurement is one JSON line on stdout, with a "kind":
+not depend on the weights' values. The sdxl preset (SDXL inpainting, 1024x1024) has no Flax pipeline
+to drive yet: it supports --flops-only, summing its models' passes (see `sdxl_flops`), and its VAE's
+--nan-check (`sdxl_vae_nan_check`). Every measurement is one JSON line on stdout, with a "kind":
 
   throughput     img/s, s/img, first-call and compile seconds, steady-state seconds, peak device
                  memory, TFLOP per image (XLA cost analysis) and the fraction of the compute floor;
   ratio          ours against each diffusers run of the same invocation (--torch);
   largest_batch  the largest batch that fits in device memory (--largest-batch);
   psnr           bf16 against fp32 images from the same weights, seed and inputs (--psnr);
-  nan_check      whether every scheduler gives finite images in this dtype (--nan-check);
+  nan_check      whether every scheduler gives finite images in this dtype (--nan-check; sdxl: the VAE);
   flops          compute per image only, from the lowered program, nothing run (--flops-only).
 
 diffusers runs in a subprocess (`bench_inpaint_torch.py`), started before JAX touches the device,
@@ -44,7 +46,8 @@ from PIL import Image
 
 import flax_inpaint
 from flax_inpaint import (
-    FlaxAutoencoderKL, FlaxCLIPTextModel, FlaxStableDiffusionInpaintPipeline, FlaxUNet2DConditionModel, Runtime,
+    FlaxAutoencoderKL, FlaxCLIPTextModel, FlaxCLIPTextModelWithProjection, FlaxStableDiffusionInpaintPipeline,
+    FlaxUNet2DConditionModel, Runtime,
 )
 from flax_inpaint.pipelines.inputs import build
 from flax_inpaint.pipelines.sampling import Components, generate_groups
@@ -93,6 +96,9 @@ class Preset:
     scheduler: Dict[str, Any]
     size: int
     reference_tflop_per_image: Optional[float] = None  # the issue's reference figure, for this workload only
+    text_encoder_2: Optional[Dict[str, Any]] = None  # SDXL's second text encoder (with projection)
+    steps: int = 50  # --steps default
+    default_scheduler: str = "pndm"  # --scheduler default
 
 
 PRESETS: Dict[str, Preset] = {
@@ -128,6 +134,34 @@ PRESETS: Dict[str, Preset] = {
                       "num_attention_heads": 16, "num_hidden_layers": 23, "projection_dim": 512},
         scheduler={**SD_SCHEDULE, "prediction_type": "v_prediction"},
         size=768,
+    ),
+    # diffusers/stable-diffusion-xl-1.0-inpainting-0.1: SDXL's UNet with 9 input channels (2048-wide
+    # context from both text encoders, size conditioning), SDXL's VAE (the SD one, scaling 0.13025,
+    # force_upcast), CLIP ViT-L and OpenCLIP ViT-bigG/14 with projection; Euler, 30 steps, 1024x1024.
+    "sdxl": Preset(
+        unet={
+            "act_fn": "silu", "addition_embed_type": "text_time", "addition_embed_type_num_heads": 64,
+            "addition_time_embed_dim": 256, "attention_head_dim": [5, 10, 20], "block_out_channels": [320, 640, 1280],
+            "center_input_sample": False, "cross_attention_dim": 2048,
+            "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+            "downsample_padding": 1, "flip_sin_to_cos": True, "freq_shift": 0, "in_channels": 9, "layers_per_block": 2,
+            "mid_block_scale_factor": 1, "mid_block_type": "UNetMidBlock2DCrossAttn", "norm_eps": 1e-5,
+            "norm_num_groups": 32, "num_attention_heads": None, "out_channels": 4,
+            "projection_class_embeddings_input_dim": 2816, "sample_size": 128,
+            "transformer_layers_per_block": [1, 2, 10],
+            "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"], "upcast_attention": None,
+            "use_linear_projection": True,
+        },
+        vae={**_SD_VAE, "sample_size": 1024, "scaling_factor": 0.13025, "force_upcast": True},
+        text_encoder={**_CLIP_TEXT, "hidden_act": "quick_gelu", "hidden_size": 768, "intermediate_size": 3072,
+                      "num_attention_heads": 12, "num_hidden_layers": 12, "projection_dim": 768},
+        text_encoder_2={**_CLIP_TEXT, "architectures": ["CLIPTextModelWithProjection"], "hidden_act": "gelu",
+                        "hidden_size": 1280, "intermediate_size": 5120, "num_attention_heads": 20,
+                        "num_hidden_layers": 32, "projection_dim": 1280},
+        scheduler={**SD_SCHEDULE, "interpolation_type": "linear", "timestep_spacing": "leading"},
+        size=1024,
+        steps=30,
+        default_scheduler="euler",
     ),
     # The test suite's tiny pipeline: runs on a CPU in seconds.
     "tiny": Preset(
@@ -552,6 +586,12 @@ def runtime_for(args) -> Runtime:
 
 def flops_only(args, preset: Preset, common) -> None:
     """TFLOP per image for each batch size from the lowered program: no weights, nothing run."""
+    if preset.text_encoder_2 is not None:
+        for batch in sorted(args.batch):
+            emit({"kind": "flops", "system": "flax-inpaint", **common, "attention": "xla", "batch": batch,
+                  "lowered_for": jax.default_backend(), **sdxl_flops(args, preset, batch),
+                  "reference_tflop_per_image": preset.reference_tflop_per_image})
+        return
     ours = Ours(preset, args.scheduler, runtime_for(args), abstract=True, seed=args.seed)
     attention = "pallas" if args.platform == "tpu" else "xla"
     for batch in sorted(args.batch):
@@ -559,6 +599,68 @@ def flops_only(args, preset: Preset, common) -> None:
         emit({"kind": "flops", "system": "flax-inpaint", **common, "attention": attention, "batch": batch,
               "lowered_for": args.platform or jax.default_backend(), **flops,
               "reference_tflop_per_image": preset.reference_tflop_per_image})
+
+
+def sdxl_flops(args, preset: Preset, batch: int) -> Dict[str, Any]:
+    """Compute per image of SDXL inpainting as the sum of its models' passes, each lowered alone with
+    abstract weights (no SDXL pipeline program exists yet): both text encoders on the prompt and the
+    negative prompt, the VAE encoding the masked image, the 9-channel UNet once per scheduler
+    iteration for each CFG half, the VAE decoding the latents. XLA attention; nothing runs."""
+    runtime = dataclasses.replace(runtime_for(args), attention="xla")
+    unet = FlaxUNet2DConditionModel.from_config(preset.unet, runtime=runtime)
+    vae = FlaxAutoencoderKL.from_config(preset.vae, runtime=runtime).upcasted()  # force_upcast: VAE in fp32
+    te1 = FlaxCLIPTextModel.from_config(preset.text_encoder, runtime=runtime)
+    te2 = FlaxCLIPTextModelWithProjection.from_config(preset.text_encoder_2, runtime=runtime)
+    cfg = args.guidance > 1.0
+    n, size, tokens = batch * (2 if cfg else 1), args.size, preset.text_encoder["max_position_embeddings"]
+    f = 2 ** (len(vae.block_out_channels) - 1)
+    latent = (n, size // f, size // f)
+    context = te1.hidden_size + te2.hidden_size  # SDXL concatenates both penultimate hidden states
+
+    def spec(shape, dtype=runtime.dtype):
+        return jax.ShapeDtypeStruct(shape, dtype)
+
+    def cost(model, *inputs, method=None, **static):
+        params = jax.eval_shape(model.init_weights, jax.random.key(0))
+        fn = jax.jit(lambda p, *a: model.apply({"params": p}, *a, method=method, **static))
+        return _flops(fn.trace(params, *inputs).lower())["flops"]
+
+    added = {"text_embeds": spec((n, te2.projection_dim)), "time_ids": spec((n, 6))}
+    parts = {
+        "text_encoders": sum(cost(te, spec((n, tokens), jnp.int32), output_hidden_states=True) for te in (te1, te2)),
+        "vae_encode": cost(vae, spec((batch, 3, size, size), vae.runtime.dtype), method=vae.encode),
+        "unet_pass": cost(unet, spec((*latent, unet.in_channels)), spec((n,), jnp.int32),
+                          spec((n, tokens, context)), None, None, added, method=unet.nhwc),
+        "vae_decode": cost(vae, spec((batch, *latent[1:], vae.latent_channels), vae.runtime.dtype),
+                           method=vae.decode),
+    }
+    scheduler = build_scheduler(preset, args.scheduler)
+    passes = int(scheduler.set_timesteps(scheduler.create_state(), args.steps, (*latent, 4)).timesteps.shape[0])
+    total = parts["text_encoders"] + parts["vae_encode"] + passes * parts["unet_pass"] + parts["vae_decode"]
+    return {"tflop_per_image": total / batch / 1e12, "unet_tflop_per_pass": parts["unet_pass"] / n / 1e12,
+            "unet_passes_per_image": passes * n // batch, "method": "sum of model passes",
+            "tflop_per_image_by_model": {k: v / batch / 1e12 for k, v in parts.items() if k != "unet_pass"}}
+
+
+def sdxl_vae_nan_check(args, preset: Preset, common):
+    """SDXL's VAE in this dtype on random weights, a random image of --size pixels encoded and its latents
+    decoded: one record as the pipeline will run it (`upcasted()`: float32 activations, `force_upcast`) and
+    one with half-precision activations (what an fp16-fix VAE, force_upcast=False, runs)."""
+    vae = FlaxAutoencoderKL.from_config(preset.vae, runtime=runtime_for(args))
+    params = vae.init_weights(jax.random.key(args.seed))
+    image = jax.random.uniform(jax.random.key(args.seed + 1), (min(args.batch), 3, args.size, args.size),
+                               minval=-1.0, maxval=1.0)
+    for model in (vae.upcasted(), vae.clone(force_upcast=False)):
+        @jax.jit
+        def roundtrip(p, x):
+            latents = model.apply({"params": p}, x.astype(model.runtime.dtype), method=model.encode).latent_dist.mode()
+            return model.apply({"params": p}, latents, method=model.decode).sample.astype(jnp.float32)
+
+        decoded = np.asarray(roundtrip(params, image))
+        yield {"kind": "nan_check", "system": "flax-inpaint", **common, "model": "vae", "batch": image.shape[0],
+               "activations": str(jnp.dtype(model.runtime.dtype)), "force_upcast": bool(model.force_upcast),
+               "finite": bool(np.isfinite(decoded).all()), "min": float(np.nanmin(decoded)),
+               "max": float(np.nanmax(decoded))}
 
 
 class Phase:
@@ -674,8 +776,9 @@ def parse_args(argv=None, torch_side: bool = False) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", choices=sorted(PRESETS), default="sd15")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8, 16], help="batch sizes (prompts per call)")
-    p.add_argument("--steps", type=int, default=50, help="num_inference_steps")
-    p.add_argument("--scheduler", choices=list(SCHEDULERS), default="pndm")
+    p.add_argument("--steps", type=int, default=None, help="num_inference_steps (default: the preset's, 50 or 30)")
+    p.add_argument("--scheduler", choices=list(SCHEDULERS), default=None,
+                   help="default: the preset's (pndm; euler for sdxl)")
     p.add_argument("--guidance", type=float, default=7.5, help="guidance_scale (> 1: classifier-free guidance)")
     p.add_argument("--size", type=int, default=None, help="image height = width (default: the preset's)")
     p.add_argument("--repeat", type=int, default=3, help="steady-state calls timed after the first (median)")
@@ -717,10 +820,19 @@ def parse_args(argv=None, torch_side: bool = False) -> argparse.Namespace:
         p.add_argument("--peak-tflops", type=float, default=None,
                        help=f"dense TFLOP/s the floor is measured against (default: {PEAK_TFLOPS}, by device)")
     args = p.parse_args(argv)
+    preset = PRESETS[args.preset]
+    args.steps = preset.steps if args.steps is None else args.steps
+    args.scheduler = args.scheduler or preset.default_scheduler
     if min(args.batch) < 1 or args.steps < 1 or args.repeat < 1:
         p.error(f"--batch, --steps and --repeat must be >= 1; got {args.batch}, {args.steps}, {args.repeat}.")
     args.size = args.size or PRESETS[args.preset].size
     if not torch_side:
+        vae_check = args.nan_check and args.no_throughput and not (args.psnr or args.largest_batch)
+        if preset.text_encoder_2 is not None and (not (args.flops_only or vae_check) or args.platform
+                                                  or args.compile_only or args.torch != ["none"]):
+            p.error(f"--preset {args.preset}: only --flops-only (lowered for this host) or --nan-check "
+                    "--no-throughput (the VAE) until the Flax SDXL pipeline exists; run "
+                    "benchmarks/bench_inpaint_torch.py alone for diffusers.")
         if "none" in args.torch and len(args.torch) > 1:
             p.error(f"--torch {' '.join(args.torch)}: 'none' cannot be combined with eager/compile.")
         if args.platform and not (args.flops_only or args.compile_only):
@@ -758,6 +870,10 @@ def main(argv=None) -> int:
         return 0
     if args.compile_only:
         compile_only(args, preset, common, clock)
+        return 0
+    if preset.text_encoder_2 is not None:  # sdxl: parse_args let only the VAE's NaN check through
+        for rec in sdxl_vae_nan_check(args, preset, common):
+            emit(rec)
         return 0
     ours = bench_ours(args, preset, common, clock)
     for records in theirs.values():

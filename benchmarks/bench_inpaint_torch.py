@@ -5,7 +5,8 @@ Started by `bench_inpaint.py --torch eager compile` (or run alone, same argument
 prints the same JSON lines with system="diffusers-eager" or "diffusers-compile" (the UNet and the
 VAE decoder wrapped in torch.compile(mode="reduce-overhead"), diffusers' documented speed-up).
 Weights are random like ours; the text encoder, VAE encode of the masked image, 2x-batch CFG UNet
-loop and VAE decode all run inside the timed call, as in ours.
+loop and VAE decode all run inside the timed call, as in ours. The sdxl preset runs diffusers'
+StableDiffusionXLInpaintPipeline (run this script alone for it: ours has no SDXL pipeline yet).
 """
 from __future__ import annotations
 
@@ -21,8 +22,10 @@ import diffusers  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
-from diffusers import AutoencoderKL, StableDiffusionInpaintPipeline, UNet2DConditionModel  # noqa: E402
-from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
+from diffusers import (  # noqa: E402
+    AutoencoderKL, StableDiffusionInpaintPipeline, StableDiffusionXLInpaintPipeline, UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection  # noqa: E402
 
 from bench_inpaint import (  # noqa: E402
     PRESETS, PROMPT, SCHEDULERS, Preset, common_fields, cpu_name, emit, is_oom, largest_batch, make_tokenizer,
@@ -36,12 +39,17 @@ def build(preset: Preset, scheduler: str, device: torch.device, dtype: torch.dty
         unet = UNet2DConditionModel.from_config(preset.unet)
         vae = AutoencoderKL.from_config(preset.vae)
         text_encoder = CLIPTextModel(CLIPTextConfig.from_dict(preset.text_encoder))
+        if preset.text_encoder_2 is not None:
+            text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig.from_dict(preset.text_encoder_2))
     _, cls_name, overrides = SCHEDULERS[scheduler]
-    pipe = StableDiffusionInpaintPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=make_tokenizer(preset), unet=unet,
-        scheduler=getattr(diffusers, cls_name).from_config(preset.scheduler, **overrides),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
+    common = dict(vae=vae, text_encoder=text_encoder, tokenizer=make_tokenizer(preset), unet=unet,
+                  scheduler=getattr(diffusers, cls_name).from_config(preset.scheduler, **overrides))
+    if preset.text_encoder_2 is not None:  # SDXL: the VAE decodes in fp32 (force_upcast), as diffusers does
+        pipe = StableDiffusionXLInpaintPipeline(**common, text_encoder_2=text_encoder_2,
+                                                tokenizer_2=make_tokenizer(preset))
+    else:
+        pipe = StableDiffusionInpaintPipeline(**common, safety_checker=None, feature_extractor=None,
+                                              requires_safety_checker=False)
     pipe.to(device=device, dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe

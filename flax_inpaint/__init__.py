@@ -13,7 +13,7 @@ class _NoTorchNoticeFilter(_logging.Filter):
 _logging.getLogger("transformers").addFilter(_NoTorchNoticeFilter())  # transformers' top-level logger
 from flax_inpaint.diffusers_compat import missing_names
 from flax_inpaint.image_processor import VaeImageProcessor, load_image, make_image_grid
-from flax_inpaint.models.clip import FlaxCLIPTextModel
+from flax_inpaint.models.clip import FlaxCLIPTextModel, FlaxCLIPTextModelWithProjection
 from flax_inpaint.models.controlnet import FlaxControlNetModel
 from flax_inpaint.models.modeling import FlaxModelMixin
 from flax_inpaint.models.safety import FlaxStableDiffusionSafetyChecker
@@ -38,6 +38,7 @@ __version__ = "0.1.0"
 __all__ = [
     "FlaxAutoencoderKL",
     "FlaxCLIPTextModel",
+    "FlaxCLIPTextModelWithProjection",
     "FlaxControlNetModel",
     "FlaxDiffusionPipeline",
     "FlaxModelMixin",

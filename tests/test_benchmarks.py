@@ -3,6 +3,7 @@
 It checks that the script runs, that stdout is nothing but JSON lines and that each record carries
 its fields with sane types. No timing is asserted: the numbers depend on the machine.
 """
+import dataclasses
 import json
 import os
 import subprocess
@@ -76,3 +77,45 @@ def test_compile_only_reports_phases_and_memory():
     assert rec["stablehlo_chars"] > 0 and rec["persistent_cache_hits"] == 0
     assert rec["argument_bytes"] > 0 and rec["temp_bytes"] > 0  # the CPU compiler reports its buffers
     assert rec["total_bytes"] == rec["argument_bytes"] + rec["output_bytes"] + rec["temp_bytes"] - rec["alias_bytes"]
+
+
+def test_sdxl_preset_is_flops_only_and_sums_its_models(monkeypatch):
+    """The sdxl preset has no Flax pipeline to drive yet: only --flops-only, from its models' passes
+    (checked here on the same code path with SDXL-shaped tiny configs, in-process)."""
+    import pytest
+
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    import bench_inpaint as bench
+
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--preset", "sdxl"])
+    args = bench.parse_args(["--preset", "sdxl", "--flops-only", "--batch", "1"])
+    assert (args.steps, args.scheduler, args.size, args.guidance) == (30, "euler", 1024, 7.5)
+
+    tiny = bench.PRESETS["tiny"]
+    unet = {**bench.PRESETS["sdxl"].unet, "block_out_channels": [16, 32, 32], "attention_head_dim": [2, 4, 4],
+            "norm_num_groups": 8, "cross_attention_dim": 64, "transformer_layers_per_block": [1, 1, 2],
+            "addition_time_embed_dim": 8, "projection_class_embeddings_input_dim": 32 + 6 * 8}
+    preset = dataclasses.replace(
+        bench.PRESETS["sdxl"], unet=unet, vae={**tiny.vae, "force_upcast": True},
+        text_encoder={**tiny.text_encoder, "max_position_embeddings": 77},
+        text_encoder_2={**tiny.text_encoder, "max_position_embeddings": 77, "hidden_act": "gelu"},
+    )
+    args = bench.parse_args(["--preset", "sdxl", "--flops-only", "--steps", "3", "--size", "32"])
+    rec = bench.sdxl_flops(args, preset, batch=1)
+    assert rec["unet_passes_per_image"] == 6  # Euler: one pass per step, both CFG halves
+    parts = rec["tflop_per_image_by_model"]
+    assert set(parts) == {"text_encoders", "vae_encode", "vae_decode"} and all(v > 0 for v in parts.values())
+    assert rec["tflop_per_image"] > 6 * rec["unet_tflop_per_pass"] > 0
+
+
+def test_sdxl_vae_nan_check(monkeypatch):
+    """--preset sdxl --nan-check --no-throughput: SDXL's VAE round trip in bf16, upcast (force_upcast) and not."""
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    import bench_inpaint as bench
+
+    args = bench.parse_args(["--preset", "sdxl", "--nan-check", "--no-throughput", "--batch", "1", "--size", "32"])
+    preset = dataclasses.replace(bench.PRESETS["sdxl"], vae={**bench.PRESETS["tiny"].vae, "force_upcast": True})
+    records = list(bench.sdxl_vae_nan_check(args, preset, {}))
+    assert [(r["activations"], r["force_upcast"]) for r in records] == [("float32", True), ("bfloat16", False)]
+    assert all(r["finite"] and r["kind"] == "nan_check" and r["max"] > r["min"] for r in records)

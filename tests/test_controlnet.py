@@ -302,9 +302,9 @@ def test_bad_inputs_raise(cases):
     [
         ("controlnet_conditioning_channel_order", "rgba"),
         ("mid_block_type", None),
-        ("num_attention_heads", 8),
+        ("num_attention_heads", [2, 4, 8]),  # one per block, as attention_head_dim
         ("class_embed_type", "timestep"),
-        ("addition_embed_type", "text_time"),
+        ("addition_embed_type", "text"),
         ("encoder_hid_dim", 32),
         ("conditioning_embedding_out_channels", []),
     ],

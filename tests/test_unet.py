@@ -279,7 +279,7 @@ def test_save_pretrained_round_trip(sd1, tmp_path):
     "key,value",
     [
         ("class_embed_type", "timestep"),
-        ("addition_embed_type", "text_time"),
+        ("addition_embed_type", "text"),
         ("num_attention_heads", 8),
         ("resnet_time_scale_shift", "scale_shift"),
         ("time_cond_proj_dim", 256),

@@ -278,7 +278,7 @@ def set_ip_adapter_scale(params: Mapping[str, Any], scale: Union[Scale, Sequence
     if not loaded:
         raise ValueError("set_ip_adapter_scale: no IP-Adapter is loaded; call load_ip_adapter first.")
     table = ip_adapter_scale(unet, scale, len(loaded["image_proj"]))
-    return {**params, "ip_adapter": {**loaded, "scale": jnp.asarray(table)}}
+    return {**params, "ip_adapter": {**loaded, "scale": jax.device_put(table)}}
 
 
 def ip_adapter_inputs(params: Mapping[str, Any], image_embeds: Sequence[jax.Array],

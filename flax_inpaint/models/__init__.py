@@ -1,7 +1,12 @@
 """Flax model families: UNet, VAE, CLIP text and image encoders, ControlNet, the safety checker and the
 IP-Adapter image projections."""
 from flax_inpaint.io import CheckpointError
-from flax_inpaint.models.clip import FlaxCLIPTextModel, FlaxCLIPTextModelOutput
+from flax_inpaint.models.clip import (
+    FlaxCLIPTextModel,
+    FlaxCLIPTextModelOutput,
+    FlaxCLIPTextModelWithProjection,
+    FlaxCLIPTextModelWithProjectionOutput,
+)
 from flax_inpaint.models.clip_vision import FlaxCLIPVisionModelOutput, FlaxCLIPVisionModelWithProjection
 from flax_inpaint.models.controlnet import FlaxControlNetModel, FlaxControlNetOutput
 from flax_inpaint.models.modeling import FlaxModelMixin
@@ -21,6 +26,8 @@ __all__ = [
     "FlaxAutoencoderKLOutput",
     "FlaxCLIPTextModel",
     "FlaxCLIPTextModelOutput",
+    "FlaxCLIPTextModelWithProjection",
+    "FlaxCLIPTextModelWithProjectionOutput",
     "FlaxCLIPVisionModelOutput",
     "FlaxCLIPVisionModelWithProjection",
     "FlaxControlNetModel",

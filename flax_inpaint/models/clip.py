@@ -1,5 +1,6 @@
-"""CLIP transformer encoders in Flax: the text tower used as Stable Diffusion's text encoder, and the
-vision tower inside the safety checker (`CLIPVisionModel`, see models/safety.py).
+"""CLIP transformer encoders in Flax: the text tower used as Stable Diffusion's text encoder (with
+SDXL's projection as `FlaxCLIPTextModelWithProjection`), and the vision tower inside the safety
+checker (`CLIPVisionModel`, see models/safety.py).
 
 Mirrors transformers' PyTorch `CLIPTextModel` (transformers v5 ships no Flax) so its checkpoints
 convert mechanically: the Flax path `text_model/encoder/layers_3/self_attn/q_proj/kernel` is the torch
@@ -346,7 +347,7 @@ class FlaxCLIPTextModel(FlaxModelMixin, nn.Module):
     vocab_size: int = 49408
     hidden_size: int = 512
     intermediate_size: int = 2048
-    projection_dim: Optional[int] = 512  # used only by CLIPTextModelWithProjection; kept for config
+    projection_dim: Optional[int] = 512  # used only by FlaxCLIPTextModelWithProjection
     num_hidden_layers: int = 12
     num_attention_heads: int = 8
     max_position_embeddings: int = 77
@@ -394,9 +395,12 @@ class FlaxCLIPTextModel(FlaxModelMixin, nn.Module):
         else:  # the first end-of-text token (padding may reuse the same id)
             eos_pos = jnp.argmax(input_ids == self.eos_token_id, axis=-1)
         pooled = jnp.take_along_axis(last, eos_pos[:, None, None], axis=1)[:, 0]
-        hidden_states = states if output_hidden_states else None
+        return self._output(last, pooled, states if output_hidden_states else None, return_dict)
+
+    def _output(self, last, pooled, hidden_states, return_dict: bool):
+        """The model's output from the tower's (hidden_states None unless asked for)."""
         if not return_dict:
-            return (last, pooled) + ((hidden_states,) if output_hidden_states else ())
+            return (last, pooled) + (() if hidden_states is None else (hidden_states,))
         return FlaxCLIPTextModelOutput(last, pooled, hidden_states)
 
     def final_layer_norm(self, hidden_states: jax.Array) -> jax.Array:
@@ -412,3 +416,46 @@ class FlaxCLIPTextModel(FlaxModelMixin, nn.Module):
         if key.endswith("embeddings.position_ids"):
             return None
         return key if key.startswith("text_model.") else f"text_model.{key}"
+
+
+@flax.struct.dataclass
+class FlaxCLIPTextModelWithProjectionOutput(BaseOutput):
+    """text_embeds: [batch, projection_dim], the pooled output projected (SDXL's pooled prompt embedding).
+    last_hidden_state, hidden_states: as in FlaxCLIPTextModelOutput (SDXL conditions on hidden_states[-2]).
+    """
+
+    text_embeds: jax.Array
+    last_hidden_state: jax.Array
+    hidden_states: Optional[Tuple[jax.Array, ...]] = None
+
+
+class FlaxCLIPTextModelWithProjection(FlaxCLIPTextModel):
+    """transformers' `CLIPTextModelWithProjection` (SDXL's `text_encoder_2`, OpenCLIP ViT-bigG): the text
+    tower plus `text_projection`, a bias-free linear map of the pooled output to `projection_dim`.
+
+    `te.apply({"params": p}, input_ids, attention_mask=None, output_hidden_states=False,
+    return_dict=True)` -> FlaxCLIPTextModelWithProjectionOutput (text_embeds, last_hidden_state,
+    hidden_states), or that tuple with `return_dict=False`, as transformers orders it.
+    """
+
+    torch_class = "CLIPTextModelWithProjection"
+
+    def __post_init__(self):
+        if not isinstance(self.projection_dim, int) or self.projection_dim < 1:
+            raise ValueError(f"projection_dim={self.projection_dim!r}: the text projection needs a positive int.")
+        super().__post_init__()
+
+    def setup(self):
+        super().setup()
+        self.text_projection = dense(self.projection_dim, self.runtime, use_bias=False)
+
+    def _output(self, last, pooled, hidden_states, return_dict: bool):
+        text_embeds = self.text_projection(pooled)
+        if not return_dict:
+            return (text_embeds, last) + (() if hidden_states is None else (hidden_states,))
+        return FlaxCLIPTextModelWithProjectionOutput(text_embeds, last, hidden_states)
+
+    @classmethod
+    def torch_rename(cls, key: str) -> Optional[str]:
+        """`text_projection.weight` as is; the tower's keys as FlaxCLIPTextModel reads them."""
+        return key if key.startswith("text_projection.") else super().torch_rename(key)

@@ -1,4 +1,4 @@
-"""ControlNet for Stable Diffusion 1.x/2.x, NHWC inside.
+"""ControlNet for Stable Diffusion 1.x/2.x and SDXL, NHWC inside.
 
 Mirrors diffusers' `ControlNetModel`: a copy of the UNet's encoder half (time embedding, conv_in,
 down blocks, mid block, all built by `unet.py`) whose input is the noisy latent plus an embedding
@@ -9,7 +9,8 @@ ControlNet folder converts mechanically (see `conversion.py`).
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple, Union
+import dataclasses
+from typing import Mapping, Optional, Tuple, Union
 
 import flax
 import flax.linen as nn
@@ -23,13 +24,14 @@ from flax_inpaint.models.modeling import FlaxModelMixin
 from flax_inpaint.models.layers import conv
 from flax_inpaint.models.unet import (
     FlaxUNet2DConditionModel,
-    IntOrTuple,
-    TimestepEmbedding,
+    UNetEncoderConfig,
     _at,
-    broadcast_timesteps,
     build_down_block,
     build_mid_block,
-    timestep_embedding,
+    check_added_cond,
+    check_sample_and_context,
+    dummy_added_cond,
+    embed_time,
     validate_unet_config,
 )
 from flax_inpaint.runtime import Runtime
@@ -74,38 +76,18 @@ class FlaxControlNetOutput(BaseOutput):
     mid_block_res_sample: jax.Array
 
 
-class FlaxControlNetModel(FlaxModelMixin, nn.Module):
-    """diffusers' ControlNetModel (SD 1.x/2.x).
+class FlaxControlNetModel(FlaxModelMixin, UNetEncoderConfig):
+    """diffusers' ControlNetModel (SD 1.x/2.x, and SDXL's with `addition_embed_type="text_time"`).
 
-    Fields are the diffusers config keys. `__call__` takes and returns NCHW like diffusers; `nhwc`
-    is the same network on NHWC arrays, returning what `FlaxUNet2DConditionModel.nhwc` takes.
+    Fields are the diffusers config keys (the encoder's from `UNetEncoderConfig`, shared with the
+    UNet). `__call__` takes and returns NCHW like diffusers; `nhwc` is the same network on NHWC
+    arrays, returning what `FlaxUNet2DConditionModel.nhwc` takes.
     """
 
-    in_channels: int = 4
     conditioning_channels: int = 3
-    flip_sin_to_cos: bool = True
-    freq_shift: int = 0
-    down_block_types: Tuple[str, ...] = (
-        "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D",
-    )
-    mid_block_type: str = "UNetMidBlock2DCrossAttn"
-    only_cross_attention: Union[bool, Tuple[bool, ...]] = False
-    block_out_channels: Tuple[int, ...] = (320, 640, 1280, 1280)
-    layers_per_block: IntOrTuple = 2
-    downsample_padding: int = 1
-    mid_block_scale_factor: float = 1.0
-    act_fn: str = "silu"
-    norm_num_groups: int = 32
-    norm_eps: float = 1e-5
-    cross_attention_dim: IntOrTuple = 1280
-    transformer_layers_per_block: IntOrTuple = 1
-    attention_head_dim: IntOrTuple = 8  # the number of heads: diffusers' naming quirk
-    use_linear_projection: bool = False
-    upcast_attention: bool = False  # accepted: attention() always takes the softmax in float32
     controlnet_conditioning_channel_order: str = "rgb"
     conditioning_embedding_out_channels: Tuple[int, ...] = (16, 32, 96, 256)
     global_pool_conditions: bool = False
-    runtime: Runtime = Runtime()
 
     torch_class = "ControlNetModel"
     weight_stems = ("diffusion_pytorch_model",)
@@ -113,20 +95,19 @@ class FlaxControlNetModel(FlaxModelMixin, nn.Module):
     # Flax ControlNet that change nothing here: dropout (inference), its attention-kernel switches
     # (Runtime.attention's job) and sample_size (the control image sets the size).
     ignored_config_keys = frozenset(
-        {"addition_time_embed_dim", "projection_class_embeddings_input_dim", "addition_embed_type_num_heads",
-         "dropout", "use_memory_efficient_attention", "split_head_dim", "sample_size"}
+        {"addition_embed_type_num_heads", "dropout", "use_memory_efficient_attention", "split_head_dim",
+         "sample_size"}
     )
     fixed_config = {
-        "num_attention_heads": (None,),
         "encoder_hid_dim": (None,),
         "encoder_hid_dim_type": (None,),
         "class_embed_type": (None,),
         "num_class_embeds": (None,),
-        "addition_embed_type": (None,),
         "resnet_time_scale_shift": ("default",),
     }
 
     def __post_init__(self):
+        super().__post_init__()
         validate_unet_config(self)
         if self.mid_block_type not in ("UNetMidBlock2DCrossAttn", "UNetMidBlock2D"):
             raise ValueError(
@@ -143,7 +124,6 @@ class FlaxControlNetModel(FlaxModelMixin, nn.Module):
                 f"conditioning_embedding_out_channels={self.conditioning_embedding_out_channels!r}; "
                 "give at least one channel count, e.g. (16, 32, 96, 256)."
             )
-        super().__post_init__()
 
     @property
     def cond_downscale(self) -> int:
@@ -151,7 +131,8 @@ class FlaxControlNetModel(FlaxModelMixin, nn.Module):
         return 2 ** (len(self.conditioning_embedding_out_channels) - 1)
 
     def dummy_inputs(self):
-        """The smallest valid inputs: one latent of 2**num_downsamplers pixels a side, one token."""
+        """The smallest valid inputs: one latent of 2**num_downsamplers pixels a side, one token, and
+        SDXL's added conditioning where the config has it."""
         size, dt = 2 ** (len(self.block_out_channels) - 1), self.runtime.dtype
         cond_size = size * self.cond_downscale
         return (
@@ -159,6 +140,7 @@ class FlaxControlNetModel(FlaxModelMixin, nn.Module):
             jnp.zeros((1,), jnp.int32),
             jnp.zeros((1, 1, _at(self, "cross_attention_dim", 0)), dt),
             jnp.zeros((1, self.conditioning_channels, cond_size, cond_size), dt),
+            1.0, True, False, dummy_added_cond(self),
         )
 
     def init_weights(self, rng: jax.Array) -> Params:
@@ -196,18 +178,12 @@ class FlaxControlNetModel(FlaxModelMixin, nn.Module):
                 f"The UNet's {', '.join(bad)} cannot be mirrored by a ControlNet, whose time "
                 "embedding and conv_in are fixed; use a UNet without these options."
             )
-        shared = (
-            "in_channels", "flip_sin_to_cos", "freq_shift", "down_block_types", "mid_block_type",
-            "only_cross_attention", "block_out_channels", "layers_per_block", "downsample_padding",
-            "mid_block_scale_factor", "act_fn", "norm_num_groups", "norm_eps", "cross_attention_dim",
-            "transformer_layers_per_block", "attention_head_dim", "use_linear_projection", "upcast_attention",
-        )
         model = cls(
-            **{k: getattr(u, k) for k in shared},
+            **{f.name: getattr(u, f.name) for f in dataclasses.fields(UNetEncoderConfig)
+               if f.name not in ("parent", "name")},
             controlnet_conditioning_channel_order=controlnet_conditioning_channel_order,
             conditioning_embedding_out_channels=tuple(conditioning_embedding_out_channels),
             conditioning_channels=conditioning_channels,
-            runtime=u.runtime,
         )
         rng = jax.random.key(0) if rng is None else rng
         if not load_weights_from_unet:
@@ -240,12 +216,14 @@ class FlaxControlNetModel(FlaxModelMixin, nn.Module):
         conditioning_scale: Union[float, jax.Array] = 1.0,
         return_dict: bool = True,
         train: bool = False,
+        added_cond_kwargs: Optional[Mapping[str, jax.Array]] = None,
         *,
         guess_mode: bool = False,
     ):
         """NCHW in and out, like diffusers' Flax ControlNet (same arguments, same order; `train` changes
-        nothing: no dropout). controlnet_cond: [B, C, H*f, W*f] image in [0, 1]. `guess_mode` (a
-        keyword, as in diffusers' PyTorch ControlNet) scales the residuals for CFG-free guidance."""
+        nothing: no dropout). controlnet_cond: [B, C, H*f, W*f] image in [0, 1]. `added_cond_kwargs`:
+        SDXL's `text_embeds` and `time_ids`, as the UNet takes them. `guess_mode` (a keyword, as in
+        diffusers' PyTorch ControlNet) scales the residuals for CFG-free guidance."""
         del train
 
         def to_nhwc(x):
@@ -256,7 +234,7 @@ class FlaxControlNetModel(FlaxModelMixin, nn.Module):
 
         down, mid = self.nhwc(
             to_nhwc(sample), timesteps, encoder_hidden_states, to_nhwc(controlnet_cond),
-            conditioning_scale, guess_mode,
+            conditioning_scale, guess_mode, added_cond_kwargs,
         )
         down, mid = tuple(to_nchw(r) for r in down), to_nchw(mid)
         return FlaxControlNetOutput(down, mid) if return_dict else (down, mid)
@@ -270,6 +248,7 @@ class FlaxControlNetModel(FlaxModelMixin, nn.Module):
         controlnet_cond: jax.Array,
         conditioning_scale: Union[float, jax.Array] = 1.0,
         guess_mode: bool = False,
+        added_cond_kwargs: Optional[Mapping[str, jax.Array]] = None,
     ) -> Tuple[Tuple[jax.Array, ...], jax.Array]:
         """The ControlNet on NHWC arrays; returns (down residuals, mid residual), NHWC.
 
@@ -277,18 +256,18 @@ class FlaxControlNetModel(FlaxModelMixin, nn.Module):
         [B, tokens, dim]; controlnet_cond: [B, H*f, W*f, conditioning_channels] (f = cond_downscale).
         conditioning_scale may be traced (a per-step gate); guess_mode is static: it scales the
         residuals from 0.1 (conv_in's) up to 1 (the mid block's) on a log scale. With
-        global_pool_conditions the residuals are averaged over space ([B, 1, 1, C]).
+        global_pool_conditions the residuals are averaged over space ([B, 1, 1, C]). added_cond_kwargs:
+        as in `__call__` (SDXL).
         """
         rt, n = self.runtime, len(self.block_out_channels)
+        added = check_added_cond(self, added_cond_kwargs, sample.shape[0])
         self._check_inputs(sample, encoder_hidden_states, controlnet_cond)
         context = encoder_hidden_states.astype(rt.dtype)
         cond = controlnet_cond.astype(rt.dtype)
         if self.controlnet_conditioning_channel_order == "bgr":
             cond = cond[..., ::-1]
 
-        t = broadcast_timesteps(timesteps, sample.shape[0])
-        t_emb = timestep_embedding(t, self.block_out_channels[0], self.flip_sin_to_cos, self.freq_shift)
-        emb = TimestepEmbedding(4 * self.block_out_channels[0], rt, self.act_fn, name="time_embedding")(t_emb)
+        emb = embed_time(self, timesteps, sample.shape[0], added)
 
         h = conv(self.block_out_channels[0], rt, name="conv_in")(sample)
         h = h + ControlNetConditioningEmbedding(
@@ -315,17 +294,8 @@ class FlaxControlNetModel(FlaxModelMixin, nn.Module):
 
     def _check_inputs(self, sample, context, cond) -> None:
         """Fail before any compute on inputs that cannot fit this configuration."""
-        if sample.ndim != 4 or sample.shape[-1] != self.in_channels:
-            raise ValueError(
-                f"sample has shape {sample.shape}; expected NHWC with {self.in_channels} channels "
-                "(NCHW through __call__)."
-            )
-        dim, b = _at(self, "cross_attention_dim", 0), sample.shape[0]
-        if context.ndim != 3 or context.shape[-1] != dim or context.shape[0] != b:
-            raise ValueError(
-                f"encoder_hidden_states has shape {context.shape}; expected [{b}, tokens, {dim}]."
-            )
-        f, (hgt, wid) = self.cond_downscale, sample.shape[1:3]
+        check_sample_and_context(self, sample, context)
+        b, f, (hgt, wid) = sample.shape[0], self.cond_downscale, sample.shape[1:3]
         embedded = cond.shape[1:3]
         for _ in range(len(self.conditioning_embedding_out_channels) - 1):
             embedded = tuple(-(-d // 2) for d in embedded)  # each stride-2 conv rounds up

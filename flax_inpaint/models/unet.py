@@ -1,12 +1,14 @@
-"""The conditional UNet of Stable Diffusion 1.x/2.x (incl. 9-channel inpainting), NHWC inside.
+"""The conditional UNet of Stable Diffusion 1.x/2.x and SDXL (incl. 9-channel inpainting), NHWC inside.
 
 Mirrors diffusers' `UNet2DConditionModel`: module names follow the PyTorch attribute names, so a
-diffusers checkpoint converts mechanically (see `conversion.py`). The blocks are module-level classes
-with explicit fields so a ControlNet can reuse the time embedding, down blocks and mid block;
-`build_down_block` / `build_mid_block` build them from any object carrying the UNet config fields.
+diffusers checkpoint converts mechanically (see `conversion.py`). The encoder half's config keys are
+declared once (`UNetEncoderConfig`) for the UNet and the ControlNet; the blocks are module-level
+classes with explicit fields, and `embed_time` / `build_down_block` / `build_mid_block` build the
+shared parts from either model.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Mapping, Optional, Sequence, Tuple, Union
 
@@ -227,18 +229,18 @@ class DownBlock2D(nn.Module):
 class _CrossAttnBlock(nn.Module):
     """Mixin for a down or up block: a Transformer2DModel (`attentions_i`) after each resnet.
 
-    `heads` is diffusers' per-block `attention_head_dim`; the head size is out_channels // heads.
-    Listed first among the bases, so its fields follow the block's and its `attend` wins.
+    `heads` is the block's number of heads (the head size is out_channels // heads);
+    `transformer_layers` the depth of each resnet's transformer. Listed first among the bases, so
+    its fields follow the block's and its `attend` wins.
     """
 
-    transformer_layers: int = 1
+    transformer_layers: Tuple[int, ...] = (1,)
     heads: int = 1
     use_linear_projection: bool = False
     only_cross_attention: bool = False
 
     def attend(self, i, x, context, ip):
-        t = self.transformer_layers
-        return _transformer(self, self.out_channels, i)(x, context, None if ip is None else ip.take(i * t, t))
+        return _transformer(self, self.out_channels, i)(x, context, _ip_rows(self, i, ip))
 
 
 class CrossAttnDownBlock2D(_CrossAttnBlock, DownBlock2D):
@@ -290,7 +292,7 @@ class UNetMidBlock2DCrossAttn(nn.Module):
     channels: int
     runtime: Runtime
     num_layers: int = 1
-    transformer_layers: int = 1
+    transformer_layers: Tuple[int, ...] = (1,)  # per attention layer
     heads: int = 1
     groups: int = 32
     eps: float = 1e-5
@@ -309,24 +311,146 @@ class UNetMidBlock2DCrossAttn(nn.Module):
 
         x = resnet(0)(x, temb)
         for i in range(self.num_layers):
-            t = self.transformer_layers
-            x = resnet(i + 1)(
-                _transformer(self, self.channels, i)(x, context, None if ip is None else ip.take(i * t, t)), temb
-            )
+            x = resnet(i + 1)(_transformer(self, self.channels, i)(x, context, _ip_rows(self, i, ip)), temb)
         return x
 
 
 def _transformer(block: nn.Module, channels: int, i: int) -> Transformer2DModel:
     """The `attentions_i` Transformer2DModel of a cross-attention block (diffusers floors the head size)."""
     return Transformer2DModel(
-        block.heads, channels // block.heads, block.runtime, block.transformer_layers, block.groups,
+        block.heads, channels // block.heads, block.runtime, block.transformer_layers[i], block.groups,
         block.use_linear_projection, block.only_cross_attention, name=f"attentions_{i}",
     )
+
+
+def _ip_rows(block: nn.Module, i: int, ip: Optional[IPAdapterTokens]) -> Optional[IPAdapterTokens]:
+    """The IP-Adapter scale rows of a block's `attentions_i` (one per transformer block in it)."""
+    depths = block.transformer_layers
+    return None if ip is None else ip.take(sum(depths[:i]), depths[i])
 
 
 DOWN_BLOCKS = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP_BLOCKS = ("CrossAttnUpBlock2D", "UpBlock2D")
 MID_BLOCKS = ("UNetMidBlock2DCrossAttn", "UNetMidBlock2D", None)
+ADDITION_EMBED_TYPES = (None, "text_time")
+# Per block: an int, or (transformer_layers_per_block only) one depth per resnet layer.
+PerBlock = Union[int, Tuple[Union[int, Tuple[int, ...]], ...]]
+
+
+def _frozen(value: Any) -> Any:
+    """Lists (also nested ones, as config.json holds them) as tuples, so a module stays hashable."""
+    return tuple(_frozen(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+class UNetEncoderConfig(nn.Module):
+    """The config keys of a UNet's encoder half, declared once for `FlaxUNet2DConditionModel` and
+    `FlaxControlNetModel` (which inherit them): time and SDXL add-embeddings, conv_in, down blocks,
+    mid block. The builders below read them from either model. Names are diffusers' config keys.
+
+    diffusers' naming quirk: `attention_head_dim` is the number of heads per block unless
+    `num_attention_heads` is given; the head size is channels // heads. `transformer_layers_per_block`
+    holds per block an int or one depth per resnet layer. `addition_embed_type="text_time"` (SDXL)
+    adds an embedding of the pooled text embedding and the size conditioning (`time_ids`, each
+    entry a sinusoid of `addition_time_embed_dim`) to the time embedding.
+    """
+
+    in_channels: int = 4
+    flip_sin_to_cos: bool = True
+    freq_shift: int = 0
+    down_block_types: Tuple[str, ...] = (
+        "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D",
+    )
+    mid_block_type: Optional[str] = "UNetMidBlock2DCrossAttn"
+    only_cross_attention: Union[bool, Tuple[bool, ...]] = False
+    block_out_channels: Tuple[int, ...] = (320, 640, 1280, 1280)
+    layers_per_block: IntOrTuple = 2
+    downsample_padding: int = 1
+    mid_block_scale_factor: float = 1.0
+    act_fn: str = "silu"
+    norm_num_groups: int = 32
+    norm_eps: float = 1e-5
+    cross_attention_dim: IntOrTuple = 1280
+    transformer_layers_per_block: PerBlock = 1
+    attention_head_dim: IntOrTuple = 8  # the number of heads: diffusers' naming quirk
+    num_attention_heads: Optional[IntOrTuple] = None
+    use_linear_projection: bool = False
+    upcast_attention: Optional[bool] = False  # accepted: attention() always takes the softmax in float32
+    addition_embed_type: Optional[str] = None
+    addition_time_embed_dim: Optional[int] = None
+    projection_class_embeddings_input_dim: Optional[int] = None
+    runtime: Runtime = Runtime()
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, list) or (isinstance(value, tuple) and any(isinstance(v, list) for v in value)):
+                object.__setattr__(self, f.name, _frozen(value))  # before linen freezes the module
+        super().__post_init__()
+
+    @property
+    def time_embed_dim(self) -> int:
+        """Width of the embedding every resnet gets."""
+        return getattr(self, "time_embedding_dim", None) or 4 * self.block_out_channels[0]
+
+
+def embed_time(cfg: UNetEncoderConfig, timesteps, batch: int, added_cond: Mapping[str, jax.Array]) -> jax.Array:
+    """The embedding every resnet gets, built in the calling module (`time_embedding`, and with
+    `addition_embed_type="text_time"` SDXL's `add_embedding` of [text_embeds, sinusoids(time_ids)])."""
+    rt = cfg.runtime
+    t = broadcast_timesteps(timesteps, batch)
+    t_emb = timestep_embedding(t, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
+    emb = TimestepEmbedding(
+        cfg.time_embed_dim, rt, cfg.act_fn, getattr(cfg, "timestep_post_act", None), name="time_embedding"
+    )(t_emb)
+    if cfg.addition_embed_type == "text_time":
+        ids = added_cond["time_ids"]
+        sizes = timestep_embedding(
+            jnp.reshape(ids, (-1,)), cfg.addition_time_embed_dim, cfg.flip_sin_to_cos, cfg.freq_shift
+        ).reshape(batch, -1)
+        text = added_cond["text_embeds"].astype(jnp.float32)
+        emb = emb + TimestepEmbedding(cfg.time_embed_dim, rt, name="add_embedding")(
+            jnp.concatenate([text, sizes], axis=-1)
+        )
+    act = getattr(cfg, "time_embedding_act_fn", None)
+    return get_activation(act)(emb) if act else emb
+
+
+def added_cond_keys(cfg: UNetEncoderConfig) -> Tuple[str, ...]:
+    """The `added_cond_kwargs` entries this configuration uses."""
+    return ("text_embeds", "time_ids") if cfg.addition_embed_type == "text_time" else ()
+
+
+def check_added_cond(cfg: UNetEncoderConfig, added_cond: Optional[Mapping[str, Any]], batch: int) -> dict:
+    """`added_cond_kwargs` checked against the configuration: exactly the entries it uses, shaped to fit."""
+    if added_cond is not None and not isinstance(added_cond, Mapping):
+        raise TypeError(
+            f"added_cond_kwargs must be a dict (SDXL's added conditioning) or None; got "
+            f"{type(added_cond).__name__}. ControlNet residuals go in down_block_additional_residuals "
+            "and mid_block_additional_residual, after it (diffusers' Flax argument order)."
+        )
+    added, keys = dict(added_cond or {}), added_cond_keys(cfg)
+    if not keys and added:
+        raise ValueError(
+            f"added_cond_kwargs={sorted(added)} feeds an addition embedding (addition_embed_type='text_time', "
+            "SDXL), which this model does not have; pass None."
+        )
+    if keys and sorted(added) != sorted(keys):
+        raise ValueError(
+            f"added_cond_kwargs has {sorted(added)}; addition_embed_type={cfg.addition_embed_type!r} takes "
+            f"exactly {list(keys)} (SDXL: the pooled text embedding and the size conditioning)."
+        )
+    if keys:
+        text, ids = jnp.shape(added["text_embeds"]), jnp.shape(added["time_ids"])
+        width = cfg.projection_class_embeddings_input_dim
+        if len(text) != 2 or len(ids) != 2 or text[0] != batch or ids[0] != batch or (
+            text[1] + ids[1] * cfg.addition_time_embed_dim != width
+        ):
+            raise ValueError(
+                f"added_cond_kwargs: text_embeds {text} and time_ids {ids} must be [{batch}, d] and "
+                f"[{batch}, k] with d + k * addition_time_embed_dim ({cfg.addition_time_embed_dim}) = "
+                f"projection_class_embeddings_input_dim ({width})."
+            )
+    return added
 
 
 def per_block(value: Any, n: int, name: str) -> Tuple[Any, ...]:
@@ -348,12 +472,25 @@ def _block_type(name: Optional[str]) -> Optional[str]:
     return name[7:] if name and name.startswith("UNetRes") else name
 
 
-def _attention_fields(cfg: Any, i: int) -> dict:
-    """Transformer settings of block entry i. diffusers' naming quirk: `attention_head_dim` is the
-    number of heads (`num_attention_heads` must be None); the head size is channels // heads."""
+def _depths(entry: Any, num_layers: int, key: str) -> Tuple[int, ...]:
+    """A block's transformer depth entry as one depth per resnet layer: an int repeats; a list needs at
+    least one entry per layer (diffusers reads the first num_layers)."""
+    if isinstance(entry, int):
+        return (entry,) * num_layers
+    if len(entry) < num_layers or not all(isinstance(d, int) for d in entry):
+        raise ValueError(
+            f"{key}: the entry {list(entry)} must be an int or hold an int for each of the block's "
+            f"{num_layers} layers."
+        )
+    return tuple(entry[:num_layers])
+
+
+def _attention_fields(cfg: Any, i: int, depths: Any, num_layers: int, key: str) -> dict:
+    """Transformer settings of block entry i with the transformer depth entry `depths`."""
+    heads = cfg.num_attention_heads or cfg.attention_head_dim
     return dict(
-        transformer_layers=_at(cfg, "transformer_layers_per_block", i),
-        heads=_at(cfg, "attention_head_dim", i),
+        transformer_layers=_depths(depths, num_layers, key),
+        heads=per_block(heads, len(cfg.block_out_channels), "num_attention_heads")[i],
         use_linear_projection=cfg.use_linear_projection,
     )
 
@@ -367,47 +504,69 @@ def _maybe_remat(block: type, cfg: Any) -> type:
     return nn.remat(block, static_argnums=(5,) if issubclass(block, UpBlock2D) else ())
 
 
-def build_down_block(cfg: Any, i: int, name: str) -> nn.Module:
-    """Down block i of a UNet-family config `cfg` (a UNet or ControlNet module with the same fields)."""
-    n = len(cfg.block_out_channels)
-    common = dict(
-        out_channels=cfg.block_out_channels[i], runtime=cfg.runtime,
-        num_layers=_at(cfg, "layers_per_block", i), groups=cfg.norm_num_groups, eps=cfg.norm_eps,
-        act_fn=cfg.act_fn, add_downsample=i < n - 1, downsample_padding=cfg.downsample_padding, name=name,
+def _down_block(cfg: Any, i: int) -> Tuple[type, dict]:
+    """(class, fields) of down block i of a UNet-family config."""
+    n, layers = len(cfg.block_out_channels), _at(cfg, "layers_per_block", i)
+    fields = dict(
+        out_channels=cfg.block_out_channels[i], runtime=cfg.runtime, num_layers=layers,
+        groups=cfg.norm_num_groups, eps=cfg.norm_eps, act_fn=cfg.act_fn, add_downsample=i < n - 1,
+        downsample_padding=cfg.downsample_padding,
     )
     if _block_type(cfg.down_block_types[i]) == "DownBlock2D":
-        return _maybe_remat(DownBlock2D, cfg)(**common)
-    return _maybe_remat(CrossAttnDownBlock2D, cfg)(
-        **common, **_attention_fields(cfg, i), only_cross_attention=_at(cfg, "only_cross_attention", i)
+        return DownBlock2D, fields
+    key = "transformer_layers_per_block"
+    fields.update(_attention_fields(cfg, i, _at(cfg, key, i), layers, key))
+    return CrossAttnDownBlock2D, dict(fields, only_cross_attention=_at(cfg, "only_cross_attention", i))
+
+
+def _mid_block(cfg: Any) -> dict:
+    """Fields of the mid block of a UNet-family config (settings of the deepest block)."""
+    key = "transformer_layers_per_block"
+    return dict(
+        channels=cfg.block_out_channels[-1], runtime=cfg.runtime,
+        num_layers=1 if cfg.mid_block_type == "UNetMidBlock2DCrossAttn" else 0,
+        groups=cfg.norm_num_groups, eps=cfg.norm_eps, act_fn=cfg.act_fn,
+        output_scale_factor=cfg.mid_block_scale_factor, **_attention_fields(cfg, -1, _at(cfg, key, -1), 1, key),
     )
+
+
+def _up_block(cfg: Any, i: int) -> Tuple[type, dict]:
+    """(class, fields) of up block i of a UNet config: it mirrors down block n - 1 - i and has one more
+    layer; its transformer depths come from reverse_transformer_layers_per_block[i] where given."""
+    n = len(cfg.block_out_channels)
+    j = n - 1 - i
+    layers = _at(cfg, "layers_per_block", j) + 1
+    fields = dict(
+        out_channels=cfg.block_out_channels[j], runtime=cfg.runtime, num_layers=layers,
+        groups=cfg.norm_num_groups, eps=cfg.norm_eps, act_fn=cfg.act_fn, add_upsample=i < n - 1,
+    )
+    if _block_type(cfg.up_block_types[i]) == "UpBlock2D":
+        return UpBlock2D, fields
+    if cfg.reverse_transformer_layers_per_block is None:
+        key, depths = "transformer_layers_per_block", _at(cfg, "transformer_layers_per_block", j)
+    else:
+        key, depths = "reverse_transformer_layers_per_block", _at(cfg, "reverse_transformer_layers_per_block", i)
+    fields.update(_attention_fields(cfg, j, depths, layers, key))
+    return CrossAttnUpBlock2D, dict(fields, only_cross_attention=_at(cfg, "only_cross_attention", j))
+
+
+def build_down_block(cfg: Any, i: int, name: str) -> nn.Module:
+    """Down block i of a UNet-family config `cfg` (a UNet or ControlNet module)."""
+    block, fields = _down_block(cfg, i)
+    return _maybe_remat(block, cfg)(**fields, name=name)
 
 
 def build_mid_block(cfg: Any, name: str = "mid_block") -> Optional[nn.Module]:
-    """The mid block of a UNet-family config (settings of the deepest block), or None."""
+    """The mid block of a UNet-family config, or None."""
     if cfg.mid_block_type is None:
         return None
-    return _maybe_remat(UNetMidBlock2DCrossAttn, cfg)(
-        cfg.block_out_channels[-1], cfg.runtime,
-        num_layers=1 if cfg.mid_block_type == "UNetMidBlock2DCrossAttn" else 0,
-        groups=cfg.norm_num_groups, eps=cfg.norm_eps, act_fn=cfg.act_fn,
-        output_scale_factor=cfg.mid_block_scale_factor, name=name, **_attention_fields(cfg, -1),
-    )
+    return _maybe_remat(UNetMidBlock2DCrossAttn, cfg)(**_mid_block(cfg), name=name)
 
 
 def build_up_block(cfg: Any, i: int, name: str) -> nn.Module:
-    """Up block i of a UNet config: it mirrors down block n - 1 - i and has one more layer."""
-    n = len(cfg.block_out_channels)
-    j = n - 1 - i
-    common = dict(
-        out_channels=cfg.block_out_channels[j], runtime=cfg.runtime,
-        num_layers=_at(cfg, "layers_per_block", j) + 1, groups=cfg.norm_num_groups, eps=cfg.norm_eps,
-        act_fn=cfg.act_fn, add_upsample=i < n - 1, name=name,
-    )
-    if _block_type(cfg.up_block_types[i]) == "UpBlock2D":
-        return _maybe_remat(UpBlock2D, cfg)(**common)
-    return _maybe_remat(CrossAttnUpBlock2D, cfg)(
-        **common, **_attention_fields(cfg, j), only_cross_attention=_at(cfg, "only_cross_attention", j)
-    )
+    """Up block i of a UNet config."""
+    block, fields = _up_block(cfg, i)
+    return _maybe_remat(block, cfg)(**fields, name=name)
 
 
 def cross_attention_paths(cfg: Any) -> Tuple[Tuple[str, ...], ...]:
@@ -415,19 +574,13 @@ def cross_attention_paths(cfg: Any) -> Tuple[Tuple[str, ...], ...]:
     order, which IP-Adapter files and scales follow: down blocks, up blocks, then the mid block (the
     order in which the PyTorch UNet registers them)."""
     n = len(cfg.block_out_channels)
-    blocks = [  # (name, attentions, transformer blocks in each)
-        (f"down_blocks_{i}", _at(cfg, "layers_per_block", i), _at(cfg, "transformer_layers_per_block", i))
-        for i in range(n) if _block_type(cfg.down_block_types[i]) == "CrossAttnDownBlock2D"
-    ] + [
-        (f"up_blocks_{i}", _at(cfg, "layers_per_block", n - 1 - i) + 1,
-         _at(cfg, "transformer_layers_per_block", n - 1 - i))
-        for i in range(n) if _block_type(cfg.up_block_types[i]) == "CrossAttnUpBlock2D"
-    ]
+    blocks = [(f"down_blocks_{i}", _down_block(cfg, i)[1]) for i in range(n)]
+    blocks += [(f"up_blocks_{i}", _up_block(cfg, i)[1]) for i in range(n)]
     if cfg.mid_block_type == "UNetMidBlock2DCrossAttn":
-        blocks.append(("mid_block", 1, _at(cfg, "transformer_layers_per_block", n - 1)))
-    return tuple(
+        blocks.append(("mid_block", _mid_block(cfg)))
+    return tuple(  # blocks without attention have no transformer_layers field
         (name, f"attentions_{a}", f"transformer_blocks_{t}", "attn2")
-        for name, attentions, layers in blocks for a in range(attentions) for t in range(layers)
+        for name, fields in blocks for a, depth in enumerate(fields.get("transformer_layers", ())) for t in range(depth)
     )
 
 
@@ -457,23 +610,37 @@ def validate_unet_config(cfg: Any, up_block_types: Optional[Sequence[str]] = Non
         raise ValueError(
             f"block_out_channels {odd} are not divisible by norm_num_groups={cfg.norm_num_groups}."
         )
-    heads = per_block(cfg.attention_head_dim, n, "attention_head_dim")
-    for name in ("layers_per_block", "only_cross_attention"):
+    for name in ("layers_per_block", "only_cross_attention", "transformer_layers_per_block"):
         per_block(getattr(cfg, name), n, name)
-    tlayers = per_block(cfg.transformer_layers_per_block, n, "transformer_layers_per_block")
-    if not all(isinstance(t, int) for t in tlayers):
-        raise ValueError(
-            f"transformer_layers_per_block={cfg.transformer_layers_per_block!r}: per-layer lists need "
-            "reverse_transformer_layers_per_block, which is not supported; give an int per block."
-        )
+    heads_key = "num_attention_heads" if cfg.num_attention_heads else "attention_head_dim"
+    heads = per_block(getattr(cfg, heads_key), n, heads_key)
     small = [(c, h) for c, h in zip(cfg.block_out_channels, heads) if c // h == 0]
     if small:
-        raise ValueError(f"(channels, heads) {small}: fewer channels than attention heads.")
+        raise ValueError(f"(channels, heads) {small}: fewer channels than attention heads ({heads_key}).")
     if len(set(per_block(cfg.cross_attention_dim, n, "cross_attention_dim"))) != 1:
         raise ValueError(
             f"cross_attention_dim={cfg.cross_attention_dim!r}: differing per-block values need an "
             "encoder_hid_proj, which is not supported; give one value."
         )
+    if cfg.addition_embed_type not in ADDITION_EMBED_TYPES:
+        raise ValueError(
+            f"addition_embed_type={cfg.addition_embed_type!r} is not supported; use one of {ADDITION_EMBED_TYPES}."
+        )
+    if cfg.addition_embed_type == "text_time":
+        dims = {k: getattr(cfg, k) for k in ("addition_time_embed_dim", "projection_class_embeddings_input_dim")}
+        if not all(isinstance(v, int) and v > 0 for v in dims.values()) or (
+            dims["projection_class_embeddings_input_dim"] < dims["addition_time_embed_dim"]
+        ):
+            raise ValueError(
+                f"addition_embed_type='text_time' needs positive ints {dims}, the second at least the first "
+                "(text embedding width + number of time ids x addition_time_embed_dim)."
+            )
+    for i in range(n):  # every block's settings resolve (transformer depths per layer included)
+        _down_block(cfg, i)
+        if up_block_types is not None:
+            _up_block(cfg, i)
+    if cfg.mid_block_type is not None:
+        _mid_block(cfg)
 
 
 # --------------------------------------------------------------------------------- the UNet
@@ -486,45 +653,27 @@ class FlaxUNet2DConditionOutput(BaseOutput):
     sample: jax.Array
 
 
-class FlaxUNet2DConditionModel(FlaxModelMixin, nn.Module):
-    """diffusers' UNet2DConditionModel (SD 1.x/2.x, text-to-image and 9-channel inpainting).
+class FlaxUNet2DConditionModel(FlaxModelMixin, UNetEncoderConfig):
+    """diffusers' UNet2DConditionModel (SD 1.x/2.x, SDXL base/refiner, 4- and 9-channel inpainting).
 
-    Fields are the diffusers config keys. `__call__` takes and returns NCHW like diffusers;
-    `nhwc` is the same network on NHWC arrays, for pipelines and ControlNets that stay NHWC.
+    Fields are the diffusers config keys (the encoder's from `UNetEncoderConfig`). `__call__` takes
+    and returns NCHW like diffusers; `nhwc` is the same network on NHWC arrays, for pipelines and
+    ControlNets that stay NHWC. SDXL configs (`addition_embed_type="text_time"`) take
+    `added_cond_kwargs={"text_embeds": [B, d], "time_ids": [B, k]}`.
     """
 
     sample_size: Optional[Union[int, Tuple[int, int]]] = 32
-    in_channels: int = 4
     out_channels: int = 4
     center_input_sample: bool = False
-    flip_sin_to_cos: bool = True
-    freq_shift: int = 0
-    down_block_types: Tuple[str, ...] = (
-        "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D",
-    )
-    mid_block_type: Optional[str] = "UNetMidBlock2DCrossAttn"
     up_block_types: Tuple[str, ...] = (
         "UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D",
     )
-    only_cross_attention: Union[bool, Tuple[bool, ...]] = False
-    block_out_channels: Tuple[int, ...] = (320, 640, 1280, 1280)
-    layers_per_block: IntOrTuple = 2
-    downsample_padding: int = 1
-    mid_block_scale_factor: float = 1.0
-    act_fn: str = "silu"
-    norm_num_groups: int = 32
-    norm_eps: float = 1e-5
-    cross_attention_dim: IntOrTuple = 1280
-    transformer_layers_per_block: IntOrTuple = 1
-    attention_head_dim: IntOrTuple = 8  # the number of heads: diffusers' naming quirk
-    use_linear_projection: bool = False
-    upcast_attention: bool = False  # accepted: attention() always takes the softmax in float32
+    reverse_transformer_layers_per_block: Optional[PerBlock] = None
     time_embedding_dim: Optional[int] = None
     time_embedding_act_fn: Optional[str] = None
     timestep_post_act: Optional[str] = None
     conv_in_kernel: int = 3
     conv_out_kernel: int = 3
-    runtime: Runtime = Runtime()
 
     torch_class = "UNet2DConditionModel"
     weight_stems = ("diffusion_pytorch_model",)
@@ -534,37 +683,49 @@ class FlaxUNet2DConditionModel(FlaxModelMixin, nn.Module):
     ignored_config_keys = frozenset(
         {
             "dropout", "mid_block_only_cross_attention", "cross_attention_norm", "resnet_skip_time_act",
-            "resnet_out_scale_factor", "addition_embed_type_num_heads", "addition_time_embed_dim",
-            "projection_class_embeddings_input_dim", "use_memory_efficient_attention", "split_head_dim",
+            "resnet_out_scale_factor", "addition_embed_type_num_heads", "use_memory_efficient_attention",
+            "split_head_dim",
         }
     )
     fixed_config = {
-        "num_attention_heads": (None,),
         "encoder_hid_dim": (None,),
         "encoder_hid_dim_type": (None,),
         "dual_cross_attention": (False,),
         "class_embed_type": (None,),
         "num_class_embeds": (None,),
         "class_embeddings_concat": (False,),
-        "addition_embed_type": (None,),
         "resnet_time_scale_shift": ("default",),
         "time_embedding_type": ("positional",),
         "time_cond_proj_dim": (None,),
         "attention_type": ("default",),
-        "reverse_transformer_layers_per_block": (None,),
     }
 
     def __post_init__(self):
-        validate_unet_config(self, self.up_block_types)
         super().__post_init__()
+        if self.num_attention_heads is not None:
+            raise ValueError(
+                f"num_attention_heads={self.num_attention_heads!r}: diffusers' UNet2DConditionModel refuses it "
+                "(its attention_head_dim holds the number of heads); give the heads as attention_head_dim."
+            )
+        depths = self.transformer_layers_per_block
+        if self.reverse_transformer_layers_per_block is None and isinstance(depths, tuple) and not all(
+            isinstance(d, int) for d in depths
+        ):
+            raise ValueError(
+                f"transformer_layers_per_block={depths!r}: per-layer lists need "
+                "reverse_transformer_layers_per_block (the up blocks' depths), as in diffusers."
+            )
+        validate_unet_config(self, self.up_block_types)
 
     def dummy_inputs(self):
-        """The smallest valid inputs: one sample of 2**num_upsamplers pixels a side, one token."""
-        size = 2 ** (len(self.block_out_channels) - 1)
+        """The smallest valid inputs: one sample of 2**num_upsamplers pixels a side, one token, and
+        SDXL's added conditioning where the config has it."""
+        size, dt = 2 ** (len(self.block_out_channels) - 1), self.runtime.dtype
         return (
-            jnp.zeros((1, self.in_channels, size, size), self.runtime.dtype),
+            jnp.zeros((1, self.in_channels, size, size), dt),
             jnp.zeros((1,), jnp.int32),
-            jnp.zeros((1, 1, _at(self, "cross_attention_dim", 0)), self.runtime.dtype),
+            jnp.zeros((1, 1, _at(self, "cross_attention_dim", 0)), dt),
+            dummy_added_cond(self),
         )
 
     def __call__(
@@ -584,21 +745,12 @@ class FlaxUNet2DConditionModel(FlaxModelMixin, nn.Module):
         are NCHW too. IP-Adapter tokens and scales: see `nhwc`.
 
         The model is deterministic whatever `train` says (no dropout or other train-time behaviour, so
-        True gives the same output), and `added_cond_kwargs` must be None or empty because it only
-        feeds the SDXL addition embedding (`addition_embed_type`), which this model does not implement.
+        True gives the same output). `added_cond_kwargs` feeds SDXL's addition embedding
+        (`addition_embed_type="text_time"`: `text_embeds` [B, d], `time_ids` [B, k]); other
+        configurations take None or an empty dict.
         """
         del train  # no train-time behaviour: see above
-        if added_cond_kwargs is not None and not isinstance(added_cond_kwargs, Mapping):
-            raise TypeError(
-                f"added_cond_kwargs must be a dict (SDXL's added conditioning) or None; got "
-                f"{type(added_cond_kwargs).__name__}. ControlNet residuals go in down_block_additional_residuals "
-                "and mid_block_additional_residual, after it (diffusers' Flax argument order)."
-            )
-        if added_cond_kwargs:
-            raise ValueError(
-                f"added_cond_kwargs={sorted(added_cond_kwargs)} feeds an addition embedding "
-                "(addition_embed_type='text_time', SDXL), which this UNet does not have; pass None."
-            )
+        added_cond_kwargs = check_added_cond(self, added_cond_kwargs, sample.shape[0])  # before transposing
 
         def to_nhwc(x):
             return None if x is None else jnp.transpose(x, (0, 2, 3, 1))
@@ -607,7 +759,7 @@ class FlaxUNet2DConditionModel(FlaxModelMixin, nn.Module):
         out = self.nhwc(
             to_nhwc(sample), timesteps, encoder_hidden_states,
             None if down is None else [to_nhwc(r) for r in down],
-            to_nhwc(mid_block_additional_residual), ip_hidden_states, ip_adapter_scale,
+            to_nhwc(mid_block_additional_residual), added_cond_kwargs, ip_hidden_states, ip_adapter_scale,
         )
         out = jnp.transpose(out, (0, 3, 1, 2))
         return FlaxUNet2DConditionOutput(sample=out) if return_dict else (out,)
@@ -620,6 +772,7 @@ class FlaxUNet2DConditionModel(FlaxModelMixin, nn.Module):
         encoder_hidden_states: jax.Array,
         down_residuals: Optional[Sequence[jax.Array]] = None,
         mid_residual: Optional[jax.Array] = None,
+        added_cond_kwargs: Optional[Mapping[str, jax.Array]] = None,
         ip_hidden_states: Optional[Sequence[jax.Array]] = None,
         ip_adapter_scale: Union[jax.Array, float, None] = None,
     ) -> jax.Array:
@@ -627,7 +780,8 @@ class FlaxUNet2DConditionModel(FlaxModelMixin, nn.Module):
 
         timesteps: scalar, [1] or [B], int or float. encoder_hidden_states: [B, tokens, dim].
         down_residuals (one per skip connection, conv_in's first) and mid_residual are ControlNet
-        outputs, NHWC, added like diffusers does; give both or neither.
+        outputs, NHWC, added like diffusers does; give both or neither. added_cond_kwargs: as in
+        `__call__` (SDXL).
         ip_hidden_states: IP-Adapter image tokens, one [B, tokens, dim] (or [B, images, tokens, dim])
         array per loaded adapter, what diffusers appends to the text tokens; the params then need the
         adapters' `to_k_ip_j` / `to_v_ip_j` (loaders/ip_adapter.py). ip_adapter_scale: broadcastable to
@@ -636,6 +790,7 @@ class FlaxUNet2DConditionModel(FlaxModelMixin, nn.Module):
         """
         rt, n = self.runtime, len(self.block_out_channels)
         batch = sample.shape[0]
+        added = check_added_cond(self, added_cond_kwargs, batch)
         self._check_inputs(sample, timesteps, encoder_hidden_states, down_residuals, mid_residual)
         context = encoder_hidden_states.astype(rt.dtype)
         ip = self._ip_tokens(ip_hidden_states, ip_adapter_scale, batch)
@@ -647,15 +802,7 @@ class FlaxUNet2DConditionModel(FlaxModelMixin, nn.Module):
             return ip.take(ip_blocks.index(block), ip_blocks.count(block))
         if self.center_input_sample:
             sample = 2 * sample - 1.0
-
-        t = broadcast_timesteps(timesteps, batch)
-        t_emb = timestep_embedding(t, self.block_out_channels[0], self.flip_sin_to_cos, self.freq_shift)
-        emb = TimestepEmbedding(
-            self.time_embedding_dim or 4 * self.block_out_channels[0], rt, self.act_fn,
-            self.timestep_post_act, name="time_embedding",
-        )(t_emb)
-        if self.time_embedding_act_fn:
-            emb = get_activation(self.time_embedding_act_fn)(emb)
+        emb = embed_time(self, timesteps, batch, added)
 
         k_in, k_out = self.conv_in_kernel, self.conv_out_kernel
         h = conv(self.block_out_channels[0], rt, k_in, padding=(k_in - 1) // 2, name="conv_in")(sample)
@@ -732,16 +879,7 @@ class FlaxUNet2DConditionModel(FlaxModelMixin, nn.Module):
     def _check_inputs(self, sample, timesteps, context, down_residuals, mid_residual) -> None:
         """Fail before any compute on inputs that cannot fit this configuration."""
         n = len(self.block_out_channels)
-        if sample.ndim != 4 or sample.shape[-1] != self.in_channels:
-            raise ValueError(
-                f"sample has shape {sample.shape}; expected NHWC with {self.in_channels} channels "
-                "(NCHW through __call__)."
-            )
-        dim, b = _at(self, "cross_attention_dim", 0), sample.shape[0]
-        if context.ndim != 3 or context.shape[-1] != dim or context.shape[0] != b:
-            raise ValueError(
-                f"encoder_hidden_states has shape {context.shape}; expected [{b}, tokens, {dim}]."
-            )
+        check_sample_and_context(self, sample, context)
         if (down_residuals is None) != (mid_residual is None):
             raise ValueError(
                 "Give both down_block_additional_residuals and mid_block_additional_residual "
@@ -753,3 +891,26 @@ class FlaxUNet2DConditionModel(FlaxModelMixin, nn.Module):
                 f"Got {len(down_residuals)} down-block residuals; this UNet has {skips} skip connections "
                 "(conv_in's, one per down-block layer, one per downsampler)."
             )
+
+
+def check_sample_and_context(cfg: UNetEncoderConfig, sample: jax.Array, context: jax.Array) -> None:
+    """The NHWC sample's channels and the text context's shape fit a UNet-family config."""
+    if sample.ndim != 4 or sample.shape[-1] != cfg.in_channels:
+        raise ValueError(
+            f"sample has shape {sample.shape}; expected NHWC with {cfg.in_channels} channels "
+            "(NCHW through __call__)."
+        )
+    dim, b = _at(cfg, "cross_attention_dim", 0), sample.shape[0]
+    if context.ndim != 3 or context.shape[-1] != dim or context.shape[0] != b:
+        raise ValueError(
+            f"encoder_hidden_states has shape {context.shape}; expected [{b}, tokens, {dim}]."
+        )
+
+
+def dummy_added_cond(cfg: UNetEncoderConfig) -> Optional[dict]:
+    """Smallest valid `added_cond_kwargs` for one sample (None without an addition embedding): one
+    size value, the rest of projection_class_embeddings_input_dim as text (only the sum sets shapes)."""
+    if cfg.addition_embed_type != "text_time":
+        return None
+    width, dt = cfg.projection_class_embeddings_input_dim - cfg.addition_time_embed_dim, cfg.runtime.dtype
+    return {"text_embeds": jnp.zeros((1, width), dt), "time_ids": jnp.zeros((1, 1), dt)}

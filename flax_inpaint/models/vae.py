@@ -11,6 +11,7 @@ attribute names, so `encoder.down_blocks.0.resnets.1.conv1.weight` lands on
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import Optional, Tuple, Union
 
@@ -247,8 +248,9 @@ class FlaxAutoencoderKL(FlaxModelMixin, nn.Module):
     """diffusers' `AutoencoderKL`; fields are its config.json keys.
 
     `scaling_factor` is not applied here (as in diffusers): pipelines multiply latents by it after
-    encoding and divide before decoding. `force_upcast` is kept for pipelines that run the VAE in
-    float32 when the rest runs in half precision; the model itself ignores it.
+    encoding and divide before decoding (0.18215 for SD1/2, 0.13025 for SDXL). `force_upcast` says the
+    VAE must run in float32 when the rest runs in half precision (SDXL's VAE overflows in float16):
+    pipelines run `vae.upcasted()`, which is this model or its float32 twin (see `needs_upcasting`).
     """
 
     in_channels: int = 3
@@ -369,6 +371,20 @@ class FlaxAutoencoderKL(FlaxModelMixin, nn.Module):
         else:
             latents = posterior.mode()
         return self.decode(latents, return_dict=return_dict)
+
+    @property
+    def needs_upcasting(self) -> bool:
+        """True when `force_upcast` is set and activations are float16 or bfloat16 (diffusers' SDXL
+        pipelines upcast float16; bfloat16 is included, as both lose the VAE's precision)."""
+        return bool(self.force_upcast) and jnp.dtype(self.runtime.dtype) in (jnp.float16, jnp.bfloat16)
+
+    def upcasted(self) -> "FlaxAutoencoderKL":
+        """The VAE to encode and decode with: this one, or where `needs_upcasting` the same model with
+        float32 activations. Neither params nor inputs need a cast: each layer widens both (exactly) to
+        its float32 compute dtype; outputs come out float32."""
+        if not self.needs_upcasting:
+            return self
+        return self.clone(runtime=dataclasses.replace(self.runtime, dtype=jnp.float32))
 
     # -- FlaxModelMixin ---------------------------------------------------------------------------
     def dummy_inputs(self):

@@ -22,7 +22,7 @@ OPTIONAL = ("safety_checker", "feature_extractor", "image_encoder", "controlnet"
 def _model_classes() -> Dict[str, Any]:
     """PyTorch class name in model_index.json -> our Flax class (a folder that diffusers' Flax pipelines
     saved names the Flax classes, e.g. "FlaxUNet2DConditionModel": the "Flax" prefix is dropped first)."""
-    from flax_inpaint.models.clip import FlaxCLIPTextModel
+    from flax_inpaint.models.clip import FlaxCLIPTextModel, FlaxCLIPTextModelWithProjection
     from flax_inpaint.models.controlnet import FlaxControlNetModel
     from flax_inpaint.models.safety import FlaxStableDiffusionSafetyChecker
     from flax_inpaint.models.unet import FlaxUNet2DConditionModel
@@ -32,6 +32,7 @@ def _model_classes() -> Dict[str, Any]:
         "UNet2DConditionModel": FlaxUNet2DConditionModel,
         "AutoencoderKL": FlaxAutoencoderKL,
         "CLIPTextModel": FlaxCLIPTextModel,
+        "CLIPTextModelWithProjection": FlaxCLIPTextModelWithProjection,
         "ControlNetModel": FlaxControlNetModel,
         "StableDiffusionSafetyChecker": FlaxStableDiffusionSafetyChecker,
     }
@@ -45,7 +46,10 @@ IMAGE_PROCESSORS = (
 
 
 # The library diffusers imports a saved component's class from (model_index.json), where not diffusers.
-_LIBRARY = {"CLIPTextModel": "transformers", "StableDiffusionSafetyChecker": "stable_diffusion"}
+_LIBRARY = {"CLIPTextModel": "transformers", "CLIPTextModelWithProjection": "transformers",
+            "StableDiffusionSafetyChecker": "stable_diffusion"}
+# Tokenizers load and save with transformers: SD's `tokenizer`, SDXL's `tokenizer_2` too.
+TOKENIZERS = ("tokenizer", "tokenizer_2")
 
 # diffusers' MultiControlNetModel saves its nets in `<name>`, `<name>_1`, `<name>_2`, ...
 MULTI_CONTROLNET = "MultiControlNetModel"
@@ -129,7 +133,7 @@ def load_components(
         cls_name = cls_name.removeprefix("Flax")
         if name == "scheduler":
             components[name], params[name] = scheduler_class(cls_name).from_pretrained(sub)
-        elif name == "tokenizer":
+        elif name in TOKENIZERS:
             import transformers
 
             components[name] = getattr(transformers, cls_name).from_pretrained(sub)
@@ -154,7 +158,10 @@ def load_components(
     if without_variant:
         warnings.warn(f"{folder}: no variant={variant!r} weight files for {without_variant}; loading their default "
                       "weights instead, as diffusers does.")
-    for required in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+    # SDXL's refiner has text_encoder_2 and tokenizer_2 alone; other folders need the first pair.
+    text = ("text_encoder_2", "tokenizer_2") if components.get("text_encoder") is None and components.get(
+        "text_encoder_2") is not None else ("text_encoder", "tokenizer")
+    for required in ("unet", "vae", *text, "scheduler"):
         if components.get(required) is None and required not in skip:
             raise CheckpointError(f"{folder}/model_index.json lacks the required component {required!r}.")
     return components, params, folder
@@ -176,7 +183,7 @@ def model_index(pipeline_class: str, components: Dict[str, Any]) -> Dict[str, An
             index[name] = [None, None]
         elif name == "scheduler":
             index[name] = ["diffusers", comp.diffusers_class]
-        elif name == "tokenizer":
+        elif name in TOKENIZERS:
             index[name] = ["transformers", type(comp).__name__]
         elif isinstance(comp, dict):  # the feature extractor's preprocessor config
             index[name] = ["transformers", "CLIPImageProcessor"]
@@ -194,9 +201,9 @@ def save_components(folder: os.PathLike, pipeline_class: str, components: Dict[s
     for name, comp in components.items():
         if comp is None:
             continue
-        if name in ("scheduler", "tokenizer"):
+        if name in ("scheduler", *TOKENIZERS):
             comp.save_pretrained(folder / name)
-            if name == "tokenizer":
+            if name in TOKENIZERS:
                 _save_bpe_vocabulary(comp, folder / name)
         elif isinstance(comp, dict):
             write_bytes_atomic(folder / name / "preprocessor_config.json", json.dumps(comp, indent=2).encode())
