@@ -332,8 +332,8 @@ _generate_groups_jit = jax.jit(generate_groups, static_argnums=(0, 1, 5))
 
 def _place(tree, sharding: NamedSharding):
     """`tree` laid out as `sharding` (rows of a global batch when it splits the first axis: each process
-    gives its own). Leaves already laid out so are kept as they are: params placed once (or replicated
-    for pmap) cost nothing per call."""
+    gives its own). Leaves already laid out so (on one device, or over this very mesh) are kept as they
+    are: params placed once cost nothing per call."""
     leaves, treedef = jax.tree_util.tree_flatten(tree)
     laid_out = {}  # (leaf sharding, ndim) -> equivalent to `sharding`: params share a few shardings
 
@@ -341,8 +341,9 @@ def _place(tree, sharding: NamedSharding):
         if not isinstance(x, jax.Array):
             return False
         key = (x.sharding, len(x.shape))
-        if key not in laid_out:
-            laid_out[key] = x.sharding.is_equivalent_to(sharding, key[1])
+        if key not in laid_out:  # jit takes one mesh per program: a NamedSharding must be over this one
+            same_mesh = getattr(x.sharding, "mesh", sharding.mesh) == sharding.mesh
+            laid_out[key] = same_mesh and x.sharding.is_equivalent_to(sharding, key[1])
         return laid_out[key]
 
     todo = [i for i, x in enumerate(leaves) if not there(x)]
