@@ -26,7 +26,6 @@ import contextlib
 import dataclasses
 import datetime
 import gzip
-import inspect
 import json
 import platform
 import re
@@ -50,7 +49,8 @@ from flax_inpaint import (
     FlaxAutoencoderKL, FlaxCLIPTextModel, FlaxCLIPTextModelWithProjection, FlaxStableDiffusionInpaintPipeline,
     FlaxUNet2DConditionModel, Runtime,
 )
-from flax_inpaint.pipelines.sampling import Batch, Components, Options, generate
+from flax_inpaint.pipelines.inputs import build
+from flax_inpaint.pipelines.sampling import Components, generate_groups
 from flax_inpaint.train.data import build_tokenizer
 
 SD_SCHEDULE = {  # scheduler_config.json of SD1.5 (inpainting); SD2 adds prediction_type
@@ -330,17 +330,15 @@ class Ours:
         """(the jitted sampling program, its arguments) for one pipeline call, the models running with
         `runtime` (default: this pipeline's): what the pipeline compiles, without its host plumbing."""
         unet, vae, text_encoder = (m.clone(runtime=runtime or self.runtime) for m in self.models)
-        sched = self.pipe.scheduler
-        do_cfg = guidance > 1.0
-        opts = Options(num_inference_steps=steps, height=size, width=size, do_cfg=do_cfg,
-                       scheduler_takes_eta="eta" in inspect.signature(sched.step).parameters)
         batch_size = inputs["prompt_ids"].shape[0]
-        batch = Batch(prompt_ids=inputs["prompt_ids"], neg_prompt_ids=inputs["neg_prompt_ids"] if do_cfg else None,
-                      mask=inputs["mask"], masked_image=inputs["masked_image"],
-                      guidance_scale=np.full((batch_size,), guidance, np.float32), begin_index=np.int32(0),
-                      strength_is_max=np.bool_(True), eta=np.float32(0.0))
-        comps = Components(unet, vae, text_encoder, sched)
-        return jax.jit(generate, static_argnums=(0, 1)), (comps, opts, self.params, batch, self.key)
+        call = build(self.pipe, False, prompt_ids=inputs["prompt_ids"], neg_prompt_ids=inputs["neg_prompt_ids"],
+                     mask=inputs["mask"], masked_image=inputs["masked_image"], num_inference_steps=steps,
+                     height=size, width=size, guidance_scale=np.full((batch_size,), guidance, np.float32),
+                     inpainting=True)
+        comps = Components(unet, vae, text_encoder, self.pipe.scheduler)
+        keys = jax.random.wrap_key_data(self.key)[None]  # one key for the batch, as `run` passes it
+        return (jax.jit(generate_groups, static_argnums=(0, 1, 5)),
+                (comps, call.opts, self.params, call.batch, keys, None))
 
     def flops(self, inputs, steps: int, guidance: float, size: int, platform: Optional[str] = None) -> Dict[str, Any]:
         """Compute per image from XLA's cost analysis of the lowered sampling program.

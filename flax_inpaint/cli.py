@@ -124,7 +124,7 @@ def _load(model: Optional[str], dtype: str, scheduler: Optional[str], single_fil
 
     from flax_inpaint import FlaxStableDiffusionInpaintPipeline
     from flax_inpaint.loaders import options
-    from flax_inpaint.sweep import model_error, with_scheduler
+    from flax_inpaint.pipelines.loading import model_error, with_scheduler
 
     if (model is None) == (single_file is None):
         _fail("give --model (a diffusers folder or hub id) or --single-file (a .safetensors/.ckpt), not both or "
@@ -156,8 +156,10 @@ def _check_scheduler(name: Optional[str]) -> None:
 
 
 def _check_steps(pipe, steps: int, strength: float) -> None:
+    from flax_inpaint.pipelines.inputs import strength_fields
+
     try:
-        pipe._strength_fields(steps, strength)
+        strength_fields(pipe.scheduler, steps, strength)
     except ValueError:
         _fail(f"--strength {strength} with --steps {steps} leaves no denoising step; raise --strength or --steps "
               "(steps x strength must reach 1).")
@@ -191,7 +193,7 @@ def _inpaint(pipe, params, image, mask, prompts: Sequence[str], negative: Option
     from tqdm import tqdm
 
     from flax_inpaint.pipelines.callbacks import PreviewWriter, wants_bar
-    from flax_inpaint.sweep import seed_keys
+    from flax_inpaint.pipelines.inputs import seed_keys
 
     f = pipe.vae_scale_factor
     if size and size % f:

@@ -60,7 +60,7 @@ def cmd_diffedit(args: argparse.Namespace) -> None:
 
     from flax_inpaint import make_image_grid
     from flax_inpaint.pipelines.diffedit import FlaxStableDiffusionDiffEditPipeline
-    from flax_inpaint.sweep import model_error
+    from flax_inpaint.pipelines.loading import model_error
 
     image = _load_image(args.image, "--image")
     out_dir = Path(args.out)

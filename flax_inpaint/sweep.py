@@ -53,7 +53,7 @@ import socket
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 
 import jax
 import numpy as np
@@ -62,6 +62,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from PIL import Image, ImageDraw
 
 from flax_inpaint.io import write_bytes_atomic
+from flax_inpaint.pipelines.inputs import seed_keys, strength_fields
+from flax_inpaint.pipelines.loading import model_error, with_scheduler
 from flax_inpaint.runtime import data_mesh
 
 MANIFEST = "manifest.jsonl"
@@ -469,31 +471,6 @@ class _Group:
                 f"-{'cfg' if self.cfg else 'nocfg'}")
 
 
-def model_error(option: str, model: str, error: BaseException) -> str:
-    """What to tell a user whose `model` (given as `option`, e.g. "--model") failed to load, and the fix."""
-    return (f"{option} {model!r} could not be loaded: {error}\nFix {option}: name a local diffusers inpainting "
-            "folder (the one holding model_index.json) or a hub repo id 'org/name' that is in the local hub "
-            "cache or reachable online.")
-
-
-def with_scheduler(pipe, params, name: Optional[str]):
-    """(pipeline, params) with the diffusers scheduler class `name` (e.g. "DDIMScheduler") built from
-    the pipeline's scheduler config, as diffusers' `from_config` swap does; None keeps the pipeline's."""
-    if name is None:
-        return pipe, params
-    from flax_inpaint.pipelines.loading import scheduler_class
-
-    scheduler = scheduler_class(name).from_config(pipe.scheduler.config)
-    pipe = type(pipe).from_pipe(pipe)
-    pipe.scheduler = scheduler
-    return pipe, {**params, "scheduler": scheduler.create_state()}
-
-
-def seed_keys(seeds: Sequence[int]) -> np.ndarray:
-    """Raw key data [len(seeds), 2] of `jax.random.key(seed)` per seed: one key per prompt."""
-    return np.stack([np.asarray(jax.random.key_data(jax.random.key(int(s)))) for s in seeds])
-
-
 def _local_rows(mesh: Mesh, n: int) -> slice:
     """The rows of a global batch of `n` that this process's devices hold."""
     sharding = NamedSharding(mesh, P(mesh.axis_names[0]))
@@ -632,7 +609,7 @@ def _compute(spec: SweepSpec, todo: List[Tuple[str, Config]], pipeline, mesh: Op
             pipes[g.scheduler] = pipe, jax.device_put(params, NamedSharding(mesh, P()))  # once, not per batch
         for _, c in groups[g]:
             try:
-                pipes[g.scheduler][0]._strength_fields(c.steps, c.strength)
+                strength_fields(pipes[g.scheduler][0].scheduler, c.steps, c.strength)
             except ValueError as e:
                 raise SweepSpecError(f"configuration {dataclasses.asdict(c)}: {e}") from None
 

@@ -143,8 +143,8 @@ def tpu_program_text(attention_impl: str) -> str:
               for name, m in (("unet", unet), ("vae", vae), ("text_encoder", text))}
     params["scheduler"] = sched.create_state()
     ids = np.zeros((1, 16), np.int32)
-    batch = Batch(prompt_ids=ids, neg_prompt_ids=ids, mask=np.ones((1, 1, 64, 64), np.float32),
-                  masked_image=np.zeros((1, 3, 64, 64), np.float32), guidance_scale=np.full((1,), 7.5, np.float32),
+    batch = Batch(prompt_ids=ids, neg_prompt_ids=ids, mask=np.ones((1, 64, 64, 1), np.float32),
+                  masked_image=np.zeros((1, 64, 64, 3), np.float32), guidance_scale=np.full((1,), 7.5, np.float32),
                   begin_index=np.int32(0), strength_is_max=np.bool_(True), eta=np.float32(0.0))
     opts = Options(num_inference_steps=2, height=64, width=64, do_cfg=True)
     program = jax.jit(generate, static_argnums=(0, 1))

@@ -21,6 +21,7 @@ from jax.sharding import Mesh
 import tiny_sd
 from flax_inpaint import FlaxStableDiffusionInpaintPipeline, FlaxStableDiffusionPipeline
 from flax_inpaint.pipelines import callbacks, sampling
+from flax_inpaint.pipelines.inputs import build
 from flax_inpaint.pipelines.loading import scheduler_class
 
 ATOL = 1e-3
@@ -326,9 +327,9 @@ def test_program_unchanged_without_hooks(batch8, monkeypatch):
     """Without hooks the program has no host callback and is the same HLO when every hook function is
     replaced by one that fails (so none of them is traced into it: the loop carries no extra tensors)."""
     pipe, params, ids, masked, masks = batch8
-    opts = pipe._options(3, 32, 32, 7.5, "np", None, 1)
-    batch = sampling.Batch(prompt_ids=ids, neg_prompt_ids=ids, mask=masks, masked_image=masked,
-                           guidance_scale=np.full(8, 7.5, np.float32))
+    call = build(pipe, False, prompt_ids=ids, neg_prompt_ids=ids, mask=masks, masked_image=masked,
+                 num_inference_steps=3, guidance_scale=7.5, inpainting=True)
+    opts, batch = call.opts, call.batch
     text = lowered_text(pipe, params, opts, batch)
     assert "callback" not in text
 

@@ -46,7 +46,7 @@ def api_image(folder, single, loras, embeddings, prompt, negative):
     pipe, params = FlaxStableDiffusionInpaintPipeline.from_single_file(single, config=folder)
     params = options.apply(pipe, params, loras, embeddings)
     image, mask = tiny_sd.sample_image_and_mask()
-    from flax_inpaint.sweep import seed_keys
+    from flax_inpaint.pipelines.inputs import seed_keys
 
     out = pipe.inpaint([prompt], image, mask, params, seed_keys([0]), negative_prompt=[negative], height=32, width=32,
                        num_inference_steps=STEPS, guidance_scale=7.5)

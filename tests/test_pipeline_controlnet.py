@@ -211,6 +211,15 @@ def test_scales_windows_and_strength_do_not_recompile(cn):
         assert np.abs(other - base).max() > 1e-2
 
 
+def test_host_callback_sees_every_step(cn):
+    """The per-step keywords reach the ControlNet pipelines too: `callback` sees each of PNDM's 5 loop
+    iterations once, the last with the latents the call returns (output_type="latent")."""
+    noise, got = diffusers_noise(9, 1.0).numpy(), []
+    out = ours_inpaint(cn, 9, latents=noise, output_type="latent", callback=lambda s, t, x: got.append((s, x.copy())))
+    assert [s for s, _ in got] == [0, 1, 2, 3, 4]
+    np.testing.assert_array_equal(got[-1][1], out)
+
+
 def random_examples(seed: int, nets: int) -> dict:
     """N_DEV examples' own control images (one array per ControlNet for several), latents and guidance."""
     rng = np.random.default_rng(seed)
@@ -279,6 +288,31 @@ def test_mesh_over_8_devices_matches_single_device(request, examples):
     mesh = Mesh(np.array(jax.devices()), ("data",))
     out = ex.call(ex.inputs, mesh=mesh, key=jax.random.key(0))
     np.testing.assert_allclose(out, ex.singles, atol=DEVICE_ATOL, rtol=0)
+
+
+def test_scales_and_inputs_do_not_recompile_on_pmap_and_mesh(cn, per_example):
+    """On the pmap convention and on a mesh too, new ControlNet scales and windows, strength, prompts,
+    seeds, masks and guidance reuse the compiled program."""
+    pipe, params = cn.ours[9]
+    x, replicated, mesh = per_example.inputs, replicate(params), Mesh(np.array(jax.devices()), ("data",))
+
+    def both(seed, x, **kwargs):
+        common = dict(num_inference_steps=STEPS, latents=None, **kwargs)
+        s = shard(x)
+        pmapped = pipe(s["ids"], s["mask"], s["masked"], replicated, jax.random.split(jax.random.key(seed), N_DEV),
+                       jit=True, control_image=s["control"], image=s["image"], guidance_scale=s["guidance"], **common)
+        meshed = pipe(x["ids"], x["mask"], x["masked"], params, jax.random.key(seed), mesh=mesh,
+                      control_image=x["control"], image=x["image"], guidance_scale=x["guidance"], **common)
+        return pmapped.images, meshed.images
+
+    first = both(0, x)
+    other = dict(x, ids=pipe.tokenize(PROMPTS[::-1]), mask=x["mask"][:, :, ::-1].copy(), guidance=x["guidance"][::-1])
+    with tiny_sd.count_compiles() as compiles:
+        second = both(1, other, controlnet_conditioning_scale=0.3, control_guidance_start=0.5, strength=0.8)
+        both(2, x, controlnet_conditioning_scale=1.5, control_guidance_end=0.4)
+    assert compiles == []
+    for a, b in zip(first, second):
+        assert np.abs(a - b).max() > 1e-2  # the new inputs took effect
 
 
 def test_per_prompt_keys_match_single_prompt_calls(per_example):

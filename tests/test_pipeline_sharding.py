@@ -63,6 +63,19 @@ def test_pmap_matches_per_shard_single_device_calls(sd):
     assert np.abs(out[0] - out[2]).max() > 1e-2  # same prompt, other key and guidance: another image
 
 
+def test_pmap_latent_output_matches_single_device_calls(sd):
+    """output_type="latent" under jit=True: NCHW latents [devices, per_device, C, h, w], each device's those
+    of a one-device call on its shard with its key (the adapter splits the one program's rows back)."""
+    keys = jax.random.split(jax.random.key(2), N_DEV)
+    out = pmapped(sd, keys, output_type="latent", strength=0.8)
+    assert out.shape == (N_DEV, 1, 4, 8, 8)
+    for d in (0, N_DEV - 1):
+        rows = slice(d, d + 1)
+        one = sd.pipe(sd.ids[rows], sd.mask[rows], sd.masked[rows], sd.params, keys[d], image=sd.image[rows],
+                      guidance_scale=sd.guidance[rows], output_type="latent", strength=0.8, **OPTS).images
+        np.testing.assert_allclose(out[d], one, atol=ATOL, rtol=0)
+
+
 def test_pmap_new_inputs_do_not_recompile(sd):
     """Under jit=True too, new prompts, keys, masks, guidance, strength and eta reuse the program."""
     first = pmapped(sd, jax.random.split(jax.random.key(0), N_DEV))  # compiles unless an earlier test did
@@ -86,6 +99,26 @@ def test_mesh_matches_single_device_call_on_global_batch(sd):
                   guidance_scale=sd.guidance, **OPTS).images
     assert out.shape == (N_DEV, 32, 32, 3)
     np.testing.assert_allclose(out, single(sd, slice(None), key), atol=ATOL, rtol=0)
+
+
+def test_mesh_new_inputs_do_not_recompile(sd):
+    """On a mesh too, new prompts, keys (one, or one per prompt), masks, guidance, strength and eta reuse
+    the program of their key form."""
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+
+    def meshed(key, ids=sd.ids, mask=sd.mask, guidance=sd.guidance, **kwargs):
+        return sd.pipe(ids, mask, sd.image * (mask < 0.5), sd.params, key, image=sd.image, mesh=mesh,
+                       guidance_scale=guidance, **{**OPTS, **kwargs}).images
+
+    first = meshed(jax.random.key(0))
+    per_prompt = meshed(jax.random.split(jax.random.key(0), N_DEV))
+    mask = np.rot90(sd.mask, axes=(2, 3)).copy()
+    with tiny_sd.count_compiles() as compiles:
+        out = meshed(jax.random.key(7), ids=sd.pipe.tokenize(["a cat", "red"] * (N_DEV // 2)), mask=mask,
+                     guidance=sd.guidance[::-1].copy(), strength=0.6, eta=0.2)
+        meshed(jax.random.split(jax.random.key(3), N_DEV), mask=mask, strength=0.9)
+    assert compiles == []
+    assert np.abs(out - first).max() > 1e-2 and np.abs(per_prompt - first).max() > 1e-2
 
 
 def test_error_jit_needs_device_axis(sd):

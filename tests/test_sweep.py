@@ -169,7 +169,7 @@ def test_kill_and_resume_one_compile_per_group_and_diffusers_parity(sd, tmp_path
         written.append(record["id"])
 
     jax.clear_caches()
-    with tiny_sd.count_compiles(only="generate_per_example") as compiles:
+    with tiny_sd.count_compiles(only="generate_groups") as compiles:
         monkeypatch.setattr(ResultStore, "write", dying_write)
         with pytest.raises(KeyboardInterrupt):
             run_sweep(spec, pipeline=(sd.pipe, sd.params))

@@ -19,7 +19,7 @@ from flax_inpaint.train.data import sample_scenes
 def latents_and_rgb(vae, params, seed: int, n: int = 128, size: int = 64):
     """(scaled latents NHWC, decoded RGB in [-1, 1] averaged per latent cell, NHWC) of `n` scenes."""
     images = sample_scenes(np.random.default_rng(seed), n, size).images * 2 - 1
-    latents = encode_image(vae, params, np.transpose(images, (0, 3, 1, 2)), jax.random.key(seed))
+    latents = encode_image(vae, params, images, jax.random.key(seed))
     rgb = np.asarray(decode_latents(vae, params, latents)) * 2 - 1
     f = size // latents.shape[1]
     cells = rgb.reshape(n, size // f, f, size // f, f, 3).mean(axis=(2, 4))

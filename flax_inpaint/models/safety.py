@@ -207,6 +207,10 @@ class CLIPImagePreprocessing:
     def __call__(self, images: jax.Array) -> jax.Array:
         """NHWC RGB images in [0, 1] -> NCHW float32 pixel values, as `CLIPImageProcessor` gives
         for the uint8 images diffusers would hand it."""
+        return jnp.transpose(self.nhwc(images), (0, 3, 1, 2))
+
+    def nhwc(self, images: jax.Array) -> jax.Array:
+        """`__call__` giving NHWC pixel values (the layout inside the pipelines' program)."""
         if images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"images must be NHWC RGB [batch, height, width, 3]; got shape {images.shape}.")
         u = jnp.clip(jnp.round(images.astype(jnp.float32) * 255.0), 0, 255).astype(jnp.int32)
@@ -220,8 +224,7 @@ class CLIPImagePreprocessing:
                 )
             top, left = (h - ch) // 2, (w - cw) // 2
             u = u[:, top : top + ch, left : left + cw]
-        pixels = jnp.asarray(self.pixel_table())[jnp.arange(3), u]  # [B, H, W, 3]
-        return jnp.transpose(pixels, (0, 3, 1, 2))
+        return jnp.asarray(self.pixel_table())[jnp.arange(3), u]  # [B, H, W, 3]
 
 
 # ----------------------------------------------------------------------------- the checker
@@ -358,12 +361,18 @@ class FlaxStableDiffusionSafetyChecker(FlaxModelMixin, _NotAPreTrainedModel, CLI
 
     def image_embeds(self, clip_input: jax.Array) -> jax.Array:
         """NCHW CLIP pixel values [B, C, image_size, image_size] -> embeddings [B, projection_dim]."""
-        _, pooled, _ = self.vision_model(self.to_nhwc(clip_input, "clip_input"))
+        return self._embeds_nhwc(self.to_nhwc(clip_input, "clip_input"))
+
+    def _embeds_nhwc(self, pixels: jax.Array) -> jax.Array:
+        _, pooled, _ = self.vision_model(pixels)
         return self.visual_projection(pooled)
 
     def __call__(self, clip_input: jax.Array) -> jax.Array:
         """nsfw flags (bool [B]) for NCHW CLIP pixel values."""
-        embeds = self.image_embeds(clip_input).astype(jnp.float32)
+        return self._flags(self.image_embeds(clip_input))
+
+    def _flags(self, embeds: jax.Array) -> jax.Array:
+        embeds = embeds.astype(jnp.float32)
         special = _cosine_similarity(embeds, self.special_care_embeds) - self.special_care_embeds_weights
         special_care = jnp.any(jnp.round(special, 3) > 0, axis=1, keepdims=True)
         concept = _cosine_similarity(embeds, self.concept_embeds) - self.concept_embeds_weights
@@ -377,5 +386,5 @@ class FlaxStableDiffusionSafetyChecker(FlaxModelMixin, _NotAPreTrainedModel, CLI
 
     def check_images(self, images: jax.Array) -> Tuple[jax.Array, jax.Array]:
         """NHWC images in [0, 1] [B, H, W, 3] -> (the images, flagged ones black; nsfw bool [B])."""
-        nsfw = self(self.preprocessing(images))
+        nsfw = self._flags(self._embeds_nhwc(self.preprocessing.nhwc(images)))  # NHWC throughout
         return jnp.where(nsfw[:, None, None, None], jnp.zeros_like(images), images), nsfw

@@ -327,11 +327,15 @@ class FlaxAutoencoderKL(FlaxModelMixin, nn.Module):
         """
         del deterministic
         _check_nchw(sample, self.in_channels, "sample")
-        moments = self.encoder(_nchw_to_nhwc(sample))
+        dist = self.encode_nhwc(_nchw_to_nhwc(sample))
+        return FlaxAutoencoderKLOutput(latent_dist=dist) if return_dict else (dist,)
+
+    def encode_nhwc(self, sample: jax.Array) -> FlaxDiagonalGaussianDistribution:
+        """`encode` for NHWC images [B, H, W, in_channels] (the layout inside the pipelines' program)."""
+        moments = self.encoder(sample)
         if self.quant_conv is not None:
             moments = self.quant_conv(moments)
-        dist = FlaxDiagonalGaussianDistribution(moments)
-        return FlaxAutoencoderKLOutput(latent_dist=dist) if return_dict else (dist,)
+        return FlaxDiagonalGaussianDistribution(moments)
 
     def decode(self, latents: jax.Array, deterministic: bool = True, return_dict: bool = True):
         """Latents (already divided by scaling_factor) -> images NCHW. Like diffusers' Flax VAE, latents
@@ -343,11 +347,13 @@ class FlaxAutoencoderKL(FlaxModelMixin, nn.Module):
         if latents.ndim != 4 or c not in (latents.shape[1], latents.shape[-1]):
             raise ValueError(f"latents has shape {tuple(latents.shape)}; expected NCHW [B, {c}, h, w] or NHWC "
                              f"[B, h, w, {c}].")
-        z = latents if latents.shape[-1] == c else _nchw_to_nhwc(latents)
-        if self.post_quant_conv is not None:
-            z = self.post_quant_conv(z)
-        images = _nhwc_to_nchw(self.decoder(z))
+        images = _nhwc_to_nchw(self.decode_nhwc(latents if latents.shape[-1] == c else _nchw_to_nhwc(latents)))
         return FlaxDecoderOutput(sample=images) if return_dict else (images,)
+
+    def decode_nhwc(self, latents: jax.Array) -> jax.Array:
+        """`decode` for NHWC latents [B, h, w, latent_channels], giving NHWC images."""
+        z = latents if self.post_quant_conv is None else self.post_quant_conv(latents)
+        return self.decoder(z)
 
     def __call__(self, sample: jax.Array, sample_posterior: bool = False, deterministic: bool = True,
                  return_dict: bool = True, *, key: Optional[jax.Array] = None):

@@ -13,12 +13,9 @@ at the generated size; inpaint ControlNets take `make_inpaint_condition`'s image
 from __future__ import annotations
 
 import dataclasses
-import functools
-import numbers
 import os
 from typing import Any, Optional, Sequence, Tuple, Union
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import PIL.Image
@@ -26,7 +23,7 @@ from jax.sharding import Mesh
 
 from flax_inpaint.image_processor import CropCoords, ImageInput, VaeImageProcessor
 from flax_inpaint.models.controlnet import FlaxControlNetModel
-from flax_inpaint.pipelines.sampling import Batch, Components, Options
+from flax_inpaint.pipelines.sampling import Components
 from flax_inpaint.pipelines.stable_diffusion import FlaxDiffusionPipeline, FlaxStableDiffusionInpaintPipeline
 
 ControlNets = Union[FlaxControlNetModel, Sequence[FlaxControlNetModel]]
@@ -50,30 +47,6 @@ def make_inpaint_condition(image: ImageInput, mask_image: ImageInput) -> np.ndar
             f"{mask.shape[3]}x{mask.shape[2]}; pass masks of the image's size, one or one per image."
         )
     return np.where(mask > 0.5, np.float32(-1.0), rgb)
-
-
-@functools.lru_cache(maxsize=64)
-def _num_iterations(scheduler, num_inference_steps: int) -> int:
-    """Length of the sampling loop: the scheduler's timesteps (e.g. one more than the steps for PNDM)."""
-    state = jax.eval_shape(lambda: scheduler.set_timesteps(scheduler.create_state(), num_inference_steps, (1, 1, 1, 1)))
-    return state.timesteps.shape[0]
-
-
-def controlnet_scales(scales: Sequence[float], starts: Sequence[float], ends: Sequence[float], begin: int,
-                      num_iterations: int) -> np.ndarray:
-    """[num_iterations, num_nets] fp32: each ControlNet's conditioning scale at each loop iteration.
-
-    Like diffusers' `controlnet_keep`: of the T iterations that run (from `begin`, set by strength),
-    net k is off at the j-th when j / T < start_k or (j + 1) / T > end_k, compared in float64 as
-    diffusers' Python floats are (a float32 comparison on the device could flip at a window's edge).
-    Iterations before `begin` never run; their rows are 0.
-    """
-    total = num_iterations - begin
-    j = np.arange(total, dtype=np.float64)[:, None]
-    off = (j / total < np.asarray(starts, np.float64)) | ((j + 1) / total > np.asarray(ends, np.float64))
-    table = np.zeros((num_iterations, len(scales)), np.float32)
-    table[begin:] = np.asarray(scales, np.float64) * (1.0 - off)
-    return table
 
 
 class _ControlNetMixin:
@@ -163,13 +136,6 @@ class _ControlNetMixin:
             return list(value)
         return [value] * k
 
-    def _numbers(self, name: str, value) -> list:
-        values = self._per_net(name, value)
-        for v in values:
-            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not np.isfinite(v):
-                raise ValueError(f"{name}={value!r}: expected a finite float or one per ControlNet.")
-        return [float(v) for v in values]
-
     def _net_images(self, name: str, image) -> list:
         """Per-ControlNet control images: several nets take a list with one entry (image or batch) each."""
         if len(self.controlnets) == 1:
@@ -201,43 +167,7 @@ class _ControlNetMixin:
                     x, height, width, resize_mode=resize_mode, crops_coords=crops_coords, input_name="control_image"))
         return out if len(self.controlnets) > 1 else out[0]
 
-    def _control_images(self, name: str, image, lead: tuple, height: int, width: int) -> tuple:
-        """Processed control images checked against the nets and the generated size, broadcast to `lead`."""
-        images = self._net_images(name, image)
-        out = []
-        for k, (net, x) in enumerate(zip(self.controlnets, images)):
-            label = name if len(images) == 1 else f"{name}[{k}]"
-            x = np.asarray(x, np.float32)
-            item = (net.conditioning_channels, height, width)
-            batch_ok = x.ndim == len(lead) + 3 and all(d in (1, n) for d, n in zip(x.shape, lead))
-            if not batch_ok or x.shape[-3:] != item:
-                raise ValueError(
-                    f"{label} has shape {x.shape}; expected {lead + item}: NCHW with the ControlNet's "
-                    f"{item[0]} conditioning channels at the generated size {height}x{width}, one per prompt or "
-                    "one for all (after a leading device axis with jit=True). Use prepare_control_image."
-                )
-            out.append(np.broadcast_to(x, lead + item))
-        return tuple(out)
-
-    def _with_control(self, batch: Batch, opts: Options, lead: tuple, name: str, image, scale, start, end,
-                      guess_mode: bool) -> Tuple[Batch, Options]:
-        """`batch` with the control images and per-step scales, `opts` with guess mode (diffusers turns
-        it on for global-pooling ControlNets)."""
-        scales = self._numbers("controlnet_conditioning_scale", scale)
-        starts = self._numbers("control_guidance_start", start)
-        ends = self._numbers("control_guidance_end", end)
-        for s, e in zip(starts, ends):
-            if not 0.0 <= s < e <= 1.0:
-                raise ValueError(f"control_guidance_start={s} and control_guidance_end={e}: need 0 <= start < end "
-                                 "<= 1 (the fractions of the denoising steps during which a ControlNet acts).")
-        images = self._control_images(name, image, lead, opts.height, opts.width)
-        n_iter = _num_iterations(self.scheduler, opts.num_inference_steps)
-        table = controlnet_scales(scales, starts, ends, int(batch.begin_index), n_iter)
-        guess = bool(guess_mode) or self.controlnets[0].global_pool_conditions
-        return (batch.replace(control_images=images, controlnet_scales=table),
-                dataclasses.replace(opts, guess_mode=guess))
-
-    def _control_params(self, params) -> dict:
+    def _program_params(self, params) -> dict:
         """`params` with params["controlnet"] as a tuple in the nets' order (what `generate` reads)."""
         if "controlnet" not in params:
             raise ValueError("params has no 'controlnet' entry; set params['controlnet'] = controlnet_params (from "
@@ -260,6 +190,8 @@ class FlaxStableDiffusionControlNetPipeline(_ControlNetMixin, FlaxDiffusionPipel
     """Text-to-image guided by one or more ControlNets (diffusers' Flax API)."""
 
     _pipeline_class = "StableDiffusionControlNetPipeline"
+    _renamed = {"image": "control_image"}  # diffusers' name here for the control images
+    _inputs = {"control_name": "image"}
 
     def prepare_image_inputs(self, image, height: Optional[int] = None, width: Optional[int] = None):
         """Control images as `__call__` takes them (see `prepare_control_image`)."""
@@ -270,24 +202,12 @@ class FlaxStableDiffusionControlNetPipeline(_ControlNetMixin, FlaxDiffusionPipel
                  jit: bool = False, *, guess_mode: bool = False, control_guidance_start=0.0,
                  control_guidance_end=1.0, num_images_per_prompt: int = 1, prompt_embeds=None,
                  negative_prompt_embeds=None, clip_skip: Optional[int] = None, eta: float = 0.0,
-                 output_type: str = "np", mesh: Optional[Mesh] = None):
+                 output_type: str = "np", mesh: Optional[Mesh] = None, **hooks):
         """Generate images the size of the control images `image` (from `prepare_image_inputs`: one
         NCHW array, or a list with one per ControlNet). `controlnet_conditioning_scale` and
-        `control_guidance_start/end` are floats, or lists with one per ControlNet."""
-        first = np.shape(self._net_images("image", image)[0])
-        if len(first) < 4:
-            raise ValueError(f"image has shape {first}; expected NCHW control images (from prepare_image_inputs).")
-        opts = self._options(num_inference_steps, first[-2], first[-1], guidance_scale, output_type, clip_skip,
-                             num_images_per_prompt)
-        lead = self._lead(prompt_ids, prompt_embeds, jit)
-        batch = Batch(**self._text_batch(prompt_ids, neg_prompt_ids, prompt_embeds, negative_prompt_embeds,
-                                         lead, opts.do_cfg, guidance_scale),
-                      latents=self._check_latents("latents", latents, lead, opts), eta=np.float32(eta),
-                      **self._strength_fields(num_inference_steps, 1.0))
-        batch, opts = self._with_control(batch, opts, lead, "image", image, controlnet_conditioning_scale,
-                                         control_guidance_start, control_guidance_end, guess_mode)
-        return self._run(batch, opts, self._control_params(params), prng_seed, jit, mesh, lead, output_type,
-                         return_dict)
+        `control_guidance_start/end` are floats, or lists with one per ControlNet; `hooks`: the per-step
+        keywords of `CallHooks`."""
+        return self._call(locals())
 
 
 class FlaxStableDiffusionControlNetInpaintPipeline(_ControlNetMixin, FlaxStableDiffusionInpaintPipeline):
@@ -348,20 +268,9 @@ class FlaxStableDiffusionControlNetInpaintPipeline(_ControlNetMixin, FlaxStableD
                  control_guidance_start=0.0, control_guidance_end=1.0, image=None, strength: float = 1.0,
                  eta: float = 0.0, num_images_per_prompt: int = 1, prompt_embeds=None,
                  negative_prompt_embeds=None, masked_image_latents=None, clip_skip: Optional[int] = None,
-                 output_type: str = "np", mesh: Optional[Mesh] = None):
+                 output_type: str = "np", mesh: Optional[Mesh] = None, **hooks):
         """Inpaint as `FlaxStableDiffusionInpaintPipeline.__call__`, guided by `control_image` (from
         `prepare_inputs`: NCHW at the mask's size; a list with one per ControlNet for several).
         `controlnet_conditioning_scale` and `control_guidance_start/end` are floats or lists with one
         per ControlNet; with strength < 1 the guidance windows are fractions of the steps that run."""
-        batch, opts, lead = self._inpaint_inputs(
-            prompt_ids, mask, masked_image, num_inference_steps, height, width, guidance_scale, latents,
-            neg_prompt_ids, jit, image=image, strength=strength, eta=eta,
-            num_images_per_prompt=num_images_per_prompt, prompt_embeds=prompt_embeds,
-            negative_prompt_embeds=negative_prompt_embeds, masked_image_latents=masked_image_latents,
-            clip_skip=clip_skip, output_type=output_type,
-        )
-        batch, opts = self._with_control(batch, opts, lead, "control_image", control_image,
-                                         controlnet_conditioning_scale, control_guidance_start,
-                                         control_guidance_end, guess_mode)
-        return self._run(batch, opts, self._control_params(params), prng_seed, jit, mesh, lead, output_type,
-                         return_dict)
+        return self._call(locals())

@@ -33,7 +33,7 @@ import numpy as np
 from flax_inpaint.diffusers_compat import BaseOutput, FrozenConfig
 from flax_inpaint.io import read_config, resolve_folder, write_bytes_atomic
 from flax_inpaint.pipelines import callbacks, loading
-from flax_inpaint.pipelines.sampling import decode_latents, encode_image, encode_text, nchw_to_nhwc, nhwc_to_nchw
+from flax_inpaint.pipelines.sampling import decode_latents, encode_image, encode_text
 from flax_inpaint.pipelines.stable_diffusion import FlaxDiffusionPipeline, FlaxStableDiffusionPipelineOutput
 from flax_inpaint.schedulers import FlaxDDIMInverseScheduler
 from flax_inpaint.schedulers.common import begin_index_for_strength
@@ -260,9 +260,9 @@ def _on_step(m: DiffEditModels, opts: DiffEditOptions, params, callback_ids: Opt
 
 
 def _image_latents(m: DiffEditModels, params, image: Array, key: Array) -> Array:
-    """NHWC scaled latents of NCHW pixels (posterior sample), or NCHW latents passed through."""
-    if image.shape[1] == m.vae.latent_channels:
-        return nchw_to_nhwc(image.astype(jnp.float32))
+    """NHWC scaled latents of NHWC pixels (posterior sample), or NHWC latents passed through."""
+    if image.shape[-1] == m.vae.latent_channels:
+        return image.astype(jnp.float32)
     return encode_image(m.vae, params["vae"], image, key)
 
 
@@ -270,14 +270,14 @@ def mask_program(m: DiffEditModels, opts: DiffEditOptions, params, image: Array,
                  guidance_scale, begin_index, mask_thresholding_ratio, noise: Optional[Array], key: Array):
     """diffusers' `generate_mask`: returns (map, mask), [B, h, w] each (see `mask_from_predictions`).
 
-    image: NCHW [B, 3, H, W]; every image is encoded and noised `num_maps_per_mask` times at the
-    forward scheduler's timestep `begin_index` (mask_encode_strength); noise: NCHW [B * maps, 4, h, w]
+    image: NHWC [B, H, W, 3]; every image is encoded and noised `num_maps_per_mask` times at the
+    forward scheduler's timestep `begin_index` (mask_encode_strength); noise: NHWC [B * maps, h, w, 4]
     or None to draw it from `key`.
     """
     maps, sched = opts.num_maps_per_mask, m.scheduler
     key_image, key_noise = jax.random.split(key)
     latents = _image_latents(m, params, jnp.repeat(image, maps, axis=0), key_image)
-    noise = jax.random.normal(key_noise, latents.shape) if noise is None else nchw_to_nhwc(noise)
+    noise = jax.random.normal(key_noise, latents.shape) if noise is None else noise
     state = sched.set_begin_index(sched.set_timesteps(params["scheduler"], opts.num_inference_steps, latents.shape),
                                   begin_index)
     t = state.timesteps[begin_index]
@@ -293,7 +293,7 @@ def mask_program(m: DiffEditModels, opts: DiffEditOptions, params, image: Array,
 
 def invert_program(m: DiffEditModels, opts: DiffEditOptions, params, image: Array, prompt: Prompt, guidance_scale,
                    lambdas: Array, rolls: Optional[Array], key: Array, callback_ids: Optional[Array] = None):
-    """diffusers' `invert`: returns (latents [B, n, 4, h, w] NCHW, most noised first, and with
+    """diffusers' `invert` of NHWC `image`: returns (latents [B, n, h, w, 4], most noised first, and with
     `opts.decode` their images [B * n, H, W, 3] in [0, 1], else None).
 
     rolls: the auto-correlation rolls [n, num_reg_steps, num_auto_corr_rolls, B, C, levels] or None to
@@ -317,19 +317,19 @@ def invert_program(m: DiffEditModels, opts: DiffEditOptions, params, image: Arra
     if opts.decode:
         flat = jnp.swapaxes(path, 0, 1).reshape(-1, *path.shape[2:])
         images = decode_latents(m.vae, params["vae"], flat)
-    return jnp.transpose(path, (1, 0, 4, 2, 3)), images
+    return jnp.swapaxes(path, 0, 1), images
 
 
 def edit_program(m: DiffEditModels, opts: DiffEditOptions, params, prompt: Prompt, mask: Array, image_latents: Array,
                  guidance_scale, begin_index, eta, key: Array, callback_ids: Optional[Array] = None):
-    """diffusers' `__call__`: returns (images [B, H, W, 3] in [0, 1] or latents NCHW, nsfw flags or None).
+    """diffusers' `__call__`: returns (images [B, H, W, 3] in [0, 1] or latents NHWC, nsfw flags or None).
 
-    mask: [B, h, w] {0, 1}; image_latents: [B, n, 4, h, w] from `invert_program` with n the iterations
+    mask: [B, h, w] {0, 1}; image_latents: [B, n, h, w, 4] from `invert_program` with n the iterations
     the forward scheduler runs from `begin_index` (inpaint_strength); callback_ids: [B, 2] with host
     callbacks, else None.
     """
     sched = m.scheduler
-    inverted = jnp.transpose(image_latents.astype(jnp.float32), (1, 0, 3, 4, 2))  # [n, B, h, w, C]
+    inverted = jnp.swapaxes(image_latents.astype(jnp.float32), 0, 1)  # [n, B, h, w, C]
     state = sched.set_begin_index(
         sched.set_timesteps(params["scheduler"], opts.num_inference_steps, inverted.shape[1:]), begin_index)
     unet_fn = _unet_fn(m, params, prompt_context(m, params, prompt, opts.do_cfg))
@@ -351,7 +351,7 @@ def edit_program(m: DiffEditModels, opts: DiffEditOptions, params, prompt: Promp
 
     (latents, _), _ = jax.lax.scan(body, (inverted[0], state), (inverted, jnp.arange(inverted.shape[0])))
     if not opts.decode:
-        return nhwc_to_nchw(latents), None
+        return latents, None
     images = decode_latents(m.vae, params["vae"], latents)
     if m.safety_checker is None:
         return images, None
@@ -540,11 +540,12 @@ class FlaxStableDiffusionDiffEditPipeline(FlaxDiffusionPipeline):
             if np.shape(mask_noise) != want:
                 raise ValueError(f"mask_noise has shape {np.shape(mask_noise)}; expected {want} "
                                  "(num_maps_per_mask per image, NCHW latents).")
-            mask_noise = jnp.asarray(mask_noise, jnp.float32)
+            mask_noise = np.moveaxis(np.asarray(mask_noise, np.float32), 1, -1)
         opts = DiffEditOptions(steps, do_cfg, num_maps_per_mask=int(num_maps_per_mask))
         begin = begin_index_for_strength(steps, mask_encode_strength, self.scheduler.order)
-        guidance_map, mask = _mask_jit(self._models(), opts, params, image, source, target, np.float32(guidance_scale),
-                                       np.int32(begin), np.float32(mask_thresholding_ratio), mask_noise, prng_seed)
+        guidance_map, mask = _mask_jit(self._models(), opts, params, np.moveaxis(image, 1, -1), source, target,
+                                       np.float32(guidance_scale), np.int32(begin), np.float32(mask_thresholding_ratio),
+                                       mask_noise, prng_seed)
         mask = np.asarray(mask)
         if output_type == "pil":
             mask = self.numpy_to_pil(mask[..., None])
@@ -594,9 +595,10 @@ class FlaxStableDiffusionDiffEditPipeline(FlaxDiffusionPipeline):
                                **callbacks.host_switches(host))
         lambdas = np.array([lambda_auto_corr, lambda_kl], np.float32)
         with callbacks.host_session((b,), host) as ids:  # until the program is done
-            latents, images = _invert_jit(self._models(), opts, params, image, prompt, np.float32(guidance_scale),
-                                          lambdas, auto_corr_rolls, prng_seed, ids)
-            latents, images = np.asarray(latents), None if images is None else np.asarray(images)
+            latents, images = _invert_jit(self._models(), opts, params, np.moveaxis(image, 1, -1), prompt,
+                                          np.float32(guidance_scale), lambdas, auto_corr_rolls, prng_seed, ids)
+            latents = np.moveaxis(np.asarray(latents), -1, 2)  # NCHW at the public boundary: [B, n, 4, h, w]
+            images = None if images is None else np.asarray(images)
         if images is not None:
             if output_type == "pil":
                 images = self.numpy_to_pil(images)
@@ -643,9 +645,11 @@ class FlaxStableDiffusionDiffEditPipeline(FlaxDiffusionPipeline):
                                scheduler_takes_eta=takes_eta, **callbacks.host_switches(host))
         begin = begin_index_for_strength(steps, inpaint_strength, self.scheduler.order)
         with callbacks.host_session((b,), host) as ids:  # until the program is done
-            images, nsfw = _edit_jit(self._models(), opts, params, prompt, mask, image_latents,
+            images, nsfw = _edit_jit(self._models(), opts, params, prompt, mask, np.moveaxis(image_latents, 2, -1),
                                      np.float32(guidance_scale), np.int32(begin), np.float32(eta), prng_seed, ids)
             images, nsfw = np.asarray(images), None if nsfw is None else np.asarray(nsfw)
+        if output_type == "latent":  # NCHW at the public boundary
+            images = np.moveaxis(images, -1, 1)
         if output_type == "pil":
             images = self.numpy_to_pil(images)
         return FlaxStableDiffusionPipelineOutput(images, nsfw) if return_dict else (images, nsfw)

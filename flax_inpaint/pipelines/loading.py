@@ -74,6 +74,24 @@ def scheduler_class(name: str):
     return cls
 
 
+def with_scheduler(pipe, params, name: Optional[str]):
+    """(pipeline, params) with the diffusers scheduler class `name` (e.g. "DDIMScheduler") built from
+    the pipeline's scheduler config, as diffusers' `from_config` swap does; None keeps the pipeline's."""
+    if name is None:
+        return pipe, params
+    scheduler = scheduler_class(name).from_config(pipe.scheduler.config)
+    pipe = type(pipe).from_pipe(pipe)
+    pipe.scheduler = scheduler
+    return pipe, {**params, "scheduler": scheduler.create_state()}
+
+
+def model_error(option: str, model: str, error: BaseException) -> str:
+    """What to tell a user whose `model` (given as `option`, e.g. "--model") failed to load, and the fix."""
+    return (f"{option} {model!r} could not be loaded: {error}\nFix {option}: name a local diffusers inpainting "
+            "folder (the one holding model_index.json) or a hub repo id 'org/name' that is in the local hub "
+            "cache or reachable online.")
+
+
 def load_components(
     path: os.PathLike | str,
     dtype: Any = jnp.float32,

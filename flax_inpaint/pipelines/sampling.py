@@ -7,10 +7,11 @@ params, inputs and keys are traced, so new prompts, seeds, masks, guidance or st
 compiled program. The pipelines differ only in which `Batch` fields they fill.
 
 Randomness: one key covers the batch it is called with (the initial noise is one draw of the
-batch's shape), so a mesh call over a global batch equals a single-device call on that batch, and a
-pmapped call equals per-shard calls with each device's key. `generate_per_example` instead takes one
-key per prompt (like diffusers' list of generators): each prompt's images are those of a call on that
-prompt alone, whichever prompts share its batch.
+batch's shape), so a mesh call over a global batch equals a single-device call on that batch.
+`generate_groups` splits the rows into as many groups as it gets keys, each sampled with its key: one
+key per prompt (like diffusers' list of generators) gives each prompt the images of a call on that
+prompt alone, one key per device (the pmap convention) each device's rows those of a call on them.
+`run` is the one execution path: `generate_groups` jitted over a mesh of one or more devices.
 """
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ from typing import Any, Optional, Tuple
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from flax_inpaint.loaders.lora import merge_adapters
 from flax_inpaint.pipelines import callbacks
@@ -30,7 +33,7 @@ Array = jax.Array
 
 @dataclasses.dataclass(frozen=True)
 class Components:
-    """The model definitions (hashable linen modules and scheduler): static under jit/pmap."""
+    """The model definitions (hashable linen modules and scheduler): static under jit."""
 
     unet: Any
     vae: Any
@@ -48,7 +51,7 @@ class Options:
     height: int
     width: int
     do_cfg: bool
-    output_type: str = "np"  # "np" (NHWC floats in [0, 1]) or "latent" (NCHW)
+    output_type: str = "np"  # "np" (images in [0, 1]) or "latent"
     clip_skip: Optional[int] = None
     num_images_per_prompt: int = 1
     scheduler_takes_eta: bool = False
@@ -62,43 +65,41 @@ class Options:
 
 @flax.struct.dataclass
 class Batch:
-    """Per-call traced inputs. Images are NCHW in [-1, 1], masks N1HW in {0, 1}."""
+    """Per-call traced inputs, NHWC: images in [-1, 1], masks in {0, 1}, latents at the VAE's size."""
 
     prompt_ids: Optional[Array] = None  # [B, L] int32
     neg_prompt_ids: Optional[Array] = None  # [B, L] int32
     prompt_embeds: Optional[Array] = None  # [B, L, D]
     negative_prompt_embeds: Optional[Array] = None  # [B, L, D]
-    image: Optional[Array] = None  # [B, 3, H, W] or its scaled latents [B, 4, h, w]: img2img start / blending
-    mask: Optional[Array] = None  # [B, 1, H, W]
-    masked_image: Optional[Array] = None  # [B, 3, H, W]
-    masked_image_latents: Optional[Array] = None  # [B, 4, h, w], already scaled
-    # [B, 4, h, w] unscaled noise: the start is noise * init_noise_sigma, or at strength < 1
+    image: Optional[Array] = None  # [B, H, W, 3] pixels: img2img start / blending, encoded in the program
+    image_latents: Optional[Array] = None  # [B, h, w, C] scaled latents, given instead of `image`
+    mask: Optional[Array] = None  # [B, H, W, 1]
+    masked_image: Optional[Array] = None  # [B, H, W, 3]
+    masked_image_latents: Optional[Array] = None  # [B, h, w, C], already scaled
+    # [B, h, w, C] unscaled noise: the start is noise * init_noise_sigma, or at strength < 1
     # add_noise(image latents, noise, first timestep); 4-channel blending re-noises with it too.
     latents: Optional[Array] = None
     guidance_scale: Array = 7.5  # [B] or scalar
     begin_index: Array = 0  # first loop iteration (strength), int32
     strength_is_max: Array = True  # strength == 1: start from pure noise
     eta: Array = 0.0
-    control_images: Optional[Tuple[Array, ...]] = None  # per ControlNet [B, C, H, W], in [0, 1] (-1: masked)
+    control_images: Optional[Tuple[Array, ...]] = None  # per ControlNet [B, H, W, C], in [0, 1] (-1: masked)
     controlnet_scales: Optional[Array] = None  # [num_iterations, num_controlnets] fp32: scale x keep per iteration
     guidance_rescale: Optional[Array] = None  # [] fp32, diffusers' rescale_noise_cfg factor (None: off)
     lora_scale: Optional[Array] = None  # [] fp32, cross_attention_kwargs["scale"]: multiplies every LoRA adapter
     schedule: Optional[Any] = None  # custom timesteps= / sigmas=: the scheduler state fields they set
     callback_ids: Optional[Array] = None  # [B, 2] int32 (call id, prompt row): host callbacks find their call
 
+    def rows(self) -> dict:
+        """The per-example fields that are set (all but `CALL_WIDE_FIELDS`), by name."""
+        return {f.name: v for f in dataclasses.fields(self)
+                if f.name not in CALL_WIDE_FIELDS and (v := getattr(self, f.name)) is not None}
 
-# Batch fields that hold one value for the whole call, not one per example: pmap gives every device a
-# copy, a mesh replicates them, per-example sampling shares them.
+
+# Batch fields that hold one value for the whole call, not one per example: a mesh replicates them,
+# the key groups of `generate_groups` share them.
 CALL_WIDE_FIELDS = ("begin_index", "strength_is_max", "eta", "controlnet_scales", "guidance_rescale", "lora_scale",
                     "schedule")
-
-
-def nchw_to_nhwc(x: Array) -> Array:
-    return jnp.transpose(x, (0, 2, 3, 1))
-
-
-def nhwc_to_nchw(x: Array) -> Array:
-    return jnp.transpose(x, (0, 3, 1, 2))
 
 
 def encode_text(text_encoder, params, ids: Array, clip_skip: Optional[int]) -> Array:
@@ -111,17 +112,16 @@ def encode_text(text_encoder, params, ids: Array, clip_skip: Optional[int]) -> A
 
 
 def encode_image(vae, params, image: Array, key: Array) -> Array:
-    """Scaled VAE latents (NHWC) of an NCHW image, sampling the posterior (NHWC) like diffusers."""
-    dist = vae.apply({"params": params}, image.astype(vae.runtime.dtype), method=vae.encode).latent_dist
+    """Scaled VAE latents of NHWC images, sampling the posterior like diffusers."""
+    dist = vae.apply({"params": params}, image.astype(vae.runtime.dtype), method=vae.encode_nhwc)
     return dist.sample(key).astype(jnp.float32) * vae.scaling_factor
 
 
 def decode_latents(vae, params, latents: Array) -> Array:
-    """NHWC images in [0, 1] from scaled NHWC latents (NHWC whatever their size: `vae.decode` reads a last
-    axis of latent_channels as NHWC, like diffusers' Flax VAE)."""
+    """NHWC images in [0, 1] from scaled NHWC latents."""
     x = (latents.astype(jnp.float32) / vae.scaling_factor).astype(vae.runtime.dtype)
-    decoded = vae.apply({"params": params}, x, method=vae.decode).sample
-    return jnp.clip(nchw_to_nhwc(decoded.astype(jnp.float32)) / 2 + 0.5, 0.0, 1.0)
+    decoded = vae.apply({"params": params}, x, method=vae.decode_nhwc)
+    return jnp.clip(decoded.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
 
 
 def _prompt_context(c: Components, opts: Options, params, batch: Batch) -> Array:
@@ -196,17 +196,16 @@ def generate(c: Components, opts: Options, params, batch: Batch, key: Array):
     n_iter = timesteps.shape[0]
 
     if batch.latents is not None:
-        noise = nchw_to_nhwc(batch.latents.astype(jnp.float32))
+        noise = batch.latents.astype(jnp.float32)
     else:
         noise = jax.random.normal(key_noise, shape, jnp.float32)
 
     image_latents = None
     if batch.image is not None:
-        image = _repeat(batch.image, n_img)
-        if image.shape[-2:] == (opts.height, opts.width):
-            image_latents = encode_image(vae, params["vae"], image, key_image)
-        else:  # already latents, e.g. another pipeline's output_type="latent"
-            image_latents = nchw_to_nhwc(image.astype(jnp.float32))
+        image_latents = encode_image(vae, params["vae"], _repeat(batch.image, n_img), key_image)
+    elif batch.image_latents is not None:  # e.g. another pipeline's output_type="latent"
+        image_latents = _repeat(batch.image_latents, n_img).astype(jnp.float32)
+    if image_latents is not None:
         t0 = jnp.broadcast_to(timesteps[batch.begin_index], (bsz,))
         noised = sched.add_noise(state, image_latents, noise, t0)
         latents = jnp.where(batch.strength_is_max, noise * state.init_noise_sigma, noised)
@@ -215,9 +214,9 @@ def generate(c: Components, opts: Options, params, batch: Batch, key: Array):
 
     mask = masked_latents = None
     if batch.mask is not None:
-        mask = nchw_to_nhwc(_repeat(batch.mask, n_img)[:, :, ::factor, ::factor]).astype(jnp.float32)
+        mask = _repeat(batch.mask, n_img)[:, ::factor, ::factor].astype(jnp.float32)
         if batch.masked_image_latents is not None:
-            masked_latents = nchw_to_nhwc(_repeat(batch.masked_image_latents, n_img).astype(jnp.float32))
+            masked_latents = _repeat(batch.masked_image_latents, n_img).astype(jnp.float32)
         elif unet.in_channels == 9:
             masked_latents = encode_image(vae, params["vae"], _repeat(batch.masked_image, n_img), key_masked)
 
@@ -231,7 +230,7 @@ def generate(c: Components, opts: Options, params, batch: Batch, key: Array):
     controls = ()
     if c.controlnets:
         double = cfg if opts.do_cfg and not opts.guess_mode else (lambda x: x)
-        controls = tuple(double(nchw_to_nhwc(_repeat(x, n_img))) for x in batch.control_images)
+        controls = tuple(double(_repeat(x, n_img)) for x in batch.control_images)
 
     live = {}  # the tensors a step-end callback may replace ride in the loop carry
     if opts.step_end is not None:
@@ -288,7 +287,7 @@ def generate(c: Components, opts: Options, params, batch: Batch, key: Array):
         latents, _, _ = jax.lax.fori_loop(batch.begin_index, n_iter, body, (latents, state, live))
 
     if opts.output_type == "latent":
-        return nhwc_to_nchw(latents), None
+        return latents, None
     images = decode_latents(vae, params["vae"], latents)
     nsfw = None
     if c.safety_checker is not None:
@@ -298,16 +297,86 @@ def generate(c: Components, opts: Options, params, batch: Batch, key: Array):
     return images, nsfw
 
 
-def generate_per_example(c: Components, opts: Options, params, batch: Batch, key_data: Array):
-    """`generate` for every prompt alone with its own key (`key_data`: [B, ...] raw key data of the
-    default PRNG), vectorised into one batched program. Returns what `generate` returns."""
-    rows = {f.name: v for f in dataclasses.fields(batch)
-            if f.name not in CALL_WIDE_FIELDS and (v := getattr(batch, f.name)) is not None}
+def _unreplicate(params, axis: str):
+    """One copy of `params` stacked along the mesh `axis` (diffusers' pmap convention, flax's `replicate`):
+    each device keeps the copy it holds, so nothing moves."""
+    first = lambda tree: jax.tree_util.tree_map(lambda x: x[0], tree)  # noqa: E731
+    return jax.shard_map(first, in_specs=P(axis), out_specs=P(), check_vma=False)(params)
 
-    def one(row, kd):
-        example = batch.replace(**jax.tree_util.tree_map(lambda x: x[None], row))
-        return generate(c, opts, params, example, jax.random.wrap_key_data(kd))
 
-    images, nsfw = jax.vmap(one)(rows, key_data)
+def generate_groups(c: Components, opts: Options, params, batch: Batch, keys: Array,
+                    stacked_axis: Optional[str] = None):
+    """`generate` on each of G = len(keys) equal, consecutive groups of the batch's rows with that group's
+    key, as one program; returns what `generate` returns, the groups' rows in order.
+
+    G = 1: one key for the whole batch; G = batch size: one key per prompt; G = devices: diffusers' pmap
+    convention, each device's rows with its key. With `stacked_axis`, params hold one copy per device
+    stacked along that mesh axis (the pmap convention); otherwise they are replicated.
+    """
+    if stacked_axis is not None:
+        params = _unreplicate(params, stacked_axis)
+    groups = keys.shape[0]
+    if groups == 1:
+        return generate(c, opts, params, batch, keys[0])
+    rows = jax.tree_util.tree_map(lambda x: x.reshape(groups, -1, *x.shape[1:]), batch.rows())
+
+    def one(group, key):
+        return generate(c, opts, params, batch.replace(**group), key)
+
+    images, nsfw = jax.vmap(one)(rows, keys)
     flat = lambda x: None if x is None else x.reshape(-1, *x.shape[2:])  # noqa: E731
     return flat(images), flat(nsfw)
+
+
+_generate_groups_jit = jax.jit(generate_groups, static_argnums=(0, 1, 5))
+
+
+def _place(tree, sharding: NamedSharding):
+    """`tree` laid out as `sharding` (rows of a global batch when it splits the first axis: each process
+    gives its own). Leaves already laid out so (on one device, or over this very mesh) are kept as they
+    are: params placed once cost nothing per call."""
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    laid_out = {}  # (leaf sharding, ndim) -> equivalent to `sharding`: params share a few shardings
+
+    def there(x) -> bool:
+        if not isinstance(x, jax.Array):
+            return False
+        key = (x.sharding, len(x.shape))
+        if key not in laid_out:  # jit takes one mesh per program: a NamedSharding must be over this one
+            same_mesh = getattr(x.sharding, "mesh", sharding.mesh) == sharding.mesh
+            laid_out[key] = same_mesh and x.sharding.is_equivalent_to(sharding, key[1])
+        return laid_out[key]
+
+    todo = [i for i, x in enumerate(leaves) if not there(x)]
+    if jax.process_count() > 1 and sharding.spec:
+        moved = [jax.make_array_from_process_local_data(sharding, np.asarray(leaves[i]))
+                 if not isinstance(leaves[i], jax.Array) else jax.device_put(leaves[i], sharding) for i in todo]
+    else:
+        moved = jax.device_put([leaves[i] for i in todo], sharding)
+    for i, x in zip(todo, moved):
+        leaves[i] = x
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def run(c: Components, opts: Options, params, batch: Batch, keys: Array, mesh: Mesh, stacked: bool = False):
+    """The one execution path: `generate_groups` jitted over `mesh`, batch rows and keys sharded along its
+    first (data) axis, the call-wide fields replicated, params replicated or, `stacked`, one copy per
+    device along that axis. With several processes each passes its local rows of the global batch;
+    returns global arrays."""
+    axis = mesh.axis_names[0]
+    global_batch = batch.guidance_scale.shape[0] * jax.process_count()
+    if global_batch % mesh.shape[axis]:
+        raise ValueError(
+            f"The batch of {global_batch} is not divisible by the mesh's {axis!r} axis of size "
+            f"{mesh.shape[axis]}; pad the batch or change the mesh."
+        )
+    replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P(axis))
+    wide = {f: getattr(batch, f) for f in CALL_WIDE_FIELDS}
+    batch = _place(batch.replace(**dict.fromkeys(wide)), sharded).replace(**_place(wide, replicated))
+    impl = jax.random.key_impl(keys)
+    data = np.asarray(jax.random.key_data(keys))  # this process's keys
+    keys = jax.random.wrap_key_data(_place(data, sharded if keys.shape[0] > 1 else replicated), impl=impl)
+    params = _place(params, sharded if stacked else replicated)
+    # The mesh in context lets the TPU attention kernel run per device (runtime.attention).
+    with jax.set_mesh(mesh):
+        return _generate_groups_jit(c, opts, params, batch, keys, axis if stacked else None)

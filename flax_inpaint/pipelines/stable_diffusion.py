@@ -1,17 +1,18 @@
 """Stable Diffusion pipelines: text-to-image, image-to-image and inpainting, with diffusers' Flax API.
 
-Every pipeline validates and shapes its inputs on the host, then runs `sampling.generate`, the one
-compiled program, in one of three ways:
-  * `jit=False`: `jax.jit` on one device, unsharded arrays, one PRNG key;
-  * `jit=True`: `jax.pmap` over the leading device axis (replicated params, sharded inputs, one key
-    per device), like diffusers' removed Flax pipelines;
-  * `mesh=Mesh(...)`: `jax.jit` over global arrays sharded along the mesh's data axis (multi-host).
-Without pmap, `prng_seed` may hold one key per prompt: each prompt is then sampled as if alone with
+Every pipeline's `__call__` hands its arguments to `inputs.build` (checked once, into a `Batch`), then
+`sampling.run`, the one execution path: `jax.jit` of the sampling program over a device mesh.
+  * `jit=False`: a mesh of one device; `mesh=Mesh(...)`: global arrays sharded along the mesh's data
+    axis (multi-host);
+  * `jit=True`: diffusers' pmap calling convention (inputs [devices, per_device, ...], replicated
+    params, one key per device), adapted onto a mesh over the local devices: rows merged, params
+    used where each device holds its copy, outputs split back to [devices, per_device, ...]; each
+    device's images are those of a one-device call on its rows with its key.
+Without jit=True, `prng_seed` may hold one key per prompt: each prompt is then sampled as if alone with
 its key (like diffusers' list of generators), so results do not depend on how prompts are batched.
 """
 from __future__ import annotations
 
-import contextlib
 import inspect
 import os
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import PIL.Image
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from flax_inpaint.diffusers_compat import PUSH_TO_HUB, BaseOutput, ConfigMixin, FrozenConfig, not_provided
@@ -33,20 +34,14 @@ from flax_inpaint.loaders.textual_inversion import TextualInversionLoaderMixin
 from flax_inpaint.io import CheckpointError, read_config, resolve_folder
 from flax_inpaint.pipelines import loading
 from flax_inpaint.pipelines.callbacks import INPAINT_TENSOR_INPUTS, TEXT_TENSOR_INPUTS, CallHooks
+from flax_inpaint.pipelines.inputs import Prepared, build
 from flax_inpaint.pipelines.sampling import (
-    CALL_WIDE_FIELDS,
-    Batch,
     Components,
-    Options,
     decode_latents,
-    generate,
-    generate_per_example,
+    run,
 )
 from flax_inpaint.schedulers.common import begin_index_for_strength
 
-_generate_jit = jax.jit(generate, static_argnums=(0, 1))
-_generate_pmap = jax.pmap(generate, static_broadcasted_argnums=(0, 1))
-_generate_per_example_jit = jax.jit(generate_per_example, static_argnums=(0, 1))
 _decode_jit = jax.jit(decode_latents, static_argnums=0)
 
 
@@ -245,43 +240,30 @@ class FlaxDiffusionPipeline(FromSingleFileMixin, LoraLoaderMixin, TextualInversi
     def _components(self) -> Components:
         return Components(self.unet, self.vae, self.text_encoder, self.scheduler, self.safety_checker)
 
-    def _check_ids(self, name: str, ids, lead: tuple):
-        if ids is None:
-            return None
-        ids = np.asarray(ids)
-        if ids.shape[:-1] != lead or ids.shape[-1] != self.max_length:
-            raise ValueError(
-                f"{name} has shape {ids.shape}; expected {lead + (self.max_length,)} (batch dims of "
-                f"prompt_ids, then the tokenizer's max_length {self.max_length}). Use "
-                "pipeline.prepare_inputs / tokenize, and shard() every input alike with jit=True."
-            )
-        return ids.astype(np.int32)
+    # Flags of `inputs.build` for this pipeline's inputs, and its __call__ argument names that `build`
+    # knows by another name.
+    _inputs: Dict[str, Any] = {}
+    _renamed: Dict[str, str] = {}
 
-    def _lead(self, prompt_ids, prompt_embeds, jit: bool) -> tuple:
-        if (prompt_ids is None) == (prompt_embeds is None):
-            raise ValueError("Pass exactly one of prompt_ids (from prepare_inputs) and prompt_embeds; got "
-                             f"{'neither' if prompt_ids is None else 'both'}.")
-        ref = prompt_ids if prompt_ids is not None else prompt_embeds
-        ref = np.shape(ref)
-        lead = ref[:-1] if prompt_ids is not None else ref[:-2]
-        if jit:
-            n = jax.local_device_count()
-            if len(lead) != 2 or lead[0] != n:
-                raise ValueError(
-                    f"With jit=True inputs need a leading device axis of {n} (local devices): got "
-                    f"batch dims {lead}. Use flax.training.common_utils.shard(x) (batch divisible by {n}) "
-                    "and replicate(params)."
-                )
-        elif len(lead) != 1:
-            raise ValueError(f"Expected unsharded inputs with one batch axis, got batch dims {lead}; "
-                             "pass jit=True for sharded inputs.")
-        return tuple(lead)
+    def _call(self, args: Dict[str, Any]):
+        """Every `__call__` hands over its arguments (`locals()`): one checked `Batch`, one program."""
+        args = {self._renamed.get(k, k): v for k, v in args.items() if k != "self"}
+        run = {k: args.pop(k) for k in ("params", "prng_seed", "jit", "mesh", "return_dict")}
+        hooks = CallHooks(**args.pop("hooks", {}))
+        args["num_inference_steps"] = hooks.num_inference_steps(self.scheduler, args["num_inference_steps"])
+        prepared = build(self, run["jit"], **args, **self._inputs)
+        return self._run(prepared, args["output_type"], hooks=hooks, **run)
 
-    def _run(self, batch: Batch, opts: Options, params, prng_seed, jit: bool, mesh: Optional[Mesh],
-             lead: tuple, output_type: str, return_dict: bool, hooks: Optional[CallHooks] = None):
-        comps = self._components()
-        hooks = hooks or CallHooks()
+    def _program_params(self, params):
+        """`params` as the sampling program reads them."""
+        return params
+
+    def _run(self, prepared: Prepared, output_type: str, params, prng_seed, jit: bool,
+             mesh: Optional[Mesh], return_dict: bool, hooks: CallHooks):
+        batch, opts, lead = prepared.batch, prepared.opts, prepared.lead
         batch, opts = hooks.apply(self, batch, opts, params)
+        params = self._program_params(params)
+        comps = self._components()
         needed = ["unet", "vae", "scheduler"] + ["text_encoder"] * (batch.prompt_ids is not None) \
             + ["safety_checker"] * (self.safety_checker is not None)
         missing = [name for name in needed if name not in params]
@@ -291,171 +273,46 @@ class FlaxDiffusionPipeline(FromSingleFileMixin, LoraLoaderMixin, TextualInversi
                              "from_pretrained), as with diffusers.")
         if jit and mesh is not None:
             raise ValueError("Pass either jit=True (pmap over local devices) or mesh=..., not both.")
-        if jit:
+        keys = _keys(prng_seed)
+        if jit:  # diffusers' pmap convention: [devices, per_device, ...] rows, replicated params, a key per device
             n = lead[0]
-            wide = {f: v for f in CALL_WIDE_FIELDS if (v := getattr(batch, f)) is not None}
-            batch = batch.replace(**jax.tree_util.tree_map(lambda v: np.broadcast_to(v, (n,) + np.shape(v)), wide))
-            keys = jnp.asarray(prng_seed)
-            if keys.shape[:1] != (n,):
-                raise ValueError(f"prng_seed must hold one key per device ({n}); got shape {keys.shape}. "
+            if keys.shape != (n,):
+                raise ValueError(f"prng_seed must hold one key per device ({n}); got shape {np.shape(prng_seed)}. "
                                  "Use jax.random.split(key, jax.local_device_count()).")
             _check_replicated(params, n)
+            mesh = Mesh(np.array(jax.local_devices()), ("devices",))
+        else:
+            if keys.shape[0] not in (1, lead[0]):
+                raise ValueError(f"prng_seed has shape {np.shape(prng_seed)}; pass one key (jax.random.key(seed)) or "
+                                 f"one key per prompt, e.g. jax.random.split(key, {lead[0]}) (this process's rows).")
+            mesh = mesh or Mesh(np.array(jax.devices()[:1]), ("data",))
         with hooks.session(batch, lead) as batch:  # host callbacks registered until the images are here
-            if jit:
-                images, nsfw = _generate_pmap(comps, opts, params, batch, keys)
-            else:
-                key_data = _per_prompt_keys(prng_seed, lead[0])
-                program = _generate_jit if key_data is None else _generate_per_example_jit
-                if mesh is not None:
-                    params, (batch, key_data) = _on_mesh(mesh, params, (batch, key_data), lead[0])
-                # The mesh in context lets the TPU attention kernel run per device (runtime.attention).
-                with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
-                    images, nsfw = program(comps, opts, params, batch, prng_seed if key_data is None else key_data)
+            if jit:  # the [devices, per_device] rows as one batch
+                merge = lambda x: np.reshape(x, (-1, *np.shape(x)[2:]))  # noqa: E731
+                batch = batch.replace(**jax.tree_util.tree_map(merge, batch.rows()))
+            images, nsfw = run(comps, opts, params, batch, keys, mesh, stacked=jit)
             if not images.is_fully_addressable:  # mesh over several processes: every process gets all images
                 images, nsfw = multihost_utils.process_allgather((images, nsfw), tiled=True)
             images = np.asarray(images)
             nsfw = None if nsfw is None else np.asarray(nsfw)
+        if output_type == "latent":  # NCHW at the public boundary, as diffusers returns latents
+            images = np.moveaxis(images, -1, -3)
+        if jit:  # back to [devices, per_device, ...]
+            images = images.reshape(lead[0], -1, *images.shape[1:])
+            nsfw = None if nsfw is None else nsfw.reshape(lead[0], -1)
         if output_type == "pil":
             images = VaeImageProcessor.numpy_to_pil(images.reshape(-1, *images.shape[-3:]))
         return FlaxStableDiffusionPipelineOutput(images, nsfw) if return_dict else (images, nsfw)
 
-    def _options(self, num_inference_steps, height, width, guidance_scale, output_type, clip_skip,
-                 num_images_per_prompt) -> Options:
-        if output_type not in ("np", "pil", "latent"):
-            raise ValueError(f"output_type={output_type!r}; use 'np', 'pil' or 'latent'.")
-        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, (int, np.integer)) \
-                or num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps={num_inference_steps!r} must be an int >= 1.")
-        for name, v in (("height", height), ("width", width)):
-            if v % self.vae_scale_factor or v <= 0:
-                raise ValueError(
-                    f"{name}={v} must be a positive multiple of {self.vae_scale_factor} (the VAE's "
-                    "downsampling factor); resize the image or pass a valid size."
-                )
-        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
-            raise ValueError(f"num_images_per_prompt={num_images_per_prompt!r} must be an int >= 1.")
-        layers = self.text_encoder.num_hidden_layers
-        if clip_skip is not None and not 0 <= clip_skip <= layers:
-            raise ValueError(f"clip_skip={clip_skip} must lie in [0, {layers}] (the text encoder has {layers} "
-                             "layers; clip_skip=k uses the output of layer num_layers - k).")
-        return Options(
-            num_inference_steps=int(num_inference_steps), height=int(height), width=int(width),
-            do_cfg=bool(np.any(np.asarray(guidance_scale) > 1.0)),
-            output_type="latent" if output_type == "latent" else "np",
-            clip_skip=clip_skip, num_images_per_prompt=num_images_per_prompt,
-            scheduler_takes_eta="eta" in inspect.signature(self.scheduler.step).parameters,
-        )
 
-    def _text_batch(self, prompt_ids, neg_prompt_ids, prompt_embeds, negative_prompt_embeds, lead,
-                    do_cfg: bool, guidance_scale) -> dict:
-        prompt_ids = self._check_ids("prompt_ids", prompt_ids, lead)
-        neg_prompt_ids = self._check_ids("neg_prompt_ids", neg_prompt_ids, lead)
-        embed_shape = lead + (self.max_length, self.text_encoder.hidden_size)
-        if prompt_embeds is not None:
-            embed_shape = np.shape(prompt_embeds)
-            if embed_shape[-1] != self.text_encoder.hidden_size:
-                raise ValueError(f"prompt_embeds has shape {embed_shape}; its last axis must be the text "
-                                 f"encoder's hidden_size {self.text_encoder.hidden_size}.")
-        if negative_prompt_embeds is not None and np.shape(negative_prompt_embeds) != embed_shape:
-            raise ValueError(f"negative_prompt_embeds has shape {np.shape(negative_prompt_embeds)}; it must match "
-                             f"the prompt embeddings' shape {embed_shape}.")
-        if do_cfg and neg_prompt_ids is None and negative_prompt_embeds is None:
-            neg_prompt_ids = np.broadcast_to(self.tokenize(""), lead + (self.max_length,))
-        if not do_cfg:
-            neg_prompt_ids = negative_prompt_embeds = None
-        g = np.asarray(guidance_scale, np.float32)
-        if g.ndim and g.shape != lead[-g.ndim:] and g.shape != lead:
-            raise ValueError(f"guidance_scale has shape {g.shape}; use a scalar or one value per prompt {lead}"
-                             + (" (shard() it like prompt_ids)." if len(lead) == 2 else "."))
-        return dict(prompt_ids=prompt_ids, neg_prompt_ids=neg_prompt_ids, prompt_embeds=prompt_embeds,
-                    negative_prompt_embeds=negative_prompt_embeds,
-                    guidance_scale=np.broadcast_to(g, lead).astype(np.float32))
-
-    def _check_latents(self, name: str, latents, lead: tuple, opts: Options, per_prompt: bool = False):
-        """Latent inputs: [*batch dims, latent_channels, height / f, width / f], one per image (the last
-        batch dim times num_images_per_prompt) or, with `per_prompt`, one per prompt."""
-        if latents is None:
-            return None
-        f, n = self.vae_scale_factor, 1 if per_prompt else opts.num_images_per_prompt
-        want = lead[:-1] + (lead[-1] * n, self.vae.latent_channels, opts.height // f, opts.width // f)
-        if tuple(np.shape(latents)) != want:
-            per = "prompt" if per_prompt else "image (batch x num_images_per_prompt)"
-            raise ValueError(
-                f"{name} has shape {np.shape(latents)}; expected {want}: one per {per}, latent_channels, "
-                f"height / {f}, width / {f}, after a leading device axis with jit=True."
-            )
-        return latents
-
-    def _image_input(self, image, height: Optional[int], width: Optional[int]):
-        """`image` as NCHW pixels, or as its scaled latents [..., latent_channels, h, w] (e.g. another
-        pipeline's output_type="latent" output); returns (image, height, width) in pixels."""
-        shape = np.shape(image)
-        c, f = self.vae.latent_channels, self.vae_scale_factor
-        if len(shape) < 4 or shape[-3] not in (3, c):
-            raise ValueError(f"image has shape {shape}; expected NCHW pixels with 3 channels or latents with "
-                             f"{c} (a leading device axis first with jit=True). Use pipeline.prepare_inputs.")
-        image = np.asarray(image, np.float32)
-        if shape[-3] == 3:
-            return (image, *_check_spatial("image", image, height, width))
-        h, w = shape[-2] * f, shape[-1] * f
-        if (height or h, width or w) != (h, w):
-            raise ValueError(f"image holds latents of shape {shape}, i.e. a {h}x{w} image, but height x width = "
-                             f"{height}x{width}; they must match.")
-        return image, h, w
-
-    def _strength_fields(self, num_inference_steps: int, strength: float) -> dict:
-        if not 0.0 <= strength <= 1.0:
-            raise ValueError(f"strength={strength!r} must lie in [0, 1].")
-        begin = begin_index_for_strength(num_inference_steps, strength, self.scheduler.order)
-        if num_inference_steps - begin // self.scheduler.order < 1:
-            raise ValueError(
-                f"strength={strength} with num_inference_steps={num_inference_steps} runs no denoising "
-                f"step; raise strength or num_inference_steps (need int(steps * strength) >= 1)."
-            )
-        return dict(begin_index=np.int32(begin), strength_is_max=np.bool_(strength == 1.0))
+def _is_typed(prng_seed) -> bool:
+    return jax.dtypes.issubdtype(getattr(prng_seed, "dtype", None), jax.dtypes.prng_key)
 
 
-def _per_prompt_keys(prng_seed, batch_size: int) -> Optional[np.ndarray]:
-    """Raw key data [B, ...] when `prng_seed` holds one key per prompt (typed keys [B] or raw [B, 2]),
-    None when it is one key for the whole call."""
-    typed = jax.dtypes.issubdtype(prng_seed.dtype, jax.dtypes.prng_key)
-    data = jax.random.key_data(prng_seed) if typed else prng_seed
-    if np.ndim(data) == 1:
-        return None
-    if np.ndim(data) != 2 or data.shape[0] != batch_size:
-        raise ValueError(f"prng_seed has shape {np.shape(prng_seed)}; pass one key (jax.random.key(seed)) or one "
-                         f"key per prompt, e.g. jax.random.split(key, {batch_size}) (this process's rows).")
-    return np.asarray(data)
-
-
-def _on_mesh(mesh: Mesh, params, batch, batch_size: int):
-    """Params and the call-wide Batch fields replicated; every batched input sharded along the mesh's
-    first (data) axis. With several processes each passes its local rows of the global batch."""
-    axis = mesh.axis_names[0]
-    global_batch = batch_size * jax.process_count()
-    if global_batch % mesh.shape[axis]:
-        raise ValueError(
-            f"The batch of {global_batch} is not divisible by the mesh's {axis!r} axis of size "
-            f"{mesh.shape[axis]}; pad the batch or change the mesh."
-        )
-    replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P(axis))
-
-    def put(x):
-        if not np.ndim(x):
-            return jax.device_put(x, replicated)
-        if jax.process_count() > 1 and not isinstance(x, jax.Array):
-            return jax.make_array_from_process_local_data(sharded, np.asarray(x))
-        return jax.device_put(x, sharded)
-
-    def place(tree):
-        if not isinstance(tree, Batch):
-            return jax.tree_util.tree_map(put, tree)
-        wide = {f: getattr(tree, f) for f in CALL_WIDE_FIELDS}
-        rows = jax.tree_util.tree_map(put, tree.replace(**dict.fromkeys(wide)))
-        return rows.replace(**jax.device_put(wide, replicated))
-
-    return jax.device_put(params, replicated), jax.tree_util.tree_map(
-        place, batch, is_leaf=lambda x: isinstance(x, Batch))
+def _keys(prng_seed) -> jax.Array:
+    """`prng_seed` as typed keys [K]: one key (typed, or raw jax.random.PRNGKey data) or a batch of them."""
+    keys = prng_seed if _is_typed(prng_seed) else jax.random.wrap_key_data(np.asarray(prng_seed))
+    return keys.reshape(-1) if keys.ndim == 0 else keys
 
 
 def pipeline_class(name: str) -> type:
@@ -487,22 +344,13 @@ class FlaxStableDiffusionPipeline(FlaxDiffusionPipeline):
                  mesh: Optional[Mesh] = None, **hooks):
         """Text to image; `hooks`: the per-step keywords of `CallHooks` (callbacks, progress, early stop,
         timesteps / sigmas, guidance_rescale, cross_attention_kwargs)."""
-        hooks = CallHooks(**hooks)
-        num_inference_steps = hooks.num_inference_steps(self.scheduler, num_inference_steps)
-        default_h, default_w = self.default_size()
-        height, width = height or default_h, width or default_w
-        opts = self._options(num_inference_steps, height, width, guidance_scale, output_type, clip_skip,
-                             num_images_per_prompt)
-        lead = self._lead(prompt_ids, prompt_embeds, jit)
-        batch = Batch(**self._text_batch(prompt_ids, neg_prompt_ids, prompt_embeds, negative_prompt_embeds,
-                                         lead, opts.do_cfg, guidance_scale),
-                      latents=self._check_latents("latents", latents, lead, opts), eta=np.float32(eta),
-                      **self._strength_fields(num_inference_steps, 1.0))
-        return self._run(batch, opts, params, prng_seed, jit, mesh, lead, output_type, return_dict, hooks)
+        return self._call(locals())
 
 
 class FlaxStableDiffusionImg2ImgPipeline(FlaxDiffusionPipeline):
     """Image-to-image: start from the noised latents of `image` (pixels, or already latents) at `strength`."""
+
+    _inputs = {"image_required": True}
 
     def prepare_inputs(self, prompt, image, height: Optional[int] = None, width: Optional[int] = None):
         """(prompt_ids, images NCHW in [-1, 1])."""
@@ -515,24 +363,14 @@ class FlaxStableDiffusionImg2ImgPipeline(FlaxDiffusionPipeline):
                  negative_prompt_embeds=None, clip_skip: Optional[int] = None, eta: float = 0.0,
                  output_type: str = "np", mesh: Optional[Mesh] = None, **hooks):
         """Image to image; `hooks`: the per-step keywords of `CallHooks`."""
-        hooks = CallHooks(**hooks)
-        num_inference_steps = hooks.num_inference_steps(self.scheduler, num_inference_steps)
-        image, height, width = self._image_input(image, height, width)
-        opts = self._options(num_inference_steps, height, width, guidance_scale, output_type, clip_skip,
-                             num_images_per_prompt)
-        lead = self._lead(prompt_ids, prompt_embeds, jit)
-        _check_batch("image", image, lead)
-        batch = Batch(**self._text_batch(prompt_ids, neg_prompt_ids, prompt_embeds, negative_prompt_embeds,
-                                         lead, opts.do_cfg, guidance_scale),
-                      image=image, latents=self._check_latents("noise", noise, lead, opts), eta=np.float32(eta),
-                      **self._strength_fields(num_inference_steps, strength))
-        return self._run(batch, opts, params, prng_seed, jit, mesh, lead, output_type, return_dict, hooks)
+        return self._call(locals())
 
 
 class FlaxStableDiffusionInpaintPipeline(FlaxDiffusionPipeline):
     """Inpainting with 9-channel inpainting UNets or, by latent blending, plain 4-channel UNets."""
 
     _pipeline_class = "StableDiffusionInpaintPipeline"
+    _inputs = {"inpainting": True}
     _callback_tensor_inputs = INPAINT_TENSOR_INPUTS
 
     def prepare_inputs(self, prompt, image, mask, height: Optional[int] = None, width: Optional[int] = None,
@@ -624,74 +462,7 @@ class FlaxStableDiffusionInpaintPipeline(FlaxDiffusionPipeline):
         `prng_seed` holds one key per device. With `mesh=`, the global batch must be divisible by the
         mesh's data axis instead.
         """
-        hooks = CallHooks(**hooks)
-        num_inference_steps = hooks.num_inference_steps(self.scheduler, num_inference_steps)
-        batch, opts, lead = self._inpaint_inputs(
-            prompt_ids, mask, masked_image, num_inference_steps, height, width, guidance_scale, latents,
-            neg_prompt_ids, jit, image=image, strength=strength, eta=eta,
-            num_images_per_prompt=num_images_per_prompt, prompt_embeds=prompt_embeds,
-            negative_prompt_embeds=negative_prompt_embeds, masked_image_latents=masked_image_latents,
-            clip_skip=clip_skip, output_type=output_type,
-        )
-        return self._run(batch, opts, params, prng_seed, jit, mesh, lead, output_type, return_dict, hooks)
-
-    def _inpaint_inputs(self, prompt_ids, mask, masked_image, num_inference_steps, height, width, guidance_scale,
-                        latents, neg_prompt_ids, jit, *, image, strength, eta, num_images_per_prompt, prompt_embeds,
-                        negative_prompt_embeds, masked_image_latents, clip_skip, output_type):
-        """The checked (Batch, Options, batch dims) of a `__call__`."""
-        mask = np.asarray(mask, np.float32)
-        if masked_image_latents is None:
-            masked_image = np.asarray(masked_image, np.float32)
-            height, width = _check_spatial("masked_image", masked_image, height, width)
-        else:
-            masked_image = None
-        height, width = _check_spatial("mask", mask, height, width, channels=1)
-        if image is not None:
-            image, _, _ = self._image_input(image, height, width)
-        elif self.unet.in_channels == 4 or strength < 1.0:
-            why = "a 4-channel UNet blends with it" if self.unet.in_channels == 4 else f"strength={strength} < 1"
-            raise ValueError(
-                f"image is required because {why}: use prepare_inputs(..., return_image=True) and pass "
-                "image=images."
-            )
-        opts = self._options(num_inference_steps, height, width, guidance_scale, output_type, clip_skip,
-                             num_images_per_prompt)
-        lead = self._lead(prompt_ids, prompt_embeds, jit)
-        for name, arr in (("mask", mask), ("masked_image", masked_image), ("image", image)):
-            if arr is not None:
-                _check_batch(name, arr, lead)
-        batch = Batch(**self._text_batch(prompt_ids, neg_prompt_ids, prompt_embeds, negative_prompt_embeds,
-                                         lead, opts.do_cfg, guidance_scale),
-                      image=image, mask=mask, masked_image=masked_image,
-                      masked_image_latents=self._check_latents("masked_image_latents", masked_image_latents,
-                                                               lead, opts, per_prompt=True),
-                      latents=self._check_latents("latents", latents, lead, opts), eta=np.float32(eta),
-                      **self._strength_fields(num_inference_steps, strength))
-        return batch, opts, lead
-
-
-def _check_spatial(name: str, arr: np.ndarray, height, width, channels: Optional[int] = 3):
-    if arr.ndim < 4:
-        raise ValueError(f"{name} must be NCHW (with a leading device axis under jit=True); got shape {arr.shape}. "
-                         "Use pipeline.prepare_inputs.")
-    if channels is not None and arr.shape[-3] != channels:
-        raise ValueError(f"{name} has {arr.shape[-3]} channels in shape {arr.shape}; expected {channels} (NCHW).")
-    h, w = arr.shape[-2:]
-    if (height is not None and height != h) or (width is not None and width != w):
-        raise ValueError(f"{name} is {h}x{w} but height x width = {height}x{width}; they must match "
-                         "(image, mask and masked_image all share one size).")
-    return h, w
-
-
-def _check_batch(name: str, arr: np.ndarray, lead: tuple):
-    """`arr` [*lead, C, H, W]: the batch dims of prompt_ids (device axis, per-device batch with jit=True)."""
-    if arr.ndim == len(lead) + 3 and tuple(arr.shape[: len(lead)]) == lead:
-        return
-    want = lead + tuple(arr.shape[-3:])
-    fix = (f"with jit=True shard() every input alike: a leading device axis of {lead[0]}, then the per-device "
-           f"batch of {lead[1]}" if len(lead) == 2 else "give one per prompt")
-    raise ValueError(f"{name} has shape {arr.shape}; expected {want} (the batch dims of prompt_ids, then C, H, W): "
-                     f"{fix}.")
+        return self._call(locals())
 
 
 def _check_replicated(params, n: int):

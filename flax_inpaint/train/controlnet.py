@@ -48,7 +48,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from flax_inpaint.cli import _positive, _unit  # the CLI's argument types
 from flax_inpaint.io import CheckpointError, write_bytes_atomic
 from flax_inpaint.models.controlnet import FlaxControlNetModel
-from flax_inpaint.pipelines.sampling import encode_text, nhwc_to_nchw
+from flax_inpaint.pipelines.sampling import encode_text
 from flax_inpaint.runtime import data_mesh
 from flax_inpaint.train import dataset as data_source
 from flax_inpaint.train.loop import TrainState
@@ -111,8 +111,7 @@ def controlnet_loss(models: Models, params: Params, frozen: Dict[str, Any], batc
     factor = vae.downscale
 
     def latents_of(pixels, eps):  # a posterior sample, scaled
-        dist = vae.apply({"params": frozen["vae"]}, nhwc_to_nchw(pixels).astype(vae.runtime.dtype),
-                         method=vae.encode).latent_dist
+        dist = vae.apply({"params": frozen["vae"]}, pixels.astype(vae.runtime.dtype), method=vae.encode_nhwc)
         sample = dist.mean.astype(jnp.float32) + dist.std.astype(jnp.float32) * eps  # NHWC
         return sample * vae.scaling_factor
 
