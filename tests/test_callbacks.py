@@ -302,11 +302,12 @@ def test_vae_decodes_only_on_its_steps(batch8, monkeypatch):
         return real(vae, p, x)
 
     monkeypatch.setattr(sampling, "decode_latents", counted)
-    opts = dataclasses.replace(pipe._options(3, 32, 32, 7.5, "np", None, 1), decode_every=2)
+    call = build(pipe, False, prompt_ids=ids, neg_prompt_ids=ids, mask=masks, masked_image=masked,
+                 num_inference_steps=3, guidance_scale=7.5, inpainting=True)
+    opts = dataclasses.replace(call.opts, decode_every=2)
     host = [callbacks.HostCallback(lambda s, t, x: seen.append(s), every=2, decoded=True)]
     with callbacks.host_session((8,), host) as ids_:
-        batch = sampling.Batch(prompt_ids=ids, neg_prompt_ids=ids, mask=masks, masked_image=masked,
-                               guidance_scale=np.full(8, 7.5, np.float32), callback_ids=ids_)
+        batch = call.batch.replace(callback_ids=ids_)
         program = jax.jit(lambda *a: sampling.generate(*a), static_argnums=(0, 1))  # traced anew
         jax.block_until_ready(program(pipe._components(), opts, params, batch, jax.random.key(0)))
         jax.effects_barrier()
