@@ -239,6 +239,11 @@ def test_bad_inputs_raise_one_clear_error(pipes):
         pipe("a", np.ones((16, 16)), np.zeros((1, 3, 4, 16, 16)), params, KEY, num_inference_steps=STEPS)
     with pytest.raises(ValueError, match="exactly one of source_prompt"):
         pipe.generate_mask(image(), params, KEY, target_prompt="b")
+    with pytest.raises(ValueError, match="With jit=True prompt must be token ids with a leading device axis"):
+        pipe.invert(image(), params, KEY, prompt="a", jit=True)
+    pixels, ids = pipe.image_processor.preprocess(image()), shard(pipe.tokenize(["a"] * jax.local_device_count()))
+    with pytest.raises(ValueError, match=r"image has shape \(1, 3, 64, 64\); expected \(8, 1, 3, 'H', 'W'\)"):
+        pipe.invert(pixels, params, KEY, prompt=ids, jit=True)
     with pytest.raises(ValueError, match="in_channels=4"):
         FlaxStableDiffusionDiffEditPipeline(pipe.vae, pipe.text_encoder, pipe.tokenizer,
                                             pipe.unet.clone(in_channels=9), pipe.scheduler)
