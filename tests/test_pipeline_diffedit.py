@@ -15,11 +15,16 @@ Tolerances (fp32, both sides the same math in another order):
 """
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import diffusers
 import jax
 import numpy as np
 import pytest
 import torch
+from flax.jax_utils import replicate
+from flax.training.common_utils import shard
+from jax.sharding import Mesh
 from diffusers import DDIMInverseScheduler, StableDiffusionDiffEditPipeline
 from diffusers.pipelines.deprecated.stable_diffusion_diffedit import pipeline_stable_diffusion_diffedit as ref_module
 
@@ -234,6 +239,11 @@ def test_bad_inputs_raise_one_clear_error(pipes):
         pipe("a", np.ones((16, 16)), np.zeros((1, 3, 4, 16, 16)), params, KEY, num_inference_steps=STEPS)
     with pytest.raises(ValueError, match="exactly one of source_prompt"):
         pipe.generate_mask(image(), params, KEY, target_prompt="b")
+    with pytest.raises(ValueError, match="With jit=True prompt must be token ids with a leading device axis"):
+        pipe.invert(image(), params, KEY, prompt="a", jit=True)
+    pixels, ids = pipe.image_processor.preprocess(image()), shard(pipe.tokenize(["a"] * jax.local_device_count()))
+    with pytest.raises(ValueError, match=r"image has shape \(1, 3, 64, 64\); expected \(8, 1, 3, 'H', 'W'\)"):
+        pipe.invert(pixels, params, KEY, prompt=ids, jit=True)
     with pytest.raises(ValueError, match="in_channels=4"):
         FlaxStableDiffusionDiffEditPipeline(pipe.vae, pipe.text_encoder, pipe.tokenizer,
                                             pipe.unet.clone(in_channels=9), pipe.scheduler)
@@ -298,8 +308,7 @@ def lowered_programs(pipe, params, monkeypatch, **hooks):
     programs = {"_invert_jit": diffedit.invert_program, "_edit_jit": diffedit.edit_program}
     for name, call in calls.items():
         def lower(*args, program=programs[name]):
-            fresh = jax.jit(lambda *a: program(*a), static_argnums=(0, 1))
-            texts.append(fresh.lower(*args).as_text())
+            texts.append(diffedit.grouped(program).lower(*args).as_text())  # a fresh jit
             raise _Lowered
 
         with monkeypatch.context() as mp:
@@ -326,3 +335,98 @@ def test_programs_unchanged_without_hooks(pipes, monkeypatch):
             mp.setattr(callbacks, name, boom)
         assert lowered_programs(pipe, params, monkeypatch) == plain
     assert all("callback" in t for t in lowered_programs(pipe, params, monkeypatch, callback=print))
+
+
+N_DEV = 8  # conftest: --xla_force_host_platform_device_count=8
+MASK_KW = dict(num_maps_per_mask=2, mask_encode_strength=0.6, num_inference_steps=3, guidance_scale=5.0)
+INV_KW = dict(num_inference_steps=3, inpaint_strength=0.7, guidance_scale=3.0, num_reg_steps=1, num_auto_corr_rolls=2)
+EDIT_KW = dict(num_inference_steps=3, inpaint_strength=0.7, guidance_scale=4.0, eta=0.5)
+
+
+@pytest.fixture(scope="module")
+def batch8(pipes):
+    """Eight rows (two images, source and target prompts) as prepare_inputs gives them, and the pmap-convention
+    results of the three steps over the 8 fake devices: one row per device, the random draws (mask noise,
+    auto-correlation rolls, DDIM's eta noise) from each device's key."""
+    pipe, params, _ = pipes
+    assert jax.local_device_count() == N_DEV
+    src, images = pipe.prepare_inputs(["a cat", "a dog"] * (N_DEV // 2), [image(k % 2) for k in range(N_DEV)])
+    tgt = pipe.tokenize(["a red", "a cat", "a dog", "a red"] * (N_DEV // 4))
+    keys, rep = jax.random.split(KEY, N_DEV), replicate(params)
+    mask, guidance_map = pipe.generate_mask(shard(images), rep, keys, source_prompt=shard(src),
+                                            target_prompt=shard(tgt), return_map=True, jit=True, **MASK_KW)
+    inv = pipe.invert(shard(images), rep, keys, prompt=shard(src), jit=True, **INV_KW).latents
+    out = pipe(shard(tgt), mask, inv, rep, keys, jit=True, **EDIT_KW).images
+    return SimpleNamespace(src=src, tgt=tgt, images=images, keys=keys, rep=rep, mask=mask, map=guidance_map, inv=inv,
+                           out=out)
+
+
+def test_pmap_convention_matches_one_device_calls(pipes, batch8):
+    """jit=True: outputs carry the device axis, and each device's mask, inverted latents and images are
+    those of a one-device call on its row with its key (the same math batched another way: 1e-5)."""
+    pipe, params, _ = pipes
+    b = batch8
+    assert b.mask.shape == (N_DEV, 1, SIZE // 4, SIZE // 4) and b.inv.shape == (N_DEV, 1, 2, 4, SIZE // 4, SIZE // 4)
+    assert b.out.shape == (N_DEV, 1, SIZE, SIZE, 3)
+    for d in range(N_DEV):
+        row = slice(d, d + 1)
+        mask, guidance_map = pipe.generate_mask(b.images[row], params, b.keys[d], source_prompt=b.src[row],
+                                                target_prompt=b.tgt[row], return_map=True, **MASK_KW)
+        np.testing.assert_allclose(b.map[d], guidance_map, atol=1e-5, rtol=0)
+        np.testing.assert_array_equal(b.mask[d], mask)
+        inv = pipe.invert(b.images[row], params, b.keys[d], prompt=b.src[row], **INV_KW).latents
+        np.testing.assert_allclose(b.inv[d], inv, atol=1e-5 * np.abs(inv).max(), rtol=0)
+        out = pipe(b.tgt[row], b.mask[d], b.inv[d], params, b.keys[d], **EDIT_KW).images
+        np.testing.assert_allclose(b.out[d], out, atol=1e-5, rtol=0)
+    assert 0 < b.mask.sum() < b.mask.size and np.abs(b.out[0] - b.out[2]).max() > 1e-2  # other key: other image
+
+
+def three_steps(pipe, params, b, mesh, edit_inputs=None):
+    """generate_mask, invert and __call__ on batch8's rows with one key, on `mesh` (None: one device);
+    __call__ takes `edit_inputs` (mask, inverted latents) when given, else the two results."""
+    mask, guidance_map = pipe.generate_mask(b.images, params, KEY, source_prompt=b.src, target_prompt=b.tgt,
+                                            return_map=True, mesh=mesh, **MASK_KW)
+    inv = pipe.invert(b.images, params, KEY, prompt=b.src, mesh=mesh, **INV_KW).latents
+    edit_mask, edit_inv = edit_inputs or (mask, inv)
+    out = pipe(b.tgt, edit_mask, edit_inv, params, KEY, mesh=mesh, output_type="latent", **EDIT_KW).images
+    return mask, guidance_map, inv, out
+
+
+def test_mesh_matches_one_device_call_on_the_global_batch(pipes, batch8):
+    """mesh=: one key covers the global batch sharded over the mesh, as a one-device call on it (each step
+    on the same inputs). The edit is compared in latents: XLA's CPU kernels for the one-device batch of 8
+    differ from those for the mesh's per-device row (with eta=0 the mesh call equals one-device calls on
+    each row alone exactly), and 3 guided steps plus the VAE decoder amplify that to 1.9e-5 in pixels
+    (measured), 2.7e-6 relative in the latents."""
+    pipe, params, _ = pipes
+    want = three_steps(pipe, params, batch8, None)
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    mask, guidance_map, inv, out = three_steps(pipe, params, batch8, mesh, want[::2])
+    assert out.shape == (N_DEV, 4, SIZE // 4, SIZE // 4)
+    np.testing.assert_array_equal(mask, want[0])
+    np.testing.assert_allclose(guidance_map, want[1], atol=1e-5, rtol=0)
+    for ours, theirs in ((inv, want[2]), (out, want[3])):
+        np.testing.assert_allclose(ours, theirs, atol=1e-5 * np.abs(theirs).max(), rtol=0)
+
+
+def test_sharded_new_values_do_not_recompile(pipes, batch8):
+    """Under jit=True and on a mesh, new prompts, keys, guidance, mask strengths, thresholds, lambdas and eta
+    reuse the compiled programs."""
+    pipe, params, _ = pipes
+    b, mesh = batch8, Mesh(np.array(jax.devices()), ("data",))
+    three_steps(pipe, params, b, mesh)  # compiles the mesh programs unless the test above did
+    keys, src = jax.random.split(jax.random.key(5), N_DEV), b.tgt[::-1].copy()
+    mask_kw = {**MASK_KW, "mask_encode_strength": 0.9, "guidance_scale": 6.0}
+    inv_kw = {**INV_KW, "guidance_scale": 2.0}
+    with count_compiles() as compiles:
+        mask = pipe.generate_mask(shard(b.images), b.rep, keys, source_prompt=shard(src),
+                                  target_prompt=shard(b.src), mask_thresholding_ratio=2.0, jit=True, **mask_kw)
+        inv = pipe.invert(shard(b.images), b.rep, keys, prompt=shard(src), lambda_kl=5.0, jit=True, **inv_kw).latents
+        out = pipe(shard(b.src), mask, inv, b.rep, keys, jit=True, **{**EDIT_KW, "eta": 0.1}).images
+        pipe.generate_mask(b.images, params, jax.random.key(6), source_prompt=src, target_prompt=b.src, mesh=mesh,
+                           **mask_kw)
+        pipe.invert(b.images, params, jax.random.key(6), prompt=src, lambda_auto_corr=3.0, mesh=mesh, **inv_kw)
+        pipe(src, mask.reshape(N_DEV, *mask.shape[2:]), inv.reshape(N_DEV, *inv.shape[2:]), params,
+             jax.random.key(6), mesh=mesh, output_type="latent", **EDIT_KW)
+    assert compiles == []
+    assert np.abs(out - b.out).max() > 1e-2  # the new values took effect

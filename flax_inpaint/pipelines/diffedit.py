@@ -29,12 +29,20 @@ import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from flax_inpaint.diffusers_compat import BaseOutput, FrozenConfig
 from flax_inpaint.io import read_config, resolve_folder, write_bytes_atomic
 from flax_inpaint.pipelines import callbacks, loading
-from flax_inpaint.pipelines.sampling import decode_latents, encode_image, encode_text
-from flax_inpaint.pipelines.stable_diffusion import FlaxDiffusionPipeline, FlaxStableDiffusionPipelineOutput
+from flax_inpaint.pipelines.inputs import batch_dims, check_ids
+from flax_inpaint.pipelines.sampling import decode_latents, encode_image, encode_text, in_groups, place
+from flax_inpaint.pipelines.stable_diffusion import (
+    FlaxDiffusionPipeline,
+    FlaxStableDiffusionPipelineOutput,
+    call_layout,
+    fetch,
+    merge_devices,
+)
 from flax_inpaint.schedulers import FlaxDDIMInverseScheduler
 from flax_inpaint.schedulers.common import begin_index_for_strength
 
@@ -296,9 +304,11 @@ def invert_program(m: DiffEditModels, opts: DiffEditOptions, params, image: Arra
     """diffusers' `invert` of NHWC `image`: returns (latents [B, n, h, w, 4], most noised first, and with
     `opts.decode` their images [B * n, H, W, 3] in [0, 1], else None).
 
-    rolls: the auto-correlation rolls [n, num_reg_steps, num_auto_corr_rolls, B, C, levels] or None to
-    draw them from `key` (see `auto_corr_loss`); callback_ids: [B, 2] with host callbacks, else None.
+    rolls: the auto-correlation rolls [B, n, num_reg_steps, num_auto_corr_rolls, C, levels] (batch first,
+    to be split by `in_groups`) or None to draw them from `key` (see `auto_corr_loss`); callback_ids: [B, 2]
+    with host callbacks, else None.
     """
+    rolls = None if rolls is None else jnp.moveaxis(rolls, 0, 3)  # [n, R, A, B, C, levels]
     key_image, key_rolls = jax.random.split(key)
     latents = _image_latents(m, params, image, key_image)
     inv = m.inverse_scheduler
@@ -358,9 +368,20 @@ def edit_program(m: DiffEditModels, opts: DiffEditOptions, params, prompt: Promp
     return m.safety_checker.apply({"params": params["safety_checker"]}, images, method=m.safety_checker.check_images)
 
 
-_mask_jit = jax.jit(mask_program, static_argnums=(0, 1))
-_invert_jit = jax.jit(invert_program, static_argnums=(0, 1))
-_edit_jit = jax.jit(edit_program, static_argnums=(0, 1))
+def grouped(program: Callable) -> Callable:
+    """`program` over the key groups of `sampling.in_groups`, jitted: (models, opts, params, rows, wide,
+    keys, stacked_axis), with `rows` its batched keyword arguments (batch first) and `wide` the others."""
+    def run_groups(m: DiffEditModels, opts: DiffEditOptions, params, rows: dict, wide: dict, keys: Array,
+                   stacked_axis: Optional[str]):
+        return in_groups(lambda p, r, k: program(m, opts, p, key=k, **r, **wide), params, rows, keys, stacked_axis)
+
+    run_groups.__name__ = f"{program.__name__}_groups"
+    return jax.jit(run_groups, static_argnums=(0, 1, 6))
+
+
+_mask_jit = grouped(mask_program)
+_invert_jit = grouped(invert_program)
+_edit_jit = grouped(edit_program)
 
 
 # ----------------------------------------------------------------------------- the pipeline
@@ -388,10 +409,15 @@ class FlaxStableDiffusionDiffEditPipeline(FlaxDiffusionPipeline):
         out = pipe("a bowl of pears", mask, inv, params, key).images
 
     Prompts are strings (or lists of them) or token ids from `tokenize`; images PIL, or NCHW arrays in
-    [-1, 1] from `image_processor.preprocess`. Each step is one compiled program on one device
-    (`jax.jit`); prompts, seeds, guidance, strengths, thresholds and lambdas are traced, while step
-    counts, num_maps_per_mask, num_reg_steps / num_auto_corr_rolls and the number of inverted latents
-    (inpaint_strength in `invert`, whose output's shape it sets) are static.
+    [-1, 1] from `image_processor.preprocess`. Each step is one compiled program, run as the other
+    pipelines run theirs (`sampling.place`, `sampling.in_groups`): on one device by default; with
+    `mesh=` over a mesh's data axis (one key covers the batch: the images of a one-device call); with
+    `jit=True` in diffusers' pmap convention: inputs [devices, per_device, ...] (`prepare_inputs`, then
+    `shard` each, `jax.random.split(key, devices)` keys, `replicate(params)`), outputs with that device
+    axis, each device's those of a one-device call on its rows with its key. Without `jit`, `prng_seed`
+    may hold one key per prompt. Prompts, seeds, guidance, strengths, thresholds and lambdas are traced,
+    while step counts, num_maps_per_mask, num_reg_steps / num_auto_corr_rolls and the number of inverted
+    latents (inpaint_strength in `invert`, whose output's shape it sets) are static.
     """
 
     _pipeline_class = "StableDiffusionDiffEditPipeline"
@@ -441,46 +467,67 @@ class FlaxStableDiffusionDiffEditPipeline(FlaxDiffusionPipeline):
         return DiffEditModels(self.unet, self.vae, self.text_encoder, self.scheduler, self.inverse_scheduler,
                               self.safety_checker)
 
+    def prepare_inputs(self, prompt, image) -> tuple:
+        """(prompt_ids, images NCHW in [-1, 1]), one image per prompt: with jit=True `shard` both (and the
+        other prompts' ids)."""
+        ids, images = self.tokenize(prompt), self._pixels(image, None)
+        if images.shape[0] not in (1, ids.shape[0]):
+            raise ValueError(f"{images.shape[0]} images for {ids.shape[0]} prompts; pass one, or one per prompt.")
+        return ids, np.broadcast_to(images, (ids.shape[0],) + images.shape[1:]).copy()
+
     def _prompt(self, name: str, prompt: PromptLike, embeds, negative: PromptLike, negative_embeds,
-                do_cfg: bool, batch: Optional[int] = None) -> Prompt:
-        """Checked text inputs; `batch` (when known) is the number of images they must match."""
-        def ids(p, what):
+                do_cfg: bool, jit: bool, lead: Optional[tuple] = None) -> tuple:
+        """Checked text inputs and their batch dims (`inputs.batch_dims`), which must be `lead` when given."""
+        def ids(p, what, dims):
             if p is None:
                 return None
             if isinstance(p, str) or (isinstance(p, (list, tuple)) and all(isinstance(s, str) for s in p)):
-                return self.tokenize(p)
-            return self._check_ids(what, p, (np.shape(p)[0],))
+                if jit:
+                    raise ValueError(f"With jit=True {what} must be token ids with a leading device axis: "
+                                     "shard(pipeline.tokenize(prompts)), as prepare_inputs gives them.")
+                p = self.tokenize(p)
+            return check_ids(self, what, p, np.shape(p)[:-1] if dims is None else dims)
 
         if (prompt is None) == (embeds is None):
             raise ValueError(f"Pass exactly one of {name} and {name}_embeds; got "
                              f"{'neither' if prompt is None else 'both'}.")
-        p = Prompt(ids=ids(prompt, name), embeds=None if embeds is None else jnp.asarray(embeds, jnp.float32))
-        n = (p.ids if p.ids is not None else p.embeds).shape[0]
-        if batch is not None and n != batch:
-            raise ValueError(f"{name} holds {n} prompts for {batch} images; pass one per image.")
+        p = Prompt(ids=ids(prompt, name, None), embeds=None if embeds is None else np.asarray(embeds, np.float32))
+        got = batch_dims(self, p.ids, p.embeds, jit)
+        if lead is not None and got != lead:
+            raise ValueError(f"{name} has batch dims {got} for images of {lead}; pass one prompt per image.")
         if do_cfg:
             neg_name = name.replace("prompt", "negative_prompt")
             if negative_embeds is not None:
-                p = p.replace(neg_embeds=jnp.asarray(negative_embeds, jnp.float32))
+                p = p.replace(neg_embeds=np.asarray(negative_embeds, np.float32))
+                if p.neg_embeds.shape[:-2] != got:
+                    raise ValueError(f"{neg_name}_embeds has batch dims {p.neg_embeds.shape[:-2]} for {got} in "
+                                     f"{name}; pass one per prompt.")
+            elif negative is None or isinstance(negative, str):  # one for every prompt
+                p = p.replace(neg_ids=np.broadcast_to(self.tokenize(negative or ""), got + (self.max_length,)))
             else:
-                neg = [negative] * n if isinstance(negative, str) else negative
-                p = p.replace(neg_ids=ids([""] * n if neg is None else neg, neg_name))
-            got = (p.neg_ids if p.neg_ids is not None else p.neg_embeds).shape[0]
-            if got != n:
-                raise ValueError(f"{neg_name} holds {got} prompts for {n} in {name}; pass one per prompt.")
-        return p
+                p = p.replace(neg_ids=ids(negative, neg_name, got))
+        return p, got
 
-    def _pixels(self, image) -> np.ndarray:
+    def _pixels(self, image, lead: Optional[tuple]) -> np.ndarray:
         """NCHW float32 in [-1, 1] (PIL or arrays through `image_processor.preprocess`), size a multiple
-        of the VAE factor."""
-        if isinstance(image, (np.ndarray, jax.Array)) and np.ndim(image) == 4 and np.shape(image)[1] == 3:
+        of the VAE factor, broadcast to the batch dims `lead` (with jit=True: already [devices,
+        per_device, 3, H, W])."""
+        jit = lead is not None and len(lead) == 2
+        if jit or (isinstance(image, (np.ndarray, jax.Array)) and np.ndim(image) == 4 and np.shape(image)[1] == 3):
             image = np.asarray(image, np.float32)
         else:
             image = np.asarray(self.image_processor.preprocess(image), np.float32)
+        if jit and (image.ndim != 5 or image.shape[:2] != lead or image.shape[2] != 3):
+            raise ValueError(f"image has shape {image.shape}; expected {lead + (3, 'H', 'W')} with jit=True: shard() "
+                             "the images like the prompt ids (prepare_inputs).")
         f = self.vae_scale_factor
         if image.shape[-1] % f or image.shape[-2] % f:
             raise ValueError(f"image is {image.shape[-2]}x{image.shape[-1]}; both sides must be multiples of {f}.")
-        return image
+        if lead is None or jit:
+            return image
+        if image.shape[0] not in (1, lead[0]):
+            raise ValueError(f"{image.shape[0]} images for {lead[0]} prompts; pass one, or one per prompt.")
+        return np.broadcast_to(image, lead + image.shape[1:])
 
     @staticmethod
     def _steps(num_inference_steps) -> int:
@@ -500,6 +547,19 @@ class FlaxStableDiffusionDiffEditPipeline(FlaxDiffusionPipeline):
                              "(need int(num_inference_steps * strength) >= 1).")
         return n
 
+    def _launch(self, program: Callable, opts: DiffEditOptions, params, prng_seed, jit: bool, mesh, lead: tuple,
+                rows: dict, wide: dict):
+        """One of the three programs on the call's devices (sampling's layout, as the other pipelines run):
+        `rows` batched inputs [*lead, ...], `wide` call-wide values; returns its outputs as numpy arrays
+        with the batch dims `lead` (one flat batch axis for outputs of several rows per example)."""
+        keys, mesh = call_layout(prng_seed, params, jit, mesh, lead)
+        if jit:
+            rows = jax.tree_util.tree_map(merge_devices, rows)
+        params, rows, wide, keys = place(params, rows, wide, keys, mesh, jit, int(np.prod(lead)))
+        with jax.set_mesh(mesh):
+            out = program(self._models(), opts, params, rows, wide, keys, mesh.axis_names[0] if jit else None)
+        return jax.tree_util.tree_map(lambda x: x.reshape(*lead[:-1], -1, *x.shape[1:]), fetch(out))
+
     def generate_mask(self, image, params, prng_seed, *, target_prompt: PromptLike = None,
                       target_negative_prompt: PromptLike = None, target_prompt_embeds=None,
                       target_negative_prompt_embeds=None, source_prompt: PromptLike = None,
@@ -507,13 +567,13 @@ class FlaxStableDiffusionDiffEditPipeline(FlaxDiffusionPipeline):
                       source_negative_prompt_embeds=None, num_maps_per_mask: int = 10,
                       mask_encode_strength: float = 0.5, mask_thresholding_ratio: float = 3.0,
                       num_inference_steps: int = 50, guidance_scale: float = 7.5, output_type: str = "np",
-                      mask_noise=None, return_map: bool = False):
+                      mask_noise=None, return_map: bool = False, jit: bool = False, mesh: Optional[Mesh] = None):
         """The latent-size mask where the two prompts disagree, [B, h, w] float32 {0, 1} (1 = edit), or
         PIL with output_type="pil"; with `return_map` also the map it thresholds ([B, h, w] in [0, 1]).
 
         `mask_noise` ([B * num_maps_per_mask, 4, h, w], the maps of an image adjacent) replaces the noise
         drawn from `prng_seed`. The clamp level is the mean of each image's own map (diffusers: of the
-        whole batch's).
+        whole batch's). `jit` and `mesh`: see the class docstring.
         """
         if not isinstance(num_maps_per_mask, (int, np.integer)) or isinstance(num_maps_per_mask, bool) \
                 or num_maps_per_mask < 1:
@@ -524,32 +584,29 @@ class FlaxStableDiffusionDiffEditPipeline(FlaxDiffusionPipeline):
             raise ValueError(f"output_type={output_type!r}; use 'np' or 'pil'.")
         steps = self._steps(num_inference_steps)
         self._strength("mask_encode_strength", mask_encode_strength, steps)
-        image = self._pixels(image)
         do_cfg = guidance_scale > 1.0
-        source = self._prompt("source_prompt", source_prompt, source_prompt_embeds, source_negative_prompt,
-                              source_negative_prompt_embeds, do_cfg)
-        b = (source.ids if source.ids is not None else source.embeds).shape[0]
-        target = self._prompt("target_prompt", target_prompt, target_prompt_embeds, target_negative_prompt,
-                              target_negative_prompt_embeds, do_cfg, b)
-        if image.shape[0] not in (1, b):
-            raise ValueError(f"{image.shape[0]} images for {b} prompts; pass one, or one per prompt.")
-        image = np.broadcast_to(image, (b,) + image.shape[1:])
+        source, lead = self._prompt("source_prompt", source_prompt, source_prompt_embeds, source_negative_prompt,
+                                    source_negative_prompt_embeds, do_cfg, jit)
+        target, _ = self._prompt("target_prompt", target_prompt, target_prompt_embeds, target_negative_prompt,
+                                 target_negative_prompt_embeds, do_cfg, jit, lead)
+        image = self._pixels(image, lead)
         if mask_noise is not None:
             f = self.vae_scale_factor
-            want = (b * num_maps_per_mask, self.vae.latent_channels, image.shape[2] // f, image.shape[3] // f)
+            want = lead[:-1] + (lead[-1] * num_maps_per_mask, self.vae.latent_channels, image.shape[-2] // f,
+                                image.shape[-1] // f)
             if np.shape(mask_noise) != want:
                 raise ValueError(f"mask_noise has shape {np.shape(mask_noise)}; expected {want} "
-                                 "(num_maps_per_mask per image, NCHW latents).")
-            mask_noise = np.moveaxis(np.asarray(mask_noise, np.float32), 1, -1)
+                                 "(num_maps_per_mask per image, NCHW latents, after a device axis with jit=True).")
+            mask_noise = np.moveaxis(np.asarray(mask_noise, np.float32), -3, -1)
         opts = DiffEditOptions(steps, do_cfg, num_maps_per_mask=int(num_maps_per_mask))
         begin = begin_index_for_strength(steps, mask_encode_strength, self.scheduler.order)
-        guidance_map, mask = _mask_jit(self._models(), opts, params, np.moveaxis(image, 1, -1), source, target,
-                                       np.float32(guidance_scale), np.int32(begin), np.float32(mask_thresholding_ratio),
-                                       mask_noise, prng_seed)
-        mask = np.asarray(mask)
+        rows = dict(image=np.moveaxis(image, -3, -1), source=source, target=target, noise=mask_noise)
+        wide = dict(guidance_scale=np.float32(guidance_scale), begin_index=np.int32(begin),
+                    mask_thresholding_ratio=np.float32(mask_thresholding_ratio))
+        guidance_map, mask = self._launch(_mask_jit, opts, params, prng_seed, jit, mesh, lead, rows, wide)
         if output_type == "pil":
-            mask = self.numpy_to_pil(mask[..., None])
-        return (mask, np.asarray(guidance_map)) if return_map else mask
+            mask = self.numpy_to_pil(mask.reshape(-1, *mask.shape[-2:], 1))
+        return (mask, guidance_map) if return_map else mask
 
     def invert(self, image, params, prng_seed, *, prompt: PromptLike = None, num_inference_steps: int = 50,
                inpaint_strength: float = 0.8, guidance_scale: float = 7.5, negative_prompt: PromptLike = None,
@@ -557,15 +614,17 @@ class FlaxStableDiffusionDiffEditPipeline(FlaxDiffusionPipeline):
                output_type: str = "np", return_dict: bool = True, lambda_auto_corr: float = 20.0,
                lambda_kl: float = 20.0, num_reg_steps: int = 0, num_auto_corr_rolls: int = 5,
                auto_corr_rolls=None, callback: Optional[Callable[[int, float, np.ndarray], None]] = None,
-               callback_steps: int = 1, host_callbacks: Sequence[callbacks.HostCallback] = (), progress: bool = False):
+               callback_steps: int = 1, host_callbacks: Sequence[callbacks.HostCallback] = (), progress: bool = False,
+               jit: bool = False, mesh: Optional[Mesh] = None):
         """DDIM-inverted latents of `image` under `prompt` for the last int(steps * inpaint_strength)
         steps, with `num_reg_steps` rounds of noise regularisation (see `regularise`).
 
         `auto_corr_rolls` ([n, num_reg_steps, num_auto_corr_rolls, B, 4, levels] ints, see
-        `auto_corr_loss`) replaces the rolls drawn from `prng_seed`. The KL term is per image
-        (diffusers: over the whole batch). `callback(step, timestep, latents NCHW)` every `callback_steps`
-        inverse steps, `host_callbacks` and `progress` (a per-step bar): as in the other pipelines
-        (`callbacks.CallHooks`).
+        `auto_corr_loss`; with jit=True a device axis first and the per-device batch for B) replaces the
+        rolls drawn from `prng_seed`. The KL term is per image (diffusers: over the whole batch).
+        `callback(step, timestep, latents NCHW)` every `callback_steps` inverse steps, `host_callbacks` and
+        `progress` (a per-step bar): as in the other pipelines (`callbacks.CallHooks`). `jit` and `mesh`:
+        see the class docstring.
         """
         steps = self._steps(num_inference_steps)
         n = self._strength("inpaint_strength", inpaint_strength, steps)
@@ -574,34 +633,33 @@ class FlaxStableDiffusionDiffEditPipeline(FlaxDiffusionPipeline):
         for name, v in (("num_reg_steps", num_reg_steps), ("num_auto_corr_rolls", num_auto_corr_rolls)):
             if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 0:
                 raise ValueError(f"{name}={v!r} must be an int >= 0.")
-        image = self._pixels(image)
         do_cfg = guidance_scale > 1.0
-        prompt = self._prompt("prompt", prompt, prompt_embeds, negative_prompt, negative_prompt_embeds, do_cfg)
-        b = (prompt.ids if prompt.ids is not None else prompt.embeds).shape[0]
-        if image.shape[0] not in (1, b):
-            raise ValueError(f"{image.shape[0]} images for {b} prompts; pass one, or one per prompt.")
-        image = np.broadcast_to(image, (b,) + image.shape[1:])
-        reg = Regulariser(int(num_reg_steps), int(num_auto_corr_rolls), auto_corr=lambda_auto_corr > 0 and
-                          num_auto_corr_rolls > 0, kl=lambda_kl > 0, prediction_type=self.inverse_scheduler.prediction_type)
+        prompt, lead = self._prompt("prompt", prompt, prompt_embeds, negative_prompt, negative_prompt_embeds, do_cfg,
+                                    jit)
+        image = self._pixels(image, lead)
+        reg = Regulariser(int(num_reg_steps), int(num_auto_corr_rolls),
+                          auto_corr=lambda_auto_corr > 0 and num_auto_corr_rolls > 0, kl=lambda_kl > 0,
+                          prediction_type=self.inverse_scheduler.prediction_type)
         if auto_corr_rolls is not None:
-            levels = auto_corr_levels(image.shape[2] // self.vae_scale_factor)
-            want = (n, reg.num_reg_steps, reg.num_auto_corr_rolls, b, self.vae.latent_channels, levels)
+            levels = auto_corr_levels(image.shape[-2] // self.vae_scale_factor)
+            want = lead[:-1] + (n, reg.num_reg_steps, reg.num_auto_corr_rolls, lead[-1], self.vae.latent_channels,
+                                levels)
             if np.shape(auto_corr_rolls) != want:
                 raise ValueError(f"auto_corr_rolls has shape {np.shape(auto_corr_rolls)}; expected {want}.")
-            auto_corr_rolls = jnp.asarray(auto_corr_rolls, jnp.int32)
+            # batch first, as the program's rows are: [*lead, n, R, A, C, levels]
+            auto_corr_rolls = np.moveaxis(np.asarray(auto_corr_rolls, np.int32), len(lead) + 2, len(lead) - 1)
         host = callbacks.make_host_callbacks(callback, callback_steps, n if progress else None,
                                              self._progress_bar_config, host_callbacks)
         opts = DiffEditOptions(steps, do_cfg, num_iterations=n, regulariser=reg, decode=bool(decode_latents),
                                **callbacks.host_switches(host))
-        lambdas = np.array([lambda_auto_corr, lambda_kl], np.float32)
-        with callbacks.host_session((b,), host) as ids:  # until the program is done
-            latents, images = _invert_jit(self._models(), opts, params, np.moveaxis(image, 1, -1), prompt,
-                                          np.float32(guidance_scale), lambdas, auto_corr_rolls, prng_seed, ids)
-            latents = np.moveaxis(np.asarray(latents), -1, 2)  # NCHW at the public boundary: [B, n, 4, h, w]
-            images = None if images is None else np.asarray(images)
-        if images is not None:
-            if output_type == "pil":
-                images = self.numpy_to_pil(images)
+        wide = dict(guidance_scale=np.float32(guidance_scale),
+                    lambdas=np.array([lambda_auto_corr, lambda_kl], np.float32))
+        with callbacks.host_session(lead, host) as ids:  # until the program is done
+            rows = dict(image=np.moveaxis(image, -3, -1), prompt=prompt, rolls=auto_corr_rolls, callback_ids=ids)
+            latents, images = self._launch(_invert_jit, opts, params, prng_seed, jit, mesh, lead, rows, wide)
+        latents = np.moveaxis(latents, -1, -3)  # NCHW at the public boundary: [*lead, n, 4, h, w]
+        if images is not None and output_type == "pil":
+            images = self.numpy_to_pil(images.reshape(-1, *images.shape[-3:]))
         return DiffEditInversionPipelineOutput(latents, images) if return_dict else (latents, images)
 
     def __call__(self, prompt: PromptLike, mask_image, image_latents, params, prng_seed, *,
@@ -609,49 +667,53 @@ class FlaxStableDiffusionDiffEditPipeline(FlaxDiffusionPipeline):
                  negative_prompt: PromptLike = None, prompt_embeds=None, negative_prompt_embeds=None,
                  eta: float = 0.0, output_type: str = "np", return_dict: bool = True,
                  callback: Optional[Callable[[int, float, np.ndarray], None]] = None, callback_steps: int = 1,
-                 host_callbacks: Sequence[callbacks.HostCallback] = (), progress: bool = False):
+                 host_callbacks: Sequence[callbacks.HostCallback] = (), progress: bool = False, jit: bool = False,
+                 mesh: Optional[Mesh] = None):
         """Regenerate the masked region of the inverted image under `prompt`.
 
         mask_image: [B, h, w] or [h, w] (latent size, e.g. `generate_mask`'s), binarised at 0.5;
         image_latents: `invert`'s latents [B, n, 4, h, w] for the same num_inference_steps and
-        inpaint_strength. `prng_seed` feeds the scheduler's noise (eta > 0 with DDIM). `callback`,
-        `callback_steps`, `host_callbacks`, `progress`: as in `invert` (the latents after each step's
-        blending, like diffusers').
+        inpaint_strength (with jit=True both with `invert`'s device axis first). `prng_seed` feeds the
+        scheduler's noise (eta > 0 with DDIM). `callback`, `callback_steps`, `host_callbacks`, `progress`:
+        as in `invert` (the latents after each step's blending, like diffusers'). `jit` and `mesh`: see
+        the class docstring.
         """
         if output_type not in ("np", "pil", "latent"):
             raise ValueError(f"output_type={output_type!r}; use 'np', 'pil' or 'latent'.")
         steps = self._steps(num_inference_steps)
         n = self._strength("inpaint_strength", inpaint_strength, steps)
         do_cfg = guidance_scale > 1.0
-        prompt = self._prompt("prompt", prompt, prompt_embeds, negative_prompt, negative_prompt_embeds, do_cfg)
-        b = (prompt.ids if prompt.ids is not None else prompt.embeds).shape[0]
+        prompt, lead = self._prompt("prompt", prompt, prompt_embeds, negative_prompt, negative_prompt_embeds, do_cfg,
+                                    jit)
         image_latents = np.asarray(image_latents, np.float32)
-        if image_latents.ndim != 5 or image_latents.shape[:3] != (b, n, self.vae.latent_channels):
-            raise ValueError(f"image_latents has shape {image_latents.shape}; expected [{b}, {n}, "
-                             f"{self.vae.latent_channels}, h, w]: invert()'s latents for {b} prompts with the same "
-                             "num_inference_steps and inpaint_strength.")
+        k = len(lead)
+        if image_latents.ndim != k + 4 or image_latents.shape[:k + 2] != lead + (n, self.vae.latent_channels):
+            raise ValueError(f"image_latents has shape {image_latents.shape}; expected {list(lead)} + [{n}, "
+                             f"{self.vae.latent_channels}, h, w]: invert()'s latents for {lead} prompts with the "
+                             "same num_inference_steps and inpaint_strength.")
         mask = np.asarray(mask_image, np.float32)
-        mask = mask[None] if mask.ndim == 2 else mask
-        if mask.ndim != 3 or mask.shape[0] not in (1, b) or mask.shape[1:] != image_latents.shape[3:]:
-            raise ValueError(f"mask_image has shape {np.shape(mask_image)}; expected [{b}, h, w] or [h, w] at the "
-                             f"latents' size {image_latents.shape[3:]} (generate_mask's output).")
+        mask = mask[None] if mask.ndim == 2 and not jit else mask
+        if mask.ndim != k + 2 or mask.shape[:k] not in (lead, (1,)) or mask.shape[k:] != image_latents.shape[k + 2:]:
+            raise ValueError(f"mask_image has shape {np.shape(mask_image)}; expected {list(lead)} + [h, w] "
+                             f"{'' if jit else 'or [h, w] '}at the latents' size {image_latents.shape[k + 2:]} "
+                             "(generate_mask's output).")
         if mask.min() < 0 or mask.max() > 1:
             raise ValueError("mask_image must lie in [0, 1].")
-        mask = np.broadcast_to((mask >= 0.5).astype(np.float32), (b,) + mask.shape[1:])
+        mask = np.broadcast_to((mask >= 0.5).astype(np.float32), lead + mask.shape[k:])
         takes_eta = "eta" in inspect.signature(self.scheduler.step).parameters
         host = callbacks.make_host_callbacks(callback, callback_steps, n if progress else None,
                                              self._progress_bar_config, host_callbacks)
         opts = DiffEditOptions(steps, do_cfg, num_iterations=n, decode=output_type != "latent",
                                scheduler_takes_eta=takes_eta, **callbacks.host_switches(host))
         begin = begin_index_for_strength(steps, inpaint_strength, self.scheduler.order)
-        with callbacks.host_session((b,), host) as ids:  # until the program is done
-            images, nsfw = _edit_jit(self._models(), opts, params, prompt, mask, np.moveaxis(image_latents, 2, -1),
-                                     np.float32(guidance_scale), np.int32(begin), np.float32(eta), prng_seed, ids)
-            images, nsfw = np.asarray(images), None if nsfw is None else np.asarray(nsfw)
+        wide = dict(guidance_scale=np.float32(guidance_scale), begin_index=np.int32(begin), eta=np.float32(eta))
+        with callbacks.host_session(lead, host) as ids:  # until the program is done
+            rows = dict(prompt=prompt, mask=mask, image_latents=np.moveaxis(image_latents, -3, -1), callback_ids=ids)
+            images, nsfw = self._launch(_edit_jit, opts, params, prng_seed, jit, mesh, lead, rows, wide)
         if output_type == "latent":  # NCHW at the public boundary
-            images = np.moveaxis(images, -1, 1)
+            images = np.moveaxis(images, -1, -3)
         if output_type == "pil":
-            images = self.numpy_to_pil(images)
+            images = self.numpy_to_pil(images.reshape(-1, *images.shape[-3:]))
         return FlaxStableDiffusionPipelineOutput(images, nsfw) if return_dict else (images, nsfw)
 
     def edit(self, image, params, prng_seed, *, source_prompt: PromptLike, target_prompt: PromptLike,

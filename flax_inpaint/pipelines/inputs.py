@@ -90,7 +90,7 @@ def build(pipe, jit: bool, *, prompt_ids, num_inference_steps: int, guidance_sca
 
     opts = _options(pipe, num_inference_steps, spatial.height, spatial.width, guidance_scale, output_type,
                     clip_skip, num_images_per_prompt)
-    lead = _lead(pipe, prompt_ids, prompt_embeds, jit)
+    lead = batch_dims(pipe, prompt_ids, prompt_embeds, jit)
     for name, arr in (("mask", mask), ("masked_image", masked_image), ("image", image), ("image", image_latents)):
         if arr is not None:
             _check_batch(name, arr, lead)
@@ -185,7 +185,9 @@ def _options(pipe, num_inference_steps, height, width, guidance_scale, output_ty
     )
 
 
-def _lead(pipe, prompt_ids, prompt_embeds, jit: bool) -> tuple:
+def batch_dims(pipe, prompt_ids, prompt_embeds, jit: bool) -> tuple:
+    """The batch dims of a call's inputs, read from its prompt ids or embeddings: (B,), or with `jit=True`
+    (devices, per_device)."""
     if (prompt_ids is None) == (prompt_embeds is None):
         raise ValueError("Pass exactly one of prompt_ids (from prepare_inputs) and prompt_embeds; got "
                          f"{'neither' if prompt_ids is None else 'both'}.")
@@ -216,7 +218,8 @@ def _check_batch(name: str, arr: np.ndarray, lead: tuple):
                      f"{fix}.")
 
 
-def _check_ids(pipe, name: str, ids, lead: tuple):
+def check_ids(pipe, name: str, ids, lead: tuple):
+    """Token ids `[*lead, max_length]` as int32 (None stays None)."""
     if ids is None:
         return None
     ids = np.asarray(ids)
@@ -231,8 +234,8 @@ def _check_ids(pipe, name: str, ids, lead: tuple):
 
 def _text_fields(pipe, prompt_ids, neg_prompt_ids, prompt_embeds, negative_prompt_embeds, lead, do_cfg: bool,
                  guidance_scale) -> dict:
-    prompt_ids = _check_ids(pipe, "prompt_ids", prompt_ids, lead)
-    neg_prompt_ids = _check_ids(pipe, "neg_prompt_ids", neg_prompt_ids, lead)
+    prompt_ids = check_ids(pipe, "prompt_ids", prompt_ids, lead)
+    neg_prompt_ids = check_ids(pipe, "neg_prompt_ids", neg_prompt_ids, lead)
     hidden = pipe.text_encoder.hidden_size
     embed_shape = lead + (pipe.max_length, hidden)
     if prompt_embeds is not None:

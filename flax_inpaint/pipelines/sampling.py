@@ -11,12 +11,13 @@ batch's shape), so a mesh call over a global batch equals a single-device call o
 `generate_groups` splits the rows into as many groups as it gets keys, each sampled with its key: one
 key per prompt (like diffusers' list of generators) gives each prompt the images of a call on that
 prompt alone, one key per device (the pmap convention) each device's rows those of a call on them.
-`run` is the one execution path: `generate_groups` jitted over a mesh of one or more devices.
+`run` is the one execution path: `generate_groups` jitted over a mesh of one or more devices, its
+inputs laid out by `place` (which DiffEdit's programs share, run through `in_groups`).
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional, Tuple
+from typing import Any, Callable, Optional, Tuple
 
 import flax
 import jax
@@ -304,10 +305,11 @@ def _unreplicate(params, axis: str):
     return jax.shard_map(first, in_specs=P(axis), out_specs=P(), check_vma=False)(params)
 
 
-def generate_groups(c: Components, opts: Options, params, batch: Batch, keys: Array,
-                    stacked_axis: Optional[str] = None):
-    """`generate` on each of G = len(keys) equal, consecutive groups of the batch's rows with that group's
-    key, as one program; returns what `generate` returns, the groups' rows in order.
+def in_groups(fn: Callable[[Any, dict, Array], Any], params, rows: dict, keys: Array,
+              stacked_axis: Optional[str] = None):
+    """`fn(params, rows, key)` on each of G = len(keys) equal, consecutive groups of `rows` (arrays with
+    the batch first) with that group's key, as one program; returns fn's outputs (batch first), the
+    groups' rows in order.
 
     G = 1: one key for the whole batch; G = batch size: one key per prompt; G = devices: diffusers' pmap
     convention, each device's rows with its key. With `stacked_axis`, params hold one copy per device
@@ -317,15 +319,19 @@ def generate_groups(c: Components, opts: Options, params, batch: Batch, keys: Ar
         params = _unreplicate(params, stacked_axis)
     groups = keys.shape[0]
     if groups == 1:
-        return generate(c, opts, params, batch, keys[0])
-    rows = jax.tree_util.tree_map(lambda x: x.reshape(groups, -1, *x.shape[1:]), batch.rows())
+        return fn(params, rows, keys[0])
+    split = jax.tree_util.tree_map(lambda x: x.reshape(groups, -1, *x.shape[1:]), rows)
+    out = jax.vmap(lambda group, key: fn(params, group, key))(split, keys)
+    return jax.tree_util.tree_map(lambda x: x.reshape(-1, *x.shape[2:]), out)
 
-    def one(group, key):
-        return generate(c, opts, params, batch.replace(**group), key)
 
-    images, nsfw = jax.vmap(one)(rows, keys)
-    flat = lambda x: None if x is None else x.reshape(-1, *x.shape[2:])  # noqa: E731
-    return flat(images), flat(nsfw)
+def generate_groups(c: Components, opts: Options, params, batch: Batch, keys: Array,
+                    stacked_axis: Optional[str] = None):
+    """`generate` over the key groups of `in_groups` (the call-wide fields shared)."""
+    def one(p, group, key):
+        return generate(c, opts, p, batch.replace(**group), key)
+
+    return in_groups(one, params, batch.rows(), keys, stacked_axis)
 
 
 _generate_groups_jit = jax.jit(generate_groups, static_argnums=(0, 1, 5))
@@ -358,25 +364,34 @@ def _place(tree, sharding: NamedSharding):
     return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
-def run(c: Components, opts: Options, params, batch: Batch, keys: Array, mesh: Mesh, stacked: bool = False):
-    """The one execution path: `generate_groups` jitted over `mesh`, batch rows and keys sharded along its
-    first (data) axis, the call-wide fields replicated, params replicated or, `stacked`, one copy per
-    device along that axis. With several processes each passes its local rows of the global batch;
-    returns global arrays."""
+def place(params, rows, wide, keys: Array, mesh: Mesh, stacked: bool, batch_size: int):
+    """The inputs of a program jitted over `mesh` (see `run`), laid out: `rows` (batch first) and `keys`
+    sharded along the mesh's first (data) axis, the call-wide values `wide` replicated, `params`
+    replicated or, `stacked`, one copy per device along that axis. `batch_size`: this process's rows.
+    Returns (params, rows, wide, keys)."""
     axis = mesh.axis_names[0]
-    global_batch = batch.guidance_scale.shape[0] * jax.process_count()
+    global_batch = batch_size * jax.process_count()
     if global_batch % mesh.shape[axis]:
         raise ValueError(
             f"The batch of {global_batch} is not divisible by the mesh's {axis!r} axis of size "
             f"{mesh.shape[axis]}; pad the batch or change the mesh."
         )
     replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P(axis))
-    wide = {f: getattr(batch, f) for f in CALL_WIDE_FIELDS}
-    batch = _place(batch.replace(**dict.fromkeys(wide)), sharded).replace(**_place(wide, replicated))
+    rows, wide = _place(rows, sharded), _place(wide, replicated)
     impl = jax.random.key_impl(keys)
     data = np.asarray(jax.random.key_data(keys))  # this process's keys
     keys = jax.random.wrap_key_data(_place(data, sharded if keys.shape[0] > 1 else replicated), impl=impl)
-    params = _place(params, sharded if stacked else replicated)
+    return _place(params, sharded if stacked else replicated), rows, wide, keys
+
+
+def run(c: Components, opts: Options, params, batch: Batch, keys: Array, mesh: Mesh, stacked: bool = False):
+    """The one execution path: `generate_groups` jitted over `mesh`, inputs laid out by `place` (the
+    call-wide fields replicated). With several processes each passes its local rows of the global batch;
+    returns global arrays."""
+    wide = {f: getattr(batch, f) for f in CALL_WIDE_FIELDS}
+    params, rows, wide, keys = place(params, batch.replace(**dict.fromkeys(wide)), wide, keys, mesh, stacked,
+                                     batch.guidance_scale.shape[0])
     # The mesh in context lets the TPU attention kernel run per device (runtime.attention).
     with jax.set_mesh(mesh):
-        return _generate_groups_jit(c, opts, params, batch, keys, axis if stacked else None)
+        axis = mesh.axis_names[0] if stacked else None
+        return _generate_groups_jit(c, opts, params, rows.replace(**wide), keys, axis)

@@ -271,30 +271,11 @@ class FlaxDiffusionPipeline(FromSingleFileMixin, LoraLoaderMixin, TextualInversi
             raise ValueError(f"params has no {missing}: a component passed to from_pretrained (or the constructor) as "
                              f"an object brings no params; set params[{missing[0]!r}] to its params (from its "
                              "from_pretrained), as with diffusers.")
-        if jit and mesh is not None:
-            raise ValueError("Pass either jit=True (pmap over local devices) or mesh=..., not both.")
-        keys = _keys(prng_seed)
-        if jit:  # diffusers' pmap convention: [devices, per_device, ...] rows, replicated params, a key per device
-            n = lead[0]
-            if keys.shape != (n,):
-                raise ValueError(f"prng_seed must hold one key per device ({n}); got shape {np.shape(prng_seed)}. "
-                                 "Use jax.random.split(key, jax.local_device_count()).")
-            _check_replicated(params, n)
-            mesh = Mesh(np.array(jax.local_devices()), ("devices",))
-        else:
-            if keys.shape[0] not in (1, lead[0]):
-                raise ValueError(f"prng_seed has shape {np.shape(prng_seed)}; pass one key (jax.random.key(seed)) or "
-                                 f"one key per prompt, e.g. jax.random.split(key, {lead[0]}) (this process's rows).")
-            mesh = mesh or Mesh(np.array(jax.devices()[:1]), ("data",))
+        keys, mesh = call_layout(prng_seed, params, jit, mesh, lead)
         with hooks.session(batch, lead) as batch:  # host callbacks registered until the images are here
             if jit:  # the [devices, per_device] rows as one batch
-                merge = lambda x: np.reshape(x, (-1, *np.shape(x)[2:]))  # noqa: E731
-                batch = batch.replace(**jax.tree_util.tree_map(merge, batch.rows()))
-            images, nsfw = run(comps, opts, params, batch, keys, mesh, stacked=jit)
-            if not images.is_fully_addressable:  # mesh over several processes: every process gets all images
-                images, nsfw = multihost_utils.process_allgather((images, nsfw), tiled=True)
-            images = np.asarray(images)
-            nsfw = None if nsfw is None else np.asarray(nsfw)
+                batch = batch.replace(**jax.tree_util.tree_map(merge_devices, batch.rows()))
+            images, nsfw = fetch(run(comps, opts, params, batch, keys, mesh, stacked=jit))
         if output_type == "latent":  # NCHW at the public boundary, as diffusers returns latents
             images = np.moveaxis(images, -1, -3)
         if jit:  # back to [devices, per_device, ...]
@@ -303,6 +284,37 @@ class FlaxDiffusionPipeline(FromSingleFileMixin, LoraLoaderMixin, TextualInversi
         if output_type == "pil":
             images = VaeImageProcessor.numpy_to_pil(images.reshape(-1, *images.shape[-3:]))
         return FlaxStableDiffusionPipelineOutput(images, nsfw) if return_dict else (images, nsfw)
+
+
+def call_layout(prng_seed, params, jit: bool, mesh: Optional[Mesh], lead: tuple) -> Tuple[jax.Array, Mesh]:
+    """A call's keys and mesh (see the module docstring), its `prng_seed` and `params` checked against
+    `jit` and `lead`, the batch dims of its inputs."""
+    if jit and mesh is not None:
+        raise ValueError("Pass either jit=True (pmap over local devices) or mesh=..., not both.")
+    keys = _keys(prng_seed)
+    if jit:  # diffusers' pmap convention: [devices, per_device, ...] rows, replicated params, a key per device
+        n = lead[0]
+        if keys.shape != (n,):
+            raise ValueError(f"prng_seed must hold one key per device ({n}); got shape {np.shape(prng_seed)}. "
+                             "Use jax.random.split(key, jax.local_device_count()).")
+        _check_replicated(params, n)
+        return keys, Mesh(np.array(jax.local_devices()), ("devices",))
+    if keys.shape[0] not in (1, lead[0]):
+        raise ValueError(f"prng_seed has shape {np.shape(prng_seed)}; pass one key (jax.random.key(seed)) or "
+                         f"one key per prompt, e.g. jax.random.split(key, {lead[0]}) (this process's rows).")
+    return keys, mesh or Mesh(np.array(jax.devices()[:1]), ("data",))
+
+
+def merge_devices(x) -> np.ndarray:
+    """[devices, per_device, ...] rows of the pmap convention as one batch [devices * per_device, ...]."""
+    return np.reshape(x, (-1, *np.shape(x)[2:]))
+
+
+def fetch(outputs):
+    """A program's outputs as numpy arrays, every process's rows (a mesh over several processes)."""
+    if not all(x.is_fully_addressable for x in jax.tree_util.tree_leaves(outputs)):
+        outputs = multihost_utils.process_allgather(outputs, tiled=True)
+    return jax.tree_util.tree_map(np.asarray, outputs)
 
 
 def _is_typed(prng_seed) -> bool:
