@@ -85,12 +85,12 @@ def test_text_to_image_matches_diffusers(sd, variant):
     theirs, params = sd.variants[variant]
     theirs = StableDiffusionPipeline(**theirs.components, requires_safety_checker=False)
     pipe = FlaxStableDiffusionPipeline.from_pipe(sd.pipe)
-    if variant == "plain":
-        ip = dict(ip_adapter_image=reference_image(2))
-    else:
-        ip = dict(ip_adapter_image_embeds=theirs.prepare_ip_adapter_image_embeds(reference_image(2), None, "cpu", 1,
-                                                                                 True))
     with torch.no_grad():
+        if variant == "plain":
+            ip = dict(ip_adapter_image=reference_image(2))
+        else:
+            embeds = theirs.prepare_ip_adapter_image_embeds(reference_image(2), None, "cpu", 1, True)
+            ip = dict(ip_adapter_image_embeds=embeds)
         ref = theirs("a red cat", latents=sd.noise, output_type="np", **ip, **STEPS).images
     ours = pipe(pipe.prepare_inputs(["a red cat"]), params, jax.random.key(0), latents=sd.noise.numpy(),
                 **{k: v if k == "ip_adapter_image" else [e.numpy() for e in v] for k, v in ip.items()},
@@ -115,12 +115,14 @@ def test_pmap_matches_single_device_calls(sd):
     ids, masked, masks, images = sd.pipe.prepare_inputs(["a red cat", "a cat"] * (n // 2), sd.image, sd.mask,
                                                         return_image=True)
     keys = jax.random.split(jax.random.key(0), n)
+    noise = np.random.default_rng(0).standard_normal((n, 4, 8, 8), np.float32)
     opts = dict(ip_adapter_image=reference_image(1), num_inference_steps=3, guidance_scale=7.5)
     out = sd.pipe(shard(ids), shard(masks), shard(masked), replicate(params), keys, jit=True, image=shard(images),
-                  **opts).images
-    for d in (0, n - 1):
+                  latents=shard(noise), **opts).images
+    for d in (0, n - 1):  # the program of the inpaint parity test
         rows = slice(d, d + 1)
-        one = sd.pipe(ids[rows], masks[rows], masked[rows], params, keys[d], image=images[rows], **opts).images
+        one = sd.pipe(ids[rows], masks[rows], masked[rows], params, keys[d], image=images[rows], latents=noise[rows],
+                      **opts).images
         np.testing.assert_allclose(out[d], one, atol=1e-5, rtol=0)
 
 
