@@ -21,7 +21,8 @@ from PIL import Image
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
 import tiny_sd
-from flax_inpaint import FlaxStableDiffusionInpaintPipeline, FlaxStableDiffusionPipeline
+from flax_inpaint import FlaxStableDiffusionInpaintPipeline, FlaxStableDiffusionPipeline, cli
+from flax_inpaint.pipelines.inputs import seed_keys
 from test_ip_adapter import ENCODER, ip_attention, plain_image_proj, plus_image_proj, save_published
 
 ATOL = 1e-3
@@ -59,7 +60,7 @@ def sd(tmp_path_factory):
         variants[variant] = (theirs, ours)
     image, mask = tiny_sd.sample_image_and_mask()
     noise = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(0))
-    return SimpleNamespace(pipe=pipe, variants=variants, image=image, mask=mask, noise=noise)
+    return SimpleNamespace(pipe=pipe, variants=variants, image=image, mask=mask, noise=noise, root=root, folder=folder)
 
 
 def inpaint(sd, params, ip_image, **kwargs):
@@ -133,3 +134,27 @@ def test_bad_image_prompts_are_named(sd):
     with pytest.raises(ValueError, match=r"ip_adapter_image_embeds\[0\] has shape \(3, 1, 20\)"):
         sd.pipe.inpaint("a cat", sd.image, sd.mask, params, jax.random.key(0),
                         ip_adapter_image_embeds=[np.zeros((3, 1, 20), np.float32)], **STEPS)
+
+
+def test_cli_inpaint_with_ip_adapter(sd, tmp_path, capsys):
+    """`inpaint --ip-adapter FILE --ip-image IMG --ip-scale S` gives the pipeline's image (PNG: within one
+    8-bit level); wrong combinations fail in one line naming the options."""
+    sd.image.save(tmp_path / "image.png")
+    sd.mask.save(tmp_path / "mask.png")
+    reference_image(1).save(tmp_path / "ref.png")
+    common = ["inpaint", "--model", sd.folder, "--image", tmp_path / "image.png", "--mask", tmp_path / "mask.png",
+              "--prompt", "a red cat", "--steps", "3", "--out", tmp_path / "out", "--no-progress"]
+    ip = ["--ip-adapter", sd.root / "ip-adapter-plain.safetensors", "--ip-image", tmp_path / "ref.png"]
+    cli.main([str(a) for a in common + ip + ["--ip-scale", str(SCALE)]])
+    capsys.readouterr()
+    written = np.asarray(Image.open(tmp_path / "out" / "prompt0_seed0.png"), np.float32) / 255
+    _, params = sd.variants["plain"]
+    ours = sd.pipe.inpaint("a red cat", sd.image, sd.mask, params, seed_keys([0]), num_inference_steps=3,
+                           height=32, width=32, ip_adapter_image=reference_image(1), output_type="np").images[0]
+    np.testing.assert_allclose(written, ours, atol=1 / 255 + 1e-6, rtol=0)
+    for argv, message in ((ip[:2], "--ip-adapter FILE and --ip-image IMG go together"),
+                          (["--ip-adapter", tmp_path, "--ip-image", tmp_path / "ref.png"], "is not a file")):
+        with pytest.raises(SystemExit):
+            cli.main([str(a) for a in common + argv])
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
