@@ -39,14 +39,15 @@ def reference_image(seed: int) -> Image.Image:
 @pytest.fixture(scope="module")
 def sd(tmp_path_factory):
     root = tmp_path_factory.mktemp("sd")
-    _, torch_pipe = tiny_sd.make_pipeline(root, in_channels=4, scheduler="ddim")
+    no_encoder, torch_pipe = tiny_sd.make_pipeline(root, in_channels=4, scheduler="ddim")
     torch.manual_seed(1)
     encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(**ENCODER)).eval()
+    encoder.save_pretrained(root / "image_encoder")
     torch_pipe = StableDiffusionInpaintPipeline(**{**torch_pipe.components, "image_encoder": encoder},
                                                 requires_safety_checker=False)
-    folder = root / "with-encoder"
+    folder = root / "with-encoder"  # the CLI test loads the folder's own image_encoder
     torch_pipe.save_pretrained(folder, safe_serialization=True)
-    pipe, params = FlaxStableDiffusionInpaintPipeline.from_pretrained(folder)
+    pipe, params = FlaxStableDiffusionInpaintPipeline.from_pretrained(no_encoder, image_encoder=root / "image_encoder")
     rng = np.random.default_rng(0)
     variants = {}
     for variant in ("plain", "plus"):
