@@ -1,6 +1,6 @@
 """IP-Adapter image prompts in the pipelines against diffusers' `load_ip_adapter` + `ip_adapter_image`.
 
-A tiny random SD pipeline (4-channel UNet: text-to-image, and inpainting by latent blending) is saved with
+A tiny random SD pipeline (4-channel UNet: text-to-image, img2img, inpainting by latent blending) is saved with
 a tiny random `image_encoder` (transformers' CLIPVisionModelWithProjection) and random plain / "plus"
 adapters in the published layout (test_ip_adapter.py). Both sides run the same prompt, noise and
 reference image with CFG, so the zero-image negative embeddings take part; our image encoder and its CLIP
@@ -14,14 +14,15 @@ import jax
 import numpy as np
 import pytest
 import torch
-from diffusers import StableDiffusionInpaintPipeline, StableDiffusionPipeline
+from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline, StableDiffusionPipeline
 from flax.jax_utils import replicate
 from flax.training.common_utils import shard
 from PIL import Image
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
 import tiny_sd
-from flax_inpaint import FlaxStableDiffusionInpaintPipeline, FlaxStableDiffusionPipeline, cli
+from flax_inpaint import (FlaxStableDiffusionImg2ImgPipeline, FlaxStableDiffusionInpaintPipeline,
+                          FlaxStableDiffusionPipeline, cli)
 from flax_inpaint.pipelines.inputs import seed_keys
 from test_ip_adapter import ENCODER, ip_attention, plain_image_proj, plus_image_proj, save_published
 
@@ -97,6 +98,24 @@ def test_text_to_image_matches_diffusers(sd, variant):
     ours = pipe(pipe.prepare_inputs(["a red cat"]), params, jax.random.key(0), latents=sd.noise.numpy(),
                 **{k: v if k == "ip_adapter_image" else [e.numpy() for e in v] for k, v in ip.items()},
                 **STEPS).images
+    np.testing.assert_allclose(ours, ref, atol=ATOL, rtol=0)
+
+
+def test_img2img_matches_diffusers(sd):
+    theirs, params = sd.variants["plus"]
+    theirs = StableDiffusionImg2ImgPipeline(**theirs.components, requires_safety_checker=False)
+    steps = {**STEPS, "strength": 0.7}
+    del steps["height"], steps["width"]
+    with torch.no_grad():
+        ref = theirs("a red cat", image=sd.image, ip_adapter_image=reference_image(2), output_type="np",
+                     generator=torch.Generator().manual_seed(0), **steps).images
+    g = torch.Generator().manual_seed(0)
+    torch.randn((1, 4, 8, 8), generator=g)  # diffusers samples the image's posterior first
+    noise = torch.randn((1, 4, 8, 8), generator=g).numpy()
+    pipe = FlaxStableDiffusionImg2ImgPipeline.from_pipe(sd.pipe)
+    ids, image = pipe.prepare_inputs(["a red cat"], sd.image)
+    ours = pipe(ids, image, params, jax.random.key(0), noise=noise, ip_adapter_image=reference_image(2),
+                **steps).images
     np.testing.assert_allclose(ours, ref, atol=ATOL, rtol=0)
 
 
