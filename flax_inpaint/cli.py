@@ -318,7 +318,8 @@ def _with_ip_adapter(pipe, params, path: Path, scale: Optional[float], dtype: st
             encoder, encoder_params = FlaxCLIPVisionModelWithProjection.from_pretrained(folder,
                                                                                         dtype=getattr(jnp, dtype))
         except (ValueError, OSError) as e:
-            _fail(f"--ip-adapter {str(path)!r}: its image encoder {str(folder)!r} could not be loaded: {_first_line(e)}")
+            _fail(f"--ip-adapter {str(path)!r}: its image encoder {str(folder)!r} could not be loaded: "
+                  f"{_first_line(e)}")
         pipe, params = type(pipe).from_pipe(pipe, image_encoder=encoder), {**params, "image_encoder": encoder_params}
     try:
         params = pipe.load_ip_adapter(params, path)

@@ -56,8 +56,8 @@ def build(pipe, jit: bool, *, prompt_ids, num_inference_steps: int, guidance_sca
           masked_image_latents=None, strength: float = 1.0, eta: float = 0.0, num_images_per_prompt: int = 1,
           clip_skip: Optional[int] = None, output_type: str = "np", control_image=None,
           controlnet_conditioning_scale=1.0, control_guidance_start=0.0, control_guidance_end=1.0,
-          guess_mode: bool = False, ip_adapter_image=None, ip_adapter_image_embeds=None, inpainting: bool = False, image_required: bool = False,
-          control_name: str = "control_image") -> Prepared:
+          guess_mode: bool = False, ip_adapter_image=None, ip_adapter_image_embeds=None, inpainting: bool = False,
+          image_required: bool = False, control_name: str = "control_image") -> Prepared:
     """Check every input of a pipeline call against the pipeline's components and each other.
 
     `inpainting`: mask and masked_image (or masked_image_latents) are inputs; `image_required`: `image`
@@ -301,9 +301,9 @@ def _image_prompt(pipe, ip_adapter_image, ip_adapter_image_embeds, lead: tuple, 
         halves = 2 if do_cfg else 1
         if e.ndim not in (3, 4) or e.shape[0] not in (halves, halves * rows):
             cfg = " (its negative half first: with guidance_scale > 1 diffusers' CFG layout)" if do_cfg else ""
-            raise ValueError(f"ip_adapter_image_embeds[{k}] has shape {e.shape}; expected [{halves} or {halves * rows}, "
-                             f"images, embed_dim] or [..., images, seq, width] (plus){cfg}: one for every prompt or "
-                             "one per prompt, over the whole batch (unsharded, also with jit=True).")
+            raise ValueError(f"ip_adapter_image_embeds[{k}] has shape {e.shape}; expected [{halves} or "
+                             f"{halves * rows}, images, embed_dim] or [..., images, seq, width] (plus){cfg}: one for "
+                             "every prompt or one per prompt, over the whole batch (unsharded, also with jit=True).")
         parts = np.split(e, halves)
         pos.append(np.broadcast_to(parts[-1], (rows,) + e.shape[1:]).reshape(lead + e.shape[1:]))
         if do_cfg:
