@@ -82,7 +82,7 @@ def _load_image(path: str, arg: str):
         _fail(f"{arg} {path!r} {what}; pass the path of a PNG/JPEG file.")
     try:
         with Image.open(p) as im:
-            return im.convert("RGB" if arg == "--image" else "L")
+            return im.convert("L" if arg == "--mask" else "RGB")
     except (OSError, ValueError) as e:  # not an image, truncated, unreadable
         _fail(f"{arg} {path!r} is not a readable image ({e}); pass a PNG/JPEG file.")
 
@@ -181,14 +181,14 @@ def _inpaint(pipe, params, image, mask, prompts: Sequence[str], negative: Option
              guidance: float, strength: float, seeds: Sequence[int], size: Optional[int], overlay: bool,
              batch: Optional[int] = None, progress: Optional[bool] = False,
              save: Optional[Callable[[int, list], None]] = None, preview: Optional[Path] = None,
-             preview_every: int = 1, preview_vae: bool = False):
+             preview_every: int = 1, preview_vae: bool = False, ip_image=None):
     """One image per (prompt, seed) pair, each sampled with its own key; returns (PIL images, nsfw, seconds).
 
     Calls of `batch` pairs each (default: all at once) advance a progress bar (`progress`: True,
     False, or None for only on a terminal); a pair's image does not depend on its batch companions.
     `save(first_index, images)` receives each call's images as soon as they exist. A second bar moves per
     denoising step of each call; `preview` gets a latent-to-RGB PNG per image every `preview_every` steps
-    (`preview_vae`: the VAE's decode, at full size).
+    (`preview_vae`: the VAE's decode, at full size). `ip_image`: the IP-Adapter reference image.
     """
     from tqdm import tqdm
 
@@ -222,7 +222,7 @@ def _inpaint(pipe, params, image, mask, prompts: Sequence[str], negative: Option
                                negative_prompt=None if negative is None else [negative] * len(chunk),
                                height=height, width=width, num_inference_steps=steps, guidance_scale=guidance,
                                strength=strength, apply_overlay=overlay, progress=wants_bar(progress),
-                               host_callbacks=hooks)
+                               host_callbacks=hooks, **({} if ip_image is None else {"ip_adapter_image": ip_image}))
             if save is not None:
                 save(lo, list(out.images))
             images += list(out.images)
@@ -258,6 +258,12 @@ def cmd_inpaint(args) -> None:
     if args.preview_vae and not args.preview:
         _fail("--preview-vae decodes the previews of --preview DIR; pass --preview DIR too.")
     image, mask = _load_image(args.image, "--image"), _load_image(args.mask, "--mask")
+    if (args.ip_adapter is None) != (args.ip_image is None) or (args.ip_scale is not None and args.ip_adapter is None):
+        _fail("--ip-adapter FILE and --ip-image IMG go together (--ip-scale S with them); pass both or neither.")
+    ip_image = None if args.ip_image is None else _load_image(args.ip_image, "--ip-image")
+    if args.ip_adapter is not None and not Path(args.ip_adapter).is_file():
+        _fail(f"--ip-adapter {args.ip_adapter!r} is not a file; pass an IP-Adapter .safetensors/.bin file "
+              "(e.g. ip-adapter_sd15.safetensors).")
     if image.size != mask.size:
         _fail(f"--image is {image.size[0]}x{image.size[1]} but --mask is {mask.size[0]}x{mask.size[1]}; "
               "they must be the same size.")
@@ -270,6 +276,8 @@ def cmd_inpaint(args) -> None:
     pipe, params = _load(args.model, args.dtype, args.scheduler, args.single_file, args.config, args.lora,
                          args.textual_inversion)
     _check_steps(pipe, args.steps, args.strength)
+    if ip_image is not None:
+        pipe, params = _with_ip_adapter(pipe, params, Path(args.ip_adapter), args.ip_scale, args.dtype)
     prompts = [p for p in args.prompt for _ in range(args.batch)]
     seeds = [args.seed + k for _ in args.prompt for k in range(args.batch)]
     names = [f"prompt{j // args.batch}_seed{seed}.png" for j, seed in enumerate(seeds)]
@@ -287,11 +295,37 @@ def cmd_inpaint(args) -> None:
                                      args.guidance, args.strength, seeds, args.size, args.overlay, args.batch,
                                      progress=False if args.no_progress else None, save=save,
                                      preview=args.preview and Path(args.preview), preview_every=args.preview_every,
-                                     preview_vae=args.preview_vae)
+                                     preview_vae=args.preview_vae, ip_image=ip_image)
     flagged = 0 if nsfw is None else int(sum(bool(x) for x in nsfw))
     print(f"wrote {len(images)} image(s) to {out_dir} in {seconds:.1f} s"
           + (f", replacing {replaced} of the same name" if replaced else "")
           + (f"; the safety checker blacked out {flagged}" if flagged else ""))
+
+
+def _with_ip_adapter(pipe, params, path: Path, scale: Optional[float], dtype: str):
+    """(pipeline, params) with the IP-Adapter file `path` at `scale` (default 1) and an image encoder: the
+    model's, else the `image_encoder` folder beside the file (the layout of h94/IP-Adapter's models/)."""
+    import jax.numpy as jnp
+
+    from flax_inpaint.models.clip_vision import FlaxCLIPVisionModelWithProjection
+
+    if pipe.image_encoder is None:
+        folder = path.parent / "image_encoder"
+        if not folder.is_dir():
+            _fail(f"--ip-adapter {str(path)!r}: the model has no image_encoder and there is no {str(folder)!r}; put "
+                  "the adapter's CLIP image encoder folder there (as in h94/IP-Adapter's models/).")
+        try:
+            encoder, encoder_params = FlaxCLIPVisionModelWithProjection.from_pretrained(folder,
+                                                                                        dtype=getattr(jnp, dtype))
+        except (ValueError, OSError) as e:
+            _fail(f"--ip-adapter {str(path)!r}: its image encoder {str(folder)!r} could not be loaded: "
+                  f"{_first_line(e)}")
+        pipe, params = type(pipe).from_pipe(pipe, image_encoder=encoder), {**params, "image_encoder": encoder_params}
+    try:
+        params = pipe.load_ip_adapter(params, path)
+        return pipe, pipe.set_ip_adapter_scale(params, 1.0 if scale is None else scale)
+    except (ValueError, OSError) as e:
+        _fail(f"--ip-adapter {str(path)!r} could not be loaded: {_first_line(e)}")
 
 
 def cmd_sweep(args) -> None:
@@ -495,6 +529,10 @@ def build_parser() -> argparse.ArgumentParser:
     inp.add_argument("--preview-every", type=_positive(int), default=5, help="steps between previews")
     inp.add_argument("--preview-vae", action="store_true",
                      help="decode the previews with the VAE (full size; the decoder runs every --preview-every steps)")
+    inp.add_argument("--ip-adapter", default=None, metavar="FILE",
+                     help="IP-Adapter weights (.safetensors/.bin; plain or plus): prompt with --ip-image too")
+    inp.add_argument("--ip-image", default=None, metavar="IMG", help="the IP-Adapter's reference image")
+    inp.add_argument("--ip-scale", type=_finite, default=None, metavar="S", help="IP-Adapter scale (default 1)")
     inp.set_defaults(func=cmd_inpaint)
 
     sw = sub.add_parser(

@@ -49,16 +49,16 @@ def _randn(rng, *shape, scale=0.2):
     return torch.tensor(rng.standard_normal(shape, np.float32) * scale)
 
 
-def plain_image_proj(rng, embed_dim=ENCODER["projection_dim"], tokens=4):
-    return {"proj.weight": _randn(rng, tokens * CROSS, embed_dim), "proj.bias": _randn(rng, tokens * CROSS),
-            "norm.weight": 1 + _randn(rng, CROSS), "norm.bias": _randn(rng, CROSS)}
+def plain_image_proj(rng, embed_dim=ENCODER["projection_dim"], tokens=4, cross=CROSS):
+    return {"proj.weight": _randn(rng, tokens * cross, embed_dim), "proj.bias": _randn(rng, tokens * cross),
+            "norm.weight": 1 + _randn(rng, cross), "norm.bias": _randn(rng, cross)}
 
 
-def plus_image_proj(rng, width=ENCODER["hidden_size"], hidden=PLUS["hidden"]):
+def plus_image_proj(rng, width=ENCODER["hidden_size"], hidden=PLUS["hidden"], cross=CROSS):
     state = {"latents": _randn(rng, 1, PLUS["queries"], hidden, scale=hidden**-0.5),
              "proj_in.weight": _randn(rng, hidden, width), "proj_in.bias": _randn(rng, hidden),
-             "proj_out.weight": _randn(rng, CROSS, hidden), "proj_out.bias": _randn(rng, CROSS),
-             "norm_out.weight": 1 + _randn(rng, CROSS), "norm_out.bias": _randn(rng, CROSS)}
+             "proj_out.weight": _randn(rng, cross, hidden), "proj_out.bias": _randn(rng, cross),
+             "norm_out.weight": 1 + _randn(rng, cross), "norm_out.bias": _randn(rng, cross)}
     for i in range(PLUS["depth"]):
         for norm in ("0.norm1", "0.norm2", "1.0"):
             state[f"layers.{i}.{norm}.weight"] = 1 + _randn(rng, hidden)
@@ -74,9 +74,9 @@ def plus_image_proj(rng, width=ENCODER["hidden_size"], hidden=PLUS["hidden"]):
 def ip_attention(rng, unet):
     """{"{2k+1}.to_k_ip.weight": [channels, cross_attention_dim], ...} for the k-th attn2 of a torch UNet."""
     names = [n for n in unet.attn_processors if n.endswith("attn2.processor")]
-    channels = [unet.get_submodule(n[: -len(".processor")]).to_k.out_features for n in names]
-    return {f"{2 * k + 1}.to_{kv}_ip.weight": _randn(rng, c, CROSS, scale=0.5)
-            for k, c in enumerate(channels) for kv in "kv"}
+    to_k = [unet.get_submodule(n[: -len(".processor")]).to_k for n in names]
+    return {f"{2 * k + 1}.to_{kv}_ip.weight": _randn(rng, t.out_features, t.in_features, scale=0.5)
+            for k, t in enumerate(to_k) for kv in "kv"}
 
 
 def save_published(state, path):

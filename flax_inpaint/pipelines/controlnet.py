@@ -55,8 +55,9 @@ class _ControlNetMixin:
     params) or a list of them (params["controlnet"] a tuple of their params, in order)."""
 
     def __init__(self, vae, text_encoder, tokenizer, unet, controlnet: ControlNets, scheduler, safety_checker=None,
-                 feature_extractor=None, dtype: Any = jnp.float32):
-        super().__init__(vae, text_encoder, tokenizer, unet, scheduler, safety_checker, feature_extractor, dtype)
+                 feature_extractor=None, dtype: Any = jnp.float32, image_encoder=None):
+        super().__init__(vae, text_encoder, tokenizer, unet, scheduler, safety_checker, feature_extractor, dtype,
+                         image_encoder=image_encoder)
         multi = isinstance(controlnet, (list, tuple))
         nets = tuple(controlnet) if multi else (controlnet,)
         if not nets or not all(isinstance(n, FlaxControlNetModel) for n in nets):
@@ -202,7 +203,8 @@ class FlaxStableDiffusionControlNetPipeline(_ControlNetMixin, FlaxDiffusionPipel
                  jit: bool = False, *, guess_mode: bool = False, control_guidance_start=0.0,
                  control_guidance_end=1.0, num_images_per_prompt: int = 1, prompt_embeds=None,
                  negative_prompt_embeds=None, clip_skip: Optional[int] = None, eta: float = 0.0,
-                 output_type: str = "np", mesh: Optional[Mesh] = None, **hooks):
+                 output_type: str = "np", mesh: Optional[Mesh] = None, ip_adapter_image=None,
+                 ip_adapter_image_embeds=None, **hooks):
         """Generate images the size of the control images `image` (from `prepare_image_inputs`: one
         NCHW array, or a list with one per ControlNet). `controlnet_conditioning_scale` and
         `control_guidance_start/end` are floats, or lists with one per ControlNet; `hooks`: the per-step
@@ -268,7 +270,8 @@ class FlaxStableDiffusionControlNetInpaintPipeline(_ControlNetMixin, FlaxStableD
                  control_guidance_start=0.0, control_guidance_end=1.0, image=None, strength: float = 1.0,
                  eta: float = 0.0, num_images_per_prompt: int = 1, prompt_embeds=None,
                  negative_prompt_embeds=None, masked_image_latents=None, clip_skip: Optional[int] = None,
-                 output_type: str = "np", mesh: Optional[Mesh] = None, **hooks):
+                 output_type: str = "np", mesh: Optional[Mesh] = None, ip_adapter_image=None,
+                 ip_adapter_image_embeds=None, **hooks):
         """Inpaint as `FlaxStableDiffusionInpaintPipeline.__call__`, guided by `control_image` (from
         `prepare_inputs`: NCHW at the mask's size; a list with one per ControlNet for several).
         `controlnet_conditioning_scale` and `control_guidance_start/end` are floats or lists with one

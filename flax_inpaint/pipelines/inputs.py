@@ -15,6 +15,7 @@ from typing import Optional, Sequence
 
 import jax
 import numpy as np
+import PIL.Image
 
 from flax_inpaint.pipelines.sampling import Batch, Options
 from flax_inpaint.schedulers.common import begin_index_for_strength
@@ -55,8 +56,8 @@ def build(pipe, jit: bool, *, prompt_ids, num_inference_steps: int, guidance_sca
           masked_image_latents=None, strength: float = 1.0, eta: float = 0.0, num_images_per_prompt: int = 1,
           clip_skip: Optional[int] = None, output_type: str = "np", control_image=None,
           controlnet_conditioning_scale=1.0, control_guidance_start=0.0, control_guidance_end=1.0,
-          guess_mode: bool = False, inpainting: bool = False, image_required: bool = False,
-          control_name: str = "control_image") -> Prepared:
+          guess_mode: bool = False, ip_adapter_image=None, ip_adapter_image_embeds=None, inpainting: bool = False,
+          image_required: bool = False, control_name: str = "control_image") -> Prepared:
     """Check every input of a pipeline call against the pipeline's components and each other.
 
     `inpainting`: mask and masked_image (or masked_image_latents) are inputs; `image_required`: `image`
@@ -104,6 +105,7 @@ def build(pipe, jit: bool, *, prompt_ids, num_inference_steps: int, guidance_sca
         image=_nhwc(image), image_latents=_nhwc(image_latents), mask=_nhwc(mask), masked_image=_nhwc(masked_image),
         masked_image_latents=_nhwc(masked_image_latents), latents=_nhwc(latents),
         eta=np.float32(eta), **strength_fields(pipe.scheduler, num_inference_steps, strength),
+        **_image_prompt(pipe, ip_adapter_image, ip_adapter_image_embeds, lead, opts.do_cfg),
     )
     if control_image is not None:
         batch, opts = _with_control(pipe, batch, opts, lead, control_name, control_image,
@@ -273,6 +275,61 @@ def _check_latents(pipe, name: str, latents, lead: tuple, opts: Options, per_pro
             f"height / {f}, width / {f}, after a leading device axis with jit=True."
         )
     return latents
+
+
+# -- IP-Adapter image prompts --------------------------------------------------------------------
+
+def _image_prompt(pipe, ip_adapter_image, ip_adapter_image_embeds, lead: tuple, do_cfg: bool) -> dict:
+    """Batch fields of an IP-Adapter image prompt: reference images (a PIL image or HWC array per adapter,
+    or a list of them for several images; diffusers' `ip_adapter_image`) or embeddings (diffusers'
+    `ip_adapter_image_embeds`: a list with one array per adapter, [negative; positive] halves with CFG)."""
+    if ip_adapter_image is not None and ip_adapter_image_embeds is not None:
+        raise ValueError("Pass ip_adapter_image or ip_adapter_image_embeds, not both.")
+    if ip_adapter_image is not None:
+        if pipe.image_encoder is None:
+            raise ValueError("ip_adapter_image needs an image encoder: load a model folder with an image_encoder "
+                             "folder, or from_pretrained(..., image_encoder=<its folder>); or pass "
+                             "ip_adapter_image_embeds.")
+        per_adapter = ip_adapter_image if isinstance(ip_adapter_image, list) else [ip_adapter_image]
+        return {"ip_adapter_images": tuple(_reference_images(x, k) for k, x in enumerate(per_adapter))}
+    if ip_adapter_image_embeds is None:
+        return {}
+    if not isinstance(ip_adapter_image_embeds, (list, tuple)):
+        raise ValueError("ip_adapter_image_embeds must be a list with one array per IP-Adapter (as diffusers'); got "
+                         f"{type(ip_adapter_image_embeds).__name__}.")
+    rows = int(np.prod(lead))
+    pos, neg = [], []
+    for k, e in enumerate(ip_adapter_image_embeds):
+        e = np.asarray(e, np.float32)
+        halves = 2 if do_cfg else 1
+        if e.ndim not in (3, 4) or e.shape[0] not in (halves, halves * rows):
+            cfg = " (its negative half first: with guidance_scale > 1 diffusers' CFG layout)" if do_cfg else ""
+            raise ValueError(f"ip_adapter_image_embeds[{k}] has shape {e.shape}; expected [{halves} or "
+                             f"{halves * rows}, images, embed_dim] or [..., images, seq, width] (plus){cfg}: one for "
+                             "every prompt or one per prompt, over the whole batch (unsharded, also with jit=True).")
+        parts = np.split(e, halves)
+        pos.append(np.broadcast_to(parts[-1], (rows,) + e.shape[1:]).reshape(lead + e.shape[1:]))
+        if do_cfg:
+            neg.append(np.broadcast_to(parts[0], (rows,) + e.shape[1:]).reshape(lead + e.shape[1:]))
+    return {"ip_adapter_image_embeds": tuple(pos), "ip_adapter_negative_image_embeds": tuple(neg) if do_cfg else None}
+
+
+def _reference_images(images, k: int) -> np.ndarray:
+    """[n, H, W, 3] float32 in [0, 1] from a PIL image, an HWC / NHWC array (uint8, or floats in [0, 1]) or a
+    list of them of one size."""
+    items = images if isinstance(images, list) else [images]
+    arrays = []
+    for x in items:
+        if isinstance(x, PIL.Image.Image):
+            x = np.asarray(x.convert("RGB"))
+        x = np.asarray(x)
+        x = x.astype(np.float32) / 255 if x.dtype == np.uint8 else x.astype(np.float32)
+        arrays.extend(x if x.ndim == 4 else [x])
+    shapes = {a.shape for a in arrays}
+    if len(shapes) != 1 or len(next(iter(shapes))) != 3 or next(iter(shapes))[-1] != 3:
+        raise ValueError(f"ip_adapter_image (adapter {k}) must be PIL images or HWC RGB arrays of one size; got "
+                         f"shapes {sorted(shapes)}.")
+    return np.stack(arrays)
 
 
 # -- ControlNets ---------------------------------------------------------------------------------

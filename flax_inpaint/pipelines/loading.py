@@ -23,6 +23,7 @@ def _model_classes() -> Dict[str, Any]:
     """PyTorch class name in model_index.json -> our Flax class (a folder that diffusers' Flax pipelines
     saved names the Flax classes, e.g. "FlaxUNet2DConditionModel": the "Flax" prefix is dropped first)."""
     from flax_inpaint.models.clip import FlaxCLIPTextModel, FlaxCLIPTextModelWithProjection
+    from flax_inpaint.models.clip_vision import FlaxCLIPVisionModelWithProjection
     from flax_inpaint.models.controlnet import FlaxControlNetModel
     from flax_inpaint.models.safety import FlaxStableDiffusionSafetyChecker
     from flax_inpaint.models.unet import FlaxUNet2DConditionModel
@@ -33,6 +34,7 @@ def _model_classes() -> Dict[str, Any]:
         "AutoencoderKL": FlaxAutoencoderKL,
         "CLIPTextModel": FlaxCLIPTextModel,
         "CLIPTextModelWithProjection": FlaxCLIPTextModelWithProjection,
+        "CLIPVisionModelWithProjection": FlaxCLIPVisionModelWithProjection,
         "ControlNetModel": FlaxControlNetModel,
         "StableDiffusionSafetyChecker": FlaxStableDiffusionSafetyChecker,
     }
@@ -47,6 +49,7 @@ IMAGE_PROCESSORS = (
 
 # The library diffusers imports a saved component's class from (model_index.json), where not diffusers.
 _LIBRARY = {"CLIPTextModel": "transformers", "CLIPTextModelWithProjection": "transformers",
+            "CLIPVisionModelWithProjection": "transformers",
             "StableDiffusionSafetyChecker": "stable_diffusion"}
 # Tokenizers load and save with transformers: SD's `tokenizer`, SDXL's `tokenizer_2` too.
 TOKENIZERS = ("tokenizer", "tokenizer_2")

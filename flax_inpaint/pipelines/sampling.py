@@ -28,6 +28,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from flax_inpaint.loaders.lora import merge_adapters
 from flax_inpaint.pipelines import callbacks
 from flax_inpaint.pipelines.guidance import rescale_noise_cfg
+from flax_inpaint.pipelines.ip_adapter import image_prompt
 
 Array = jax.Array
 
@@ -42,6 +43,7 @@ class Components:
     scheduler: Any
     safety_checker: Any = None
     controlnets: Tuple[Any, ...] = ()  # their residuals are summed, as diffusers' MultiControlNetModel does
+    image_encoder: Any = None  # ip_adapter.ImageEncoder: IP-Adapter reference images -> embeddings
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +92,11 @@ class Batch:
     lora_scale: Optional[Array] = None  # [] fp32, cross_attention_kwargs["scale"]: multiplies every LoRA adapter
     schedule: Optional[Any] = None  # custom timesteps= / sigmas=: the scheduler state fields they set
     callback_ids: Optional[Array] = None  # [B, 2] int32 (call id, prompt row): host callbacks find their call
+    # IP-Adapter image prompts, one entry per adapter: reference images [n, H, W, 3] in [0, 1] for every
+    # prompt, or embeddings per prompt [B, n, D] (plain) / [B, n, seq, w] ("plus"), negatives with CFG.
+    ip_adapter_images: Optional[Tuple[Array, ...]] = None
+    ip_adapter_image_embeds: Optional[Tuple[Array, ...]] = None
+    ip_adapter_negative_image_embeds: Optional[Tuple[Array, ...]] = None
 
     def rows(self) -> dict:
         """The per-example fields that are set (all but `CALL_WIDE_FIELDS`), by name."""
@@ -100,7 +107,7 @@ class Batch:
 # Batch fields that hold one value for the whole call, not one per example: a mesh replicates them,
 # the key groups of `generate_groups` share them.
 CALL_WIDE_FIELDS = ("begin_index", "strength_is_max", "eta", "controlnet_scales", "guidance_rescale", "lora_scale",
-                    "schedule")
+                    "schedule", "ip_adapter_images")
 
 
 def encode_text(text_encoder, params, ids: Array, clip_skip: Optional[int]) -> Array:
@@ -188,6 +195,7 @@ def generate(c: Components, opts: Options, params, batch: Batch, key: Array):
     factor = vae.downscale
     shape = (bsz, opts.height // factor, opts.width // factor, vae.latent_channels)
     key_noise, key_image, key_masked, key_loop = jax.random.split(key, 4)
+    ip = image_prompt(c.image_encoder, params, batch, bsz // n_img, n_img, opts.do_cfg, unet.runtime)
 
     state = sched.set_timesteps(params["scheduler"], opts.num_inference_steps, shape)
     if batch.schedule is not None:  # custom timesteps= / sigmas=: traced values of the same length
@@ -252,7 +260,7 @@ def generate(c: Components, opts: Options, params, batch: Batch, key: Array):
         if ex is not None:
             x_in = jnp.concatenate([x_in, ex], axis=-1)
         tt = jnp.broadcast_to(t, (x_in.shape[0],))
-        eps = unet.apply({"params": params["unet"]}, x_in, tt, ctx, down, mid, method=unet.nhwc)
+        eps = unet.apply({"params": params["unet"]}, x_in, tt, ctx, down, mid, method=unet.nhwc, **ip)
         eps = eps.astype(jnp.float32)
         if opts.do_cfg:  # examples with guidance <= 1 take the text prediction, as without CFG
             uncond, text = jnp.split(eps, 2)

@@ -28,13 +28,16 @@ from tqdm.auto import tqdm
 
 from flax_inpaint.diffusers_compat import PUSH_TO_HUB, BaseOutput, ConfigMixin, FrozenConfig, not_provided
 from flax_inpaint.image_processor import VaeImageProcessor, postprocess_inpaint, preprocess_inpaint
+from flax_inpaint.loaders import ip_adapter
 from flax_inpaint.loaders.lora import LoraLoaderMixin
+from flax_inpaint.models.clip_vision import FlaxCLIPVisionModelWithProjection
 from flax_inpaint.loaders.single_file import FromSingleFileMixin
 from flax_inpaint.loaders.textual_inversion import TextualInversionLoaderMixin
 from flax_inpaint.io import CheckpointError, read_config, resolve_folder
 from flax_inpaint.pipelines import loading
 from flax_inpaint.pipelines.callbacks import INPAINT_TENSOR_INPUTS, TEXT_TENSOR_INPUTS, CallHooks
 from flax_inpaint.pipelines.inputs import Prepared, build
+from flax_inpaint.pipelines.ip_adapter import ImageEncoder
 from flax_inpaint.pipelines.sampling import (
     Components,
     decode_latents,
@@ -73,7 +76,7 @@ class FlaxDiffusionPipeline(FromSingleFileMixin, LoraLoaderMixin, TextualInversi
                                "constructor with its components.")
 
     def __init__(self, vae, text_encoder, tokenizer, unet, scheduler, safety_checker=None,
-                 feature_extractor=None, dtype: Any = jnp.float32):
+                 feature_extractor=None, dtype: Any = jnp.float32, image_encoder=None):
         if unet.in_channels not in (4, 9):
             raise ValueError(
                 f"The UNet has in_channels={unet.in_channels}; these pipelines support 4 (plain) or 9 "
@@ -88,6 +91,7 @@ class FlaxDiffusionPipeline(FromSingleFileMixin, LoraLoaderMixin, TextualInversi
             safety_checker = safety_checker.with_preprocessor_config(feature_extractor)
         self.vae, self.text_encoder, self.tokenizer, self.unet = vae, text_encoder, tokenizer, unet
         self.scheduler, self.safety_checker, self.feature_extractor = scheduler, safety_checker, feature_extractor
+        self.image_encoder = image_encoder  # IP-Adapters' CLIP image encoder (ip_adapter_image)
         self.dtype = dtype
         self.vae_scale_factor = vae.downscale
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
@@ -166,7 +170,11 @@ class FlaxDiffusionPipeline(FromSingleFileMixin, LoraLoaderMixin, TextualInversi
 
     @classmethod
     def _passed_component(cls, name: str, value: Any, params: dict, load: dict) -> Any:
-        """The component for a `from_pretrained(name=value)` argument (ControlNet pipelines load folders)."""
+        """The component for a `from_pretrained(name=value)` argument: `image_encoder` may be a folder (e.g.
+        an IP-Adapter repo's models/image_encoder), loaded into params["image_encoder"] (ControlNet
+        pipelines load `controlnet` folders too)."""
+        if name == "image_encoder" and isinstance(value, (str, os.PathLike)):
+            value, params[name] = FlaxCLIPVisionModelWithProjection.from_pretrained(value, **load)
         return value
 
     @classmethod
@@ -238,7 +246,24 @@ class FlaxDiffusionPipeline(FromSingleFileMixin, LoraLoaderMixin, TextualInversi
         return np.asarray(_decode_jit(self.vae, params["vae"], jnp.transpose(latents, (0, 2, 3, 1))))
 
     def _components(self) -> Components:
-        return Components(self.unet, self.vae, self.text_encoder, self.scheduler, self.safety_checker)
+        encoder = None if self.image_encoder is None else ImageEncoder.of(self.image_encoder, self.feature_extractor)
+        return Components(self.unet, self.vae, self.text_encoder, self.scheduler, self.safety_checker,
+                          image_encoder=encoder)
+
+    def load_ip_adapter(self, params, pretrained_model_name_or_path_or_dict, subfolder: Optional[str] = None,
+                        weight_name: Optional[str] = None):
+        """New params with an IP-Adapter added (loaders/ip_adapter.py `load_ip_adapter`; diffusers'
+        `load_ip_adapter`). Its image encoder is a pipeline component: see `from_pretrained(image_encoder=)`."""
+        return ip_adapter.load_ip_adapter(params, pretrained_model_name_or_path_or_dict, subfolder, weight_name,
+                                          unet=self.unet)
+
+    def set_ip_adapter_scale(self, params, scale):
+        """New params with the IP-Adapter scales of `scale` (a traced value: the program does not recompile)."""
+        return ip_adapter.set_ip_adapter_scale(params, scale, unet=self.unet)
+
+    def unload_ip_adapter(self, params):
+        """New params without IP-Adapters."""
+        return ip_adapter.unload_ip_adapter(params)
 
     # Flags of `inputs.build` for this pipeline's inputs, and its __call__ argument names that `build`
     # knows by another name.
@@ -264,13 +289,21 @@ class FlaxDiffusionPipeline(FromSingleFileMixin, LoraLoaderMixin, TextualInversi
         batch, opts = hooks.apply(self, batch, opts, params)
         params = self._program_params(params)
         comps = self._components()
+        image_prompt = batch.ip_adapter_images is not None or batch.ip_adapter_image_embeds is not None
         needed = ["unet", "vae", "scheduler"] + ["text_encoder"] * (batch.prompt_ids is not None) \
-            + ["safety_checker"] * (self.safety_checker is not None)
+            + ["safety_checker"] * (self.safety_checker is not None) \
+            + ["image_encoder"] * (batch.ip_adapter_images is not None)
         missing = [name for name in needed if name not in params]
         if missing:
             raise ValueError(f"params has no {missing}: a component passed to from_pretrained (or the constructor) as "
                              f"an object brings no params; set params[{missing[0]!r}] to its params (from its "
                              "from_pretrained), as with diffusers.")
+        if image_prompt:
+            given = batch.ip_adapter_images or batch.ip_adapter_image_embeds
+            loaded = len(params.get("ip_adapter", {}).get("image_proj", ()))
+            if len(given) != loaded:
+                raise ValueError(f"{len(given)} IP-Adapter image prompts (ip_adapter_image / ip_adapter_image_embeds) "
+                                 f"for {loaded} loaded IP-Adapters: pass one per adapter (pipe.load_ip_adapter).")
         keys, mesh = call_layout(prng_seed, params, jit, mesh, lead)
         with hooks.session(batch, lead) as batch:  # host callbacks registered until the images are here
             if jit:  # the [devices, per_device] rows as one batch
@@ -353,7 +386,7 @@ class FlaxStableDiffusionPipeline(FlaxDiffusionPipeline):
                  latents=None, neg_prompt_ids=None, return_dict: bool = True, jit: bool = False, *,
                  num_images_per_prompt: int = 1, prompt_embeds=None, negative_prompt_embeds=None,
                  clip_skip: Optional[int] = None, eta: float = 0.0, output_type: str = "np",
-                 mesh: Optional[Mesh] = None, **hooks):
+                 mesh: Optional[Mesh] = None, ip_adapter_image=None, ip_adapter_image_embeds=None, **hooks):
         """Text to image; `hooks`: the per-step keywords of `CallHooks` (callbacks, progress, early stop,
         timesteps / sigmas, guidance_rescale, cross_attention_kwargs)."""
         return self._call(locals())
@@ -373,7 +406,8 @@ class FlaxStableDiffusionImg2ImgPipeline(FlaxDiffusionPipeline):
                  guidance_scale=7.5, noise=None, neg_prompt_ids=None, return_dict: bool = True,
                  jit: bool = False, *, num_images_per_prompt: int = 1, prompt_embeds=None,
                  negative_prompt_embeds=None, clip_skip: Optional[int] = None, eta: float = 0.0,
-                 output_type: str = "np", mesh: Optional[Mesh] = None, **hooks):
+                 output_type: str = "np", mesh: Optional[Mesh] = None, ip_adapter_image=None,
+                 ip_adapter_image_embeds=None, **hooks):
         """Image to image; `hooks`: the per-step keywords of `CallHooks`."""
         return self._call(locals())
 
@@ -448,7 +482,7 @@ class FlaxStableDiffusionInpaintPipeline(FlaxDiffusionPipeline):
                  image=None, strength: float = 1.0, eta: float = 0.0, num_images_per_prompt: int = 1,
                  prompt_embeds=None, negative_prompt_embeds=None, masked_image_latents=None,
                  clip_skip: Optional[int] = None, output_type: str = "np", mesh: Optional[Mesh] = None,
-                 **hooks):
+                 ip_adapter_image=None, ip_adapter_image_embeds=None, **hooks):
         """Inpaint; arguments as diffusers' Flax pipeline, plus PyTorch-pipeline features as keywords
         (`hooks`: the per-step keywords of `CallHooks`: callbacks, progress, early stop, timesteps / sigmas,
         guidance_rescale, cross_attention_kwargs).
@@ -465,6 +499,12 @@ class FlaxStableDiffusionInpaintPipeline(FlaxDiffusionPipeline):
         instead starts from latents * init_noise_sigma at every strength (at strength < 1 too, from the
         later first timestep), so the image is not in its starting point. Both re-noise a 4-channel
         UNet's unmasked region with this noise.
+
+        IP-Adapter image prompts (after `load_ip_adapter`), as diffusers': `ip_adapter_image`, one PIL image (or
+        HWC array, or a list of them) per adapter, the same for every prompt, encoded in the program by the
+        pipeline's `image_encoder`; or `ip_adapter_image_embeds`, one array per adapter, [images, D] rows
+        (plain) or [images, seq, width] ("plus"), one for every prompt or one per prompt, with CFG the
+        negative rows first; unsharded with jit=True too.
 
         With `jit=True` every batched input (prompt_ids, mask, masked_image, image, per-example
         guidance_scale, latents, ...) needs a leading axis of jax.local_device_count() devices (=
