@@ -27,6 +27,9 @@ from flax_inpaint.pipelines import (
     FlaxStableDiffusionImg2ImgPipeline,
     FlaxStableDiffusionInpaintPipeline,
     FlaxStableDiffusionPipeline,
+    FlaxStableDiffusionXLImg2ImgPipeline,
+    FlaxStableDiffusionXLInpaintPipeline,
+    FlaxStableDiffusionXLPipeline,
     make_inpaint_condition,
 )
 from flax_inpaint.runtime import Runtime
@@ -48,6 +51,9 @@ __all__ = [
     "FlaxStableDiffusionInpaintPipeline",
     "FlaxStableDiffusionPipeline",
     "FlaxStableDiffusionSafetyChecker",
+    "FlaxStableDiffusionXLImg2ImgPipeline",
+    "FlaxStableDiffusionXLInpaintPipeline",
+    "FlaxStableDiffusionXLPipeline",
     "FlaxUNet2DConditionModel",
     "Runtime",
     "VaeImageProcessor",

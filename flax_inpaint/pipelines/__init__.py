@@ -13,6 +13,11 @@ from flax_inpaint.pipelines.stable_diffusion import (
     FlaxStableDiffusionPipeline,
     FlaxStableDiffusionPipelineOutput,
 )
+from flax_inpaint.pipelines.stable_diffusion_xl import (
+    FlaxStableDiffusionXLImg2ImgPipeline,
+    FlaxStableDiffusionXLInpaintPipeline,
+    FlaxStableDiffusionXLPipeline,
+)
 
 __all__ = [
     "FlaxDiffusionPipeline",
@@ -22,14 +27,14 @@ __all__ = [
     "FlaxStableDiffusionInpaintPipeline",
     "FlaxStableDiffusionPipeline",
     "FlaxStableDiffusionPipelineOutput",
+    "FlaxStableDiffusionXLImg2ImgPipeline",
+    "FlaxStableDiffusionXLInpaintPipeline",
+    "FlaxStableDiffusionXLPipeline",
     "make_inpaint_condition",
 ]
 
 # diffusers' Flax names we do not provide, with what to use instead.
 NOT_PROVIDED = {
-    "FlaxStableDiffusionXLPipeline": "SDXL (two text encoders, micro-conditioning) is not implemented; use "
-                                     "diffusers' PyTorch StableDiffusionXLPipeline, or FlaxStableDiffusionPipeline "
-                                     "for SD 1.x/2.x checkpoints.",
     "FlaxImagePipelineOutput": "it is the output of diffusers' unconditional image pipelines, which are not "
                                "here; the Stable Diffusion pipelines return FlaxStableDiffusionPipelineOutput.",
 }

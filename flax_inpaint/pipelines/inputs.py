@@ -18,6 +18,7 @@ import numpy as np
 import PIL.Image
 
 from flax_inpaint.pipelines.sampling import Batch, Options
+from flax_inpaint.pipelines.sdxl_conditioning import check_add_time_ids, get_add_time_ids
 from flax_inpaint.schedulers.common import begin_index_for_strength
 
 
@@ -57,12 +58,15 @@ def build(pipe, jit: bool, *, prompt_ids, num_inference_steps: int, guidance_sca
           clip_skip: Optional[int] = None, output_type: str = "np", control_image=None,
           controlnet_conditioning_scale=1.0, control_guidance_start=0.0, control_guidance_end=1.0,
           guess_mode: bool = False, ip_adapter_image=None, ip_adapter_image_embeds=None, inpainting: bool = False,
-          image_required: bool = False, control_name: str = "control_image") -> Prepared:
+          image_required: bool = False, control_name: str = "control_image", denoising_start: Optional[float] = None,
+          denoising_end: Optional[float] = None, **sdxl) -> Prepared:
     """Check every input of a pipeline call against the pipeline's components and each other.
 
     `inpainting`: mask and masked_image (or masked_image_latents) are inputs; `image_required`: `image`
     (img2img) must be given; `noise` is img2img's name for `latents`; `control_name` is what the
-    pipeline calls its control images (the ControlNet text-to-image pipeline: "image").
+    pipeline calls its control images (the ControlNet text-to-image pipeline: "image"). `denoising_start` /
+    `denoising_end` (SDXL's "ensemble of experts") start / end the loop at a fraction of the schedule;
+    `sdxl`: the SDXL pipelines' pooled embeddings and size conditioning (see `_sdxl_fields`).
     """
     spatial = _Spatial(height, width)
     if inpainting:
@@ -75,8 +79,10 @@ def build(pipe, jit: bool, *, prompt_ids, num_inference_steps: int, guidance_sca
     image_latents = None
     if image is not None:
         image, image_latents = _image_input(pipe, image, spatial)
-    elif image_required or (inpainting and (pipe.unet.in_channels == 4 or strength < 1.0)):
+    elif image_required or denoising_start is not None or (inpainting and (pipe.unet.in_channels == 4
+                                                                            or strength < 1.0)):
         why = "a 4-channel UNet blends with it" if pipe.unet.in_channels == 4 else f"strength={strength} < 1"
+        why = f"denoising_start={denoising_start} starts from it" if denoising_start is not None else why
         raise ValueError(f"image is required because {why}: use prepare_inputs(..., return_image=True) and pass "
                          "image=images.")
     if control_image is not None and spatial.height is None:
@@ -91,7 +97,7 @@ def build(pipe, jit: bool, *, prompt_ids, num_inference_steps: int, guidance_sca
 
     opts = _options(pipe, num_inference_steps, spatial.height, spatial.width, guidance_scale, output_type,
                     clip_skip, num_images_per_prompt)
-    lead = batch_dims(pipe, prompt_ids, prompt_embeds, jit)
+    lead = batch_dims(pipe, prompt_ids, prompt_embeds, jit, ids_ndim=2 if _is_sdxl(pipe) else 1)
     for name, arr in (("mask", mask), ("masked_image", masked_image), ("image", image), ("image", image_latents)):
         if arr is not None:
             _check_batch(name, arr, lead)
@@ -99,12 +105,14 @@ def build(pipe, jit: bool, *, prompt_ids, num_inference_steps: int, guidance_sca
                                           per_prompt=True)
     latents = _check_latents(pipe, "noise" if noise is not None else "latents", noise if noise is not None else latents,
                              lead, opts)
+    text = _sdxl_fields(pipe, opts, lead, **sdxl) if _is_sdxl(pipe) else {}
     batch = Batch(
-        **_text_fields(pipe, prompt_ids, neg_prompt_ids, prompt_embeds, negative_prompt_embeds, lead, opts.do_cfg,
-                       guidance_scale),
+        **text, **_text_fields(pipe, prompt_ids, neg_prompt_ids, prompt_embeds, negative_prompt_embeds, lead,
+                               opts.do_cfg, guidance_scale),
         image=_nhwc(image), image_latents=_nhwc(image_latents), mask=_nhwc(mask), masked_image=_nhwc(masked_image),
         masked_image_latents=_nhwc(masked_image_latents), latents=_nhwc(latents),
         eta=np.float32(eta), **strength_fields(pipe.scheduler, num_inference_steps, strength),
+        **denoising_fields(pipe.scheduler, num_inference_steps, strength, denoising_start, denoising_end),
         **_image_prompt(pipe, ip_adapter_image, ip_adapter_image_embeds, lead, opts.do_cfg),
     )
     if control_image is not None:
@@ -174,7 +182,7 @@ def _options(pipe, num_inference_steps, height, width, guidance_scale, output_ty
             )
     if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
         raise ValueError(f"num_images_per_prompt={num_images_per_prompt!r} must be an int >= 1.")
-    layers = pipe.text_encoder.num_hidden_layers
+    layers = (pipe.text_encoder or pipe.text_encoder_2).num_hidden_layers
     if clip_skip is not None and not 0 <= clip_skip <= layers:
         raise ValueError(f"clip_skip={clip_skip} must lie in [0, {layers}] (the text encoder has {layers} "
                          "layers; clip_skip=k uses the output of layer num_layers - k).")
@@ -187,14 +195,14 @@ def _options(pipe, num_inference_steps, height, width, guidance_scale, output_ty
     )
 
 
-def batch_dims(pipe, prompt_ids, prompt_embeds, jit: bool) -> tuple:
-    """The batch dims of a call's inputs, read from its prompt ids or embeddings: (B,), or with `jit=True`
-    (devices, per_device)."""
+def batch_dims(pipe, prompt_ids, prompt_embeds, jit: bool, ids_ndim: int = 1) -> tuple:
+    """The batch dims of a call's inputs, read from its prompt ids (`ids_ndim` trailing dims: SDXL's are
+    [text encoders, L]) or embeddings: (B,), or with `jit=True` (devices, per_device)."""
     if (prompt_ids is None) == (prompt_embeds is None):
         raise ValueError("Pass exactly one of prompt_ids (from prepare_inputs) and prompt_embeds; got "
                          f"{'neither' if prompt_ids is None else 'both'}.")
     ref = np.shape(prompt_ids if prompt_ids is not None else prompt_embeds)
-    lead = ref[:-1] if prompt_ids is not None else ref[:-2]
+    lead = ref[:-ids_ndim] if prompt_ids is not None else ref[:-2]
     if jit:
         n = jax.local_device_count()
         if len(lead) != 2 or lead[0] != n:
@@ -225,10 +233,12 @@ def check_ids(pipe, name: str, ids, lead: tuple):
     if ids is None:
         return None
     ids = np.asarray(ids)
-    if ids.shape[:-1] != lead or ids.shape[-1] != pipe.max_length:
+    want = lead + pipe.ids_shape
+    if ids.shape != want:
         raise ValueError(
-            f"{name} has shape {ids.shape}; expected {lead + (pipe.max_length,)} (batch dims of "
-            f"prompt_ids, then the tokenizer's max_length {pipe.max_length}). Use "
+            f"{name} has shape {ids.shape}; expected {want} (batch dims of prompt_ids, then "
+            f"{'one row per tokenizer, ' if len(pipe.ids_shape) > 1 else ''}the tokenizer's max_length "
+            f"{pipe.max_length}). Use "
             "pipeline.prepare_inputs / tokenize, and shard() every input alike with jit=True."
         )
     return ids.astype(np.int32)
@@ -238,18 +248,18 @@ def _text_fields(pipe, prompt_ids, neg_prompt_ids, prompt_embeds, negative_promp
                  guidance_scale) -> dict:
     prompt_ids = check_ids(pipe, "prompt_ids", prompt_ids, lead)
     neg_prompt_ids = check_ids(pipe, "neg_prompt_ids", neg_prompt_ids, lead)
-    hidden = pipe.text_encoder.hidden_size
+    hidden = pipe.context_width
     embed_shape = lead + (pipe.max_length, hidden)
     if prompt_embeds is not None:
         embed_shape = np.shape(prompt_embeds)
         if embed_shape[-1] != hidden:
             raise ValueError(f"prompt_embeds has shape {embed_shape}; its last axis must be the text "
-                             f"encoder's hidden_size {hidden}.")
+                             f"encoders' hidden_size {hidden} (summed for SDXL's two).")
     if negative_prompt_embeds is not None and np.shape(negative_prompt_embeds) != embed_shape:
         raise ValueError(f"negative_prompt_embeds has shape {np.shape(negative_prompt_embeds)}; it must match "
                          f"the prompt embeddings' shape {embed_shape}.")
     if do_cfg and neg_prompt_ids is None and negative_prompt_embeds is None:
-        neg_prompt_ids = np.broadcast_to(pipe.tokenize(""), lead + (pipe.max_length,))
+        neg_prompt_ids = np.broadcast_to(pipe.prepare_text_inputs(""), lead + pipe.ids_shape)
     if not do_cfg:
         neg_prompt_ids = negative_prompt_embeds = None
     g = np.asarray(guidance_scale, np.float32)
@@ -259,6 +269,78 @@ def _text_fields(pipe, prompt_ids, neg_prompt_ids, prompt_embeds, negative_promp
     return dict(prompt_ids=prompt_ids, neg_prompt_ids=neg_prompt_ids, prompt_embeds=prompt_embeds,
                 negative_prompt_embeds=negative_prompt_embeds,
                 guidance_scale=np.broadcast_to(g, lead).astype(np.float32))
+
+
+def _is_sdxl(pipe) -> bool:
+    return getattr(pipe, "text_encoder_2", None) is not None
+
+
+@functools.lru_cache(maxsize=64)
+def _timesteps(scheduler, num_inference_steps: int) -> np.ndarray:
+    """The scheduler's loop timesteps for a step count, on the host."""
+    state = scheduler.set_timesteps(scheduler.create_state(), num_inference_steps, (1, 1, 1, 1))
+    return np.asarray(state.timesteps)
+
+
+def _cutoff(scheduler, name: str, fraction: float) -> int:
+    """diffusers' discrete_timestep_cutoff of a denoising_start / denoising_end fraction."""
+    if isinstance(fraction, bool) or not isinstance(fraction, float) or not 0.0 < fraction < 1.0:
+        raise ValueError(f"{name}={fraction!r} must be a float strictly between 0 and 1 (the fraction of the "
+                         "schedule where this pipeline starts / ends denoising).")
+    n_train = scheduler.config.num_train_timesteps
+    return int(round(n_train - fraction * n_train))
+
+
+def denoising_fields(scheduler, num_inference_steps: int, strength: float, denoising_start: Optional[float],
+                     denoising_end: Optional[float]) -> dict:
+    """Batch fields of SDXL's `denoising_start` / `denoising_end` ("ensemble of experts"), as diffusers'
+    SDXL pipelines cut the schedule: denoising_start replaces strength (the loop starts at the first
+    timestep below its cutoff, from the image latents un-noised); denoising_end stops the loop before the
+    first timestep below its cutoff. Both are traced values: changing them does not recompile."""
+    if denoising_start is None and denoising_end is None:
+        return {}
+    if denoising_start is not None and denoising_end is not None and denoising_start >= denoising_end:
+        raise ValueError(f"denoising_start={denoising_start} must be smaller than denoising_end={denoising_end}.")
+    timesteps = _timesteps(scheduler, num_inference_steps)
+    fields = {}
+    begin = begin_index_for_strength(num_inference_steps, strength, scheduler.order)
+    if denoising_start is not None:
+        count = int(np.sum(timesteps < _cutoff(scheduler, "denoising_start", denoising_start)))
+        if scheduler.order == 2 and count % 2 == 0:  # end after a second-order step, as diffusers
+            count += 1
+        begin = len(timesteps) - count
+        if count < 1:
+            raise ValueError(f"denoising_start={denoising_start} leaves no denoising step of {num_inference_steps}; "
+                             "lower it or raise num_inference_steps.")
+        fields.update(begin_index=np.int32(begin), add_noise=np.bool_(False))
+    if denoising_end is not None:
+        cutoff = _cutoff(scheduler, "denoising_end", denoising_end)
+        fields["end_index"] = np.int32(begin + np.sum(timesteps[begin:] >= cutoff))
+    return fields
+
+
+def _sdxl_fields(pipe, opts: Options, lead: tuple, pooled_prompt_embeds=None, negative_pooled_prompt_embeds=None,
+                 zero_negative=None, original_size=None, crops_coords_top_left=(0, 0), target_size=None,
+                 negative_original_size=None, negative_crops_coords_top_left=(0, 0), negative_target_size=None,
+                 aesthetic_score: float = 6.0, negative_aesthetic_score: float = 2.5) -> dict:
+    """SDXL's Batch fields: pooled embeddings (given with prompt_embeds), the size conditioning of
+    `get_add_time_ids` under the pipeline's rule (values: new sizes never recompile) and the traced flag
+    that zeroes the negative embeddings."""
+    rows = lead
+    for name, x in (("pooled_prompt_embeds", pooled_prompt_embeds),
+                    ("negative_pooled_prompt_embeds", negative_pooled_prompt_embeds)):
+        if x is not None and np.shape(x) != rows + (pipe.text_encoder_2.projection_dim,):
+            raise ValueError(f"{name} has shape {np.shape(x)}; expected {rows + (pipe.text_encoder_2.projection_dim,)}"
+                             " (one per prompt, text_encoder_2's projection_dim).")
+    ids, negative = get_add_time_ids(
+        opts.height, opts.width, original_size, crops_coords_top_left, target_size, negative_original_size,
+        negative_crops_coords_top_left, negative_target_size, pipe.requires_aesthetics_score, aesthetic_score,
+        negative_aesthetic_score, rule=pipe._time_id_rule)
+    check_add_time_ids(pipe.unet, len(ids), pipe.text_encoder_2.projection_dim)
+    negative_pooled_prompt_embeds = negative_pooled_prompt_embeds if opts.do_cfg else None
+    return dict(pooled_prompt_embeds=pooled_prompt_embeds, negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
+                add_time_ids=np.broadcast_to(ids, rows + ids.shape), zero_negative=np.bool_(bool(zero_negative)),
+                negative_add_time_ids=np.broadcast_to(negative, rows + negative.shape) if opts.do_cfg else None)
 
 
 def _check_latents(pipe, name: str, latents, lead: tuple, opts: Options, per_prompt: bool = False):

@@ -197,9 +197,11 @@ def model_index(pipeline_class: str, components: Dict[str, Any]) -> Dict[str, An
     return index
 
 
-def save_components(folder: os.PathLike, pipeline_class: str, components: Dict[str, Any], params) -> None:
+def save_components(folder: os.PathLike, pipeline_class: str, components: Dict[str, Any], params,
+                    settings: Optional[Dict[str, Any]] = None) -> None:
     """Write a diffusers-format pipeline folder: per model, PyTorch safetensors and the Flax msgpack of
-    diffusers'/transformers' Flax save_pretrained, so diffusers (PyTorch, and 0.39's Flax) loads it too."""
+    diffusers'/transformers' Flax save_pretrained, so diffusers (PyTorch, and 0.39's Flax) loads it too.
+    `settings`: the pipeline's own config values (e.g. SDXL's force_zeros_for_empty_prompt)."""
     folder = Path(folder)
     for name, comp in components.items():
         if comp is None:
@@ -215,5 +217,5 @@ def save_components(folder: os.PathLike, pipeline_class: str, components: Dict[s
                 model.save_pretrained(folder / (f"{name}_{k}" if k else name), p, pytorch_format=True)
         else:
             comp.save_pretrained(folder / name, params[name], pytorch_format=True)
-    index = model_index(pipeline_class, components)
+    index = {**model_index(pipeline_class, components), **(settings or {})}
     write_bytes_atomic(folder / "model_index.json", json.dumps(index, indent=2).encode())

@@ -29,6 +29,7 @@ from flax_inpaint.loaders.lora import merge_adapters
 from flax_inpaint.pipelines import callbacks
 from flax_inpaint.pipelines.guidance import rescale_noise_cfg
 from flax_inpaint.pipelines.ip_adapter import image_prompt
+from flax_inpaint.pipelines.sdxl_conditioning import encode_hidden_states
 
 Array = jax.Array
 
@@ -44,6 +45,7 @@ class Components:
     safety_checker: Any = None
     controlnets: Tuple[Any, ...] = ()  # their residuals are summed, as diffusers' MultiControlNetModel does
     image_encoder: Any = None  # ip_adapter.ImageEncoder: IP-Adapter reference images -> embeddings
+    text_encoder_2: Any = None  # SDXL's second encoder (with projection); text_encoder is None on the refiner
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,10 +72,17 @@ class Options:
 class Batch:
     """Per-call traced inputs, NHWC: images in [-1, 1], masks in {0, 1}, latents at the VAE's size."""
 
-    prompt_ids: Optional[Array] = None  # [B, L] int32
-    neg_prompt_ids: Optional[Array] = None  # [B, L] int32
+    prompt_ids: Optional[Array] = None  # [B, L] int32; SDXL: [B, text encoders, L]
+    neg_prompt_ids: Optional[Array] = None  # [B, L] int32; SDXL: [B, text encoders, L]
     prompt_embeds: Optional[Array] = None  # [B, L, D]
     negative_prompt_embeds: Optional[Array] = None  # [B, L, D]
+    # SDXL: the pooled prompt embeddings [B, P] and the size conditioning [B, k] (the UNet's
+    # added_cond_kwargs), and whether the negative embeddings are zeros (force_zeros_for_empty_prompt).
+    pooled_prompt_embeds: Optional[Array] = None
+    negative_pooled_prompt_embeds: Optional[Array] = None
+    add_time_ids: Optional[Array] = None
+    negative_add_time_ids: Optional[Array] = None
+    zero_negative: Optional[Array] = None  # [] bool
     image: Optional[Array] = None  # [B, H, W, 3] pixels: img2img start / blending, encoded in the program
     image_latents: Optional[Array] = None  # [B, h, w, C] scaled latents, given instead of `image`
     mask: Optional[Array] = None  # [B, H, W, 1]
@@ -83,8 +92,10 @@ class Batch:
     # add_noise(image latents, noise, first timestep); 4-channel blending re-noises with it too.
     latents: Optional[Array] = None
     guidance_scale: Array = 7.5  # [B] or scalar
-    begin_index: Array = 0  # first loop iteration (strength), int32
+    begin_index: Array = 0  # first loop iteration (strength, denoising_start), int32
+    end_index: Optional[Array] = None  # one past the last loop iteration (denoising_end), int32; None: all
     strength_is_max: Array = True  # strength == 1: start from pure noise
+    add_noise: Array = True  # False (denoising_start): start from the image latents as given, un-noised
     eta: Array = 0.0
     control_images: Optional[Tuple[Array, ...]] = None  # per ControlNet [B, H, W, C], in [0, 1] (-1: masked)
     controlnet_scales: Optional[Array] = None  # [num_iterations, num_controlnets] fp32: scale x keep per iteration
@@ -106,7 +117,7 @@ class Batch:
 
 # Batch fields that hold one value for the whole call, not one per example: a mesh replicates them,
 # the key groups of `generate_groups` share them.
-CALL_WIDE_FIELDS = ("begin_index", "strength_is_max", "eta", "controlnet_scales", "guidance_rescale", "lora_scale",
+CALL_WIDE_FIELDS = ("begin_index", "end_index", "strength_is_max", "add_noise", "zero_negative", "eta", "controlnet_scales", "guidance_rescale", "lora_scale",
                     "schedule", "ip_adapter_images")
 
 
@@ -132,7 +143,51 @@ def decode_latents(vae, params, latents: Array) -> Array:
     return jnp.clip(decoded.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
 
 
-def _prompt_context(c: Components, opts: Options, params, batch: Batch) -> Array:
+def _per_image(x: Array, opts: Options) -> Array:
+    """Rows [B] (or [negatives; prompts] with CFG) repeated num_images_per_prompt times each, in that layout."""
+    if opts.num_images_per_prompt == 1:
+        return x
+    n, halves = opts.num_images_per_prompt, 2 if opts.do_cfg else 1
+    b = x.shape[0] // halves
+    x = jnp.repeat(x.reshape(halves, b, *x.shape[1:]), n, axis=1)
+    return x.reshape(halves * b * n, *x.shape[2:])
+
+
+def _sdxl_conditioning(c: Components, opts: Options, params, batch: Batch) -> Tuple[Array, dict]:
+    """SDXL's context (both encoders' penultimate hidden states) and added_cond_kwargs (pooled embeddings,
+    size conditioning), [negatives; prompts] with CFG, as diffusers' SDXL encode_prompt and __call__."""
+    names = [n for n in ("text_encoder", "text_encoder_2") if getattr(c, n) is not None]
+    encoders, enc_params = tuple(getattr(c, n) for n in names), tuple(params[n] for n in names)
+
+    def embed(ids, layer):
+        return encode_hidden_states(encoders, enc_params, tuple(ids[:, k] for k in range(len(names))), layer)
+
+    layer = -2 if opts.clip_skip is None else -(opts.clip_skip + 2)
+    given = batch.prompt_embeds is not None
+    if opts.do_cfg and not given and batch.negative_prompt_embeds is None and layer == -2:
+        ctx, pooled = embed(jnp.concatenate([batch.neg_prompt_ids, batch.prompt_ids]), -2)  # one pass
+        (uncond, cond), (uncond_pooled, pooled) = jnp.split(ctx, 2), jnp.split(pooled, 2)
+    else:
+        cond, pooled = (batch.prompt_embeds, batch.pooled_prompt_embeds) if given else embed(batch.prompt_ids, layer)
+        if opts.do_cfg:  # the negatives always from the penultimate layer, as diffusers
+            uncond, uncond_pooled = (batch.negative_prompt_embeds, batch.negative_pooled_prompt_embeds) \
+                if batch.negative_prompt_embeds is not None else embed(batch.neg_prompt_ids, -2)
+    time_ids = batch.add_time_ids
+    if opts.do_cfg:
+        zero = batch.zero_negative
+        uncond, uncond_pooled = (jnp.where(zero, jnp.zeros_like(x), x) for x in (uncond, uncond_pooled))
+        cond, pooled = jnp.concatenate([uncond, cond]), jnp.concatenate([uncond_pooled, pooled])
+        time_ids = jnp.concatenate([batch.negative_add_time_ids, time_ids])
+    added = {"text_embeds": _per_image(pooled, opts).astype(jnp.float32),
+             "time_ids": _per_image(time_ids, opts).astype(jnp.float32)}
+    return _per_image(cond, opts).astype(c.unet.runtime.dtype), added
+
+
+def _prompt_context(c: Components, opts: Options, params, batch: Batch) -> Tuple[Array, Optional[dict]]:
+    """The UNet's context [2B or B, L, D] and added_cond_kwargs (SDXL; None for SD)."""
+    if c.text_encoder_2 is not None:
+        return _sdxl_conditioning(c, opts, params, batch)
+
     def embed(ids, embeds, clip_skip):
         if embeds is not None:
             return embeds
@@ -148,12 +203,7 @@ def _prompt_context(c: Components, opts: Options, params, batch: Batch) -> Array
             # diffusers encodes the negative prompt from the last layer whatever `clip_skip` says.
             uncond = embed(batch.neg_prompt_ids, batch.negative_prompt_embeds, None)
             cond = jnp.concatenate([uncond, cond])
-    if opts.num_images_per_prompt > 1:
-        n, b = opts.num_images_per_prompt, cond.shape[0]
-        halves = 2 if opts.do_cfg else 1
-        cond = jnp.repeat(cond.reshape(halves, b // halves, *cond.shape[1:]), n, axis=1)
-        cond = cond.reshape(halves * (b // halves) * n, *cond.shape[2:])
-    return cond.astype(c.unet.runtime.dtype)
+    return _per_image(cond, opts).astype(c.unet.runtime.dtype), None
 
 
 def _repeat(x: Optional[Array], n: int) -> Optional[Array]:
@@ -161,7 +211,7 @@ def _repeat(x: Optional[Array], n: int) -> Optional[Array]:
 
 
 def _controlnet_residuals(c: Components, opts: Options, params, control_images, scales: Array, x_in: Array,
-                          t: Array, context: Array):
+                          t: Array, context: Array, added: Optional[dict] = None):
     """Every ControlNet's residuals at one step, summed (NHWC; what `unet.nhwc` adds to its own).
 
     scales: [num_controlnets], each net's conditioning scale (0 outside its guidance window). In guess
@@ -171,11 +221,12 @@ def _controlnet_residuals(c: Components, opts: Options, params, control_images, 
     if text_only:
         half = x_in.shape[0] // 2
         x_in, context = x_in[half:], context[half:]
+        added = None if added is None else {k: v[half:] for k, v in added.items()}
     t = jnp.broadcast_to(t, (x_in.shape[0],))
     down = mid = None
     for k, (net, image) in enumerate(zip(c.controlnets, control_images)):
         d, m = net.apply({"params": params["controlnet"][k]}, x_in, t, context, image, scales[k], opts.guess_mode,
-                         method=net.nhwc)
+                         method=net.nhwc, added_cond_kwargs=added)
         down, mid = (d, m) if down is None else (tuple(a + b for a, b in zip(down, d)), mid + m)
     if text_only:
         def pad(r):
@@ -190,7 +241,7 @@ def generate(c: Components, opts: Options, params, batch: Batch, key: Array):
     unet, vae, sched = c.unet, c.vae, c.scheduler
     params = merge_adapters(params, batch.lora_scale)  # LoRA adapters at their (traced) weights, once per call
     n_img = opts.num_images_per_prompt
-    context = _prompt_context(c, opts, params, batch)
+    context, added = _prompt_context(c, opts, params, batch)
     bsz = context.shape[0] // (2 if opts.do_cfg else 1)
     factor = vae.downscale
     shape = (bsz, opts.height // factor, opts.width // factor, vae.latent_channels)
@@ -203,6 +254,7 @@ def generate(c: Components, opts: Options, params, batch: Batch, key: Array):
     state = sched.set_begin_index(state, batch.begin_index)
     timesteps = state.timesteps
     n_iter = timesteps.shape[0]
+    end = n_iter if batch.end_index is None else batch.end_index
 
     if batch.latents is not None:
         noise = batch.latents.astype(jnp.float32)
@@ -218,6 +270,7 @@ def generate(c: Components, opts: Options, params, batch: Batch, key: Array):
         t0 = jnp.broadcast_to(timesteps[batch.begin_index], (bsz,))
         noised = sched.add_noise(state, image_latents, noise, t0)
         latents = jnp.where(batch.strength_is_max, noise * state.init_noise_sigma, noised)
+        latents = jnp.where(batch.add_noise, latents, image_latents)
     else:
         latents = noise * state.init_noise_sigma
 
@@ -256,11 +309,12 @@ def generate(c: Components, opts: Options, params, batch: Batch, key: Array):
         down = mid = None
         if c.controlnets:  # they see the latents only, not an inpainting UNet's mask channels
             down, mid = _controlnet_residuals(c, opts, params, controls, batch.controlnet_scales[i], x_in, t,
-                                              ctx)
+                                              ctx, added)
         if ex is not None:
             x_in = jnp.concatenate([x_in, ex], axis=-1)
         tt = jnp.broadcast_to(t, (x_in.shape[0],))
-        eps = unet.apply({"params": params["unet"]}, x_in, tt, ctx, down, mid, method=unet.nhwc, **ip)
+        eps = unet.apply({"params": params["unet"]}, x_in, tt, ctx, down, mid, method=unet.nhwc,
+                         added_cond_kwargs=added, **ip)
         eps = eps.astype(jnp.float32)
         if opts.do_cfg:  # examples with guidance <= 1 take the text prediction, as without CFG
             uncond, text = jnp.split(eps, 2)
@@ -274,7 +328,7 @@ def generate(c: Components, opts: Options, params, batch: Batch, key: Array):
         if unet.in_channels == 4 and mask is not None:
             nxt = timesteps[jnp.minimum(i + 1, n_iter - 1)]
             renoised = sched.add_noise(state, image_latents, noise, jnp.broadcast_to(nxt, (bsz,)))
-            proper = jnp.where(i < n_iter - 1, renoised, image_latents)
+            proper = jnp.where(i < end - 1, renoised, image_latents)
             latents = (1 - m) * proper + m * latents
         if opts.early_stop:  # what a stop returns: the x0 estimate, outside the mask the image
             est = latents if out.pred_original_sample is None else out.pred_original_sample.astype(latents.dtype)
@@ -290,10 +344,10 @@ def generate(c: Components, opts: Options, params, batch: Batch, key: Array):
 
     if opts.early_stop:
         live = {**live, "estimate": latents, "done": jnp.zeros((), jnp.int32)}
-        latents = callbacks.loop_until_stopped(body, batch.begin_index, n_iter, (latents, state, live),
+        latents = callbacks.loop_until_stopped(body, batch.begin_index, end, (latents, state, live),
                                                batch.callback_ids)
     else:
-        latents, _, _ = jax.lax.fori_loop(batch.begin_index, n_iter, body, (latents, state, live))
+        latents, _, _ = jax.lax.fori_loop(batch.begin_index, end, body, (latents, state, live))
 
     if opts.output_type == "latent":
         return latents, None

@@ -79,7 +79,7 @@ def prompt_ids(
                      np.asarray(zero))
 
 
-def _encode(text_encoders: Sequence[Any], params: Sequence[Any], ids: Sequence[jax.Array],
+def encode_hidden_states(text_encoders: Sequence[Any], params: Sequence[Any], ids: Sequence[jax.Array],
             layer: int) -> Tuple[jax.Array, jax.Array]:
     """(hidden states of `layer` of each encoder concatenated, the first projected pooled output)."""
     states, pooled = [], None
@@ -110,8 +110,8 @@ def encode_prompt(
     embeddings are text_encoder_2's `text_embeds`. Rows repeat num_images_per_prompt times.
     """
     layer = -2 if clip_skip is None else -(clip_skip + 2)
-    embeds, pooled = _encode(text_encoders, params, ids.ids, layer)
-    negative, negative_pooled = _encode(text_encoders, params, ids.negative_ids, -2)
+    embeds, pooled = encode_hidden_states(text_encoders, params, ids.ids, layer)
+    negative, negative_pooled = encode_hidden_states(text_encoders, params, ids.negative_ids, -2)
     zero = jnp.asarray(ids.zero_negative)
     negative, negative_pooled = (jnp.where(zero, jnp.zeros_like(x), x) for x in (negative, negative_pooled))
     return tuple(jnp.repeat(x, num_images_per_prompt, axis=0) for x in (embeds, negative, pooled, negative_pooled))

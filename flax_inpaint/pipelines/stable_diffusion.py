@@ -99,10 +99,19 @@ class FlaxDiffusionPipeline(FromSingleFileMixin, LoraLoaderMixin, TextualInversi
         self._progress_bar_config: dict = {}
 
     # -- loading / saving ---------------------------------------------------------------------
+    # Pipeline settings model_index.json holds beside the components (diffusers' register_to_config), passed
+    # to the constructor by from_pretrained and from_pipe.
+    _config_names: Tuple[str, ...] = ()
+    _optional_components: Tuple[str, ...] = ()  # components a folder may leave null besides those with defaults
+
     @classmethod
     def component_names(cls) -> Tuple[str, ...]:
         """The constructor's components, in order (what `components` holds)."""
-        return tuple(n for n in inspect.signature(cls.__init__).parameters if n not in ("self", "dtype"))
+        skip = ("self", "dtype", *cls._config_names)
+        return tuple(n for n in inspect.signature(cls.__init__).parameters if n not in skip)
+
+    def _config_values(self) -> Dict[str, Any]:
+        return {name: getattr(self, name) for name in self._config_names}
 
     @property
     def components(self) -> Dict[str, Any]:
@@ -113,7 +122,7 @@ class FlaxDiffusionPipeline(FromSingleFileMixin, LoraLoaderMixin, TextualInversi
     @property
     def config(self) -> FrozenConfig:
         """model_index.json's content: the pipeline class and each component's (library, class)."""
-        return FrozenConfig(loading.model_index(self._pipeline_class, self.components))
+        return FrozenConfig({**loading.model_index(self._pipeline_class, self.components), **self._config_values()})
 
     @property
     def _config_class_name(self) -> str:
@@ -143,9 +152,9 @@ class FlaxDiffusionPipeline(FromSingleFileMixin, LoraLoaderMixin, TextualInversi
         del use_memory_efficient_attention, split_head_dim
         hub = dict(cache_dir=cache_dir, proxies=proxies, token=token, force_download=force_download)
         folder = resolve_folder(pretrained_model_name_or_path, None, local_files_only, revision, **hub)
-        target = cls
+        target, index = cls, read_config(folder, cls.config_name)
         if cls is FlaxDiffusionPipeline:
-            target = pipeline_class(read_config(folder, cls.config_name).get("_class_name", ""))
+            target = pipeline_class(index.get("_class_name", ""))
         names = target.component_names()
         unknown = sorted(set(components) - set(names))
         if unknown:
@@ -161,12 +170,14 @@ class FlaxDiffusionPipeline(FromSingleFileMixin, LoraLoaderMixin, TextualInversi
         if components.get("scheduler") is not None:
             params["scheduler"] = comps["scheduler"].create_state()
         optional = {n for n, p in inspect.signature(target.__init__).parameters.items() if p.default is not p.empty}
+        optional.update(target._optional_components)
         for name in names:
             if comps.get(name) is None and name not in optional:
                 why = "was passed as None" if name in components else f"has no {name} in its model_index.json"
                 raise ValueError(f"{target.__name__} needs a {name}, but {folder} {why}; pass {name}=<a "
                                  f"{name} object{', folder, or a list of either' if name == 'controlnet' else ''}>.")
-        return target(**{name: comps.get(name) for name in names}, dtype=dtype), params
+        settings = {name: index[name] for name in target._config_names if name in index}
+        return target(**{name: comps.get(name) for name in names}, **settings, dtype=dtype), params
 
     @classmethod
     def _passed_component(cls, name: str, value: Any, params: dict, load: dict) -> Any:
@@ -182,7 +193,7 @@ class FlaxDiffusionPipeline(FromSingleFileMixin, LoraLoaderMixin, TextualInversi
         """This pipeline over another one's components (no reloading; the same params serve both);
         keyword arguments add or replace components, e.g. `controlnet=` for a ControlNet pipeline
         (then set params["controlnet"])."""
-        found = {n: getattr(pipe, n) for n in cls.component_names() if hasattr(pipe, n)}
+        found = {n: getattr(pipe, n) for n in cls.component_names() + cls._config_names if hasattr(pipe, n)}
         return cls(**{**found, **components}, dtype=pipe.dtype)
 
     def save_pretrained(self, save_directory: Union[str, os.PathLike], params, push_to_hub: bool = False,
@@ -190,7 +201,7 @@ class FlaxDiffusionPipeline(FromSingleFileMixin, LoraLoaderMixin, TextualInversi
         """Write a diffusers-format folder that both diffusers (PyTorch) and we can load."""
         if push_to_hub or kwargs:
             raise ValueError(f"save_pretrained(push_to_hub=True, {', '.join(kwargs)}) is not provided: {PUSH_TO_HUB}")
-        loading.save_components(save_directory, self._pipeline_class, self.components, params)
+        loading.save_components(save_directory, self._pipeline_class, self.components, params, self._config_values())
 
     # -- diffusers' pipeline utilities ------------------------------------------------------------
     @staticmethod
@@ -218,6 +229,16 @@ class FlaxDiffusionPipeline(FromSingleFileMixin, LoraLoaderMixin, TextualInversi
     def max_length(self) -> int:
         return self.tokenizer.model_max_length
 
+    @property
+    def ids_shape(self) -> Tuple[int, ...]:
+        """The trailing dims of one prompt's token ids."""
+        return (self.max_length,)
+
+    @property
+    def context_width(self) -> int:
+        """The width of the prompt embeddings the UNet attends to."""
+        return self.text_encoder.hidden_size
+
     def tokenize(self, prompt: Union[str, Sequence[str]]) -> np.ndarray:
         """Token ids [B, max_length] padded/truncated like diffusers."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
@@ -230,6 +251,15 @@ class FlaxDiffusionPipeline(FromSingleFileMixin, LoraLoaderMixin, TextualInversi
 
     def prepare_text_inputs(self, prompt) -> np.ndarray:
         return self.tokenize(prompt)
+
+    def _prompt_inputs(self, prompt, negative_prompt, kwargs: dict) -> tuple:
+        """(prompt_ids, neg_prompt_ids or None) of a convenience call's strings (a string negative prompt
+        repeats per prompt); SDXL pipelines also take their extra prompt keywords out of `kwargs`."""
+        ids = self.tokenize(prompt)
+        if negative_prompt is None:
+            return ids, None
+        return ids, self.tokenize([negative_prompt] * ids.shape[0] if isinstance(negative_prompt, str)
+                                  else negative_prompt)
 
     def default_size(self) -> tuple:
         """(height, width) the UNet was trained at: its sample_size (64 if unset) times the VAE factor."""
@@ -290,7 +320,8 @@ class FlaxDiffusionPipeline(FromSingleFileMixin, LoraLoaderMixin, TextualInversi
         params = self._program_params(params)
         comps = self._components()
         image_prompt = batch.ip_adapter_images is not None or batch.ip_adapter_image_embeds is not None
-        needed = ["unet", "vae", "scheduler"] + ["text_encoder"] * (batch.prompt_ids is not None) \
+        encoders = [n for n in ("text_encoder", "text_encoder_2") if getattr(self, n, None) is not None]
+        needed = ["unet", "vae", "scheduler"] + encoders * (batch.prompt_ids is not None) \
             + ["safety_checker"] * (self.safety_checker is not None) \
             + ["image_encoder"] * (batch.ip_adapter_images is not None)
         missing = [name for name in needed if name not in params]
@@ -458,10 +489,8 @@ class FlaxStableDiffusionInpaintPipeline(FlaxDiffusionPipeline):
         default_h, default_w = self.default_size()
         height, width = height or default_h, width or default_w
         inputs = self._preprocess(image, mask_image, height, width, padding_mask_crop)
-        ids = self.tokenize(prompt)
+        ids, neg = self._prompt_inputs(prompt, negative_prompt, kwargs)
         n = ids.shape[0]
-        neg = None if negative_prompt is None else self.tokenize(
-            [negative_prompt] * n if isinstance(negative_prompt, str) else negative_prompt)
         rep = lambda a: np.broadcast_to(a, (n,) + a.shape[1:])  # noqa: E731
         out = self(ids, rep(inputs.mask), rep(inputs.masked_image), params, prng_seed,
                    neg_prompt_ids=neg, image=rep(inputs.image), output_type="np", **kwargs)
