@@ -140,6 +140,21 @@ def test_flax_api_zero_negatives_match_diffusers(sdxl):
     check(out, ref, (1, SIZE, SIZE, 3))
 
 
+def test_prompt_embeds_match_diffusers(sdxl):
+    """prompt_embeds / pooled_prompt_embeds (and negatives) from diffusers' encode_prompt give its images."""
+    torch_pipe = sdxl.torch["base"]
+    latents = noise(1, seed=3)
+    with torch.no_grad():
+        embeds = torch_pipe.encode_prompt("a red cat", device="cpu", negative_prompt="ca", prompt_2="red")
+        ref = torch_pipe("a red cat", prompt_2="red", negative_prompt="ca", height=SIZE, width=SIZE, latents=latents,
+                         num_inference_steps=2, output_type="np").images
+    names = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
+    pipe, params = sdxl.ours["base"]
+    out = pipe(None, params, jax.random.key(0), 2, 5.0, SIZE, SIZE, latents.numpy(),
+               **{n: x.numpy() for n, x in zip(names, embeds)}).images
+    check(out, ref, (1, SIZE, SIZE, 3))
+
+
 INPAINT_CASES = {  # pipeline, strength, negative prompt, denoising_end
     "9ch": ("inpaint", 1.0, None, None),
     "9ch_strength": ("inpaint", 0.6, "blurry", None),
