@@ -21,6 +21,9 @@ from flax_inpaint.models.unet import FlaxUNet2DConditionModel
 from flax_inpaint.models.vae import FlaxAutoencoderKL
 from flax_inpaint.pipelines import NOT_PROVIDED as _PIPELINES_NOT_PROVIDED
 from flax_inpaint.pipelines import (
+    FlaxAutoPipelineForImage2Image,
+    FlaxAutoPipelineForInpainting,
+    FlaxAutoPipelineForText2Image,
     FlaxDiffusionPipeline,
     FlaxStableDiffusionControlNetInpaintPipeline,
     FlaxStableDiffusionControlNetPipeline,
@@ -36,6 +39,9 @@ from flax_inpaint.schedulers import __all__ as _schedulers
 
 __version__ = "0.1.0"
 __all__ = [
+    "FlaxAutoPipelineForImage2Image",
+    "FlaxAutoPipelineForInpainting",
+    "FlaxAutoPipelineForText2Image",
     "FlaxAutoencoderKL",
     "FlaxCLIPTextModel",
     "FlaxCLIPTextModelWithProjection",

@@ -1,5 +1,10 @@
 """Pipelines: text-to-image, image-to-image and inpainting (also ControlNet-guided) on one compiled
 sampling program."""
+from flax_inpaint.pipelines.auto import (
+    FlaxAutoPipelineForImage2Image,
+    FlaxAutoPipelineForInpainting,
+    FlaxAutoPipelineForText2Image,
+)
 from flax_inpaint.pipelines.controlnet import (
     FlaxStableDiffusionControlNetInpaintPipeline,
     FlaxStableDiffusionControlNetPipeline,
@@ -15,6 +20,9 @@ from flax_inpaint.pipelines.stable_diffusion import (
 )
 
 __all__ = [
+    "FlaxAutoPipelineForImage2Image",
+    "FlaxAutoPipelineForInpainting",
+    "FlaxAutoPipelineForText2Image",
     "FlaxDiffusionPipeline",
     "FlaxStableDiffusionControlNetInpaintPipeline",
     "FlaxStableDiffusionControlNetPipeline",
