@@ -13,7 +13,6 @@ from diffusers import (
     AutoPipelineForInpainting,
     AutoPipelineForText2Image,
     StableDiffusionControlNetPipeline,
-    StableDiffusionImg2ImgPipeline,
     StableDiffusionPipeline,
 )
 
