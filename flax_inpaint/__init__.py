@@ -22,6 +22,7 @@ from flax_inpaint.models.vae import FlaxAutoencoderKL
 from flax_inpaint.pipelines import NOT_PROVIDED as _PIPELINES_NOT_PROVIDED
 from flax_inpaint.pipelines import (
     FlaxDiffusionPipeline,
+    FlaxStableDiffusionControlNetImg2ImgPipeline,
     FlaxStableDiffusionControlNetInpaintPipeline,
     FlaxStableDiffusionControlNetPipeline,
     FlaxStableDiffusionImg2ImgPipeline,
@@ -42,6 +43,7 @@ __all__ = [
     "FlaxControlNetModel",
     "FlaxDiffusionPipeline",
     "FlaxModelMixin",
+    "FlaxStableDiffusionControlNetImg2ImgPipeline",
     "FlaxStableDiffusionControlNetInpaintPipeline",
     "FlaxStableDiffusionControlNetPipeline",
     "FlaxStableDiffusionImg2ImgPipeline",

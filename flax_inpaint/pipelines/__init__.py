@@ -1,6 +1,7 @@
 """Pipelines: text-to-image, image-to-image and inpainting (also ControlNet-guided) on one compiled
 sampling program."""
 from flax_inpaint.pipelines.controlnet import (
+    FlaxStableDiffusionControlNetImg2ImgPipeline,
     FlaxStableDiffusionControlNetInpaintPipeline,
     FlaxStableDiffusionControlNetPipeline,
     make_inpaint_condition,
@@ -16,6 +17,7 @@ from flax_inpaint.pipelines.stable_diffusion import (
 
 __all__ = [
     "FlaxDiffusionPipeline",
+    "FlaxStableDiffusionControlNetImg2ImgPipeline",
     "FlaxStableDiffusionControlNetInpaintPipeline",
     "FlaxStableDiffusionControlNetPipeline",
     "FlaxStableDiffusionImg2ImgPipeline",
