@@ -16,12 +16,16 @@ from diffusers import (
     AutoencoderKL,
     ControlNetModel,
     DDIMScheduler,
+    EulerDiscreteScheduler,
     PNDMScheduler,
     StableDiffusionInpaintPipeline,
+    StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLInpaintPipeline,
+    StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
 from safetensors.numpy import save_file
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 import tiny_sd
 from flax_inpaint.loaders import lora
@@ -132,6 +136,78 @@ def write_file(state: dict, path: Path) -> Path:
         torch.save({"state_dict": {k: torch.from_numpy(np.array(v)) for k, v in state.items()}, "global_step": 10},
                    path)
     return path
+
+
+# ------------------------------------------------------------------ SDXL
+TIME_DIM, POOLED = 8, 20  # addition_time_embed_dim (SDXL: 256), text_encoder_2's projection_dim (SDXL: 1280)
+# CLIP ViT-L and OpenCLIP ViT-bigG at toy widths; the widths differ, as diffusers tells the encoders apart by them.
+SDXL_TEXT = dict(hidden_size=16, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2,
+                 hidden_act="quick_gelu")
+SDXL_TEXT_2 = dict(hidden_size=24, intermediate_size=40, num_hidden_layers=3, num_attention_heads=4,
+                   hidden_act="gelu", projection_dim=POOLED)
+# SDXL base's layout (resnet-only first level, deeper transformers below, linear projections, six size
+# values); the refiner's (a resnet-only last level too, OpenCLIP's width as context, five size values).
+SDXL_UNET = dict(block_out_channels=(16, 32, 32), layers_per_block=2, norm_num_groups=8,
+                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                 attention_head_dim=(2, 4, 8), transformer_layers_per_block=(1, 1, 2), use_linear_projection=True,
+                 addition_embed_type="text_time", addition_time_embed_dim=TIME_DIM, sample_size=8,
+                 cross_attention_dim=SDXL_TEXT["hidden_size"] + SDXL_TEXT_2["hidden_size"],
+                 projection_class_embeddings_input_dim=POOLED + 6 * TIME_DIM)
+REFINER_UNET = dict(SDXL_UNET, block_out_channels=(16, 32, 32, 32), attention_head_dim=(2, 4, 4, 8),
+                    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                    transformer_layers_per_block=2, cross_attention_dim=SDXL_TEXT_2["hidden_size"],
+                    projection_class_embeddings_input_dim=POOLED + 5 * TIME_DIM)
+SDXL_KINDS = {  # kind: (diffusers pipeline class, UNet config, in_channels)
+    "base": (StableDiffusionXLPipeline, SDXL_UNET, 4),
+    "refiner": (StableDiffusionXLImg2ImgPipeline, REFINER_UNET, 4),
+    "inpaint": (StableDiffusionXLInpaintPipeline, SDXL_UNET, 9),
+}
+
+
+def make_sdxl(root: Path, kind: str = "base", seed: int = 0):
+    """(folder, torch pipeline) of a tiny random SDXL pipeline (base, refiner or 9-channel inpainting),
+    saved as a diffusers folder; the refiner has no text_encoder / tokenizer, as its release."""
+    cls, unet_config, in_channels = SDXL_KINDS[kind]
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(in_channels=in_channels, out_channels=4, **unet_config)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, scaling_factor=0.13025, **VAE)
+    tokenizer = tiny_sd.make_tokenizer(root / "_tok")
+    tokenizer_2 = CLIPTokenizer(str(root / "_tok" / "vocab.json"), str(root / "_tok" / "merges.txt"), pad_token="!",
+                                model_max_length=tiny_sd.MAX_LENGTH)
+    ids = dict(vocab_size=len(tokenizer), max_position_embeddings=tiny_sd.MAX_LENGTH, pad_token_id=1,
+               bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**SDXL_TEXT, **ids)).eval()
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**SDXL_TEXT_2, **ids)).eval()
+    scheduler = EulerDiscreteScheduler(**tiny_sd.SD_SCHEDULE, timestep_spacing="leading")
+    parts = dict(vae=vae.eval(), text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, unet=unet.eval(),
+                 scheduler=scheduler)
+    if kind == "refiner":
+        pipe = cls(text_encoder=None, tokenizer=None, requires_aesthetics_score=True, **parts)
+    else:
+        pipe = cls(text_encoder=text_encoder, tokenizer=tokenizer, **parts)
+    folder = root / f"sdxl-{kind}"
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder, pipe
+
+
+def sdxl_original_state(pipe) -> dict:
+    """An SDXL pipeline's models in Stability's single-file layout (base / inpainting: CLIP-L at embedders.0,
+    OpenCLIP at embedders.1; refiner: OpenCLIP at embedders.0), plus OpenCLIP's logit_scale and EMA/schedule
+    leftovers that real files carry."""
+    openclip = sf.SDXL_OPENCLIP_PREFIX if pipe.text_encoder is not None else sf.REFINER_OPENCLIP_PREFIX
+    layouts = [("unet", pipe.unet, sf.UNET_PREFIX, "unet"), ("vae", pipe.vae, sf.VAE_PREFIX, "vae"),
+               ("text_encoder_2", pipe.text_encoder_2, openclip, "openclip")]
+    if pipe.text_encoder is not None:
+        layouts.append(("text_encoder", pipe.text_encoder, sf.SDXL_CLIP_PREFIX, "clip"))
+    state = {}
+    for component, model, prefix, kind in layouts:
+        state.update(sf.to_original(diffusers_state(model), sf.Layout(component, prefix, kind), torch_config(model)))
+    state[openclip + "logit_scale"] = np.float32(4.6)
+    state["alphas_cumprod"] = np.linspace(1, 0, 1000, dtype=np.float32)
+    state["model_ema.decay"] = np.float32(0.9999)
+    return state
 
 
 # ------------------------------------------------------------------ LoRA files
