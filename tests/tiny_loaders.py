@@ -235,7 +235,9 @@ def lora_factors(module, rank: int, rng) -> tuple:
 
 
 def write_lora(pipe, fmt: str, path: Path, seed: int = 0, rank: int = 4, alphas=None) -> Path:
-    """A random LoRA for `pipe`'s UNet and text encoder in one of the formats people share:
+    """A random LoRA for `pipe`'s UNet and text encoder(s) in one of the formats people share (an SDXL pipe's
+    text_encoder_2 too: `text_encoder_2.` / `lora_te2_`, with `lora_te1_` and original UNet names for kohya,
+    as SDXL LoRAs have them):
 
     "peft": diffusers' current files (`unet.<m>.lora_A.weight`, text encoder names without `text_model.`),
       with the adapter metadata diffusers writes (lora_alpha 8 and an alpha_pattern for the UNet, 2 for the
@@ -250,22 +252,32 @@ def write_lora(pipe, fmt: str, path: Path, seed: int = 0, rank: int = 4, alphas=
     unet_conv = {n: m for n, m in lora_modules(pipe.unet, (torch.nn.Conv2d,)).items()
                  if ".resnets." in n and n.endswith(("conv1", "conv2")) or n.endswith("proj_in")}
     text = lora_modules(pipe.text_encoder)
+    sdxl = getattr(pipe, "text_encoder_2", None) is not None
+    text2 = {n: m for n, m in lora_modules(pipe.text_encoder_2).items() if n != "text_projection"} if sdxl else {}
     state, metadata = {}, None
     if fmt == "peft":
-        for prefix, mods in (("unet.", {**unet_linear, **unet_conv}), ("text_encoder.", text)):
+        parts = (("unet.", {**unet_linear, **unet_conv}), ("text_encoder.", text), ("text_encoder_2.", text2))
+        for prefix, mods in parts:
             for name, module in mods.items():
                 down, up = lora_factors(module, rank, rng)
-                name = name.removeprefix("text_model.") if prefix == "text_encoder." else name
+                name = name.removeprefix("text_model.") if prefix != "unet." else name
                 state[f"{prefix}{name}.lora_A.weight"], state[f"{prefix}{name}.lora_B.weight"] = down, up
         metadata = {"unet.r": rank, "unet.lora_alpha": 8, "unet.alpha_pattern": {"attn2.to_k": 2},
                     "unet.target_modules": sorted({**unet_linear, **unet_conv}),
                     "text_encoder.r": rank, "text_encoder.lora_alpha": 2,
                     "text_encoder.target_modules": sorted(n.removeprefix("text_model.") for n in text)}
+        if sdxl:
+            metadata.update({"text_encoder_2.r": rank, "text_encoder_2.lora_alpha": 6,
+                             "text_encoder_2.target_modules": sorted(n.removeprefix("text_model.") for n in text2)})
     elif fmt == "kohya":
-        for prefix, mods, alpha in (("lora_unet_", {**unet_linear, **unet_conv}, 2.0), ("lora_te_", text, 8.0)):
+        ldm = sf.Layout("unet", "", "unet").key_fn(torch_config(pipe.unet))
+        parts = (("lora_unet_", {**unet_linear, **unet_conv}, 2.0), ("lora_te1_" if sdxl else "lora_te_", text, 8.0),
+                 ("lora_te2_", text2, 4.0))
+        for prefix, mods, alpha in parts:
             for name, module in mods.items():
                 down, up = lora_factors(module, rank, rng)
-                key = prefix + name.replace(".", "_")
+                written = ldm(name + ".weight")[0].removesuffix(".weight") if sdxl and prefix == "lora_unet_" else name
+                key = prefix + written.replace(".", "_")
                 state[f"{key}.lora_down.weight"], state[f"{key}.lora_up.weight"] = down, up
                 state[f"{key}.alpha"] = np.array((alphas or {}).get(name, alpha), np.float32)
     elif fmt == "old":
