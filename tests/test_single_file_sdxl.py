@@ -7,6 +7,8 @@ original weights (so the table is checked against diffusers' own mapping). Ours 
 equal to diffusers' and give the same UNet and text-encoder outputs: fp32, max abs diff <= 1e-4 (the same
 math in another framework; the outputs are O(1)).
 """
+import re
+
 import jax
 import numpy as np
 import pytest
@@ -123,3 +125,107 @@ def test_sdxl_unused_and_missing_tensors_are_listed(sdxl_files, tmp_path):
         sf.load_pipeline(path, folder, sdxl=True)
     assert "model.diffusion_model.label_emb.0.2.bias (for unet add_embedding.linear_2.bias)" in str(err.value)
     assert sf.SDXL_OPENCLIP_PREFIX + "stray" in str(err.value)
+
+
+# ------------------------------------------------------------------ the released SDXL sizes, without config=
+# Stability's sd_xl_base.yaml / sd_xl_refiner.yaml (network_config), the input of diffusers' own config
+# builders, which serve as the reference for what the family defaults and the tensors give.
+SGM = {
+    "base": dict(adm_in_channels=2816, in_channels=4, out_channels=4, model_channels=320, attention_resolutions=[4, 2],
+                 num_res_blocks=2, channel_mult=[1, 2, 4], num_head_channels=64, use_linear_in_transformer=True,
+                 transformer_depth=[1, 2, 10], context_dim=2048, num_classes="sequential"),
+    "refiner": dict(adm_in_channels=2560, in_channels=4, out_channels=4, model_channels=384,
+                    attention_resolutions=[4, 2], num_res_blocks=2, channel_mult=[1, 2, 4, 4], num_head_channels=64,
+                    use_linear_in_transformer=True, transformer_depth=4, context_dim=[1280] * 4,
+                    num_classes="sequential"),
+}
+VAE_DDCONFIG = dict(ch=128, ch_mult=[1, 2, 4, 4], num_res_blocks=2, in_channels=3, out_ch=3, z_channels=4)
+# The released text encoders' configs (SDXL's text_encoder: CLIP ViT-L; text_encoder_2: OpenCLIP ViT-bigG).
+CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
+              hidden_act="quick_gelu")
+BIGG = dict(hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32, hidden_act="gelu",
+            projection_dim=1280)
+
+
+def zero_state(model_class, config, prefix, layout_kind, component, keep=lambda k: True):
+    """(original-layout zero-stride tensors of a torch model built on the meta device, its diffusers shapes)."""
+    with torch.device("meta"):
+        model = model_class(config) if not isinstance(config, dict) else model_class(**config)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items() if keep(k)}
+    zeros = {k: np.broadcast_to(np.float32(0), s) for k, s in shapes.items()}
+    cfg = config if isinstance(config, dict) else {}
+    return sf.to_original(zeros, sf.Layout(component, prefix, layout_kind), cfg), shapes
+
+
+@pytest.fixture(scope="module", params=[("base", 4), ("base", 9), ("refiner", 4)],
+                ids=["base", "inpainting", "refiner"])
+def released(request):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import (
+        create_unet_diffusers_config_from_ldm,
+        create_vae_diffusers_config_from_ldm,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    kind, channels = request.param
+    original = {"model": {"params": {"scale_factor": 0.13025,
+                                     "network_config": {"params": {**SGM[kind], "in_channels": channels}},
+                                     "first_stage_config": {"params": {"ddconfig": VAE_DDCONFIG}}}}}
+    openclip = sf.SDXL_OPENCLIP_PREFIX if kind == "base" else sf.REFINER_OPENCLIP_PREFIX
+    probe = {openclip + "transformer.resblocks.9.mlp.c_proj.bias": torch.empty(1280, device="meta"),
+             sf.UNET_PREFIX + "input_blocks.0.0.weight": torch.empty((320, channels, 3, 3), device="meta")}
+    refs = {"unet": create_unet_diffusers_config_from_ldm(original, probe),
+            "vae": create_vae_diffusers_config_from_ldm(original, probe), "text_encoder_2": BIGG}
+    state, expected = {}, {}
+    for name, cls, prefix, layout_kind in (("unet", UNet2DConditionModel, sf.UNET_PREFIX, "unet"),
+                                           ("vae", AutoencoderKL, sf.VAE_PREFIX, "vae")):
+        part, expected[name] = zero_state(cls, refs[name], prefix, layout_kind, name)
+        state.update(part)
+    # The text encoders without their q/k/v (fusing those into OpenCLIP's in_proj would allocate them): the
+    # tensors their configs are read from.
+    no_qkv = lambda k: not re.search(r"self_attn\.[qkv]_proj", k)  # noqa: E731
+    texts = [("text_encoder_2", CLIPTextModelWithProjection, openclip, "openclip", BIGG)]
+    if kind == "base":
+        refs["text_encoder"] = CLIP_L
+        texts.append(("text_encoder", CLIPTextModel, sf.SDXL_CLIP_PREFIX, "clip", CLIP_L))
+    for name, cls, prefix, layout_kind, config in texts:
+        config = CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, **config)
+        part, _ = zero_state(cls, config, prefix, layout_kind, name, no_qkv)
+        state.update(part)
+    return kind, channels, state, refs, expected
+
+
+def test_released_sdxl_sizes_infer_diffusers_configs(released):
+    kind, channels, state, refs, _ = released
+    layouts = sf.find_layouts(state)
+    family = sf.family_of(state, layouts)
+    assert family.name == ("SDXL" if kind == "base" else "SDXL refiner")
+    assert set(layouts) == set(refs)
+    for name in refs:
+        ours = sf.component_config(state, layouts[name], None, family, "file")
+        for key, value in refs[name].items():
+            if key != "sample_size" and (key in ours or value is not None):
+                assert sf._same(ours.get(key), value), (name, key, ours.get(key), value)
+    assert (refs["unet"]["sample_size"], refs["vae"]["sample_size"]) == (128, 1024) == (
+        family.image_size(channels, None) // 8, family.image_size(channels, None))
+    assert family.scheduler(channels, None)["_class_name"] == "EulerDiscreteScheduler"
+
+
+def test_released_sdxl_unet_and_vae_convert_every_tensor(released):
+    """Our table maps every UNet and VAE tensor of a released-size file onto every parameter (names and
+    shapes), and diffusers' reader agrees on the UNet's names."""
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+    _, _, state, refs, expected = released
+    layouts = sf.find_layouts(state)
+    family = sf.family_of(state, layouts)
+    problems, used = sf.Problems(), set()
+    for name in ("unet", "vae"):
+        config = sf.component_config(state, layouts[name], None, family, "file")
+        model = sf._model_class(name).from_config(config)
+        got = sf.to_diffusers(state, layouts[name], config, sf.expected_keys(model), problems, used)
+        assert {k: v.shape for k, v in got.items()} == expected[name], name
+    problems.unused += sf.unused_keys(state, used, [sf.UNET_PREFIX, sf.VAE_PREFIX], layouts, {})
+    problems.raise_if_any("file")
+    meta = {k: torch.empty(v.shape, device="meta") for k, v in state.items() if k.startswith(sf.UNET_PREFIX)}
+    assert {k: tuple(v.shape) for k, v in convert_ldm_unet_checkpoint(meta, refs["unet"]).items()} == expected["unet"]
