@@ -211,9 +211,10 @@ def test_released_sdxl_sizes_infer_diffusers_configs(released):
     assert family.scheduler(channels, None)["_class_name"] == "EulerDiscreteScheduler"
 
 
+@pytest.mark.parametrize("released", [("base", 4), ("refiner", 4)], ids=["base", "refiner"], indirect=True)
 def test_released_sdxl_unet_and_vae_convert_every_tensor(released):
     """Our table maps every UNet and VAE tensor of a released-size file onto every parameter (names and
-    shapes), and diffusers' reader agrees on the UNet's names."""
+    shapes), and diffusers' reader agrees on the UNet's names (the inpainting UNet differs in conv_in only)."""
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 
     _, _, state, refs, expected = released

@@ -147,7 +147,7 @@ SDXL_TEXT_2 = dict(hidden_size=24, intermediate_size=40, num_hidden_layers=3, nu
                    hidden_act="gelu", projection_dim=POOLED)
 # SDXL base's layout (resnet-only first level, deeper transformers below, linear projections, six size
 # values); the refiner's (a resnet-only last level too, OpenCLIP's width as context, five size values).
-SDXL_UNET = dict(block_out_channels=(16, 32, 32), layers_per_block=2, norm_num_groups=8,
+SDXL_UNET = dict(block_out_channels=(16, 32, 32), layers_per_block=1, norm_num_groups=8,
                  down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
                  up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
                  attention_head_dim=(2, 4, 8), transformer_layers_per_block=(1, 1, 2), use_linear_projection=True,
