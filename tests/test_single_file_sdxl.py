@@ -105,6 +105,26 @@ def test_sdxl_model_classes_read_their_component(sdxl_files):
     assert_same_tensors(to_torch_state_dict(te_params), tl.diffusers_state(pipe.text_encoder_2), "text_encoder_2")
 
 
+class SDXLComponents(sf.FromSingleFileMixin):
+    """A pipeline class taking SDXL's components (as the SDXL pipelines' constructors do)."""
+
+    def __init__(self, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, unet, scheduler, dtype=None):
+        self.vae, self.unet, self.scheduler = vae, unet, scheduler
+        self.text_encoder, self.text_encoder_2, self.tokenizer, self.tokenizer_2 = (text_encoder, text_encoder_2,
+                                                                                    tokenizer, tokenizer_2)
+
+
+def test_pipeline_classes_with_text_encoder_2_load_sdxl_files(sdxl_files):
+    """from_single_file on a class whose constructor takes text_encoder_2 reads the SDXL components; the
+    refiner's file leaves text_encoder and tokenizer None; tokenizer_2= replaces the built one."""
+    folder, pipe, path = sdxl_files["refiner"]
+    ours, params = SDXLComponents.from_single_file(path, config=folder, tokenizer_2=pipe.tokenizer_2)
+    assert ours.text_encoder is None and ours.tokenizer is None and ours.tokenizer_2 is pipe.tokenizer_2
+    assert set(params) == {"unet", "vae", "text_encoder_2", "scheduler"}
+    assert_same_tensors(to_torch_state_dict(params["text_encoder_2"]), tl.diffusers_state(pipe.text_encoder_2),
+                        "text_encoder_2")
+
+
 def test_sdxl_and_sd_pipelines_refuse_each_others_files(sdxl_files, tmp_path):
     _, pipe, path = sdxl_files["base"]
     with pytest.raises(CheckpointError, match="is an SDXL checkpoint .* load it with an SDXL pipeline"):

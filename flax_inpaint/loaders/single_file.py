@@ -839,8 +839,9 @@ def load_scheduler(loaded: Loaded, config: Optional[Union[str, os.PathLike]], pr
 
 
 def load_model(model_class, source, config=None, **kwargs) -> Tuple[Any, Any]:
-    """(model, params) of one model class (UNet, VAE, CLIP text encoder or ControlNet) from a single file:
-    a full pipeline file (only that component's tensors are read) or a standalone one."""
+    """(model, params) of one model class (UNet, VAE, CLIP text encoder, SDXL's CLIPTextModelWithProjection or
+    ControlNet) from a single file: a full pipeline file (only that component's tensors are read) or a
+    standalone one."""
     component = component_of(model_class)
     loaded = load(source, (component,), config, whole_file=False, **kwargs)
     return loaded.models[component], loaded.params[component]
