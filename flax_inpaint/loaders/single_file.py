@@ -114,7 +114,8 @@ def _unet_modules(cfg: Mapping[str, Any], controlnet: bool = False) -> Dict[str,
     m = {"time_embedding.linear_1": _Module("time_embed.0"), "time_embedding.linear_2": _Module("time_embed.2"),
          "conv_in": _Module("input_blocks.0.0")}
     if cfg.get("addition_embed_type") == "text_time":  # SDXL's size conditioning
-        m.update({"add_embedding.linear_1": _Module("label_emb.0.0"), "add_embedding.linear_2": _Module("label_emb.0.2")})
+        m.update({"add_embedding.linear_1": _Module("label_emb.0.0"),
+                  "add_embedding.linear_2": _Module("label_emb.0.2")})
     k = 1  # input_blocks.0 is conv_in; then each level's layers, then its downsampler
     for i, block_type in enumerate(cfg["down_block_types"]):
         for j in range(layers[i]):
