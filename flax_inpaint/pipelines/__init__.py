@@ -6,6 +6,7 @@ from flax_inpaint.pipelines.auto import (
     FlaxAutoPipelineForText2Image,
 )
 from flax_inpaint.pipelines.controlnet import (
+    FlaxStableDiffusionControlNetImg2ImgPipeline,
     FlaxStableDiffusionControlNetInpaintPipeline,
     FlaxStableDiffusionControlNetPipeline,
     make_inpaint_condition,
@@ -24,6 +25,7 @@ __all__ = [
     "FlaxAutoPipelineForInpainting",
     "FlaxAutoPipelineForText2Image",
     "FlaxDiffusionPipeline",
+    "FlaxStableDiffusionControlNetImg2ImgPipeline",
     "FlaxStableDiffusionControlNetInpaintPipeline",
     "FlaxStableDiffusionControlNetPipeline",
     "FlaxStableDiffusionImg2ImgPipeline",
