@@ -12,13 +12,16 @@ output_type="latent"` returns noisy latents, which the refiner (img2img or inpai
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Tuple
+import os
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
+from flax_inpaint.io import read_config
 from flax_inpaint.pipelines.callbacks import INPAINT_TENSOR_INPUTS
 from flax_inpaint.pipelines.ip_adapter import ImageEncoder
 from flax_inpaint.pipelines.sampling import Components
@@ -50,6 +53,25 @@ class FlaxStableDiffusionXLPipelineBase(FlaxDiffusionPipeline):
         self.text_encoder_2, self.tokenizer_2 = text_encoder_2, tokenizer_2
         self.force_zeros_for_empty_prompt = bool(force_zeros_for_empty_prompt)
         self.requires_aesthetics_score = bool(requires_aesthetics_score)
+
+    @classmethod
+    def from_single_file(cls, path: Union[str, os.PathLike], config: Optional[Union[str, os.PathLike]] = None,
+                         **kwargs):
+        """`FromSingleFileMixin.from_single_file`, with the pipeline settings (force_zeros_for_empty_prompt,
+        requires_aesthetics_score) given as keywords, else from `config`'s model_index.json as diffusers reads
+        them, else the released models': a refiner's file (its UNet takes five size values) gets aesthetic
+        scores and encoded empty negative prompts, the others zeroed ones."""
+        given = {name: kwargs.pop(name) for name in cls._config_names if name in kwargs}
+        pipe, params = super().from_single_file(path, config, **kwargs)
+        index = Path(config or "") / cls.config_name
+        saved = read_config(index.parent, index.name) if config is not None and index.is_file() else {}
+        unet = pipe.unet
+        refiner = unet.projection_class_embeddings_input_dim == (pipe.text_encoder_2.projection_dim
+                                                                 + 5 * unet.addition_time_embed_dim)
+        released = {"requires_aesthetics_score": refiner, "force_zeros_for_empty_prompt": not refiner}
+        for name in cls._config_names:
+            setattr(pipe, name, bool(given.get(name, saved.get(name, released[name]))))
+        return pipe, params
 
     @property
     def tokenizers(self) -> tuple:
