@@ -14,10 +14,17 @@ import jax
 import numpy as np
 import pytest
 import torch
+from diffusers import StableDiffusionXLPipeline
+from jax.sharding import Mesh
+from PIL import Image
+from safetensors.numpy import save_file
+from safetensors.torch import load_file as load_torch_file
+from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
 import tiny_loaders as tl
 from flax_inpaint import FlaxStableDiffusionXLImg2ImgPipeline, FlaxStableDiffusionXLInpaintPipeline, \
     FlaxStableDiffusionXLPipeline
+from test_ip_adapter import ENCODER, ip_attention, plain_image_proj, save_published
 from tiny_sd import count_compiles, sample_image_and_mask
 
 ATOL = 1e-3
@@ -66,8 +73,8 @@ def text2img(torch_pipe, pipe, params, prompt="a red cat", seed=0, **kw):
     """(diffusers' images, ours) of one text-to-image call."""
     latents = noise(seed)
     with torch.no_grad():
-        ref = torch_pipe(prompt, latents=latents, **TEXT, **kw).images
-    return ref, pipe.text2img(prompt, params, jax.random.key(0), latents=latents.numpy(), **TEXT, **kw).images
+        ref = torch_pipe(prompt, latents=latents, **{**TEXT, **kw}).images
+    return ref, pipe.text2img(prompt, params, jax.random.key(0), latents=latents.numpy(), **{**TEXT, **kw}).images
 
 
 @pytest.mark.parametrize("kind", list(OURS))
@@ -97,3 +104,125 @@ def test_single_file_pipelines_match_diffusers(sdxl, kind):
         out = pipe.inpaint("a red cat", image, mask, params, jax.random.key(0), strength=1.0,
                            latents=noise().numpy(), **TEXT).images
     check(out, ref)
+
+
+def test_lora_matches_diffusers_without_recompiling(sdxl):
+    """A kohya LoRA (lora_unet_, lora_te1_, lora_te2_, LoCon convs) and a PEFT one (unet., text_encoder.,
+    text_encoder_2.) at set_adapters weights, merged inside the program: diffusers' images, and new weights
+    reuse the compiled program."""
+    s = sdxl["base"]
+    names = ["kohya", "peft"]
+    files = {fmt: tl.write_lora(s.torch, fmt, s.root / f"lora-{fmt}.safetensors", seed=k) for k, fmt in enumerate(names)}
+    ref = StableDiffusionXLPipeline.from_pretrained(s.folder)
+    ref.set_progress_bar_config(disable=True)
+    pipe, params = FlaxStableDiffusionXLPipeline.from_pretrained(s.folder)
+    for fmt, path in files.items():
+        ref.load_lora_weights(str(path), adapter_name=fmt)
+        params = pipe.load_lora_weights(params, path, adapter_name=fmt)
+    ref.set_adapters(names, adapter_weights=[0.7, -0.4])
+    want, got = text2img(ref, pipe, pipe.set_adapters(params, names, [0.7, -0.4]))
+    check(got, want)
+    ref.set_adapters(names, adapter_weights=[0.2, {"unet": 0.9, "text_encoder": 0.5, "text_encoder_2": -1.0}])
+    with count_compiles() as compiles:
+        weighted = pipe.set_adapters(params, names, [0.2, {"unet": 0.9, "text_encoder": 0.5, "text_encoder_2": -1.0}])
+        want_2, got_2 = text2img(ref, pipe, weighted)
+    assert compiles == []
+    check(got_2, want_2)
+    assert np.abs(got_2 - got).max() > 1e-2  # the adapters' weights matter
+
+
+def test_textual_inversion_matches_diffusers(sdxl):
+    """An SDXL embedding file (clip_l and clip_g, two vectors each) loaded whole; prompt and negative prompt
+    use its token, which each tokenizer expands (diffusers' maybe_convert_prompt on both)."""
+    s = sdxl["base"]
+    rng = np.random.default_rng(0)
+    path = s.root / "unaesthetic.safetensors"
+    save_file({"clip_l": rng.standard_normal((2, tl.SDXL_TEXT["hidden_size"])).astype(np.float32),
+               "clip_g": rng.standard_normal((2, tl.SDXL_TEXT_2["hidden_size"])).astype(np.float32)}, str(path))
+    ref = StableDiffusionXLPipeline.from_pretrained(s.folder)
+    ref.set_progress_bar_config(disable=True)
+    tensors = load_torch_file(str(path))  # diffusers' docs: each part into its encoder
+    ref.load_textual_inversion(tensors["clip_g"], token="unaesthetic", text_encoder=ref.text_encoder_2,
+                               tokenizer=ref.tokenizer_2)
+    ref.load_textual_inversion(tensors["clip_l"], token="unaesthetic", text_encoder=ref.text_encoder,
+                               tokenizer=ref.tokenizer)
+    pipe, params = FlaxStableDiffusionXLPipeline.from_pretrained(s.folder)
+    params = pipe.load_textual_inversion(params, path)
+    ids = pipe.prepare_inputs("a unaesthetic red cat")
+    for k, tokenizer in enumerate((pipe.tokenizer, pipe.tokenizer_2)):
+        assert tokenizer.convert_tokens_to_ids("unaesthetic_1") in ids[0, k]
+    want, got = text2img(ref, pipe, params, "a unaesthetic red cat", negative_prompt="unaesthetic")
+    check(got, want)
+
+
+SCALE = 0.7
+CROSS = tl.SDXL_UNET["cross_attention_dim"]
+
+
+def reference_image(seed: int) -> Image.Image:
+    """A random, non-square reference image: the CLIP preprocessing resizes and center-crops it."""
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (40, 36, 3), dtype=np.uint8))
+
+
+@pytest.fixture(scope="module")
+def ip(sdxl):
+    """kind -> (diffusers pipeline, ours, params) with a tiny image encoder and a random SDXL IP-Adapter in
+    the published layout (image_proj + ip_adapter), at scale SCALE: base and 9-channel inpainting."""
+    root = sdxl["base"].root
+    torch.manual_seed(1)
+    encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(**ENCODER)).eval()
+    encoder.save_pretrained(root / "image_encoder")
+    out = {}
+    for kind in ("base", "inpaint"):
+        s = sdxl[kind]
+        theirs = tl.SDXL_KINDS[kind][0].from_pretrained(s.folder, image_encoder=encoder)
+        theirs.set_progress_bar_config(disable=True)
+        if kind == "base":  # the same adapter serves both UNets (same layers)
+            rng = np.random.default_rng(0)
+            path = save_published({"image_proj": plain_image_proj(rng, cross=CROSS),
+                                   "ip_adapter": ip_attention(rng, theirs.unet)}, root / "ip-adapter_sdxl.safetensors")
+        theirs.load_ip_adapter(str(root), subfolder="", weight_name=path.name)
+        theirs.set_ip_adapter_scale(SCALE)
+        pipe, params = OURS[kind].from_pretrained(s.folder, image_encoder=root / "image_encoder")
+        out[kind] = theirs, pipe, pipe.set_ip_adapter_scale(pipe.load_ip_adapter(params, root, weight_name=path.name),
+                                                            SCALE)
+    return out
+
+
+def test_ip_adapter_text2img_matches_diffusers(ip):
+    theirs, pipe, params = ip["base"]
+    want, got = text2img(theirs, pipe, params, ip_adapter_image=reference_image(1))
+    check(got, want)
+    _, without = text2img(theirs, pipe, pipe.set_ip_adapter_scale(params, 0.0), ip_adapter_image=reference_image(1))
+    assert np.abs(got - without).max() > 0.02, "the image prompt barely changes the image; the test would prove little"
+
+
+def test_ip_adapter_inpaint_matches_diffusers(ip):
+    theirs, pipe, params = ip["inpaint"]
+    image, mask = sample_image_and_mask(SIZE)
+    with torch.no_grad():
+        want = theirs("a red cat", image=image, mask_image=mask, strength=1.0, ip_adapter_image=reference_image(2),
+                      generator=torch.Generator().manual_seed(0), latents=noise(), **TEXT).images
+    got = pipe.inpaint("a red cat", image, mask, params, jax.random.key(0), strength=1.0, latents=noise().numpy(),
+                       ip_adapter_image=reference_image(2), **TEXT).images
+    check(got, want)
+
+
+def test_ip_adapter_inpaint_on_a_mesh_matches_single_device_calls(ip):
+    """mesh= over 8 fake devices, 8 prompts with their own noise: each row's images are those of a one-device
+    call on it alone (the latents are given and the VAE posterior is near-deterministic)."""
+    _, pipe, params = ip["inpaint"]
+    n = jax.device_count()
+    image, mask = sample_image_and_mask(SIZE)
+    ids, masked, masks, images = pipe.prepare_inputs(["a red cat", "a cat"] * (n // 2), image, mask, return_image=True)
+    latents = np.random.default_rng(0).standard_normal((n, *tl.LATENT), np.float32)
+    keys = jax.random.split(jax.random.key(0), n)
+    opts = dict(ip_adapter_image=reference_image(2), num_inference_steps=2, guidance_scale=5.0)
+    out = pipe(ids, masks, masked, params, keys, mesh=Mesh(np.array(jax.devices()), ("data",)), image=images,
+               latents=latents, **opts).images
+    for d in (0, n - 1):
+        rows = slice(d, d + 1)
+        one = pipe(ids[rows], masks[rows], masked[rows], params, keys[d], image=images[rows], latents=latents[rows],
+                   **opts).images
+        np.testing.assert_allclose(out[rows], one, atol=1e-5, rtol=0)
+    assert np.abs(out[0] - out[1]).max() > 1e-2  # other prompts and noise

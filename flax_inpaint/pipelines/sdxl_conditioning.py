@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flax_inpaint.loaders.textual_inversion import expand_prompt
 from flax_inpaint.models.clip import FlaxCLIPTextModelWithProjectionOutput
 
 Prompt = Union[str, Sequence[str]]
@@ -44,7 +45,9 @@ def _as_list(prompt: Prompt, name: str) -> list:
 
 
 def _tokenize(tokenizer: Any, prompts: list) -> np.ndarray:
-    """ids padded to the tokenizer's model_max_length and truncated, as diffusers tokenizes SDXL prompts."""
+    """ids padded to the tokenizer's model_max_length and truncated, as diffusers tokenizes SDXL prompts, after
+    expanding multi-vector textual-inversion tokens for this tokenizer (diffusers' maybe_convert_prompt)."""
+    prompts = [expand_prompt(p, tokenizer) for p in prompts]
     return np.asarray(tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
                                 truncation=True, return_tensors="np").input_ids, np.int32)
 
