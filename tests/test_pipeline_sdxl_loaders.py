@@ -8,6 +8,7 @@ sides; images agree within 1e-3 max abs (fp32, values in [0, 1]: the same float3
 through one or two UNet steps). The model-level conversions are checked in test_single_file_sdxl.py,
 test_lora_sdxl.py and test_textual_inversion_sdxl.py; here, what the pipelines feed the models.
 """
+import shutil
 from types import SimpleNamespace
 
 import jax
@@ -226,3 +227,17 @@ def test_ip_adapter_inpaint_on_a_mesh_matches_single_device_calls(ip):
                    **opts).images
         np.testing.assert_allclose(out[rows], one, atol=1e-5, rtol=0)
     assert np.abs(out[0] - out[1]).max() > 1e-2  # other prompts and noise
+
+
+def test_single_file_settings_without_a_pipeline_config(sdxl, tmp_path):
+    """A config folder without model_index.json (or no config): the settings of the released models, the
+    refiner's read off its UNet (five size values); keywords override them."""
+    for kind in ("refiner", "base"):
+        config = tmp_path / kind
+        shutil.copytree(sdxl[kind].folder, config, ignore=shutil.ignore_patterns("model_index.json", "*.safetensors"))
+        pipe, _ = FlaxStableDiffusionXLImg2ImgPipeline.from_single_file(sdxl[kind].file, config=config)
+        refiner = kind == "refiner"
+        assert (pipe.requires_aesthetics_score, pipe.force_zeros_for_empty_prompt) == (refiner, not refiner)
+    pipe, _ = FlaxStableDiffusionXLImg2ImgPipeline.from_single_file(sdxl["refiner"].file, config=sdxl["refiner"].folder,
+                                                                    requires_aesthetics_score=False)
+    assert not pipe.requires_aesthetics_score
