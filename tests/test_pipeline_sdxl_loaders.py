@@ -113,7 +113,8 @@ def test_lora_matches_diffusers_without_recompiling(sdxl):
     reuse the compiled program."""
     s = sdxl["base"]
     names = ["kohya", "peft"]
-    files = {fmt: tl.write_lora(s.torch, fmt, s.root / f"lora-{fmt}.safetensors", seed=k) for k, fmt in enumerate(names)}
+    files = {fmt: tl.write_lora(s.torch, fmt, s.root / f"lora-{fmt}.safetensors", seed=k)
+             for k, fmt in enumerate(names)}
     ref = StableDiffusionXLPipeline.from_pretrained(s.folder)
     ref.set_progress_bar_config(disable=True)
     pipe, params = FlaxStableDiffusionXLPipeline.from_pretrained(s.folder)
