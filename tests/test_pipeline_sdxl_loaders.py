@@ -25,7 +25,7 @@ from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 import tiny_loaders as tl
 from flax_inpaint import FlaxStableDiffusionXLImg2ImgPipeline, FlaxStableDiffusionXLInpaintPipeline, \
     FlaxStableDiffusionXLPipeline
-from test_ip_adapter import ENCODER, ip_attention, plain_image_proj, save_published
+from test_ip_adapter import ENCODER, ip_attention, plain_image_proj, plus_image_proj, save_published
 from tiny_sd import count_compiles, sample_image_and_mask
 
 ATOL = 1e-3
@@ -107,54 +107,46 @@ def test_single_file_pipelines_match_diffusers(sdxl, kind):
     check(out, ref)
 
 
-def test_lora_matches_diffusers_without_recompiling(sdxl):
+def test_lora_and_textual_inversion_match_diffusers_without_recompiling(sdxl):
     """A kohya LoRA (lora_unet_, lora_te1_, lora_te2_, LoCon convs) and a PEFT one (unet., text_encoder.,
-    text_encoder_2.) at set_adapters weights, merged inside the program: diffusers' images, and new weights
+    text_encoder_2.) at set_adapters weights, merged inside the program, with an SDXL embedding file (clip_l
+    and clip_g, two vectors each, loaded whole) whose token the prompt and negative prompt use: each
+    tokenizer expands it (diffusers' maybe_convert_prompt on both). Diffusers' images; new adapter weights
     reuse the compiled program."""
     s = sdxl["base"]
+    rng = np.random.default_rng(0)
+    embedding = s.root / "unaesthetic.safetensors"
+    save_file({"clip_l": rng.standard_normal((2, tl.SDXL_TEXT["hidden_size"])).astype(np.float32),
+               "clip_g": rng.standard_normal((2, tl.SDXL_TEXT_2["hidden_size"])).astype(np.float32)}, str(embedding))
     names = ["kohya", "peft"]
     files = {fmt: tl.write_lora(s.torch, fmt, s.root / f"lora-{fmt}.safetensors", seed=k)
              for k, fmt in enumerate(names)}
     ref = StableDiffusionXLPipeline.from_pretrained(s.folder)
     ref.set_progress_bar_config(disable=True)
-    pipe, params = FlaxStableDiffusionXLPipeline.from_pretrained(s.folder)
-    for fmt, path in files.items():
-        ref.load_lora_weights(str(path), adapter_name=fmt)
-        params = pipe.load_lora_weights(params, path, adapter_name=fmt)
-    ref.set_adapters(names, adapter_weights=[0.7, -0.4])
-    want, got = text2img(ref, pipe, pipe.set_adapters(params, names, [0.7, -0.4]))
-    check(got, want)
-    ref.set_adapters(names, adapter_weights=[0.2, {"unet": 0.9, "text_encoder": 0.5, "text_encoder_2": -1.0}])
-    with count_compiles() as compiles:
-        weighted = pipe.set_adapters(params, names, [0.2, {"unet": 0.9, "text_encoder": 0.5, "text_encoder_2": -1.0}])
-        want_2, got_2 = text2img(ref, pipe, weighted)
-    assert compiles == []
-    check(got_2, want_2)
-    assert np.abs(got_2 - got).max() > 1e-2  # the adapters' weights matter
-
-
-def test_textual_inversion_matches_diffusers(sdxl):
-    """An SDXL embedding file (clip_l and clip_g, two vectors each) loaded whole; prompt and negative prompt
-    use its token, which each tokenizer expands (diffusers' maybe_convert_prompt on both)."""
-    s = sdxl["base"]
-    rng = np.random.default_rng(0)
-    path = s.root / "unaesthetic.safetensors"
-    save_file({"clip_l": rng.standard_normal((2, tl.SDXL_TEXT["hidden_size"])).astype(np.float32),
-               "clip_g": rng.standard_normal((2, tl.SDXL_TEXT_2["hidden_size"])).astype(np.float32)}, str(path))
-    ref = StableDiffusionXLPipeline.from_pretrained(s.folder)
-    ref.set_progress_bar_config(disable=True)
-    tensors = load_torch_file(str(path))  # diffusers' docs: each part into its encoder
+    tensors = load_torch_file(str(embedding))  # diffusers' docs: each part into its encoder
     ref.load_textual_inversion(tensors["clip_g"], token="unaesthetic", text_encoder=ref.text_encoder_2,
                                tokenizer=ref.tokenizer_2)
     ref.load_textual_inversion(tensors["clip_l"], token="unaesthetic", text_encoder=ref.text_encoder,
                                tokenizer=ref.tokenizer)
     pipe, params = FlaxStableDiffusionXLPipeline.from_pretrained(s.folder)
-    params = pipe.load_textual_inversion(params, path)
+    params = pipe.load_textual_inversion(params, embedding)
     ids = pipe.prepare_inputs("a unaesthetic red cat")
     for k, tokenizer in enumerate((pipe.tokenizer, pipe.tokenizer_2)):
         assert tokenizer.convert_tokens_to_ids("unaesthetic_1") in ids[0, k]
-    want, got = text2img(ref, pipe, params, "a unaesthetic red cat", negative_prompt="unaesthetic")
+    for fmt, path in files.items():
+        ref.load_lora_weights(str(path), adapter_name=fmt)
+        params = pipe.load_lora_weights(params, path, adapter_name=fmt)
+    prompts = dict(prompt="a unaesthetic red cat", negative_prompt="unaesthetic")
+    ref.set_adapters(names, adapter_weights=[0.7, -0.4])
+    want, got = text2img(ref, pipe, pipe.set_adapters(params, names, [0.7, -0.4]), **prompts)
     check(got, want)
+    weights = [0.2, {"unet": 0.9, "text_encoder": 0.5, "text_encoder_2": -1.0}]
+    ref.set_adapters(names, adapter_weights=weights)
+    with count_compiles() as compiles:
+        want_2, got_2 = text2img(ref, pipe, pipe.set_adapters(params, names, weights), **prompts)
+    assert compiles == []
+    check(got_2, want_2)
+    assert np.abs(got_2 - got).max() > 1e-2  # the adapters' weights matter
 
 
 SCALE = 0.7
@@ -168,31 +160,35 @@ def reference_image(seed: int) -> Image.Image:
 
 @pytest.fixture(scope="module")
 def ip(sdxl):
-    """kind -> (diffusers pipeline, ours, params) with a tiny image encoder and a random SDXL IP-Adapter in
-    the published layout (image_proj + ip_adapter), at scale SCALE: base and 9-channel inpainting."""
+    """(kind, variant) -> (diffusers pipeline, ours, params) with a tiny image encoder and a random SDXL
+    IP-Adapter in the published layout (image_proj + ip_adapter) at scale SCALE: the plain adapter on the
+    base and 9-channel inpainting, the "plus" one (a resampler over the encoder's penultimate hidden states)
+    on the base."""
     root = sdxl["base"].root
     torch.manual_seed(1)
     encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(**ENCODER)).eval()
     encoder.save_pretrained(root / "image_encoder")
-    out = {}
-    for kind in ("base", "inpaint"):
+    out, paths = {}, {}
+    for kind, variant in (("base", "plain"), ("base", "plus"), ("inpaint", "plain")):
         s = sdxl[kind]
         theirs = tl.SDXL_KINDS[kind][0].from_pretrained(s.folder, image_encoder=encoder)
         theirs.set_progress_bar_config(disable=True)
-        if kind == "base":  # the same adapter serves both UNets (same layers)
-            rng = np.random.default_rng(0)
-            path = save_published({"image_proj": plain_image_proj(rng, cross=CROSS),
-                                   "ip_adapter": ip_attention(rng, theirs.unet)}, root / "ip-adapter_sdxl.safetensors")
-        theirs.load_ip_adapter(str(root), subfolder="", weight_name=path.name)
+        if variant not in paths:  # an adapter serves both UNets (same layers)
+            rng = np.random.default_rng(len(paths))
+            proj = plain_image_proj(rng, cross=CROSS) if variant == "plain" else plus_image_proj(rng, cross=CROSS)
+            paths[variant] = save_published({"image_proj": proj, "ip_adapter": ip_attention(rng, theirs.unet)},
+                                            root / f"ip-adapter-{variant}_sdxl.safetensors")
+        theirs.load_ip_adapter(str(root), subfolder="", weight_name=paths[variant].name)
         theirs.set_ip_adapter_scale(SCALE)
         pipe, params = OURS[kind].from_pretrained(s.folder, image_encoder=root / "image_encoder")
-        out[kind] = theirs, pipe, pipe.set_ip_adapter_scale(pipe.load_ip_adapter(params, root, weight_name=path.name),
-                                                            SCALE)
+        params = pipe.load_ip_adapter(params, root, weight_name=paths[variant].name)
+        out[kind, variant] = theirs, pipe, pipe.set_ip_adapter_scale(params, SCALE)
     return out
 
 
-def test_ip_adapter_text2img_matches_diffusers(ip):
-    theirs, pipe, params = ip["base"]
+@pytest.mark.parametrize("variant", ["plain", "plus"])
+def test_ip_adapter_text2img_matches_diffusers(ip, variant):
+    theirs, pipe, params = ip["base", variant]
     want, got = text2img(theirs, pipe, params, ip_adapter_image=reference_image(1))
     check(got, want)
     _, without = text2img(theirs, pipe, pipe.set_ip_adapter_scale(params, 0.0), ip_adapter_image=reference_image(1))
@@ -200,7 +196,7 @@ def test_ip_adapter_text2img_matches_diffusers(ip):
 
 
 def test_ip_adapter_inpaint_matches_diffusers(ip):
-    theirs, pipe, params = ip["inpaint"]
+    theirs, pipe, params = ip["inpaint", "plain"]
     image, mask = sample_image_and_mask(SIZE)
     with torch.no_grad():
         want = theirs("a red cat", image=image, mask_image=mask, strength=1.0, ip_adapter_image=reference_image(2),
@@ -213,7 +209,7 @@ def test_ip_adapter_inpaint_matches_diffusers(ip):
 def test_ip_adapter_inpaint_on_a_mesh_matches_single_device_calls(ip):
     """mesh= over 8 fake devices, 8 prompts with their own noise: each row's images are those of a one-device
     call on it alone (the latents are given and the VAE posterior is near-deterministic)."""
-    _, pipe, params = ip["inpaint"]
+    _, pipe, params = ip["inpaint", "plain"]
     n = jax.device_count()
     image, mask = sample_image_and_mask(SIZE)
     ids, masked, masks, images = pipe.prepare_inputs(["a red cat", "a cat"] * (n // 2), image, mask, return_image=True)
@@ -233,12 +229,10 @@ def test_ip_adapter_inpaint_on_a_mesh_matches_single_device_calls(ip):
 def test_single_file_settings_without_a_pipeline_config(sdxl, tmp_path):
     """A config folder without model_index.json (or no config): the settings of the released models, the
     refiner's read off its UNet (five size values); keywords override them."""
-    for kind in ("refiner", "base"):
-        config = tmp_path / kind
-        shutil.copytree(sdxl[kind].folder, config, ignore=shutil.ignore_patterns("model_index.json", "*.safetensors"))
-        pipe, _ = FlaxStableDiffusionXLImg2ImgPipeline.from_single_file(sdxl[kind].file, config=config)
-        refiner = kind == "refiner"
-        assert (pipe.requires_aesthetics_score, pipe.force_zeros_for_empty_prompt) == (refiner, not refiner)
-    pipe, _ = FlaxStableDiffusionXLImg2ImgPipeline.from_single_file(sdxl["refiner"].file, config=sdxl["refiner"].folder,
-                                                                    requires_aesthetics_score=False)
-    assert not pipe.requires_aesthetics_score
+    shutil.copytree(sdxl["refiner"].folder, tmp_path, dirs_exist_ok=True,
+                    ignore=shutil.ignore_patterns("model_index.json", "*.safetensors"))
+    pipe, _ = FlaxStableDiffusionXLImg2ImgPipeline.from_single_file(sdxl["refiner"].file, config=tmp_path)
+    assert pipe.requires_aesthetics_score and not pipe.force_zeros_for_empty_prompt
+    pipe, _ = FlaxStableDiffusionXLImg2ImgPipeline.from_single_file(sdxl["base"].file, config=sdxl["base"].folder,
+                                                                    requires_aesthetics_score=True)
+    assert pipe.requires_aesthetics_score and pipe.force_zeros_for_empty_prompt
