@@ -63,8 +63,9 @@ class FlaxStableDiffusionXLPipelineBase(FlaxDiffusionPipeline):
         scores and encoded empty negative prompts, the others zeroed ones."""
         given = {name: kwargs.pop(name) for name in cls._config_names if name in kwargs}
         pipe, params = super().from_single_file(path, config, **kwargs)
-        index = Path(config or "") / cls.config_name
-        saved = read_config(index.parent, index.name) if config is not None and index.is_file() else {}
+        saved = {}
+        if config is not None and (Path(config) / cls.config_name).is_file():
+            saved = read_config(Path(config), cls.config_name)
         unet = pipe.unet
         refiner = unet.projection_class_embeddings_input_dim == (pipe.text_encoder_2.projection_dim
                                                                  + 5 * unet.addition_time_embed_dim)
