@@ -183,12 +183,20 @@ def ip(sdxl):
 
 @pytest.mark.parametrize("variant", ["plain", "plus"])
 def test_ip_adapter_text2img_matches_diffusers(ip, variant):
+    """Scale SCALE, then InstantStyle's per-layer scales (a list per block's attention layers) with another
+    reference image through the same program."""
     theirs, pipe, params = ip["base", variant]
     want, got = text2img(theirs, pipe, params, ip_adapter_image=reference_image(1))
     check(got, want)
-    with count_compiles() as compiles:  # a new scale and reference image: the same program
-        _, without = text2img(theirs, pipe, pipe.set_ip_adapter_scale(params, 0.0), ip_adapter_image=reference_image(3))
+    per_layer = {"down": {"block_2": [0.0]}, "up": {"block_0": [1.2, 0.0]}}
+    theirs.set_ip_adapter_scale(per_layer)
+    with count_compiles() as compiles:
+        want_2, got_2 = text2img(theirs, pipe, pipe.set_ip_adapter_scale(params, per_layer),
+                                 ip_adapter_image=reference_image(3))
+        _, without = text2img(theirs, pipe, pipe.set_ip_adapter_scale(params, 0.0), ip_adapter_image=reference_image(1))
+    theirs.set_ip_adapter_scale(SCALE)
     assert compiles == []
+    check(got_2, want_2)
     assert np.abs(got - without).max() > 0.02, "the image prompt barely changes the image; the test would prove little"
 
 
