@@ -18,6 +18,10 @@ from flax_inpaint.pipelines.stable_diffusion_xl import (
     FlaxStableDiffusionXLInpaintPipeline,
     FlaxStableDiffusionXLPipeline,
 )
+from flax_inpaint.pipelines.controlnet_sdxl import (
+    FlaxStableDiffusionXLControlNetInpaintPipeline,
+    FlaxStableDiffusionXLControlNetPipeline,
+)
 
 __all__ = [
     "FlaxDiffusionPipeline",
@@ -27,6 +31,8 @@ __all__ = [
     "FlaxStableDiffusionInpaintPipeline",
     "FlaxStableDiffusionPipeline",
     "FlaxStableDiffusionPipelineOutput",
+    "FlaxStableDiffusionXLControlNetInpaintPipeline",
+    "FlaxStableDiffusionXLControlNetPipeline",
     "FlaxStableDiffusionXLImg2ImgPipeline",
     "FlaxStableDiffusionXLInpaintPipeline",
     "FlaxStableDiffusionXLPipeline",
