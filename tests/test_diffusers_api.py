@@ -35,7 +35,6 @@ API = json.loads(API_FILE.read_text())["api"]
 # **kwargs, so that passing it reaches the method's own error (test_push_to_hub_options_raise).
 PUSH = ("hub uploads are not done here", "upload_folder")
 NOT_PROVIDED: dict[str, tuple[str, str]] = {
-    "FlaxStableDiffusionXLPipeline": ("SDXL is not implemented", "StableDiffusionXLPipeline"),
     "FlaxImagePipelineOutput": ("no unconditional image pipelines here", "FlaxStableDiffusionPipelineOutput"),
     "*.push_to_hub": PUSH,
     "*.save_pretrained(commit_message)": PUSH, "*.save_pretrained(private)": PUSH,

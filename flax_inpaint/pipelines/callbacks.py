@@ -422,7 +422,8 @@ class CallHooks:
             sched, f = pipeline.scheduler, pipeline.vae_scale_factor
             shape = (1, opts.height // f, opts.width // f, pipeline.vae.latent_channels)
             loop = np.shape(sched.set_timesteps(params["scheduler"], opts.num_inference_steps, shape).timesteps)[-1]
-            total = loop - int(np.max(batch.begin_index))
+            end = loop if batch.end_index is None else int(np.max(batch.end_index))  # denoising_end
+            total = end - int(np.max(batch.begin_index))
         self._host = make_host_callbacks(self.callback, self.callback_steps, total, pipeline._progress_bar_config,
                                          self.host_callbacks)
         opts = dataclasses.replace(opts, step_end=step_end, early_stop=self.stop is not None,

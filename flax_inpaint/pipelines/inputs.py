@@ -111,8 +111,9 @@ def build(pipe, jit: bool, *, prompt_ids, num_inference_steps: int, guidance_sca
                                opts.do_cfg, guidance_scale),
         image=_nhwc(image), image_latents=_nhwc(image_latents), mask=_nhwc(mask), masked_image=_nhwc(masked_image),
         masked_image_latents=_nhwc(masked_image_latents), latents=_nhwc(latents),
-        eta=np.float32(eta), **strength_fields(pipe.scheduler, num_inference_steps, strength),
-        **denoising_fields(pipe.scheduler, num_inference_steps, strength, denoising_start, denoising_end),
+        eta=np.float32(eta), **{**strength_fields(pipe.scheduler, num_inference_steps, strength),
+                                **denoising_fields(pipe.scheduler, num_inference_steps, strength, denoising_start,
+                                                   denoising_end)},
         **_image_prompt(pipe, ip_adapter_image, ip_adapter_image_embeds, lead, opts.do_cfg),
     )
     if control_image is not None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, Optional, Tuple
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
@@ -21,7 +22,7 @@ from jax.sharding import Mesh
 from flax_inpaint.pipelines.callbacks import INPAINT_TENSOR_INPUTS
 from flax_inpaint.pipelines.ip_adapter import ImageEncoder
 from flax_inpaint.pipelines.sampling import Components
-from flax_inpaint.pipelines.sdxl_conditioning import prompt_ids
+from flax_inpaint.pipelines.sdxl_conditioning import encode_hidden_states, prompt_ids
 from flax_inpaint.pipelines.stable_diffusion import (
     FlaxDiffusionPipeline,
     FlaxStableDiffusionInpaintPipeline,
@@ -36,9 +37,9 @@ class FlaxStableDiffusionXLPipelineBase(FlaxDiffusionPipeline):
     _optional_components = ("text_encoder", "tokenizer")  # the refiner's folder has neither
     _time_id_rule = "text2img"  # which diffusers pipeline's add_time_ids rules (sdxl_conditioning.TIME_ID_RULES)
 
-    def __init__(self, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, unet, scheduler,
-                 image_encoder=None, feature_extractor=None, force_zeros_for_empty_prompt: bool = True,
-                 requires_aesthetics_score: bool = False, dtype: Any = jnp.float32):
+    def __init__(self, text_encoder, text_encoder_2, vae, tokenizer, tokenizer_2, unet, scheduler,
+                 dtype: Any = jnp.float32, image_encoder=None, feature_extractor=None,
+                 force_zeros_for_empty_prompt: bool = True, requires_aesthetics_score: bool = False):
         if text_encoder_2 is None or tokenizer_2 is None:
             raise ValueError("SDXL pipelines need text_encoder_2 and tokenizer_2 (the pooled prompt embedding comes "
                              "from text_encoder_2); load an SDXL folder or pass both.")
@@ -108,19 +109,28 @@ class FlaxStableDiffusionXLPipeline(FlaxStableDiffusionXLPipelineBase):
 
     _pipeline_class = "StableDiffusionXLPipeline"
 
-    def __init__(self, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, unet, scheduler,
-                 image_encoder=None, feature_extractor=None, force_zeros_for_empty_prompt: bool = True,
-                 dtype: Any = jnp.float32):
-        super().__init__(vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, unet, scheduler, image_encoder,
-                         feature_extractor, force_zeros_for_empty_prompt, dtype=dtype)
+    def __init__(self, text_encoder, text_encoder_2, vae, tokenizer, tokenizer_2, unet, scheduler,
+                 dtype: Any = jnp.float32, image_encoder=None, feature_extractor=None,
+                 force_zeros_for_empty_prompt: bool = True):
+        """Components in the order of diffusers' Flax SDXL pipeline (dtype eighth, as there)."""
+        super().__init__(text_encoder, text_encoder_2, vae, tokenizer, tokenizer_2, unet, scheduler, dtype,
+                         image_encoder, feature_extractor, force_zeros_for_empty_prompt)
 
     def prepare_inputs(self, prompt) -> np.ndarray:
         """Token ids [B, 2, max_length]: each tokenizer's ids of `prompt`."""
         return self.tokenize(prompt)
 
-    def text2img(self, prompt, params, prng_seed, *, negative_prompt=None, output_type: str = "pil", **kwargs):
+    def get_embeddings(self, prompt_ids, params) -> Tuple[jax.Array, jax.Array]:
+        """(prompt_embeds [B, L, D1 + D2], pooled text_embeds [B, P]) of ids [B, 2, L] (unreplicated params)."""
+        ids = jnp.asarray(prompt_ids)
+        return encode_hidden_states((self.text_encoder, self.text_encoder_2),
+                                    (params["text_encoder"], params["text_encoder_2"]), (ids[:, 0], ids[:, 1]), -2)
+
+    def text2img(self, prompt, params, prng_seed, *, negative_prompt=None, guidance_scale=5.0,
+                 output_type: str = "pil", **kwargs):
         """PyTorch-style convenience: prompt strings in (with prompt_2, negative_prompt_2), images out (PIL by
-        default); other keywords go to `__call__`."""
+        default), guidance_scale 5.0 as diffusers' StableDiffusionXLPipeline; other keywords go to `__call__`."""
+        kwargs["guidance_scale"] = guidance_scale
         return self._convenience(prompt, params, prng_seed, negative_prompt, output_type, kwargs)
 
     def __call__(self, prompt_ids, params, prng_seed, num_inference_steps: int = 50, guidance_scale=7.5,
