@@ -26,14 +26,17 @@ from flax_inpaint.pipelines.stable_diffusion_xl import (
 
 
 class _SDXLControlNetMixin(_ControlNetMixin):
-    """The ControlNet pipelines' additions on an SDXL pipeline, with diffusers' SDXL ControlNet constructor."""
+    """The ControlNet pipelines' additions on an SDXL pipeline; constructors in the order of diffusers' PyTorch
+    SDXL ControlNet pipelines (no watermarker), dtype last."""
 
     def __init__(self, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, unet, controlnet: ControlNets,
-                 scheduler, image_encoder=None, feature_extractor=None, force_zeros_for_empty_prompt: bool = True,
-                 requires_aesthetics_score: bool = False, dtype: Any = jnp.float32):
+                 scheduler, requires_aesthetics_score: bool = False, force_zeros_for_empty_prompt: bool = True,
+                 feature_extractor=None, image_encoder=None, dtype: Any = jnp.float32):
         FlaxStableDiffusionXLPipelineBase.__init__(
-            self, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, unet, scheduler, image_encoder,
-            feature_extractor, force_zeros_for_empty_prompt, requires_aesthetics_score, dtype)
+            self, text_encoder=text_encoder, text_encoder_2=text_encoder_2, vae=vae, tokenizer=tokenizer,
+            tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler, dtype=dtype, image_encoder=image_encoder,
+            feature_extractor=feature_extractor, force_zeros_for_empty_prompt=force_zeros_for_empty_prompt,
+            requires_aesthetics_score=requires_aesthetics_score)
         self._set_controlnets(controlnet)
 
 
@@ -44,10 +47,11 @@ class FlaxStableDiffusionXLControlNetPipeline(_SDXLControlNetMixin, FlaxStableDi
     _pipeline_class = "StableDiffusionXLControlNetPipeline"
 
     def __init__(self, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, unet, controlnet: ControlNets,
-                 scheduler, image_encoder=None, feature_extractor=None, force_zeros_for_empty_prompt: bool = True,
+                 scheduler, force_zeros_for_empty_prompt: bool = True, feature_extractor=None, image_encoder=None,
                  dtype: Any = jnp.float32):
         super().__init__(vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, unet, controlnet, scheduler,
-                         image_encoder, feature_extractor, force_zeros_for_empty_prompt, dtype=dtype)
+                         force_zeros_for_empty_prompt=force_zeros_for_empty_prompt,
+                         feature_extractor=feature_extractor, image_encoder=image_encoder, dtype=dtype)
 
     def text2img(self, prompt, image, params, prng_seed, *, negative_prompt=None, height: Optional[int] = None,
                  width: Optional[int] = None, output_type: str = "pil", **kwargs):
