@@ -1,7 +1,7 @@
 """End-to-end parity of the SDXL ControlNet pipelines with diffusers' StableDiffusionXLControlNetPipeline and
 StableDiffusionXLControlNetInpaintPipeline, on tiny random SDXL-shaped models and SDXL ControlNets saved with
-save_pretrained (a MultiControlNetModel folder and a one-net inpainting folder) and loaded through our
-from_pretrained. Same prompts, images, masks, control images and noise (passed to both, or drawn from a torch
+save_pretrained (an SDXL base folder with ControlNet folders, a one-net inpainting pipeline folder) and loaded
+through our from_pretrained. Same prompts, images, masks, control images and noise (passed to both, or drawn from a torch
 generator in diffusers' order and shared as tests/test_pipeline_sdxl.py does); images agree within 1e-3 max abs
 (fp32, values in [0, 1]: the same float32 math in another order through a few UNet and ControlNet steps).
 Multi-device runs equal single-device ones within 1e-5. Euler with 2 steps: the guidance windows below switch
@@ -19,6 +19,7 @@ from diffusers import (
     EulerDiscreteScheduler,
     StableDiffusionXLControlNetInpaintPipeline,
     StableDiffusionXLControlNetPipeline,
+    StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
 from flax.jax_utils import replicate
@@ -63,8 +64,9 @@ def controlnet(seed: int) -> ControlNetModel:
 @pytest.fixture(scope="module")
 def cn(tmp_path_factory):
     """Torch pipelines: text-to-image with one and two ControlNets, inpainting with a 9-channel UNet and one
-    net and with the 4-channel UNet and two. Ours: the two-net text-to-image and the 9-channel inpainting
-    folders through FlaxDiffusionPipeline.from_pretrained; the others over their components with from_pipe."""
+    net and with the 4-channel UNet and two. Ours: text-to-image from an SDXL base folder and two ControlNet
+    folders, inpainting from diffusers' 9-channel SDXL ControlNet inpainting folder (the class its
+    model_index.json names); the others over their components with from_pipe."""
     tmp = tmp_path_factory.mktemp("sdxl_cn")
     torch.manual_seed(0)
     tokenizer = make_tokenizer(tmp / "_tok")
@@ -89,27 +91,38 @@ def cn(tmp_path_factory):
         "9ch": StableDiffusionXLControlNetInpaintPipeline(**common, unet=unet9, controlnet=nets[0]),
         "4ch": StableDiffusionXLControlNetInpaintPipeline(**common, unet=unet4, controlnet=nets),
     }
-    ours = {}
-    for name in ("t2i2", "9ch"):
-        torch_pipes[name].save_pretrained(tmp / name, safe_serialization=True)
-        ours[name] = FlaxDiffusionPipeline.from_pretrained(tmp / name)
     for pipe in torch_pipes.values():
         pipe.set_progress_bar_config(disable=True)
-    t2i2, params2 = ours["t2i2"]
-    ours["t2i1"] = (FlaxStableDiffusionXLControlNetPipeline.from_pipe(t2i2, controlnet=t2i2.controlnets[0]),
-                    {**params2, "controlnet": params2["controlnet"][0]})
-    ours["4ch"] = (FlaxStableDiffusionXLControlNetInpaintPipeline.from_pipe(t2i2), params2)
+    StableDiffusionXLPipeline(**common, unet=unet4).save_pretrained(tmp / "base", safe_serialization=True)
+    for k, net in enumerate(nets):
+        net.save_pretrained(tmp / f"net{k}", safe_serialization=True)
+    torch_pipes["9ch"].save_pretrained(tmp / "9ch", safe_serialization=True)
+    t2i2, params2 = FlaxStableDiffusionXLControlNetPipeline.from_pretrained(
+        tmp / "base", controlnet=[tmp / "net0", tmp / "net1"])
+    ours = {
+        "t2i2": (t2i2, params2),
+        "t2i1": (FlaxStableDiffusionXLControlNetPipeline.from_pipe(t2i2, controlnet=t2i2.controlnets[0]),
+                 {**params2, "controlnet": params2["controlnet"][0]}),
+        "9ch": FlaxDiffusionPipeline.from_pretrained(tmp / "9ch"),
+        "4ch": (FlaxStableDiffusionXLControlNetInpaintPipeline.from_pipe(t2i2), params2),
+    }
     image, mask = sample_image_and_mask(SIZE)
     edges, _ = sample_image_and_mask(SIZE, seed=1)  # any RGB image serves as a control image
-    return SimpleNamespace(torch=torch_pipes, ours=ours, image=image, mask=mask, edges=edges)
+    return SimpleNamespace(torch=torch_pipes, ours=ours, nets=nets, image=image, mask=mask, edges=edges)
 
 
-def test_loads_the_class_model_index_names(cn):
-    t2i, params = cn.ours["t2i2"]
-    assert type(t2i) is FlaxStableDiffusionXLControlNetPipeline and len(params["controlnet"]) == 2
+def test_loads_and_saves_diffusers_folders(cn, tmp_path):
+    """The 9-channel folder loads as the class its model_index.json names; ours saves diffusers' multi-ControlNet
+    layout, which diffusers loads with the original weights."""
     inpaint, _ = cn.ours["9ch"]
     assert type(inpaint) is FlaxStableDiffusionXLControlNetInpaintPipeline and inpaint.unet.in_channels == 9
     assert inpaint.force_zeros_for_empty_prompt and not inpaint.requires_aesthetics_score
+    pipe, params = cn.ours["t2i2"]
+    pipe.save_pretrained(tmp_path, params)
+    reloaded = StableDiffusionXLControlNetPipeline.from_pretrained(tmp_path)
+    for theirs, original in zip(reloaded.controlnet.nets, cn.nets, strict=True):
+        for (name, a), b in zip(theirs.state_dict().items(), original.state_dict().values(), strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
 
 
 # One net in guess mode, off for the last step; two with their own scales and guidance windows (the first off
