@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 from diffusers import (
-    AutoencoderKL,
     EulerDiscreteScheduler,
     StableDiffusionXLImg2ImgPipeline,
     StableDiffusionXLInpaintPipeline,
@@ -22,7 +21,6 @@ from diffusers import (
 from flax.jax_utils import replicate
 from flax.training.common_utils import shard
 from jax.sharding import Mesh
-from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from flax_inpaint import (
     FlaxDiffusionPipeline,
@@ -30,14 +28,19 @@ from flax_inpaint import (
     FlaxStableDiffusionXLInpaintPipeline,
     FlaxStableDiffusionXLPipeline,
 )
-from test_sdxl_conditioning import WIDTHS, _text_config
+from test_sdxl_conditioning import WIDTHS, text_and_vae
 from test_sdxl_models import POOLED, SDXL, TIME_DIM
-from tiny_sd import MAX_LENGTH, SD_SCHEDULE, count_compiles, make_tokenizer, sample_image_and_mask
+from tiny_sd import MAX_LENGTH, SD_SCHEDULE, count_compiles, sample_image_and_mask
 
 ATOL = 1e-3
 SIZE = 32  # pixels; the VAE halves them: latents [4, 16, 16]
 LATENT = (4, SIZE // 2, SIZE // 2)
 N_DEV = 8  # conftest: --xla_force_host_platform_device_count=8
+# SDXL's UNet layout (a resnet-only first level, size conditioning, linear projections) at two levels and one
+# layer per block: what the pipelines feed it is under test here, its blocks in test_sdxl_models.
+UNET = dict(SDXL, block_out_channels=(16, 32), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
+            transformer_layers_per_block=(1, 2), layers_per_block=1)
 
 
 @pytest.fixture(scope="module")
@@ -45,26 +48,19 @@ def sdxl(tmp_path_factory):
     """Torch pipelines (base, 9-channel inpainting, refiner) and ours loaded from their saved folders."""
     tmp = tmp_path_factory.mktemp("sdxl")
     torch.manual_seed(0)
-    tokenizer = make_tokenizer(tmp / "_tok")
-    tokenizer_2 = CLIPTokenizer.from_pretrained(tmp / "_tok", pad_token="!", model_max_length=MAX_LENGTH)
-    te1 = CLIPTextModel(_text_config(tokenizer, WIDTHS[0], hidden_act="quick_gelu")).eval()
-    te2 = CLIPTextModelWithProjection(_text_config(tokenizer_2, WIDTHS[1], hidden_act="gelu",
-                                                   projection_dim=POOLED)).eval()
-    vae = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, norm_num_groups=4,
-                        scaling_factor=0.13025, force_upcast=True).eval()
+    tokenizer, tokenizer_2, te1, te2, vae = text_and_vae(tmp)
     with torch.no_grad():  # a near-deterministic posterior: logvar = -30
         vae.quant_conv.weight[4:] = 0
         vae.quant_conv.bias[4:] = -30
     scheduler = EulerDiscreteScheduler(**SD_SCHEDULE)
-    unet = dict(SDXL, cross_attention_dim=sum(WIDTHS))
+    unet = dict(UNET, cross_attention_dim=sum(WIDTHS))
     text = dict(text_encoder=te1, text_encoder_2=te2, tokenizer=tokenizer, tokenizer_2=tokenizer_2)
     base = StableDiffusionXLPipeline(vae=vae, unet=UNet2DConditionModel(**unet).eval(), scheduler=scheduler, **text)
     inpaint = StableDiffusionXLInpaintPipeline(vae=vae, unet=UNet2DConditionModel(**unet, in_channels=9).eval(),
                                                scheduler=scheduler, **text)
     refiner = StableDiffusionXLImg2ImgPipeline(
         vae=vae, text_encoder=None, text_encoder_2=te2, tokenizer=None, tokenizer_2=tokenizer_2,
-        unet=UNet2DConditionModel(**dict(SDXL, cross_attention_dim=WIDTHS[1],
+        unet=UNet2DConditionModel(**dict(UNET, cross_attention_dim=WIDTHS[1],
                                           projection_class_embeddings_input_dim=POOLED + 5 * TIME_DIM)).eval(),
         scheduler=scheduler, requires_aesthetics_score=True, force_zeros_for_empty_prompt=False,
     )
@@ -141,6 +137,21 @@ def test_flax_api_zero_negatives_match_diffusers(sdxl):
     ids = pipe.prepare_inputs("a red cat")
     assert ids.shape == (1, 2, MAX_LENGTH)
     out = pipe(ids, params, jax.random.key(0), 2, 5.0, SIZE, SIZE, latents.numpy(), **NEGATIVE_SIZES).images
+    check(out, ref, (1, SIZE, SIZE, 3))
+
+
+def test_prompt_embeds_match_diffusers(sdxl):
+    """prompt_embeds / pooled_prompt_embeds (and negatives) from diffusers' encode_prompt give its images."""
+    torch_pipe = sdxl.torch["base"]
+    latents = noise(1, seed=3)
+    with torch.no_grad():
+        embeds = torch_pipe.encode_prompt("a red cat", device="cpu", negative_prompt="ca", prompt_2="red")
+        ref = torch_pipe("a red cat", prompt_2="red", negative_prompt="ca", height=SIZE, width=SIZE, latents=latents,
+                         num_inference_steps=2, output_type="np").images
+    names = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
+    pipe, params = sdxl.ours["base"]
+    out = pipe(None, params, jax.random.key(0), 2, 5.0, SIZE, SIZE, latents.numpy(),
+               **{n: x.numpy() for n, x in zip(names, embeds)}).images
     check(out, ref, (1, SIZE, SIZE, 3))
 
 
@@ -243,7 +254,7 @@ def test_pmap_and_mesh_give_one_devices_images(sdxl):
     assert jax.local_device_count() == N_DEV
     pipe, params = sdxl.ours["base"]
     ids = pipe.prepare_inputs(["a red cat", "cat"] * (N_DEV // 2))
-    kw = dict(num_inference_steps=1, height=SIZE, width=SIZE, original_size=(64, 48))
+    kw = dict(num_inference_steps=1, height=SIZE, width=SIZE, original_size=(64, 48), guidance_scale=3.0)
     keys = jax.random.split(jax.random.key(0), N_DEV)
     pmapped = pipe(shard(ids), replicate(params), keys, jit=True, **kw).images
     meshed = pipe(ids, params, keys, mesh=Mesh(np.array(jax.devices()), ("data",)), **kw).images

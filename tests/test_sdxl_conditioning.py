@@ -41,11 +41,8 @@ def _text_config(tokenizer, width, **kw):
                           bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **kw)
 
 
-@pytest.fixture(scope="module")
-def pipes(tmp_path_factory):
-    """(base folder, base torch pipeline, refiner folder, refiner torch pipeline)."""
-    tmp = tmp_path_factory.mktemp("sdxl")
-    torch.manual_seed(0)
+def text_and_vae(tmp):
+    """(tokenizer, tokenizer_2, text_encoder, text_encoder_2, vae): tiny random SDXL components (torch)."""
     tokenizer = make_tokenizer(tmp / "_tok")
     # SDXL's tokenizer_2 pads with "!"
     tokenizer_2 = CLIPTokenizer.from_pretrained(tmp / "_tok", pad_token="!", model_max_length=MAX_LENGTH)
@@ -55,6 +52,15 @@ def pipes(tmp_path_factory):
     vae = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
                         up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, norm_num_groups=4,
                         scaling_factor=0.13025, force_upcast=True).eval()
+    return tokenizer, tokenizer_2, te1, te2, vae
+
+
+@pytest.fixture(scope="module")
+def pipes(tmp_path_factory):
+    """(base folder, base torch pipeline, refiner folder, refiner torch pipeline)."""
+    tmp = tmp_path_factory.mktemp("sdxl")
+    torch.manual_seed(0)
+    tokenizer, tokenizer_2, te1, te2, vae = text_and_vae(tmp)
     scheduler = EulerDiscreteScheduler(**SD_SCHEDULE)
     base = StableDiffusionXLPipeline(
         vae=vae, text_encoder=te1, text_encoder_2=te2, tokenizer=tokenizer, tokenizer_2=tokenizer_2,

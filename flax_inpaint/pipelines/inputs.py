@@ -106,14 +106,15 @@ def build(pipe, jit: bool, *, prompt_ids, num_inference_steps: int, guidance_sca
     latents = _check_latents(pipe, "noise" if noise is not None else "latents", noise if noise is not None else latents,
                              lead, opts)
     text = _sdxl_fields(pipe, opts, lead, **sdxl) if _is_sdxl(pipe) else {}
+    # the loop's bounds: denoising_start replaces strength
+    loop = {**strength_fields(pipe.scheduler, num_inference_steps, strength if denoising_start is None else 1.0),
+            **denoising_fields(pipe.scheduler, num_inference_steps, strength, denoising_start, denoising_end)}
     batch = Batch(
         **text, **_text_fields(pipe, prompt_ids, neg_prompt_ids, prompt_embeds, negative_prompt_embeds, lead,
                                opts.do_cfg, guidance_scale),
         image=_nhwc(image), image_latents=_nhwc(image_latents), mask=_nhwc(mask), masked_image=_nhwc(masked_image),
         masked_image_latents=_nhwc(masked_image_latents), latents=_nhwc(latents),
-        eta=np.float32(eta), **{**strength_fields(pipe.scheduler, num_inference_steps, strength),
-                                **denoising_fields(pipe.scheduler, num_inference_steps, strength, denoising_start,
-                                                   denoising_end)},
+        eta=np.float32(eta), **loop,
         **_image_prompt(pipe, ip_adapter_image, ip_adapter_image_embeds, lead, opts.do_cfg),
     )
     if control_image is not None:

@@ -117,8 +117,8 @@ class Batch:
 
 # Batch fields that hold one value for the whole call, not one per example: a mesh replicates them,
 # the key groups of `generate_groups` share them.
-CALL_WIDE_FIELDS = ("begin_index", "end_index", "strength_is_max", "add_noise", "zero_negative", "eta", "controlnet_scales", "guidance_rescale", "lora_scale",
-                    "schedule", "ip_adapter_images")
+CALL_WIDE_FIELDS = ("begin_index", "end_index", "strength_is_max", "add_noise", "zero_negative", "eta",
+                    "controlnet_scales", "guidance_rescale", "lora_scale", "schedule", "ip_adapter_images")
 
 
 def encode_text(text_encoder, params, ids: Array, clip_skip: Optional[int]) -> Array:
