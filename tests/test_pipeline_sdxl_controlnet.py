@@ -1,5 +1,5 @@
-"""End-to-end parity of the SDXL ControlNet pipelines with diffusers' StableDiffusionXLControlNetPipeline and
-StableDiffusionXLControlNetInpaintPipeline, on tiny random SDXL-shaped models and SDXL ControlNets saved with
+"""End-to-end parity of the SDXL ControlNet pipelines with diffusers' StableDiffusionXLControlNetPipeline,
+StableDiffusionXLControlNetImg2ImgPipeline and StableDiffusionXLControlNetInpaintPipeline, on tiny random SDXL-shaped models and SDXL ControlNets saved with
 save_pretrained (an SDXL base folder with ControlNet folders, a one-net inpainting pipeline folder) and loaded
 through our from_pretrained. Same prompts, images, masks, control images and noise (passed to both, or drawn from a torch
 generator in diffusers' order and shared as tests/test_pipeline_sdxl.py does); images agree within 1e-3 max abs
@@ -17,6 +17,7 @@ from diffusers import (
     AutoencoderKL,
     ControlNetModel,
     EulerDiscreteScheduler,
+    StableDiffusionXLControlNetImg2ImgPipeline,
     StableDiffusionXLControlNetInpaintPipeline,
     StableDiffusionXLControlNetPipeline,
     StableDiffusionXLPipeline,
@@ -29,6 +30,7 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 
 from flax_inpaint import (
     FlaxDiffusionPipeline,
+    FlaxStableDiffusionXLControlNetImg2ImgPipeline,
     FlaxStableDiffusionXLControlNetInpaintPipeline,
     FlaxStableDiffusionXLControlNetPipeline,
     make_inpaint_condition,
@@ -64,7 +66,7 @@ def controlnet(seed: int) -> ControlNetModel:
 @pytest.fixture(scope="module")
 def cn(tmp_path_factory):
     """Torch pipelines: text-to-image with one and two ControlNets, inpainting with a 9-channel UNet and one
-    net and with the 4-channel UNet and two. Ours: text-to-image from an SDXL base folder and two ControlNet
+    net and with the 4-channel UNet and two, image-to-image with one. Ours: text-to-image from an SDXL base folder and two ControlNet
     folders, inpainting from diffusers' 9-channel SDXL ControlNet inpainting folder (the class its
     model_index.json names); the others over their components with from_pipe."""
     tmp = tmp_path_factory.mktemp("sdxl_cn")
@@ -90,6 +92,7 @@ def cn(tmp_path_factory):
         "t2i2": StableDiffusionXLControlNetPipeline(**common, unet=unet4, controlnet=nets),
         "9ch": StableDiffusionXLControlNetInpaintPipeline(**common, unet=unet9, controlnet=nets[0]),
         "4ch": StableDiffusionXLControlNetInpaintPipeline(**common, unet=unet4, controlnet=nets),
+        "img2img": StableDiffusionXLControlNetImg2ImgPipeline(**common, unet=unet4, controlnet=nets[0]),
     }
     for pipe in torch_pipes.values():
         pipe.set_progress_bar_config(disable=True)
@@ -99,10 +102,12 @@ def cn(tmp_path_factory):
     torch_pipes["9ch"].save_pretrained(tmp / "9ch", safe_serialization=True)
     t2i2, params2 = FlaxStableDiffusionXLControlNetPipeline.from_pretrained(
         tmp / "base", controlnet=[tmp / "net0", tmp / "net1"])
+    params1 = {**params2, "controlnet": params2["controlnet"][0]}
     ours = {
         "t2i2": (t2i2, params2),
-        "t2i1": (FlaxStableDiffusionXLControlNetPipeline.from_pipe(t2i2, controlnet=t2i2.controlnets[0]),
-                 {**params2, "controlnet": params2["controlnet"][0]}),
+        "t2i1": (FlaxStableDiffusionXLControlNetPipeline.from_pipe(t2i2, controlnet=t2i2.controlnets[0]), params1),
+        "img2img": (FlaxStableDiffusionXLControlNetImg2ImgPipeline.from_pipe(t2i2, controlnet=t2i2.controlnets[0]),
+                    params1),
         "9ch": FlaxDiffusionPipeline.from_pretrained(tmp / "9ch"),
         "4ch": (FlaxStableDiffusionXLControlNetInpaintPipeline.from_pipe(t2i2), params2),
     }
@@ -166,6 +171,9 @@ def test_flax_api_matches_convenience(cn):
     same = pipe.text2img("a red cat", t2i_control(cn, 2), params, jax.random.key(0), num_inference_steps=STEPS,
                          guidance_scale=6.0, latents=latents, negative_prompt="red", output_type="np", **kw).images
     np.testing.assert_array_equal(out, same)
+    unguided = pipe(ids, control, params, jax.random.key(0), STEPS, 6.0, latents, pipe.prepare_inputs("red"),
+                    **dict(kw, controlnet_conditioning_scale=[0.0, 0.0])).images
+    assert np.abs(unguided - out).max() > 1e-2  # the ControlNets' residuals matter
 
 
 INPAINT_CASES = {  # pipeline, keywords
@@ -199,6 +207,21 @@ def test_inpaint_matches_diffusers(cn, case):
     shared = noise(encoded=kw.get("strength", 0.9999) < 1 or kind == "4ch").numpy()
     out = pipe.inpaint("a red cat", cn.image, cn.mask, control, params, jax.random.key(0), num_inference_steps=STEPS,
                        latents=shared, output_type="np", **kw).images
+    check(out, ref, (1, SIZE, SIZE, 3))
+
+
+def test_img2img_matches_diffusers(cn):
+    """Image-to-image at strength < 1 (the noise shared), a guidance window, negative sizes (the img2img rule:
+    the positive crop), the output at the control image's size."""
+    kw = dict(strength=0.6, controlnet_conditioning_scale=0.9, control_guidance_start=0.5, negative_prompt="red",
+              original_size=(48, 40), negative_original_size=(24, 20), negative_crops_coords_top_left=(2, 6),
+              negative_target_size=(28, 36), num_inference_steps=STEPS, output_type="np")
+    with torch.no_grad():
+        ref = cn.torch["img2img"]("a red cat", image=cn.image, control_image=cn.edges,
+                                  generator=torch.Generator().manual_seed(0), **kw).images
+    pipe, params = cn.ours["img2img"]
+    out = pipe.img2img("a red cat", cn.image, cn.edges, params, jax.random.key(0), noise=noise(encoded=True).numpy(),
+                       **kw).images
     check(out, ref, (1, SIZE, SIZE, 3))
 
 

@@ -19,6 +19,7 @@ from flax_inpaint.pipelines.stable_diffusion_xl import (
     FlaxStableDiffusionXLPipeline,
 )
 from flax_inpaint.pipelines.controlnet_sdxl import (
+    FlaxStableDiffusionXLControlNetImg2ImgPipeline,
     FlaxStableDiffusionXLControlNetInpaintPipeline,
     FlaxStableDiffusionXLControlNetPipeline,
 )
@@ -31,6 +32,7 @@ __all__ = [
     "FlaxStableDiffusionInpaintPipeline",
     "FlaxStableDiffusionPipeline",
     "FlaxStableDiffusionPipelineOutput",
+    "FlaxStableDiffusionXLControlNetImg2ImgPipeline",
     "FlaxStableDiffusionXLControlNetInpaintPipeline",
     "FlaxStableDiffusionXLControlNetPipeline",
     "FlaxStableDiffusionXLImg2ImgPipeline",

@@ -1,4 +1,5 @@
-"""SDXL ControlNet pipelines: text-to-image and inpainting guided by SDXL ControlNets (diffusers' API).
+"""SDXL ControlNet pipelines: text-to-image, image-to-image and inpainting guided by SDXL ControlNets (diffusers'
+API).
 
 They are the SDXL pipelines with the ControlNet pipelines' nets, control images and per-step scales
 (controlnet.py): each net takes the UNet's added conditioning (pooled prompt embeddings and size
@@ -19,6 +20,7 @@ from flax_inpaint.pipelines.controlnet import (
     _ControlNetMixin,
 )
 from flax_inpaint.pipelines.stable_diffusion_xl import (
+    FlaxStableDiffusionXLImg2ImgPipeline,
     FlaxStableDiffusionXLInpaintPipeline,
     FlaxStableDiffusionXLPipeline,
     FlaxStableDiffusionXLPipelineBase,
@@ -113,4 +115,42 @@ class FlaxStableDiffusionXLControlNetInpaintPipeline(_SDXLControlNetMixin, FlaxS
         return self._call(locals())
 
 
-__all__ = ["FlaxStableDiffusionXLControlNetPipeline", "FlaxStableDiffusionXLControlNetInpaintPipeline"]
+class FlaxStableDiffusionXLControlNetImg2ImgPipeline(_SDXLControlNetMixin, FlaxStableDiffusionXLImg2ImgPipeline):
+    """SDXL image-to-image guided by one or more ControlNets (diffusers' StableDiffusionXLControlNetImg2ImgPipeline;
+    with `requires_aesthetics_score`, the refiner's size conditioning)."""
+
+    _pipeline_class = "StableDiffusionXLControlNetImg2ImgPipeline"
+
+    def img2img(self, prompt, image, control_image, params, prng_seed, *, height: Optional[int] = None,
+                width: Optional[int] = None, **kwargs):
+        """PyTorch-style convenience: prompt strings, a PIL image and control images (PIL, or a list with one
+        per ControlNet) in, images out. As in diffusers, the output has the control images' size (or height x
+        width) and `image` is resized to it; other keywords as `FlaxStableDiffusionXLImg2ImgPipeline.img2img`."""
+        control = self.prepare_control_image(control_image, height, width)
+        height, width = (control[0] if isinstance(control, list) else control).shape[-2:]
+        return super().img2img(prompt, image, params, prng_seed, height=height, width=width, control_image=control,
+                               **kwargs)
+
+    def __call__(self, prompt_ids, image, params, prng_seed, strength: float = 0.8, num_inference_steps: int = 50,
+                 height: Optional[int] = None, width: Optional[int] = None, guidance_scale=5.0, noise=None,
+                 neg_prompt_ids=None, return_dict: bool = True, jit: bool = False, *, control_image,
+                 controlnet_conditioning_scale=0.8, guess_mode: bool = False, control_guidance_start=0.0,
+                 control_guidance_end=1.0, num_images_per_prompt: int = 1, prompt_embeds=None,
+                 negative_prompt_embeds=None, pooled_prompt_embeds=None, negative_pooled_prompt_embeds=None,
+                 clip_skip: Optional[int] = None, eta: float = 0.0, output_type: str = "np",
+                 original_size: Optional[Tuple[int, int]] = None, crops_coords_top_left: Tuple[int, int] = (0, 0),
+                 target_size: Optional[Tuple[int, int]] = None,
+                 negative_original_size: Optional[Tuple[int, int]] = None,
+                 negative_crops_coords_top_left: Tuple[int, int] = (0, 0),
+                 negative_target_size: Optional[Tuple[int, int]] = None, aesthetic_score: float = 6.0,
+                 negative_aesthetic_score: float = 2.5, mesh: Optional[Mesh] = None, ip_adapter_image=None,
+                 ip_adapter_image_embeds=None, **hooks):
+        """Image to image as `FlaxStableDiffusionXLImg2ImgPipeline.__call__` (diffusers' defaults here: strength
+        0.8, controlnet_conditioning_scale 0.8), guided by `control_image` (NCHW in [0, 1] at the image's size,
+        from `prepare_control_image`; a list with one per ControlNet for several); the guidance windows are
+        fractions of the steps that run."""
+        return self._call(locals())
+
+
+__all__ = ["FlaxStableDiffusionXLControlNetPipeline", "FlaxStableDiffusionXLControlNetImg2ImgPipeline",
+           "FlaxStableDiffusionXLControlNetInpaintPipeline"]
