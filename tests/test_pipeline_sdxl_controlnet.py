@@ -23,7 +23,6 @@ from diffusers import (
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from flax.jax_utils import replicate
 from flax.training.common_utils import shard
 from jax.sharding import Mesh
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
@@ -230,6 +229,13 @@ def test_img2img_matches_diffusers(cn):
 PROMPTS = ["a red cat", "a cat"] * (N_DEV // 2)
 
 
+def device_copies(params):
+    """params with a leading axis of N_DEV copies, the layout flax.jax_utils.replicate gives (tests/
+    test_pipeline_controlnet.py uses replicate itself); numpy copies here, since replicate compiles two small
+    programs per parameter shape (about 60 shapes: ~15 s of the test's time)."""
+    return jax.tree_util.tree_map(lambda x: np.broadcast_to(np.asarray(x), (N_DEV, *np.shape(x))), params)
+
+
 @pytest.fixture(scope="module")
 def per_example(cn):
     """The 9-channel inpaint pipeline on eight prompts with their own control images, latents and guidance;
@@ -256,7 +262,7 @@ def test_pmap_and_mesh_give_one_devices_images(per_example):
     """jit=True (diffusers' pmap convention over 8 fake devices) gives each device the images of a one-device
     call on its rows with its key; a mesh call (latents given) those of the one-device calls."""
     ex = per_example
-    pmapped = ex.call(shard(ex.inputs), jax.random.split(jax.random.key(0), N_DEV), params=replicate(ex.params),
+    pmapped = ex.call(shard(ex.inputs), jax.random.split(jax.random.key(0), N_DEV), params=device_copies(ex.params),
                       jit=True)
     assert pmapped.shape == (N_DEV, 1, SIZE, SIZE, 3)
     mesh = Mesh(np.array(jax.devices()), ("data",))
@@ -276,7 +282,7 @@ def test_new_values_do_not_recompile(cn, per_example):
                  guidance=x["guidance"][::-1].copy())
     one = jax.tree_util.tree_map(lambda v: v[1:2], other)
     mesh = Mesh(np.array(jax.devices()), ("data",))
-    replicated = replicate(ex.params)
+    replicated = device_copies(ex.params)
     first = ex.call(x, jax.random.key(0), mesh=mesh)
     ex.call(shard(x), jax.random.split(jax.random.key(0), N_DEV), params=replicated, jit=True)
     t2i, t2i_params = cn.ours["t2i2"]
