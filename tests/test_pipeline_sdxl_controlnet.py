@@ -1,11 +1,11 @@
 """End-to-end parity of the SDXL ControlNet pipelines with diffusers' StableDiffusionXLControlNetPipeline,
-StableDiffusionXLControlNetImg2ImgPipeline and StableDiffusionXLControlNetInpaintPipeline, on tiny random SDXL-shaped models and SDXL ControlNets saved with
-save_pretrained (an SDXL base folder with ControlNet folders, a one-net inpainting pipeline folder) and loaded
-through our from_pretrained. Same prompts, images, masks, control images and noise (passed to both, or drawn from a torch
-generator in diffusers' order and shared as tests/test_pipeline_sdxl.py does); images agree within 1e-3 max abs
-(fp32, values in [0, 1]: the same float32 math in another order through a few UNet and ControlNet steps).
-Multi-device runs equal single-device ones within 1e-5. Euler with 2 steps: the guidance windows below switch
-a net off for one of the two.
+StableDiffusionXLControlNetImg2ImgPipeline and StableDiffusionXLControlNetInpaintPipeline, on tiny random
+SDXL-shaped models and SDXL ControlNets saved with save_pretrained (an SDXL base folder with ControlNet folders, a
+one-net inpainting pipeline folder) and loaded through our from_pretrained. Same prompts, images, masks, control
+images and noise (passed to both, or drawn from a torch generator in diffusers' order and shared as
+tests/test_pipeline_sdxl.py does); images agree within 1e-3 max abs (fp32, values in [0, 1]: the same float32
+math in another order through a few UNet and ControlNet steps). Multi-device runs equal single-device ones within
+1e-5. Euler with 2 steps: the guidance windows below switch a net off for one of the two.
 """
 from types import SimpleNamespace
 
@@ -65,9 +65,9 @@ def controlnet(seed: int) -> ControlNetModel:
 @pytest.fixture(scope="module")
 def cn(tmp_path_factory):
     """Torch pipelines: text-to-image with one and two ControlNets, inpainting with a 9-channel UNet and one
-    net and with the 4-channel UNet and two, image-to-image with one. Ours: text-to-image from an SDXL base folder and two ControlNet
-    folders, inpainting from diffusers' 9-channel SDXL ControlNet inpainting folder (the class its
-    model_index.json names); the others over their components with from_pipe."""
+    net and with the 4-channel UNet and two, image-to-image with one. Ours: text-to-image from an SDXL base
+    folder and two ControlNet folders, inpainting from diffusers' 9-channel SDXL ControlNet inpainting folder
+    (the class its model_index.json names); the others over their components with from_pipe."""
     tmp = tmp_path_factory.mktemp("sdxl_cn")
     torch.manual_seed(0)
     tokenizer = make_tokenizer(tmp / "_tok")
@@ -211,7 +211,7 @@ def test_inpaint_matches_diffusers(cn, case):
 
 def test_img2img_matches_diffusers(cn):
     """Image-to-image at strength < 1 (the noise shared), a guidance window, negative sizes (the img2img rule:
-    the positive crop), the output at the control image's size."""
+    the positive crop)."""
     kw = dict(strength=0.6, controlnet_conditioning_scale=0.9, control_guidance_start=0.5, negative_prompt="red",
               original_size=(48, 40), negative_original_size=(24, 20), negative_crops_coords_top_left=(2, 6),
               negative_target_size=(28, 36), num_inference_steps=STEPS, output_type="np")

@@ -124,10 +124,9 @@ class FlaxStableDiffusionXLControlNetImg2ImgPipeline(_SDXLControlNetMixin, FlaxS
     def img2img(self, prompt, image, control_image, params, prng_seed, *, height: Optional[int] = None,
                 width: Optional[int] = None, **kwargs):
         """PyTorch-style convenience: prompt strings, a PIL image and control images (PIL, or a list with one
-        per ControlNet) in, images out. As in diffusers, the output has the control images' size (or height x
-        width) and `image` is resized to it; other keywords as `FlaxStableDiffusionXLImg2ImgPipeline.img2img`."""
+        per ControlNet) in, images out. As in diffusers, both are processed at height x width (default: each
+        its own size, which must then agree); other keywords as `FlaxStableDiffusionXLImg2ImgPipeline.img2img`."""
         control = self.prepare_control_image(control_image, height, width)
-        height, width = (control[0] if isinstance(control, list) else control).shape[-2:]
         return super().img2img(prompt, image, params, prng_seed, height=height, width=width, control_image=control,
                                **kwargs)
 
