@@ -109,6 +109,8 @@ def build(pipe, jit: bool, *, prompt_ids, num_inference_steps: int, guidance_sca
     # the loop's bounds: denoising_start replaces strength
     loop = {**strength_fields(pipe.scheduler, num_inference_steps, strength if denoising_start is None else 1.0),
             **denoising_fields(pipe.scheduler, num_inference_steps, strength, denoising_start, denoising_end)}
+    if image_required:  # img2img noises the image at strength 1 too (add_noise, as diffusers' img2img pipelines)
+        loop["strength_is_max"] = np.bool_(False)
     batch = Batch(
         **text, **_text_fields(pipe, prompt_ids, neg_prompt_ids, prompt_embeds, negative_prompt_embeds, lead,
                                opts.do_cfg, guidance_scale),
