@@ -28,6 +28,8 @@ from jax.sharding import Mesh
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from flax_inpaint import (
+    FlaxAutoPipelineForImage2Image,
+    FlaxAutoPipelineForInpainting,
     FlaxDiffusionPipeline,
     FlaxStableDiffusionXLControlNetImg2ImgPipeline,
     FlaxStableDiffusionXLControlNetInpaintPipeline,
@@ -116,12 +118,15 @@ def cn(tmp_path_factory):
 
 
 def test_loads_and_saves_diffusers_folders(cn, tmp_path):
-    """The 9-channel folder loads as the class its model_index.json names; ours saves diffusers' multi-ControlNet
-    layout, which diffusers loads with the original weights."""
+    """The 9-channel folder loads as the class its model_index.json names, the auto pipelines move between the
+    SDXL ControlNet tasks; ours saves diffusers' multi-ControlNet layout, which diffusers loads with the original
+    weights."""
     inpaint, _ = cn.ours["9ch"]
     assert type(inpaint) is FlaxStableDiffusionXLControlNetInpaintPipeline and inpaint.unet.in_channels == 9
     assert inpaint.force_zeros_for_empty_prompt and not inpaint.requires_aesthetics_score
     pipe, params = cn.ours["t2i2"]
+    assert type(FlaxAutoPipelineForInpainting.from_pipe(pipe)) is FlaxStableDiffusionXLControlNetInpaintPipeline
+    assert type(FlaxAutoPipelineForImage2Image.from_pipe(inpaint)) is FlaxStableDiffusionXLControlNetImg2ImgPipeline
     pipe.save_pretrained(tmp_path, params)
     reloaded = StableDiffusionXLControlNetPipeline.from_pretrained(tmp_path)
     for theirs, original in zip(reloaded.controlnet.nets, cn.nets, strict=True):
