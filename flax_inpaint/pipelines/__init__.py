@@ -24,6 +24,11 @@ from flax_inpaint.pipelines.stable_diffusion_xl import (
     FlaxStableDiffusionXLInpaintPipeline,
     FlaxStableDiffusionXLPipeline,
 )
+from flax_inpaint.pipelines.controlnet_sdxl import (
+    FlaxStableDiffusionXLControlNetImg2ImgPipeline,
+    FlaxStableDiffusionXLControlNetInpaintPipeline,
+    FlaxStableDiffusionXLControlNetPipeline,
+)
 
 __all__ = [
     "FlaxAutoPipelineForImage2Image",
@@ -37,6 +42,9 @@ __all__ = [
     "FlaxStableDiffusionInpaintPipeline",
     "FlaxStableDiffusionPipeline",
     "FlaxStableDiffusionPipelineOutput",
+    "FlaxStableDiffusionXLControlNetImg2ImgPipeline",
+    "FlaxStableDiffusionXLControlNetInpaintPipeline",
+    "FlaxStableDiffusionXLControlNetPipeline",
     "FlaxStableDiffusionXLImg2ImgPipeline",
     "FlaxStableDiffusionXLInpaintPipeline",
     "FlaxStableDiffusionXLPipeline",

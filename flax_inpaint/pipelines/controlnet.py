@@ -62,6 +62,11 @@ class _ControlNetMixin:
                  feature_extractor=None, dtype: Any = jnp.float32, image_encoder=None):
         super().__init__(vae, text_encoder, tokenizer, unet, scheduler, safety_checker, feature_extractor, dtype,
                          image_encoder=image_encoder)
+        self._set_controlnets(controlnet)
+
+    def _set_controlnets(self, controlnet: ControlNets) -> None:
+        """Check the nets against the VAE and keep them (the SDXL pipelines' constructors call it too)."""
+        vae = self.vae
         multi = isinstance(controlnet, (list, tuple))
         nets = tuple(controlnet) if multi else (controlnet,)
         if not nets or not all(isinstance(n, FlaxControlNetModel) for n in nets):
