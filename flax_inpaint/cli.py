@@ -125,7 +125,7 @@ def _load(model: Optional[str], dtype: str, scheduler: Optional[str], single_fil
     name) swapped in and the LoRAs and textual-inversion embeddings loaded."""
     import jax.numpy as jnp
 
-    from flax_inpaint import FlaxStableDiffusionInpaintPipeline
+    from flax_inpaint import FlaxAutoPipelineForInpainting
     from flax_inpaint.loaders import options
     from flax_inpaint.pipelines.loading import model_error, with_scheduler
 
@@ -135,12 +135,13 @@ def _load(model: Optional[str], dtype: str, scheduler: Optional[str], single_fil
     _check_cache()
     _say(f"loading {model or single_file} ({dtype}) ...")
     try:
-        pipe, params = options.load(FlaxStableDiffusionInpaintPipeline, model, single_file, config,
+        pipe, params = options.load(FlaxAutoPipelineForInpainting, model, single_file, config,
                                     dtype=getattr(jnp, dtype))
     except (ValueError, OSError) as e:  # CheckpointError, a bad config, or a component the loader cannot read
         _fail(model_error("--model", model, e) if single_file is None else
-              f"--single-file {single_file!r} could not be loaded: {e}\nFix --single-file (a Stable Diffusion 1.x/2.x "
-              "checkpoint in the original layout) or pass --config a local diffusers folder of its architecture.")
+              f"--single-file {single_file!r} could not be loaded: {e}\nFix --single-file (a Stable Diffusion "
+              "1.x/2.x or SDXL checkpoint in the original layout) or pass --config a local diffusers folder of its "
+              "architecture.")
     try:
         params = options.apply(pipe, params, loras, embeddings)
     except (ValueError, OSError) as e:
@@ -344,17 +345,16 @@ def _load_controlnet(controlnet: Optional[str], dtype: str):
 
 
 def _for_task(pipe, params, img2img: bool, controlnet, option: str):
-    """(pipeline, params) for inpaint or img2img, with `controlnet` ((model, params) from `_load_controlnet`, given
-    as `option`) if not None."""
-    from flax_inpaint import (FlaxStableDiffusionControlNetImg2ImgPipeline,
-                              FlaxStableDiffusionControlNetInpaintPipeline, FlaxStableDiffusionImg2ImgPipeline)
+    """(pipeline, params) for inpaint or img2img of the model's family (SD or SDXL), with `controlnet` ((model,
+    params) from `_load_controlnet`, given as `option`) if not None."""
+    from flax_inpaint import FlaxAutoPipelineForImage2Image, FlaxAutoPipelineForInpainting
 
+    auto = FlaxAutoPipelineForImage2Image if img2img else FlaxAutoPipelineForInpainting
     if controlnet is None:
-        return (FlaxStableDiffusionImg2ImgPipeline.from_pipe(pipe) if img2img else pipe), params
-    cls = FlaxStableDiffusionControlNetImg2ImgPipeline if img2img else FlaxStableDiffusionControlNetInpaintPipeline
+        return auto.from_pipe(pipe), params
     try:
-        return cls.from_pipe(pipe, controlnet=controlnet[0]), {**params, "controlnet": controlnet[1]}
-    except ValueError as e:  # made for another VAE
+        return auto.from_pipe(pipe, controlnet=controlnet[0]), {**params, "controlnet": controlnet[1]}
+    except ValueError as e:  # made for another VAE, or no such ControlNet pipeline for the family
         _fail(f"--controlnet {option!r} does not fit the model: {e}")
 
 
@@ -510,7 +510,7 @@ def _add_source_options(parser, loaders: bool) -> None:
 
     parser.add_argument("--model", default=None, help="local diffusers folder or hub repo id")
     parser.add_argument("--single-file", default=None, metavar="FILE",
-                        help="instead of --model: a Stable Diffusion 1.x/2.x checkpoint in the original layout "
+                        help="instead of --model: a Stable Diffusion 1.x/2.x or SDXL checkpoint in the original layout "
                              "(.safetensors, or .ckpt read with torch.load(weights_only=True))")
     parser.add_argument("--config", default=None, metavar="FOLDER",
                         help="with --single-file: a local diffusers folder of the same architecture (tokenizer, "

@@ -516,7 +516,7 @@ def run_sweep(spec: SweepSpec, pipeline: Optional[Tuple[Any, Any]] = None, mesh:
               progress: Optional[bool] = None) -> SweepSummary:
     """Compute every result of `spec` that `spec.out` lacks; see the module docstring.
 
-    `pipeline`: an already loaded `(FlaxStableDiffusionInpaintPipeline, params)` of `spec.model` (else
+    `pipeline`: an already loaded `(inpainting pipeline, params)` of `spec.model`, SD or SDXL (else
     it is loaded, if anything is left to compute); `mesh`: a 1-D data mesh (default: all devices);
     `progress`: a progress bar on process 0 (None: only on a terminal).
     """
@@ -572,13 +572,13 @@ def _compute(spec: SweepSpec, todo: List[Tuple[str, Config]], pipeline, mesh: Op
 
     from flax_inpaint.loaders import options
     from flax_inpaint.pipelines.callbacks import wants_bar
-    from flax_inpaint.pipelines.stable_diffusion import FlaxStableDiffusionInpaintPipeline
+    from flax_inpaint.pipelines.auto import FlaxAutoPipelineForInpainting
 
     if pipeline is None:
         import jax.numpy as jnp
 
         try:
-            pipeline = options.load(FlaxStableDiffusionInpaintPipeline, None if spec.single_file else spec.model,
+            pipeline = options.load(FlaxAutoPipelineForInpainting, None if spec.single_file else spec.model,
                                     spec.single_file, spec.config, dtype=getattr(jnp, spec.dtype))
         except (ValueError, OSError) as e:  # CheckpointError, a bad config, or a component the loader cannot read
             if spec.single_file:
@@ -644,13 +644,15 @@ def _compute(spec: SweepSpec, todo: List[Tuple[str, Config]], pipeline, mesh: Op
                     local = [c for _, c in padded[rows]]
                     masked, masks, images = (np.concatenate(a) for a in zip(*(prepared(pipe, c, g) for c in local)))
                     neg = [c.negative_prompt or "" for c in local]
+                    # no negative prompt at all: None, so SDXL's force_zeros_for_empty_prompt applies as in diffusers
+                    neg_ids = pipe.tokenize(neg) if any(neg) else None
                     tic = time.perf_counter()
                     with _CompileCounter() as counter:
                         out = pipe(pipe.tokenize([c.prompt for c in local]), masks, masked, call_params,
                                    seed_keys([c.seed for c in local]), num_inference_steps=g.steps,
                                    height=g.height, width=g.width, image=images, strength=strength,
                                    guidance_scale=np.array([c.guidance for c in local], np.float32),
-                                   neg_prompt_ids=pipe.tokenize(neg), mesh=mesh, progress=step_bar)
+                                   neg_prompt_ids=neg_ids, mesh=mesh, progress=step_bar)
                     seconds = time.perf_counter() - tic
                     compiles[g.label] += counter.count
                     if store is not None:

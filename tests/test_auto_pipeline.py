@@ -110,3 +110,24 @@ def test_errors(loaded):
     with pytest.raises(CheckpointError, match=r"FlaxAutoPipelineForText2Image: no task pipeline is linked to "
                                               r"'StableDiffusionDiffEditPipeline'"):
         FlaxAutoPipelineForText2Image.pipeline_class_for("StableDiffusionDiffEditPipeline")
+
+
+def test_sdxl_family_and_single_files(tmp_path_factory):
+    """An SDXL pipeline moves between tasks as diffusers' from_pipe moves its torch twin; from_single_file picks
+    the family from the file's tensors (SDXL or SD 1.x)."""
+    import tiny_loaders as tl
+
+    root = tmp_path_factory.mktemp("auto-sdxl")
+    folder, torch_base = tl.make_sdxl(root, "base")
+    base, _ = FlaxAutoPipelineForText2Image.from_pretrained(folder)
+    for ours_auto, torch_auto in AUTOS.values():
+        ours = ours_auto.from_pipe(base)
+        assert type(ours).__name__ == "Flax" + type(torch_auto.from_pipe(torch_base)).__name__
+        assert ours.unet is base.unet and ours.text_encoder_2 is base.text_encoder_2
+    sdxl_file = tl.write_file(tl.sdxl_original_state(torch_base), root / "sdxl.safetensors")
+    sd_folder, torch_sd = tl.make_sd(root, "sd1", in_channels=9)
+    sd_file = tl.write_file(tl.original_state(torch_sd, "sd1"), root / "sd1.safetensors")
+    for path, config, name in ((sdxl_file, folder, "StableDiffusionXLInpaintPipeline"),
+                               (sd_file, sd_folder, "StableDiffusionInpaintPipeline")):
+        pipe, _ = FlaxAutoPipelineForInpainting.from_single_file(path, config=config)
+        assert type(pipe).__name__ == "Flax" + name

@@ -615,3 +615,34 @@ def test_second_sweep_is_refused_and_a_killed_holder_does_not_block(sd, tmp_path
     assert len(ids) == len(set(ids)) == 6
     assert sorted(p.name for p in (out / "images").iterdir()) == sorted(f"{i}.png" for i in ids)
     assert (out / LOCK).read_bytes() == b""  # released: names nobody
+
+
+def test_sdxl_model_and_single_file_in_inpaint_and_sweep(tmp_path_factory, capsys):
+    """An SDXL inpainting folder works in `inpaint` and `sweep` (the Auto classes pick the SDXL pipeline), and so
+    does its single file with --config: the same images as the pipeline's own `inpaint` (PNG: within one 8-bit
+    level), with SDXL's zeroed negative embeddings when no negative prompt is given."""
+    import tiny_loaders as tl
+    from flax_inpaint import FlaxStableDiffusionXLInpaintPipeline
+
+    tmp = tmp_path_factory.mktemp("cli-sdxl")
+    folder, torch_pipe = tl.make_sdxl(tmp, "inpaint")
+    single = tl.write_file(tl.sdxl_original_state(torch_pipe), tmp / "sdxl-inpaint.safetensors")
+    image, mask = tiny_sd.sample_image_and_mask(size=tl.SIZE)
+    image.save(tmp / "image.png")
+    mask.save(tmp / "mask.png")
+    common = ["--image", tmp / "image.png", "--mask", tmp / "mask.png", "--prompt", "a red cat", "--steps", STEPS,
+              "--guidance", "6", "--no-progress"]
+    run(capsys, "inpaint", "--model", folder, *common, "--out", tmp / "folder")
+    run(capsys, "inpaint", "--single-file", single, "--config", folder, *common, "--out", tmp / "single")
+    pipe, params = FlaxStableDiffusionXLInpaintPipeline.from_pretrained(folder)
+    ours = pipe.inpaint("a red cat", image, mask, params, seed_keys([0]), num_inference_steps=int(STEPS),
+                        guidance_scale=6.0, strength=1.0, output_type="np").images[0]
+    for out in ("folder", "single"):
+        written = np.asarray(Image.open(tmp / out / "prompt0_seed0.png"), np.float32) / 255
+        np.testing.assert_allclose(written, ours, atol=1 / 255 + 1e-6, rtol=0)
+    spec = {"model": str(folder), "image": str(tmp / "image.png"), "mask": str(tmp / "mask.png"),
+            "steps": int(STEPS), "guidance": 6, "grid": {"prompt": ["a red cat"], "seed": [0]}}
+    (tmp / "spec.json").write_text(json.dumps(spec))
+    assert "1 computed" in run(capsys, "sweep", tmp / "spec.json", "--out", tmp / "sweep", "--no-progress").out
+    (record,) = iter_manifest(tmp / "sweep")
+    assert np.abs(pixels(tmp / "sweep" / record["file"]) - pixels(tmp / "folder" / "prompt0_seed0.png")).max() <= 1

@@ -853,6 +853,20 @@ def is_sdxl(state: StateDict, layouts: Mapping[str, Layout]) -> bool:
     return TEXT_ENCODER_2 in layouts or f"{UNET_PREFIX}label_emb.0.0.weight" in state
 
 
+def file_is_sdxl(source: Union[str, os.PathLike]) -> bool:
+    """Whether a single file holds an SDXL model (which pipeline family loads it): a .safetensors file from its
+    header alone, a pickle by reading it."""
+    path = Path(source)
+    if path.suffix == ".safetensors" and path.is_file():
+        from safetensors import safe_open
+
+        with safe_open(path, "np") as f:
+            names = set(f.keys())
+    else:
+        names = set(read_checkpoint(source)[0])
+    return is_sdxl(names, find_layouts(names))
+
+
 def check_pipeline_kind(state: StateDict, layouts: Mapping[str, Layout], family: Optional[Family], sdxl: bool,
                         source: str) -> None:
     """Refuse an SDXL file for an SD 1.x/2.x pipeline and the reverse, naming what the file is."""

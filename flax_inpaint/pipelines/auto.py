@@ -8,9 +8,10 @@ the same params serve (set params["controlnet"] when adding one).
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, Tuple, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 from flax_inpaint.io import CheckpointError, read_config, resolve_folder
+from flax_inpaint.loaders.single_file import file_is_sdxl
 from flax_inpaint.pipelines.stable_diffusion import FlaxDiffusionPipeline, pipeline_class
 
 # family -> (text-to-image, image-to-image, inpainting) class, diffusers' names without "Flax".
@@ -82,6 +83,18 @@ class _AutoPipeline:
         if kwargs.get("controlnet", 0) is None and "controlnet" not in target.component_names():
             kwargs.pop("controlnet")  # the folder's ControlNet dropped: the plain class has no such component
         return target.from_pretrained(folder, **kwargs)
+
+    @classmethod
+    def from_single_file(cls, path: Union[str, os.PathLike], config: Optional[Union[str, os.PathLike]] = None,
+                         **kwargs) -> Tuple[Any, dict]:
+        """`(pipeline, params)` of this task from a single file in the original layout: an SDXL pipeline for an
+        SDXL file, else a Stable Diffusion 1.x/2.x one (`controlnet=` a model: its ControlNet pipeline); keyword
+        arguments go to the class's `from_single_file`."""
+        family = "stable-diffusion-xl" if file_is_sdxl(path) else "stable-diffusion"
+        if kwargs.get("controlnet", 0) is None:
+            kwargs.pop("controlnet")
+        target = _task_class(cls.task, _with_controlnet(family, "controlnet" in kwargs), cls.__name__)
+        return target.from_single_file(path, config, **kwargs)
 
     @classmethod
     def from_pipe(cls, pipeline: FlaxDiffusionPipeline, **components) -> FlaxDiffusionPipeline:
