@@ -331,11 +331,22 @@ def call_layout(prng_seed, params, jit: bool, mesh: Optional[Mesh], lead: tuple)
             raise ValueError(f"prng_seed must hold one key per device ({n}); got shape {np.shape(prng_seed)}. "
                              "Use jax.random.split(key, jax.local_device_count()).")
         _check_replicated(params, n)
-        return keys, Mesh(np.array(jax.local_devices()), ("devices",))
+        return keys, _pmap_mesh(params)
     if keys.shape[0] not in (1, lead[0]):
         raise ValueError(f"prng_seed has shape {np.shape(prng_seed)}; pass one key (jax.random.key(seed)) or "
                          f"one key per prompt, e.g. jax.random.split(key, {lead[0]}) (this process's rows).")
     return keys, mesh or Mesh(np.array(jax.devices()[:1]), ("data",))
+
+
+def _pmap_mesh(params) -> Mesh:
+    """The mesh of a jit=True call: the one `params` were replicated over where that is a 1-D mesh of the local
+    devices in order (flax's `replicate`), so they are used where they lie instead of placed again every call;
+    else a new mesh over the local devices."""
+    devices = jax.local_devices()
+    mesh = getattr(getattr(jax.tree_util.tree_leaves(params)[0], "sharding", None), "mesh", None)
+    if isinstance(mesh, Mesh) and mesh.devices.ndim == 1 and list(mesh.devices) == devices:
+        return mesh
+    return Mesh(np.array(devices), ("devices",))
 
 
 def merge_devices(x) -> np.ndarray:
@@ -519,6 +530,8 @@ class FlaxStableDiffusionInpaintPipeline(FlaxDiffusionPipeline):
 
 def _check_replicated(params, n: int):
     """With jit=True every params leaf needs a leading axis of `n` copies (flax.jax_utils.replicate)."""
+    if all(np.shape(leaf)[:1] == (n,) for leaf in jax.tree_util.tree_leaves(params)):
+        return
     for path, leaf in jax.tree_util.tree_leaves_with_path(params):
         if np.shape(leaf)[:1] != (n,):
             raise ValueError(
