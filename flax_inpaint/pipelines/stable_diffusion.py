@@ -276,7 +276,7 @@ class FlaxDiffusionPipeline(FromSingleFileMixin, LoraLoaderMixin, TextualInversi
         run = {k: args.pop(k) for k in ("params", "prng_seed", "jit", "mesh", "return_dict")}
         hooks = CallHooks(**args.pop("hooks", {}))
         args["num_inference_steps"] = hooks.num_inference_steps(self.scheduler, args["num_inference_steps"])
-        prepared = build(self, run["jit"], **args, **self._inputs)
+        prepared = build(self, run["jit"], **args, **self._inputs, params=run["params"])
         return self._run(prepared, args["output_type"], hooks=hooks, **run)
 
     def _program_params(self, params):
@@ -289,7 +289,6 @@ class FlaxDiffusionPipeline(FromSingleFileMixin, LoraLoaderMixin, TextualInversi
         batch, opts = hooks.apply(self, batch, opts, params)
         params = self._program_params(params)
         comps = self._components()
-        image_prompt = batch.ip_adapter_images is not None or batch.ip_adapter_image_embeds is not None
         needed = ["unet", "vae", "scheduler"] + ["text_encoder"] * (batch.prompt_ids is not None) \
             + ["safety_checker"] * (self.safety_checker is not None) \
             + ["image_encoder"] * (batch.ip_adapter_images is not None)
@@ -298,12 +297,6 @@ class FlaxDiffusionPipeline(FromSingleFileMixin, LoraLoaderMixin, TextualInversi
             raise ValueError(f"params has no {missing}: a component passed to from_pretrained (or the constructor) as "
                              f"an object brings no params; set params[{missing[0]!r}] to its params (from its "
                              "from_pretrained), as with diffusers.")
-        if image_prompt:
-            given = batch.ip_adapter_images or batch.ip_adapter_image_embeds
-            loaded = len(params.get("ip_adapter", {}).get("image_proj", ()))
-            if len(given) != loaded:
-                raise ValueError(f"{len(given)} IP-Adapter image prompts (ip_adapter_image / ip_adapter_image_embeds) "
-                                 f"for {loaded} loaded IP-Adapters: pass one per adapter (pipe.load_ip_adapter).")
         keys, mesh = call_layout(prng_seed, params, jit, mesh, lead)
         with hooks.session(batch, lead) as batch:  # host callbacks registered until the images are here
             if jit:  # the [devices, per_device] rows as one batch
