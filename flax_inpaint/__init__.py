@@ -21,7 +21,11 @@ from flax_inpaint.models.unet import FlaxUNet2DConditionModel
 from flax_inpaint.models.vae import FlaxAutoencoderKL
 from flax_inpaint.pipelines import NOT_PROVIDED as _PIPELINES_NOT_PROVIDED
 from flax_inpaint.pipelines import (
+    FlaxAutoPipelineForImage2Image,
+    FlaxAutoPipelineForInpainting,
+    FlaxAutoPipelineForText2Image,
     FlaxDiffusionPipeline,
+    FlaxStableDiffusionControlNetImg2ImgPipeline,
     FlaxStableDiffusionControlNetInpaintPipeline,
     FlaxStableDiffusionControlNetPipeline,
     FlaxStableDiffusionImg2ImgPipeline,
@@ -36,12 +40,16 @@ from flax_inpaint.schedulers import __all__ as _schedulers
 
 __version__ = "0.1.0"
 __all__ = [
+    "FlaxAutoPipelineForImage2Image",
+    "FlaxAutoPipelineForInpainting",
+    "FlaxAutoPipelineForText2Image",
     "FlaxAutoencoderKL",
     "FlaxCLIPTextModel",
     "FlaxCLIPTextModelWithProjection",
     "FlaxControlNetModel",
     "FlaxDiffusionPipeline",
     "FlaxModelMixin",
+    "FlaxStableDiffusionControlNetImg2ImgPipeline",
     "FlaxStableDiffusionControlNetInpaintPipeline",
     "FlaxStableDiffusionControlNetPipeline",
     "FlaxStableDiffusionImg2ImgPipeline",

@@ -1,4 +1,4 @@
-"""The `flax-inpaint` command line: demo, inpaint, sweep, convert, bench and
+"""The `flax-inpaint` command line: demo, inpaint, img2img, sweep, convert, bench and
 train-controlnet.
 
 Errors from user input end in one line `flax-inpaint: error: ...` naming the option and the fix (exit
@@ -32,6 +32,8 @@ EPILOG = """examples:
   flax-inpaint demo --out demo.png
   flax-inpaint inpaint --model path/to/sd-inpainting --image photo.png --mask mask.png \\
       --prompt "a cat on a bench" "a dog on a bench" --batch 2 --steps 30 --out outputs
+  flax-inpaint img2img --model path/to/sd --image photo.png --prompt "a watercolor cat" --strength 0.6 \\
+      --controlnet path/to/controlnet-canny --control-image edges.png
   flax-inpaint sweep sweep.json            (run again after a kill: it resumes)
   flax-inpaint convert --model path/to/sd-inpainting
   flax-inpaint convert --single-file sd-v1-5-inpainting.safetensors --out sd15-inpainting
@@ -51,6 +53,7 @@ TRACEBACK_ENV = "FLAX_INPAINT_TRACEBACK"
 MEMORY_HINT = {
     "demo": "lower --scale",
     "inpaint": "lower --batch or --size, or pass --dtype bfloat16",
+    "img2img": "lower --batch or --size, or pass --dtype bfloat16",
     "diffedit": "lower --size or --num-maps-per-mask, or pass --dtype bfloat16",
     "sweep": "lower --per-device-batch or the spec's 'size', or set its 'dtype' to 'bfloat16'",
     "convert": "convert on a machine with more memory",
@@ -181,14 +184,17 @@ def _inpaint(pipe, params, image, mask, prompts: Sequence[str], negative: Option
              guidance: float, strength: float, seeds: Sequence[int], size: Optional[int], overlay: bool,
              batch: Optional[int] = None, progress: Optional[bool] = False,
              save: Optional[Callable[[int, list], None]] = None, preview: Optional[Path] = None,
-             preview_every: int = 1, preview_vae: bool = False, ip_image=None):
+             preview_every: int = 1, preview_vae: bool = False, ip_image=None, control_image=None,
+             controlnet_scale: Optional[float] = None):
     """One image per (prompt, seed) pair, each sampled with its own key; returns (PIL images, nsfw, seconds).
+    Inpaints, or without a `mask` runs img2img (`pipe` is then an img2img pipeline).
 
     Calls of `batch` pairs each (default: all at once) advance a progress bar (`progress`: True,
     False, or None for only on a terminal); a pair's image does not depend on its batch companions.
     `save(first_index, images)` receives each call's images as soon as they exist. A second bar moves per
     denoising step of each call; `preview` gets a latent-to-RGB PNG per image every `preview_every` steps
-    (`preview_vae`: the VAE's decode, at full size). `ip_image`: the IP-Adapter reference image.
+    (`preview_vae`: the VAE's decode, at full size). `ip_image`: the IP-Adapter reference image;
+    `control_image`: a ControlNet pipeline's control image, at `controlnet_scale` (None: the pipeline's default).
     """
     from tqdm import tqdm
 
@@ -210,19 +216,24 @@ def _inpaint(pipe, params, image, mask, prompts: Sequence[str], negative: Option
     batch = batch or len(prompts)
     images, nsfw = [], []
     quiet = None if progress is None else not progress  # tqdm: None disables the bar off a terminal
+    run, inputs = (pipe.img2img, (image,)) if mask is None else (pipe.inpaint, (image, mask))
+    inputs += () if control_image is None else (control_image,)
+    options = {} if mask is None else {"apply_overlay": overlay}
+    options.update({} if ip_image is None else {"ip_adapter_image": ip_image})
+    options.update({} if controlnet_scale is None else {"controlnet_conditioning_scale": controlnet_scale})
     start = time.perf_counter()
-    with tqdm(total=len(prompts), unit="img", desc="inpaint", disable=quiet) as bar:
+    with tqdm(total=len(prompts), unit="img", desc="inpaint" if mask is not None else "img2img",
+              disable=quiet) as bar:
         for lo in range(0, len(prompts), batch):
             chunk = list(prompts[lo:lo + batch])
             pipe.set_progress_bar_config(desc=f"batch {lo // batch + 1}", unit="step", leave=False)
             writer = PreviewWriter(preview, preview_every, f"batch{lo // batch + 1}_", vae=preview_vae) \
                 if preview else None
             hooks = [writer.host_callback()] if writer else []
-            out = pipe.inpaint(chunk, image, mask, params, seed_keys(seeds[lo:lo + batch]),
-                               negative_prompt=None if negative is None else [negative] * len(chunk),
-                               height=height, width=width, num_inference_steps=steps, guidance_scale=guidance,
-                               strength=strength, apply_overlay=overlay, progress=wants_bar(progress),
-                               host_callbacks=hooks, **({} if ip_image is None else {"ip_adapter_image": ip_image}))
+            out = run(chunk, *inputs, params, seed_keys(seeds[lo:lo + batch]),
+                      negative_prompt=None if negative is None else [negative] * len(chunk), height=height,
+                      width=width, num_inference_steps=steps, guidance_scale=guidance, strength=strength,
+                      progress=wants_bar(progress), host_callbacks=hooks, output_type="pil", **options)
             if save is not None:
                 save(lo, list(out.images))
             images += list(out.images)
@@ -255,16 +266,24 @@ def cmd_demo(args) -> None:
 
 
 def cmd_inpaint(args) -> None:
+    """`inpaint`, and `img2img` (the same options without --mask and --overlay)."""
+    img2img = args.command == "img2img"
     if args.preview_vae and not args.preview:
         _fail("--preview-vae decodes the previews of --preview DIR; pass --preview DIR too.")
-    image, mask = _load_image(args.image, "--image"), _load_image(args.mask, "--mask")
+    image = _load_image(args.image, "--image")
+    mask = None if img2img else _load_image(args.mask, "--mask")
+    if (args.controlnet is None) != (args.control_image is None) or (
+            args.controlnet_scale is not None and args.controlnet is None):
+        _fail("--controlnet DIR and --control-image IMG go together (--controlnet-scale S with them); pass both or "
+              "neither.")
+    control_image = None if args.control_image is None else _load_image(args.control_image, "--control-image")
     if (args.ip_adapter is None) != (args.ip_image is None) or (args.ip_scale is not None and args.ip_adapter is None):
         _fail("--ip-adapter FILE and --ip-image IMG go together (--ip-scale S with them); pass both or neither.")
     ip_image = None if args.ip_image is None else _load_image(args.ip_image, "--ip-image")
     if args.ip_adapter is not None and not Path(args.ip_adapter).is_file():
         _fail(f"--ip-adapter {args.ip_adapter!r} is not a file; pass an IP-Adapter .safetensors/.bin file "
               "(e.g. ip-adapter_sd15.safetensors).")
-    if image.size != mask.size:
+    if mask is not None and image.size != mask.size:
         _fail(f"--image is {image.size[0]}x{image.size[1]} but --mask is {mask.size[0]}x{mask.size[1]}; "
               "they must be the same size.")
     if args.seed + args.batch > 2**32:
@@ -273,11 +292,16 @@ def cmd_inpaint(args) -> None:
     out_dir = Path(args.out)
     check_folder(out_dir, "--out")
     _check_scheduler(args.scheduler)
+    controlnet = _load_controlnet(args.controlnet, args.dtype)
     pipe, params = _load(args.model, args.dtype, args.scheduler, args.single_file, args.config, args.lora,
                          args.textual_inversion)
+    if img2img and pipe.unet.in_channels != 4:
+        _fail(f"img2img needs a text-to-image model (a 4-channel UNet), but {args.model or args.single_file!r} is an "
+              "inpainting model (9 channels); use `flax-inpaint inpaint` with it, or pass another --model.")
     _check_steps(pipe, args.steps, args.strength)
     if ip_image is not None:
         pipe, params = _with_ip_adapter(pipe, params, Path(args.ip_adapter), args.ip_scale, args.dtype)
+    pipe, params = _for_task(pipe, params, img2img, controlnet, args.controlnet)
     prompts = [p for p in args.prompt for _ in range(args.batch)]
     seeds = [args.seed + k for _ in args.prompt for k in range(args.batch)]
     names = [f"prompt{j // args.batch}_seed{seed}.png" for j, seed in enumerate(seeds)]
@@ -289,17 +313,49 @@ def cmd_inpaint(args) -> None:
 
     if args.preview:
         check_folder(Path(args.preview), "--preview")
-    _say(f"inpainting {len(prompts)} image(s) in batches of {args.batch}, {args.steps} steps (the first batch "
-         "compiles) ...")
+    _say(f"{'generating' if img2img else 'inpainting'} {len(prompts)} image(s) in batches of {args.batch}, "
+         f"{args.steps} steps (the first batch compiles) ...")
     images, nsfw, seconds = _inpaint(pipe, params, image, mask, prompts, args.negative_prompt, args.steps,
-                                     args.guidance, args.strength, seeds, args.size, args.overlay, args.batch,
-                                     progress=False if args.no_progress else None, save=save,
+                                     args.guidance, args.strength, seeds, args.size, not img2img and args.overlay,
+                                     args.batch, progress=False if args.no_progress else None, save=save,
                                      preview=args.preview and Path(args.preview), preview_every=args.preview_every,
-                                     preview_vae=args.preview_vae, ip_image=ip_image)
+                                     preview_vae=args.preview_vae, ip_image=ip_image, control_image=control_image,
+                                     controlnet_scale=args.controlnet_scale)
     flagged = 0 if nsfw is None else int(sum(bool(x) for x in nsfw))
     print(f"wrote {len(images)} image(s) to {out_dir} in {seconds:.1f} s"
           + (f", replacing {replaced} of the same name" if replaced else "")
           + (f"; the safety checker blacked out {flagged}" if flagged else ""))
+
+
+def _load_controlnet(controlnet: Optional[str], dtype: str):
+    """(FlaxControlNetModel, params) of the --controlnet folder or hub id, or None."""
+    import jax.numpy as jnp
+
+    from flax_inpaint import FlaxControlNetModel
+
+    if controlnet is None:
+        return None
+    _say(f"loading the ControlNet {controlnet} ...")
+    try:
+        return FlaxControlNetModel.from_pretrained(controlnet, dtype=getattr(jnp, dtype))
+    except (ValueError, OSError) as e:
+        _fail(f"--controlnet {controlnet!r} could not be loaded ({_first_line(e)}); pass a diffusers ControlNet folder "
+              "(config.json and its weights) or a hub repo id in the local hub cache or reachable online.")
+
+
+def _for_task(pipe, params, img2img: bool, controlnet, option: str):
+    """(pipeline, params) for inpaint or img2img, with `controlnet` ((model, params) from `_load_controlnet`, given
+    as `option`) if not None."""
+    from flax_inpaint import (FlaxStableDiffusionControlNetImg2ImgPipeline,
+                              FlaxStableDiffusionControlNetInpaintPipeline, FlaxStableDiffusionImg2ImgPipeline)
+
+    if controlnet is None:
+        return (FlaxStableDiffusionImg2ImgPipeline.from_pipe(pipe) if img2img else pipe), params
+    cls = FlaxStableDiffusionControlNetImg2ImgPipeline if img2img else FlaxStableDiffusionControlNetInpaintPipeline
+    try:
+        return cls.from_pipe(pipe, controlnet=controlnet[0]), {**params, "controlnet": controlnet[1]}
+    except ValueError as e:  # made for another VAE
+        _fail(f"--controlnet {option!r} does not fit the model: {e}")
 
 
 def _with_ip_adapter(pipe, params, path: Path, scale: Optional[float], dtype: str):
@@ -468,6 +524,51 @@ def _add_source_options(parser, loaders: bool) -> None:
                             help="a textual-inversion embedding, as TOKEN (default: the file's); repeatable")
 
 
+def _add_generation_options(inp, img2img: bool) -> None:
+    """The options of `inpaint` and of `img2img` (which has no --mask and --overlay)."""
+    _add_source_options(inp, loaders=True)
+    inp.add_argument("--image", required=True, help="RGB image file")
+    if not img2img:
+        inp.add_argument("--mask", required=True, help="mask file of the image's size; white = repaint")
+    inp.add_argument("--prompt", required=True, nargs="+", help="one or more prompts")
+    inp.add_argument("--negative-prompt", default=None, help="what to steer away from (with --guidance > 1)")
+    inp.add_argument("--scheduler", default=None, help="diffusers class name, e.g. DDIMScheduler; "
+                                                       "default: the model's")
+    inp.add_argument("--steps", type=_positive(int), default=50, help="denoising steps")
+    inp.add_argument("--guidance", type=_finite, default=7.5, help="classifier-free guidance scale (<= 1: off)")
+    inp.add_argument("--strength", type=_unit, default=0.8 if img2img else 1.0,
+                     help="how much of --image is noised away (1: all)" if img2img else
+                     "1 repaints from noise; lower keeps more of --image")
+    inp.add_argument("--seed", type=_seed, default=0, help="seed of the first image of each prompt")
+    inp.add_argument("--batch", type=_positive(int), default=1,
+                     help="images per prompt, sampled together in one call")
+    inp.add_argument("--size", type=_positive(int), default=None,
+                     help="square output size, a multiple of the model's VAE scale factor; default: the image's size "
+                          "floored to that factor")
+    inp.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                     help="compute and params dtype (bfloat16 for TPUs and GPUs)")
+    if not img2img:
+        inp.add_argument("--overlay", action="store_true", help="paste the unmasked pixels of --image back exactly")
+    inp.add_argument("--out", default="outputs", help="output folder")
+    inp.add_argument("--no-progress", action="store_true", help="no progress bar (there is none off a terminal)")
+    inp.add_argument("--preview", default=None, metavar="DIR",
+                     help="write latent-to-RGB previews (batch<b>_<image>-step<s>.png) while sampling")
+    inp.add_argument("--preview-every", type=_positive(int), default=5, help="steps between previews")
+    inp.add_argument("--preview-vae", action="store_true",
+                     help="decode the previews with the VAE (full size; the decoder runs every --preview-every steps)")
+    inp.add_argument("--ip-adapter", default=None, metavar="FILE",
+                     help="IP-Adapter weights (.safetensors/.bin; plain or plus): prompt with --ip-image too")
+    inp.add_argument("--ip-image", default=None, metavar="IMG", help="the IP-Adapter's reference image")
+    inp.add_argument("--ip-scale", type=_finite, default=None, metavar="S", help="IP-Adapter scale (default 1)")
+    inp.add_argument("--controlnet", default=None, metavar="DIR",
+                     help="a ControlNet (diffusers folder or hub id) guiding the model: with --control-image too")
+    inp.add_argument("--control-image", default=None, metavar="IMG",
+                     help="the ControlNet's control image (e.g. edges or depth), resized to the output size")
+    inp.add_argument("--controlnet-scale", type=_finite, default=None, metavar="S",
+                     help=f"ControlNet conditioning scale (default {0.8 if img2img else 0.5}, as diffusers')")
+    inp.set_defaults(func=cmd_inpaint)
+
+
 class _Help(argparse.ArgumentDefaultsHelpFormatter):
     """Shows "(default: ...)" only where an option has a default worth reading."""
 
@@ -503,37 +604,12 @@ def build_parser() -> argparse.ArgumentParser:
         "inpaint", help="inpaint one image with a diffusers-format model", formatter_class=fmt,
         description="Repaint the white part of --mask in --image. Image k of every prompt uses seed --seed + k, "
                     "so `sweep` with that seed reproduces it. Writes OUT/prompt<i>_seed<s>.png.")
-    _add_source_options(inp, loaders=True)
-    inp.add_argument("--image", required=True, help="RGB image file")
-    inp.add_argument("--mask", required=True, help="mask file of the image's size; white = repaint")
-    inp.add_argument("--prompt", required=True, nargs="+", help="one or more prompts")
-    inp.add_argument("--negative-prompt", default=None, help="what to steer away from (with --guidance > 1)")
-    inp.add_argument("--scheduler", default=None, help="diffusers class name, e.g. DDIMScheduler; "
-                                                       "default: the model's")
-    inp.add_argument("--steps", type=_positive(int), default=50, help="denoising steps")
-    inp.add_argument("--guidance", type=_finite, default=7.5, help="classifier-free guidance scale (<= 1: off)")
-    inp.add_argument("--strength", type=_unit, default=1.0, help="1 repaints from noise; lower keeps more of --image")
-    inp.add_argument("--seed", type=_seed, default=0, help="seed of the first image of each prompt")
-    inp.add_argument("--batch", type=_positive(int), default=1,
-                     help="images per prompt, sampled together in one call")
-    inp.add_argument("--size", type=_positive(int), default=None,
-                     help="square output size, a multiple of the model's VAE scale factor; default: the image's size "
-                          "floored to that factor")
-    inp.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                     help="compute and params dtype (bfloat16 for TPUs and GPUs)")
-    inp.add_argument("--overlay", action="store_true", help="paste the unmasked pixels of --image back exactly")
-    inp.add_argument("--out", default="outputs", help="output folder")
-    inp.add_argument("--no-progress", action="store_true", help="no progress bar (there is none off a terminal)")
-    inp.add_argument("--preview", default=None, metavar="DIR",
-                     help="write latent-to-RGB previews (batch<b>_<image>-step<s>.png) while sampling")
-    inp.add_argument("--preview-every", type=_positive(int), default=5, help="steps between previews")
-    inp.add_argument("--preview-vae", action="store_true",
-                     help="decode the previews with the VAE (full size; the decoder runs every --preview-every steps)")
-    inp.add_argument("--ip-adapter", default=None, metavar="FILE",
-                     help="IP-Adapter weights (.safetensors/.bin; plain or plus): prompt with --ip-image too")
-    inp.add_argument("--ip-image", default=None, metavar="IMG", help="the IP-Adapter's reference image")
-    inp.add_argument("--ip-scale", type=_finite, default=None, metavar="S", help="IP-Adapter scale (default 1)")
-    inp.set_defaults(func=cmd_inpaint)
+    _add_generation_options(inp, img2img=False)
+    i2i = sub.add_parser(
+        "img2img", help="turn one image into new ones with a text-to-image model", formatter_class=fmt,
+        description="Generate images from --image noised by --strength (image k of every prompt with seed --seed "
+                    "+ k), optionally guided by a ControlNet. Writes OUT/prompt<i>_seed<s>.png.")
+    _add_generation_options(i2i, img2img=True)
 
     sw = sub.add_parser(
         "sweep", formatter_class=fmt, help="run (or resume) a research sweep from a .json/.yaml spec",

@@ -29,7 +29,8 @@ from PIL import Image
 
 import tiny_sd
 import flax_inpaint.io as checkpoint_io
-from flax_inpaint import FlaxStableDiffusionInpaintPipeline, cli
+from flax_inpaint import FlaxStableDiffusionControlNetImg2ImgPipeline, FlaxStableDiffusionInpaintPipeline, cli
+from flax_inpaint.pipelines.inputs import seed_keys
 from flax_inpaint.sweep import LOCK, ResultStore, iter_manifest
 
 STEPS = "2"
@@ -172,7 +173,7 @@ def test_help_reads_well(capsys):
     with pytest.raises(SystemExit):
         cli.main(["--help"])
     text = capsys.readouterr().out
-    for command in ("demo", "inpaint", "sweep", "convert", "bench", "examples:"):
+    for command in ("demo", "inpaint", "img2img", "sweep", "convert", "bench", "examples:"):
         assert command in text
     with pytest.raises(SystemExit):
         cli.main(["sweep", "--help"])
@@ -332,6 +333,17 @@ ERRORS = {
         "--process-id 2 with --num-processes 2: give both, with the process id in 0 .. num-processes - 1."),
     "sweep --process-id alone": (
         [*SWEEP, "--process-id", "0"], SPEC, {}, "--process-id 0 with --num-processes None: give both"),
+    "--controlnet without --control-image": (
+        [*INPAINT, "--controlnet", "{B}/full"], None, {},
+        "--controlnet DIR and --control-image IMG go together (--controlnet-scale S with them); pass both or "
+        "neither."),
+    "--controlnet not a ControlNet": (
+        [*INPAINT, "--controlnet", "{B}/full", "--control-image", "{R}/image.png", "--out", "{T}/out"], None, {},
+        "--controlnet '{B}/full' could not be loaded ("),
+    "img2img with an inpainting model": (
+        ["img2img", "--model", "{M}", "--image", "{R}/image.png", "--prompt", "p", "--out", "{T}/out"], None, {},
+        "img2img needs a text-to-image model (a 4-channel UNet), but '{M}' is an inpainting model (9 channels); use "
+        "`flax-inpaint inpaint` with it, or pass another --model."),
     "convert --out is a file": (
         ["convert", "--model", "{M}", "--out", "{B}/file"], None, {}, "--out '{B}/file' is a file, not a folder"),
     "convert --out not empty": (
@@ -394,6 +406,30 @@ def test_distributed_failure_names_the_options(sd, tmp_path, capsys, monkeypatch
         "flax-inpaint: error: --distributed: jax.distributed.initialize() failed (ValueError: coordinator_address "
         "should be defined.); pass --coordinator-address HOST:PORT, --num-processes and --process-id, or run on a "
         "TPU pod or under SLURM.")
+
+
+def test_img2img_and_inpaint_with_a_controlnet(sd, tmp_path_factory, capsys):
+    """`img2img --controlnet DIR --control-image IMG` writes the ControlNet img2img pipeline's image (PNG: within
+    one 8-bit level) with a text-to-image model; `inpaint` takes the same options."""
+    root, _ = sd
+    tmp = tmp_path_factory.mktemp("cli-controlnet")
+    folder, _ = tiny_sd.make_pipeline(tmp, in_channels=4)
+    tiny_sd.make_controlnet(1).save_pretrained(tmp / "controlnet", safe_serialization=True)
+    edges, _ = tiny_sd.sample_image_and_mask(seed=1)
+    edges.save(tmp / "edges.png")
+    common = ["--model", folder, "--image", root / "image.png", "--prompt", "a red cat", "--steps", STEPS,
+              "--controlnet", tmp / "controlnet", "--control-image", tmp / "edges.png", "--controlnet-scale", "0.6",
+              "--no-progress"]
+    out, _ = run(capsys, "img2img", *common, "--strength", "0.7", "--out", tmp / "img2img")
+    assert "wrote 1 image(s)" in out
+    written = np.asarray(Image.open(tmp / "img2img" / "prompt0_seed0.png"), np.float32) / 255
+    pipe, params = FlaxStableDiffusionControlNetImg2ImgPipeline.from_pretrained(folder, controlnet=tmp / "controlnet")
+    ours = pipe.img2img("a red cat", Image.open(root / "image.png"), edges, params, seed_keys([0]), strength=0.7,
+                        num_inference_steps=int(STEPS), controlnet_conditioning_scale=0.6, output_type="np").images
+    np.testing.assert_allclose(written, ours[0], atol=1 / 255 + 1e-6, rtol=0)
+    out, _ = run(capsys, "inpaint", *common, "--mask", root / "mask.png", "--out", tmp / "inpaint")
+    assert "wrote 1 image(s)" in out
+    assert np.abs(pixels(tmp / "inpaint" / "prompt0_seed0.png") - pixels(root / "image.png")).max() > 0
 
 
 def fake_inpaint(monkeypatch, *events):

@@ -1,5 +1,5 @@
-"""ControlNet pipelines against diffusers' StableDiffusionControlNetInpaintPipeline and
-StableDiffusionControlNetPipeline.
+"""ControlNet pipelines against diffusers' StableDiffusionControlNetInpaintPipeline,
+StableDiffusionControlNetPipeline and StableDiffusionControlNetImg2ImgPipeline.
 
 Tiny random PyTorch components (tiny_sd) and ControlNets are saved with `save_pretrained` (diffusers'
 single- and multi-ControlNet pipeline folders, and the nets alone) and loaded through our
@@ -14,7 +14,11 @@ import jax
 import numpy as np
 import pytest
 import torch
-from diffusers import StableDiffusionControlNetInpaintPipeline, StableDiffusionControlNetPipeline
+from diffusers import (
+    StableDiffusionControlNetImg2ImgPipeline,
+    StableDiffusionControlNetInpaintPipeline,
+    StableDiffusionControlNetPipeline,
+)
 from flax.jax_utils import replicate
 from flax.training.common_utils import shard
 from jax.sharding import Mesh
@@ -22,6 +26,8 @@ from jax.sharding import Mesh
 import tiny_sd
 from flax_inpaint import (
     FlaxControlNetModel,
+    FlaxDiffusionPipeline,
+    FlaxStableDiffusionControlNetImg2ImgPipeline,
     FlaxStableDiffusionControlNetInpaintPipeline,
     FlaxStableDiffusionControlNetPipeline,
     make_inpaint_condition,
@@ -184,6 +190,76 @@ def test_inpaint_convenience_with_padding_mask_crop_matches_diffusers(cn):
     ref, ours = np.asarray(ref[0], np.int32), np.asarray(ours[0], np.int32)
     assert ref.shape == ours.shape == (32, 32, 3)
     assert np.abs(ours - ref).max() <= 1
+
+
+@pytest.fixture(scope="module")
+def i2i(cn):
+    """ControlNet img2img (4-channel UNet) with one and two nets: diffusers' pipelines over the torch
+    components; ours from our text-to-image ControlNet pipelines (from_pipe) and, for two nets, loaded back
+    from diffusers' saved folder through FlaxDiffusionPipeline's class lookup."""
+    torch_pipes = {k: StableDiffusionControlNetImg2ImgPipeline(**torch_components(cn.torch_t2i[k]),
+                                                               controlnet=cn.torch_t2i[k].controlnet) for k in (1, 2)}
+    torch_pipes[2].save_pretrained(cn.root / "i2i2", safe_serialization=True)
+    loaded, loaded_params = FlaxDiffusionPipeline.from_pretrained(cn.root / "i2i2")
+    assert type(loaded) is FlaxStableDiffusionControlNetImg2ImgPipeline
+    one, one_params = cn.t2i[1]
+    return SimpleNamespace(torch=torch_pipes, ours={1: (FlaxStableDiffusionControlNetImg2ImgPipeline.from_pipe(one),
+                                                        one_params), 2: (loaded, loaded_params)})
+
+
+def ours_img2img(cn, i2i, nets: int, key=0, control=None, **kwargs):
+    pipe, params = i2i.ours[nets]
+    ids, image, control = pipe.prepare_inputs("a red cat", cn.image, control or t2i_control(cn, nets))
+    return pipe(ids, image, params, jax.random.key(key), num_inference_steps=STEPS, control_image=control,
+                **kwargs).images
+
+
+@pytest.mark.parametrize("nets,kwargs", [
+    (1, dict()),  # diffusers' defaults: strength 0.8, conditioning scale 0.8
+    (1, dict(strength=1.0, controlnet_conditioning_scale=0.5, control_guidance_end=0.5)),  # the image noised too
+    (2, dict(strength=0.6, **MULTI_T2I)),
+    (1, dict(guess_mode=True, controlnet_conditioning_scale=1.0, control_guidance_start=0.3)),
+], ids=["1-net", "1-net-strength-1-window", "2-nets-scales-windows", "guess-mode"])
+def test_img2img_matches_diffusers(cn, i2i, nets, kwargs):
+    """The noise is shared (diffusers draws the image's posterior sample first, then the noise); with strength
+    0.6 the guidance windows count only the 3 iterations that run."""
+    with torch.no_grad():
+        ref = i2i.torch[nets]("a red cat", image=cn.image, control_image=t2i_control(cn, nets),
+                              num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0), output_type="np",
+                              **kwargs).images
+    ours = ours_img2img(cn, i2i, nets, noise=diffusers_noise(4, 0.5).numpy(), **kwargs)
+    assert ours.shape == ref.shape == (1, 32, 32, 3)
+    assert ref.std() > 0.02
+    np.testing.assert_allclose(ours, ref, atol=ATOL, rtol=0)
+
+
+def test_img2img_convenience_equals_call(cn, i2i):
+    pipe, params = i2i.ours[1]
+    noise = diffusers_noise(4, 0.5).numpy()
+    out = pipe.img2img("a red cat", cn.image, cn.edges, params, jax.random.key(0), num_inference_steps=STEPS,
+                       noise=noise, output_type="np").images
+    np.testing.assert_array_equal(out, ours_img2img(cn, i2i, 1, noise=noise))
+
+
+def test_img2img_new_strength_scales_and_images_do_not_recompile(cn, i2i):
+    """After one call, new strengths, scales, windows, images and control images reuse the program, and
+    each changes the image."""
+    noise = diffusers_noise(4, 0.5).numpy()
+    pipe, params = i2i.ours[1]
+    ids, image, control = pipe.prepare_inputs("a red cat", cn.image, cn.edges)
+
+    def call(**kwargs):
+        args = {**dict(image=image, control_image=control, noise=noise, num_inference_steps=STEPS), **kwargs}
+        return pipe(ids, args.pop("image"), params, jax.random.key(0), **args).images
+
+    base = call()
+    with tiny_sd.count_compiles() as compiles:
+        others = [call(**kw) for kw in (
+            dict(strength=0.5), dict(strength=1.0), dict(controlnet_conditioning_scale=0.0),
+            dict(control_guidance_start=0.5), dict(image=-image), dict(control_image=1.0 - control))]
+    assert compiles == []
+    for other in others:
+        assert np.abs(other - base).max() > 1e-2
 
 
 # ------------------------------------------------------------------------ behaviour without a reference

@@ -1,6 +1,7 @@
 """IP-Adapter image prompts in the pipelines against diffusers' `load_ip_adapter` + `ip_adapter_image`.
 
-A tiny random SD pipeline (4-channel UNet: text-to-image, img2img, inpainting by latent blending) is saved with
+A tiny random SD pipeline (4-channel UNet: text-to-image, img2img, inpainting by latent blending, and these
+with a tiny random ControlNet) is saved with
 a tiny random `image_encoder` (transformers' CLIPVisionModelWithProjection) and random plain / "plus"
 adapters in the published layout (test_ip_adapter.py). Both sides run the same prompt, noise and
 reference image with CFG, so the zero-image negative embeddings take part; our image encoder and its CLIP
@@ -14,15 +15,23 @@ import jax
 import numpy as np
 import pytest
 import torch
-from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline, StableDiffusionPipeline
+from diffusers import (
+    StableDiffusionControlNetInpaintPipeline,
+    StableDiffusionControlNetPipeline,
+    StableDiffusionImg2ImgPipeline,
+    StableDiffusionInpaintPipeline,
+    StableDiffusionPipeline,
+)
 from flax.jax_utils import replicate
 from flax.training.common_utils import shard
+from jax.sharding import Mesh
 from PIL import Image
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
 import tiny_sd
-from flax_inpaint import (FlaxStableDiffusionImg2ImgPipeline, FlaxStableDiffusionInpaintPipeline,
-                          FlaxStableDiffusionPipeline, cli)
+from flax_inpaint import (FlaxControlNetModel, FlaxStableDiffusionControlNetInpaintPipeline,
+                          FlaxStableDiffusionControlNetPipeline, FlaxStableDiffusionImg2ImgPipeline,
+                          FlaxStableDiffusionInpaintPipeline, FlaxStableDiffusionPipeline, cli, make_inpaint_condition)
 from flax_inpaint.pipelines.inputs import seed_keys
 from test_ip_adapter import ENCODER, ip_attention, plain_image_proj, plus_image_proj, save_published
 
@@ -145,6 +154,72 @@ def test_pmap_matches_single_device_calls(sd):
         one = sd.pipe(ids[rows], masks[rows], masked[rows], params, keys[d], image=images[rows], latents=noise[rows],
                       **opts).images
         np.testing.assert_allclose(out[d], one, atol=1e-5, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def cn(sd):
+    """A tiny random ControlNet: the torch model, ours loaded from its saved folder, and our ControlNet
+    inpaint pipeline over the IP-Adapter pipeline's components."""
+    net = tiny_sd.make_controlnet(1)
+    net.save_pretrained(sd.root / "controlnet", safe_serialization=True)
+    ours, net_params = FlaxControlNetModel.from_pretrained(sd.root / "controlnet")
+    inpaint_pipe = FlaxStableDiffusionControlNetInpaintPipeline.from_pipe(sd.pipe, controlnet=ours)
+    return SimpleNamespace(torch=net, ours=ours, params=net_params, inpaint=inpaint_pipe,
+                           control=make_inpaint_condition(sd.image, sd.mask))
+
+
+def cn_inpaint(sd, cn, params, ip_image):
+    return cn.inpaint.inpaint("a red cat", sd.image, sd.mask, cn.control, {**params, "controlnet": cn.params},
+                              jax.random.key(0), latents=sd.noise.numpy(), ip_adapter_image=ip_image, output_type="np",
+                              **STEPS).images
+
+
+def test_controlnet_inpaint_matches_diffusers(sd, cn):
+    theirs, params = sd.variants["plain"]
+    theirs = StableDiffusionControlNetInpaintPipeline(**theirs.components, controlnet=cn.torch,
+                                                      requires_safety_checker=False)
+    with torch.no_grad():
+        ref = theirs("a red cat", image=sd.image, mask_image=sd.mask, control_image=torch.from_numpy(cn.control),
+                     ip_adapter_image=reference_image(1), latents=sd.noise, generator=torch.Generator().manual_seed(0),
+                     output_type="np", **STEPS).images
+    ours = cn_inpaint(sd, cn, params, reference_image(1))
+    np.testing.assert_allclose(ours, ref, atol=ATOL, rtol=0)
+    without = cn_inpaint(sd, cn, sd.pipe.set_ip_adapter_scale(params, 0.0), reference_image(1))
+    assert np.abs(ours - without).max() > 0.02, "the image prompt barely changes the image; the test would prove little"
+
+
+def test_controlnet_text_to_image_matches_diffusers(sd, cn):
+    theirs, params = sd.variants["plus"]
+    theirs = StableDiffusionControlNetPipeline(**theirs.components, controlnet=cn.torch, requires_safety_checker=False)
+    with torch.no_grad():
+        ref = theirs("a red cat", image=sd.image, ip_adapter_image=reference_image(2), latents=sd.noise,
+                     output_type="np", **STEPS).images
+    pipe = FlaxStableDiffusionControlNetPipeline.from_pipe(sd.pipe, controlnet=cn.ours)
+    ids, control = pipe.prepare_text_inputs("a red cat"), pipe.prepare_image_inputs(sd.image)
+    ours = pipe(ids, control, {**params, "controlnet": cn.params}, jax.random.key(0), 3, latents=sd.noise.numpy(),
+                ip_adapter_image=reference_image(2)).images
+    np.testing.assert_allclose(ours, ref, atol=ATOL, rtol=0)
+
+
+def test_controlnet_inpaint_on_a_mesh_matches_single_device_calls(sd, cn):
+    """mesh= over 8 fake devices, 8 prompts with their own noise: each row's images are those of a one-device
+    call on it alone (the latents are given; tiny_sd's VAE posterior has negligible variance, so the keys
+    play no part)."""
+    _, params = sd.variants["plain"]
+    params = {**params, "controlnet": cn.params}
+    n = jax.device_count()
+    ids, masked, masks, images, control = cn.inpaint.prepare_inputs(["a red cat", "a cat"] * (n // 2), sd.image,
+                                                                     sd.mask, cn.control)
+    noise = np.random.default_rng(0).standard_normal((n, 4, 8, 8), np.float32)
+    opts = dict(ip_adapter_image=reference_image(1), num_inference_steps=3, guidance_scale=7.5)
+    out = cn.inpaint(ids, masks, masked, params, jax.random.key(0), mesh=Mesh(np.array(jax.devices()), ("data",)),
+                     image=images, latents=noise, control_image=control, **opts).images
+    for d in (0, n - 1):  # the program of the ControlNet inpaint parity test
+        rows = slice(d, d + 1)
+        one = cn.inpaint(ids[rows], masks[rows], masked[rows], params, jax.random.key(d), image=images[rows],
+                         latents=noise[rows], control_image=control[rows], **opts).images
+        np.testing.assert_allclose(out[rows], one, atol=1e-5, rtol=0)
+    assert np.abs(out[0] - out[1]).max() > 1e-2  # other prompts and noise
 
 
 def test_bad_image_prompts_are_named(sd):

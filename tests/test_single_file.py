@@ -21,6 +21,7 @@ from flax_inpaint import (
     FlaxStableDiffusionInpaintPipeline,
     FlaxUNet2DConditionModel,
 )
+from flax_inpaint.loaders import families
 from flax_inpaint.loaders import single_file as sf
 from flax_inpaint.io import CheckpointError
 from flax_inpaint.models.conversion import to_torch_state_dict
@@ -228,7 +229,7 @@ def test_released_sizes_infer_diffusers_configs(released):
     assert (scheduler["_class_name"], scheduler["prediction_type"]) == (
         ("PNDMScheduler", "epsilon") if family == "sd1" else ("DDIMScheduler", "v_prediction"))
     assert found.image_size(channels, None) == (512 if family == "sd1" else 768)
-    assert found.scheduler(channels, sf.SD2_BASE_GLOBAL_STEP)["prediction_type"] == "epsilon"  # SD 2 512-base
+    assert found.scheduler(channels, families.SD2_BASE_GLOBAL_STEP)["prediction_type"] == "epsilon"  # SD 2 512-base
 
 
 def test_released_sizes_convert_every_tensor(released):
@@ -310,8 +311,7 @@ def test_standalone_vae_file(files, tmp_path):
 
 
 @pytest.mark.parametrize("keys,family", [
-    ({"conditioner.embedders.1.model.transformer.resblocks.0.ln_1.weight": (4,)}, "SDXL base"),
-    ({"conditioner.embedders.0.model.text_projection": (4, 4)}, "SDXL refiner"),
+    ({"model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight": (4, 4)}, "Stable Diffusion 3"),
     ({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": (4, 4)}, "LoRA"),
     ({"string_to_param.*": (1, 4)}, "textual-inversion"),
     ({"conv_in.weight": (4, 4, 3, 3), "conv_in.bias": (4,)}, "diffusers-format weights file"),

@@ -16,12 +16,16 @@ from diffusers import (
     AutoencoderKL,
     ControlNetModel,
     DDIMScheduler,
+    EulerDiscreteScheduler,
     PNDMScheduler,
     StableDiffusionInpaintPipeline,
+    StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLInpaintPipeline,
+    StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
 from safetensors.numpy import save_file
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 import tiny_sd
 from flax_inpaint.loaders import lora
@@ -134,6 +138,78 @@ def write_file(state: dict, path: Path) -> Path:
     return path
 
 
+# ------------------------------------------------------------------ SDXL
+TIME_DIM, POOLED = 8, 20  # addition_time_embed_dim (SDXL: 256), text_encoder_2's projection_dim (SDXL: 1280)
+# CLIP ViT-L and OpenCLIP ViT-bigG at toy widths; the widths differ, as diffusers tells the encoders apart by them.
+SDXL_TEXT = dict(hidden_size=16, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2,
+                 hidden_act="quick_gelu")
+SDXL_TEXT_2 = dict(hidden_size=24, intermediate_size=40, num_hidden_layers=3, num_attention_heads=4,
+                   hidden_act="gelu", projection_dim=POOLED)
+# SDXL base's layout (resnet-only first level, deeper transformers below, linear projections, six size
+# values); the refiner's (a resnet-only last level too, OpenCLIP's width as context, five size values).
+SDXL_UNET = dict(block_out_channels=(16, 32, 32), layers_per_block=1, norm_num_groups=8,
+                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                 attention_head_dim=(2, 4, 8), transformer_layers_per_block=(1, 1, 2), use_linear_projection=True,
+                 addition_embed_type="text_time", addition_time_embed_dim=TIME_DIM, sample_size=8,
+                 cross_attention_dim=SDXL_TEXT["hidden_size"] + SDXL_TEXT_2["hidden_size"],
+                 projection_class_embeddings_input_dim=POOLED + 6 * TIME_DIM)
+REFINER_UNET = dict(SDXL_UNET, block_out_channels=(16, 32, 32, 32), attention_head_dim=(2, 4, 4, 8),
+                    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                    transformer_layers_per_block=2, cross_attention_dim=SDXL_TEXT_2["hidden_size"],
+                    projection_class_embeddings_input_dim=POOLED + 5 * TIME_DIM)
+SDXL_KINDS = {  # kind: (diffusers pipeline class, UNet config, in_channels)
+    "base": (StableDiffusionXLPipeline, SDXL_UNET, 4),
+    "refiner": (StableDiffusionXLImg2ImgPipeline, REFINER_UNET, 4),
+    "inpaint": (StableDiffusionXLInpaintPipeline, SDXL_UNET, 9),
+}
+
+
+def make_sdxl(root: Path, kind: str = "base", seed: int = 0):
+    """(folder, torch pipeline) of a tiny random SDXL pipeline (base, refiner or 9-channel inpainting),
+    saved as a diffusers folder; the refiner has no text_encoder / tokenizer, as its release."""
+    cls, unet_config, in_channels = SDXL_KINDS[kind]
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(in_channels=in_channels, out_channels=4, **unet_config)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, scaling_factor=0.13025, **VAE)
+    tokenizer = tiny_sd.make_tokenizer(root / "_tok")
+    tokenizer_2 = CLIPTokenizer(str(root / "_tok" / "vocab.json"), str(root / "_tok" / "merges.txt"), pad_token="!",
+                                model_max_length=tiny_sd.MAX_LENGTH)
+    ids = dict(vocab_size=len(tokenizer), max_position_embeddings=tiny_sd.MAX_LENGTH, pad_token_id=1,
+               bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**SDXL_TEXT, **ids)).eval()
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**SDXL_TEXT_2, **ids)).eval()
+    scheduler = EulerDiscreteScheduler(**tiny_sd.SD_SCHEDULE, timestep_spacing="leading")
+    parts = dict(vae=vae.eval(), text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, unet=unet.eval(),
+                 scheduler=scheduler)
+    if kind == "refiner":
+        pipe = cls(text_encoder=None, tokenizer=None, requires_aesthetics_score=True, **parts)
+    else:
+        pipe = cls(text_encoder=text_encoder, tokenizer=tokenizer, **parts)
+    folder = root / f"sdxl-{kind}"
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder, pipe
+
+
+def sdxl_original_state(pipe) -> dict:
+    """An SDXL pipeline's models in Stability's single-file layout (base / inpainting: CLIP-L at embedders.0,
+    OpenCLIP at embedders.1; refiner: OpenCLIP at embedders.0), plus OpenCLIP's logit_scale and EMA/schedule
+    leftovers that real files carry."""
+    openclip = sf.SDXL_OPENCLIP_PREFIX if pipe.text_encoder is not None else sf.REFINER_OPENCLIP_PREFIX
+    layouts = [("unet", pipe.unet, sf.UNET_PREFIX, "unet"), ("vae", pipe.vae, sf.VAE_PREFIX, "vae"),
+               ("text_encoder_2", pipe.text_encoder_2, openclip, "openclip")]
+    if pipe.text_encoder is not None:
+        layouts.append(("text_encoder", pipe.text_encoder, sf.SDXL_CLIP_PREFIX, "clip"))
+    state = {}
+    for component, model, prefix, kind in layouts:
+        state.update(sf.to_original(diffusers_state(model), sf.Layout(component, prefix, kind), torch_config(model)))
+    state[openclip + "logit_scale"] = np.float32(4.6)
+    state["alphas_cumprod"] = np.linspace(1, 0, 1000, dtype=np.float32)
+    state["model_ema.decay"] = np.float32(0.9999)
+    return state
+
+
 # ------------------------------------------------------------------ LoRA files
 def lora_modules(model, kinds=(torch.nn.Linear,)) -> dict:
     """name -> module of the layers a LoRA can target (text encoder names with `text_model.`)."""
@@ -159,7 +235,9 @@ def lora_factors(module, rank: int, rng) -> tuple:
 
 
 def write_lora(pipe, fmt: str, path: Path, seed: int = 0, rank: int = 4, alphas=None) -> Path:
-    """A random LoRA for `pipe`'s UNet and text encoder in one of the formats people share:
+    """A random LoRA for `pipe`'s UNet and text encoder(s) in one of the formats people share (an SDXL pipe's
+    text_encoder_2 too: `text_encoder_2.` / `lora_te2_`, with `lora_te1_` and original UNet names for kohya,
+    as SDXL LoRAs have them):
 
     "peft": diffusers' current files (`unet.<m>.lora_A.weight`, text encoder names without `text_model.`),
       with the adapter metadata diffusers writes (lora_alpha 8 and an alpha_pattern for the UNet, 2 for the
@@ -174,22 +252,32 @@ def write_lora(pipe, fmt: str, path: Path, seed: int = 0, rank: int = 4, alphas=
     unet_conv = {n: m for n, m in lora_modules(pipe.unet, (torch.nn.Conv2d,)).items()
                  if ".resnets." in n and n.endswith(("conv1", "conv2")) or n.endswith("proj_in")}
     text = lora_modules(pipe.text_encoder)
+    sdxl = getattr(pipe, "text_encoder_2", None) is not None
+    text2 = {n: m for n, m in lora_modules(pipe.text_encoder_2).items() if n != "text_projection"} if sdxl else {}
     state, metadata = {}, None
     if fmt == "peft":
-        for prefix, mods in (("unet.", {**unet_linear, **unet_conv}), ("text_encoder.", text)):
+        parts = (("unet.", {**unet_linear, **unet_conv}), ("text_encoder.", text), ("text_encoder_2.", text2))
+        for prefix, mods in parts:
             for name, module in mods.items():
                 down, up = lora_factors(module, rank, rng)
-                name = name.removeprefix("text_model.") if prefix == "text_encoder." else name
+                name = name.removeprefix("text_model.") if prefix != "unet." else name
                 state[f"{prefix}{name}.lora_A.weight"], state[f"{prefix}{name}.lora_B.weight"] = down, up
         metadata = {"unet.r": rank, "unet.lora_alpha": 8, "unet.alpha_pattern": {"attn2.to_k": 2},
                     "unet.target_modules": sorted({**unet_linear, **unet_conv}),
                     "text_encoder.r": rank, "text_encoder.lora_alpha": 2,
                     "text_encoder.target_modules": sorted(n.removeprefix("text_model.") for n in text)}
+        if sdxl:
+            metadata.update({"text_encoder_2.r": rank, "text_encoder_2.lora_alpha": 6,
+                             "text_encoder_2.target_modules": sorted(n.removeprefix("text_model.") for n in text2)})
     elif fmt == "kohya":
-        for prefix, mods, alpha in (("lora_unet_", {**unet_linear, **unet_conv}, 2.0), ("lora_te_", text, 8.0)):
+        ldm = sf.Layout("unet", "", "unet").key_fn(torch_config(pipe.unet))
+        parts = (("lora_unet_", {**unet_linear, **unet_conv}, 2.0), ("lora_te1_" if sdxl else "lora_te_", text, 8.0),
+                 ("lora_te2_", text2, 4.0))
+        for prefix, mods, alpha in parts:
             for name, module in mods.items():
                 down, up = lora_factors(module, rank, rng)
-                key = prefix + name.replace(".", "_")
+                written = ldm(name + ".weight")[0].removesuffix(".weight") if sdxl and prefix == "lora_unet_" else name
+                key = prefix + written.replace(".", "_")
                 state[f"{key}.lora_down.weight"], state[f"{key}.lora_up.weight"] = down, up
                 state[f"{key}.alpha"] = np.array((alphas or {}).get(name, alpha), np.float32)
     elif fmt == "old":

@@ -1,12 +1,14 @@
-"""LoRA adapters for the UNet and the text encoder, in the formats people share.
+"""LoRA adapters for the UNet and the text encoder(s), in the formats people share.
 
 Formats (detected per key, several may mix in one file):
-  * diffusers / PEFT: `unet.<module>.lora_A.weight`, `lora_B.weight` (`text_encoder.` for the text encoder);
-    rank and alpha from the safetensors metadata diffusers writes (`lora_adapter_metadata`), else scale 1.
+  * diffusers / PEFT: `unet.<module>.lora_A.weight`, `lora_B.weight` (`text_encoder.` for the text encoder,
+    `text_encoder_2.` for SDXL's second one); rank and alpha from the safetensors metadata diffusers writes
+    (`lora_adapter_metadata`), else scale 1.
   * kohya / A1111: `lora_unet_<module, dots as _>.lora_down.weight`, `.lora_up.weight`, `.alpha` (scale
-    alpha / rank), `lora_te_...` for the text encoder; LoCon: the same on conv layers (`lora_down` a
-    [rank, in, kh, kw] conv, `lora_up` 1x1). Module names may be diffusers' or the original UNet's
-    (`input_blocks_4_1_...`), which the single-file table translates.
+    alpha / rank), `lora_te_...` (SDXL: `lora_te1_...`, `lora_te2_...`) for the text encoders; LoCon: the
+    same on conv layers (`lora_down` a [rank, in, kh, kw] conv, `lora_up` 1x1). Module names may be
+    diffusers' or the original UNet's (`input_blocks_4_1_...`, as SDXL LoRAs have them), which the
+    single-file table translates.
   * diffusers' older attention-processor format: `<module>.processor.to_q_lora.down.weight`, `.lora.down`,
     the text encoder's `.lora_linear_layer.down` / `to_q_lora`, with or without the `unet.` prefix.
 
@@ -49,12 +51,13 @@ import numpy as np
 from flax_inpaint.io import CheckpointError, named_file, read_safetensors, resolve_folder
 from flax_inpaint.models.conversion import to_torch_state_dict
 
-COMPONENTS = ("unet", "text_encoder")
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 WEIGHT_NAMES = ("pytorch_lora_weights.safetensors", "pytorch_lora_weights.bin")
 METADATA_KEY = "lora_adapter_metadata"
 Source = Union[str, os.PathLike, Mapping[str, Any]]
 
-_KOHYA = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder"}
+_KOHYA = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2"}
 # key suffix -> role; the longest match wins
 _ROLES = {
     ".lora_A.weight": "down", ".lora_B.weight": "up", ".lora_down.weight": "down", ".lora_up.weight": "up",
@@ -62,15 +65,15 @@ _ROLES = {
     ".lora_linear_layer.down.weight": "down", ".lora_linear_layer.up.weight": "up", ".alpha": "alpha",
 }
 # attention-processor names -> module names, per component
+_TEXT_PROCESSOR = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
 _PROCESSOR = {"unet": {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"},
-              "text_encoder": {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}}
+              "text_encoder": _TEXT_PROCESSOR, "text_encoder_2": _TEXT_PROCESSOR}
 _UNSUPPORTED = (  # (key pattern, what it is)
     (r"(dora_scale|lora_magnitude_vector)", "DoRA magnitudes (DoRA adapters are not supported)"),
     (r"\.(hada_|lokr_|lora_mid)", "LyCORIS LoHa/LoKr/Tucker factors (only plain LoRA and LoCon are supported)"),
     (r"lora_[AB]\.bias$", "LoRA biases (lora_bias adapters are not supported)"),
-    (r"(^|\.)(text_encoder_2\.|lora_te2_)", "a second text encoder: an SDXL LoRA"),
-    (r"(add_embedding|label_emb)", "SDXL's added-conditioning embedding: an SDXL LoRA"),
 )
+_SDXL_KEYS = r"(^|\.)(text_encoder_2\.|lora_te2_)|add_embedding|label_emb"  # keys only SDXL LoRAs have
 
 
 # ----------------------------------------------------------------------------- reading
@@ -154,7 +157,8 @@ def _unet_structure(modules: Mapping[str, Any]) -> Dict[str, Any]:
                                  for i in range(n)],
             "up_block_types": ["CrossAttnUpBlock2D" if has(f"up_blocks.{i}.attentions.") else "UpBlock2D"
                                for i in range(n)],
-            "mid_block_type": "UNetMidBlock2DCrossAttn" if has("mid_block.attentions.") else "UNetMidBlock2D"}
+            "mid_block_type": "UNetMidBlock2DCrossAttn" if has("mid_block.attentions.") else "UNetMidBlock2D",
+            "addition_embed_type": "text_time" if has("add_embedding.") else None}
 
 
 # ----------------------------------------------------------------------------- parsing
@@ -183,7 +187,7 @@ def _module(component: str, written: str, flat: Mapping[str, str], modules: Mapp
     for old, new in _PROCESSOR[component].items():
         if name.endswith(f".{old}") or name.endswith(f".{old}_lora"):
             name = name[: name.rindex(f".{old}")] + f".{new}"
-    if component == "text_encoder" and not name.startswith("text_model.") and "." in name:
+    if component in TEXT_ENCODERS and not name.startswith("text_model.") and "." in name:
         name = f"text_model.{name}"
     if name in modules:
         return name
@@ -202,7 +206,7 @@ def parse(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, Any],
             problems.append(f"{what}: {hits[:3]}{' ...' if len(hits) > 3 else ''}")
     if problems:
         raise CheckpointError("This LoRA cannot be loaded: " + "; ".join(problems) + ".")
-    _check_text_width(tensors, modules)
+    _check_architecture(tensors, modules)
     flats = {c: _flat_names(modules[c], c) for c in modules}
     found: Dict[str, Dict[str, Dict[str, Any]]] = {}
     for key, value in tensors.items():
@@ -221,7 +225,8 @@ def parse(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, Any],
         shown = sorted(unmatched)[:20] + ([f"... and {len(unmatched) - 20} more"] if len(unmatched) > 20 else [])
         raise CheckpointError(
             f"{len(unmatched)} LoRA key(s) match no layer of this pipeline's " + " or ".join(modules) + ":\n    "
-            + "\n    ".join(shown) + "\nIs the LoRA made for Stable Diffusion 1.x/2.x with this architecture?")
+            + "\n    ".join(shown) + "\nIs the LoRA made for this architecture (Stable Diffusion 1.x/2.x or SDXL, "
+            "with these block sizes)?")
     parsed = {c: {m: _factors(c, m, f, metadata, modules[c][m][1], problems) for m, f in mods.items()}
               for c, mods in found.items()}
     if problems:
@@ -232,17 +237,30 @@ def parse(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, Any],
 _TEXT_WIDTHS = {768: "Stable Diffusion 1.x", 1024: "Stable Diffusion 2.x", 2048: "SDXL", 1280: "the SDXL refiner"}
 
 
-def _check_text_width(tensors: Mapping[str, np.ndarray], modules: Mapping[str, Mapping[str, Any]]) -> None:
-    """Name the family a LoRA was made for when its cross-attention keys take another text width than
-    this UNet's (an SDXL or SD 2.x LoRA on SD 1.5, ...)."""
+def _is_sdxl(modules: Mapping[str, Mapping[str, Any]]) -> bool:
+    """Whether a pipeline's models are SDXL's: a second text encoder, or a UNet with size conditioning."""
+    return "text_encoder_2" in modules or any(m.startswith("add_embedding.") for m in modules.get("unet", {}))
+
+
+def _check_architecture(tensors: Mapping[str, np.ndarray], modules: Mapping[str, Mapping[str, Any]]) -> None:
+    """Name the family a LoRA was made for and this pipeline's when they differ: an SDXL LoRA (second text
+    encoder or add-embedding keys) on a Stable Diffusion 1.x/2.x pipeline, or cross-attention keys of
+    another text width than this UNet's (an SD 1.5 LoRA on SDXL, an SD 2.x LoRA on SD 1.5, ...)."""
+    ours_sdxl, theirs_sdxl = _is_sdxl(modules), any(re.search(_SDXL_KEYS, k) for k in tensors)
     ours = next((shape[-2] for m, (_, shape) in modules.get("unet", {}).items() if m.endswith("attn2.to_k")), None)
     theirs = next((int(v.shape[1]) for k, v in tensors.items() if re.search(r"attn2[._]to_k", k)
                    and _split(k)[2] == "down" and v.ndim == 2), None)
-    if ours is not None and theirs is not None and theirs != ours:
+    our_name = _TEXT_WIDTHS.get(ours) or ("SDXL" if ours_sdxl else "Stable Diffusion 1.x/2.x")
+    if theirs_sdxl and not ours_sdxl:
+        hits = sorted(k for k in tensors if re.search(_SDXL_KEYS, k))
         raise CheckpointError(
-            f"This LoRA was made for a UNet with {theirs}-wide text embeddings "
-            f"({_TEXT_WIDTHS.get(theirs, 'another model')}); this pipeline's takes {ours} "
-            f"({_TEXT_WIDTHS.get(ours, 'this model')}). Use a LoRA made for this model.")
+            f"This is an SDXL LoRA (keys for SDXL's second text encoder or size embedding, e.g. {hits[0]}); this "
+            f"pipeline is {our_name} (one text encoder). Use a LoRA made for this model, or an SDXL pipeline.")
+    if ours is not None and theirs is not None and theirs != ours:
+        their_name = _TEXT_WIDTHS.get(theirs) or ("SDXL" if theirs_sdxl else "another model")
+        raise CheckpointError(
+            f"This LoRA was made for a UNet with {theirs}-wide text embeddings ({their_name}); this pipeline's "
+            f"takes {ours} ({our_name}). Use a LoRA made for this model.")
 
 
 def _pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any:
@@ -339,8 +357,8 @@ def active_adapters(params) -> List[str]:
 def set_adapters(params, adapter_names: Union[str, Sequence[str]],
                  adapter_weights: Union[None, float, Mapping[str, float], Sequence[Any]] = None) -> Dict[str, Any]:
     """Activate exactly `adapter_names` with `adapter_weights`: one number (or None: 1.0) for all, one per adapter,
-    or per adapter a dict {"unet": w, "text_encoder": w} (a missing component gets 1.0). The weights are traced
-    values of the sampling program: changing them does not recompile."""
+    or per adapter a dict {"unet": w, "text_encoder": w, "text_encoder_2": w} (a missing component gets 1.0). The
+    weights are traced values of the sampling program: changing them does not recompile."""
     lora = _lora(params)
     names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
     weights = adapter_weights if isinstance(adapter_weights, (list, tuple)) else [adapter_weights] * len(names)
@@ -406,7 +424,7 @@ def _add(tree, deltas: Mapping[str, jax.Array]):
 def merge_adapters(params, scale: Optional[jax.Array] = None) -> Dict[str, Any]:
     """The params the models run with: every unfused adapter added to its kernels at weight * active (traceable;
     the sampling program calls it first), times `scale` if given (cross_attention_kwargs={"scale": s}: diffusers'
-    LoRA scale, for the UNet's and the text encoder's adapters alike). Params without adapters pass through."""
+    LoRA scale, for the UNet's and the text encoders' adapters alike). Params without adapters pass through."""
     if "lora" not in params:
         return params
     lora, out = params["lora"], {k: v for k, v in params.items() if k != "lora"}
@@ -490,8 +508,9 @@ class LoraLoaderMixin:
 
     def load_lora_weights(self, params, path_or_state_dict: Source, adapter_name: Optional[str] = None,
                           weight_name: Optional[str] = None):
-        """New params with a LoRA for the UNet and/or text encoder (see `flax_inpaint.loaders.lora` for the
-        formats). Several adapters may be loaded; each starts active with weight 1."""
+        """New params with a LoRA for the UNet and/or text encoder(s) (see `flax_inpaint.loaders.lora` for the
+        formats; SDXL pipelines, whose params have "text_encoder_2", take SDXL LoRAs). Several adapters may be
+        loaded; each starts active with weight 1."""
         return load_lora(params, path_or_state_dict, adapter_name, weight_name)
 
     def set_adapters(self, params, adapter_names, adapter_weights=None):

@@ -8,9 +8,15 @@ One `.safetensors` / `.ckpt` holds every model of a pipeline under fixed prefixe
   cond_stage_model.model.         SD2's OpenCLIP text encoder (resblocks, fused q/k/v `in_proj`)
   control_model.                  a ControlNet (no prefix in standalone ControlNet files)
 
+SDXL's files (Stability's SGM layout) keep the UNet (with its size-conditioning `label_emb`) and VAE there and
+put the text encoders under `conditioner.embedders.<i>.`: SDXL base and inpainting have CLIP ViT-L as
+`0.transformer.` (text_encoder) and OpenCLIP ViT-bigG as `1.model.` (text_encoder_2, with `text_projection`);
+the refiner has only the OpenCLIP one, as `0.model.`.
+
 Conversion goes through diffusers' names. For every parameter of the target model (its diffusers key,
 read off the Flax model's param tree) a table names the original key and a transform: none, a 1x1 conv
-stored for a linear (the VAE's attention), or one third of OpenCLIP's fused q/k/v. The same table maps
+stored for a linear (the VAE's attention), one third of OpenCLIP's fused q/k/v, or the transpose
+(OpenCLIP's `text_projection` is applied as x @ P). The same table maps
 back (`to_original`), which is how tests write single files. Every tensor under a component's prefix must
 be used; tensors elsewhere must be known leftovers (`IGNORED`); otherwise one error lists the unused
 and the missing tensors, like the diffusers-folder conversion in models/conversion.py.
@@ -18,12 +24,13 @@ and the missing tensors, like the diffusers-folder conversion in models/conversi
 The architecture comes from the tensors (channels, layers, block types, cross-attention size, linear
 or conv projections) or from `config=`, a local diffusers folder, which also supplies what tensors
 cannot tell (attention heads, norm groups, tokenizer, scheduler). Without `config=` only the known
-families below have defaults; anything else asks for a config folder instead of guessing. SDXL files
-are recognised and refused with their family's name; their tables join `FAMILIES` with SDXL support.
+families (loaders/families.py: SD 1.x, SD 2.x, SDXL, SDXL refiner) have defaults; anything else asks for a
+config folder instead of guessing. Other families (SD3, Flux, ...) are refused with their name.
 """
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import os
 import re
@@ -34,21 +41,32 @@ import jax.numpy as jnp
 import numpy as np
 
 from flax_inpaint.io import CheckpointError, read_safetensors
+from flax_inpaint.loaders.families import (
+    FAMILIES,
+    SD_CONTROLNET_EMBEDDING,
+    SD_VAE,
+    SD_VAE_CHANNELS,
+    Family,
+    clip_tokenizer,
+)
 from flax_inpaint.models.conversion import to_torch_state_dict
 from flax_inpaint.runtime import Runtime
 
 StateDict = Dict[str, np.ndarray]
 # A transform between an original tensor and a diffusers one: None (same tensor), "conv1x1" (the
-# original is a [out, in, 1, 1] conv, diffusers a [out, in] linear) or ("third", i) (slice i of three
-# along axis 0: OpenCLIP's fused q/k/v).
+# original is a [out, in, 1, 1] conv, diffusers a [out, in] linear), ("third", i) (slice i of three
+# along axis 0: OpenCLIP's fused q/k/v) or "transpose" (OpenCLIP's [in, out] text_projection).
 Transform = Union[None, str, Tuple[str, int]]
 
-UNET, VAE, TEXT_ENCODER, CONTROLNET = "unet", "vae", "text_encoder", "controlnet"
+UNET, VAE, TEXT_ENCODER, TEXT_ENCODER_2, CONTROLNET = "unet", "vae", "text_encoder", "text_encoder_2", "controlnet"
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer."
 OPENCLIP_PREFIX = "cond_stage_model.model."
 CONTROLNET_PREFIX = "control_model."
+SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer."
+SDXL_OPENCLIP_PREFIX = "conditioner.embedders.1.model."
+REFINER_OPENCLIP_PREFIX = "conditioner.embedders.0.model."
 
 # Tensors of full training checkpoints that inference does not use, with why.
 IGNORED: Tuple[Tuple[str, str], ...] = (
@@ -58,8 +76,9 @@ IGNORED: Tuple[Tuple[str, str], ...] = (
      r"|posterior_log_variance_clipped|posterior_mean_coef1|posterior_mean_coef2|logvar)$",
      "the training noise schedule (the scheduler config holds it)"),
     (r"first_stage_model\.loss\.", "the VAE's training loss (LPIPS and discriminator)"),
-    (r"cond_stage_model\..*position_ids$", "a constant buffer"),
+    (r"(cond_stage_model|conditioner\.embedders\.\d+)\..*position_ids$", "a constant buffer"),
     (r"cond_stage_model\.model\.(text_projection|logit_scale)$", "OpenCLIP's contrastive head"),
+    (r"conditioner\.embedders\.\d+\.model\.logit_scale$", "OpenCLIP's contrastive temperature"),
 )
 
 _RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
@@ -94,6 +113,9 @@ def _unet_modules(cfg: Mapping[str, Any], controlnet: bool = False) -> Dict[str,
     layers = _per_block(cfg["layers_per_block"], n)
     m = {"time_embedding.linear_1": _Module("time_embed.0"), "time_embedding.linear_2": _Module("time_embed.2"),
          "conv_in": _Module("input_blocks.0.0")}
+    if cfg.get("addition_embed_type") == "text_time":  # SDXL's size conditioning
+        m.update({"add_embedding.linear_1": _Module("label_emb.0.0"),
+                  "add_embedding.linear_2": _Module("label_emb.0.2")})
     k = 1  # input_blocks.0 is conv_in; then each level's layers, then its downsampler
     for i, block_type in enumerate(cfg["down_block_types"]):
         for j in range(layers[i]):
@@ -178,12 +200,15 @@ _OPENCLIP_TOP = {"text_model.embeddings.token_embedding.weight": "token_embeddin
                  "text_model.embeddings.position_embedding.weight": "positional_embedding",
                  "text_model.final_layer_norm.weight": "ln_final.weight",
                  "text_model.final_layer_norm.bias": "ln_final.bias"}
+_OPENCLIP_TRANSPOSED = {"text_projection.weight": "text_projection"}
 
 
 def _openclip_key(name: str) -> Optional[Tuple[str, Transform]]:
-    """A diffusers CLIPTextModel key -> OpenCLIP's (SD2) key and transform."""
+    """A diffusers CLIPTextModel(WithProjection) key -> OpenCLIP's (SD2, SDXL) key and transform."""
     if name in _OPENCLIP_TOP:
         return _OPENCLIP_TOP[name], None
+    if name in _OPENCLIP_TRANSPOSED:
+        return _OPENCLIP_TRANSPOSED[name], "transpose"
     m = re.fullmatch(r"text_model\.encoder\.layers\.(\d+)\.(.+)\.(weight|bias)", name)
     if m is None:
         return None
@@ -293,9 +318,6 @@ def _first(state: Mapping[str, np.ndarray], pattern: str) -> Optional[np.ndarray
 
 # Families recognised but not supported: (test, what to tell the user).
 _OTHER_FAMILIES: Tuple[Tuple[Callable[[StateDict], bool], str], ...] = (
-    (lambda s: _has(s, "conditioner.embedders.1.model.") or _has(s, "model.diffusion_model.label_emb.0.0."),
-     "an SDXL base (or SDXL inpainting) checkpoint"),
-    (lambda s: _has(s, "conditioner.embedders.0.model."), "an SDXL refiner checkpoint"),
     (lambda s: _has(s, "model.diffusion_model.joint_blocks.") or _has(s, "joint_blocks."),
      "a Stable Diffusion 3 checkpoint"),
     (lambda s: _has(s, "model.diffusion_model.double_blocks.") or _has(s, "double_blocks."), "a Flux checkpoint"),
@@ -319,12 +341,15 @@ def find_layouts(state: StateDict) -> Dict[str, Layout]:
         if f"{prefix}encoder.conv_in.weight" in state and f"{prefix}decoder.conv_out.weight" in state:
             found[VAE] = Layout(VAE, prefix, "vae")
             break
-    if f"{CLIP_PREFIX}text_model.embeddings.token_embedding.weight" in state:
-        found[TEXT_ENCODER] = Layout(TEXT_ENCODER, CLIP_PREFIX, "clip")
-    elif f"{CLIP_PREFIX}embeddings.token_embedding.weight" in state:
-        found[TEXT_ENCODER] = Layout(TEXT_ENCODER, CLIP_PREFIX, "clip-no-text-model")
-    elif f"{OPENCLIP_PREFIX}token_embedding.weight" in state:
-        found[TEXT_ENCODER] = Layout(TEXT_ENCODER, OPENCLIP_PREFIX, "openclip")
+    texts = [(TEXT_ENCODER, p, kind, p + key) for p in (CLIP_PREFIX, SDXL_CLIP_PREFIX) for kind, key in
+             (("clip", "text_model.embeddings.token_embedding.weight"),
+              ("clip-no-text-model", "embeddings.token_embedding.weight"))]
+    texts += [(TEXT_ENCODER, OPENCLIP_PREFIX, "openclip", OPENCLIP_PREFIX + "token_embedding.weight")]
+    texts += [(TEXT_ENCODER_2, p, "openclip", p + "token_embedding.weight")
+              for p in (SDXL_OPENCLIP_PREFIX, REFINER_OPENCLIP_PREFIX)]
+    for component, prefix, kind, key in texts:
+        if key in state and component not in found:
+            found[component] = Layout(component, prefix, kind)
     for prefix in (CONTROLNET_PREFIX, ""):
         if f"{prefix}input_hint_block.0.weight" in state:
             found[CONTROLNET] = Layout(CONTROLNET, prefix, "controlnet")
@@ -344,17 +369,17 @@ def describe(state: StateDict) -> str:
 
 
 def check_family(state: StateDict, source: str) -> None:
-    """Refuse, naming the family, files of another model family than Stable Diffusion 1.x/2.x."""
+    """Refuse, naming the family, files of another model family than Stable Diffusion 1.x/2.x or SDXL."""
     for test, what in _OTHER_FAMILIES:
         if test(state):
-            raise CheckpointError(f"{source} is {what}; this loader reads Stable Diffusion 1.x/2.x single files "
-                                  "(UNets, inpainting UNets, VAEs, text encoders and ControlNets).")
+            raise CheckpointError(f"{source} is {what}; this loader reads Stable Diffusion 1.x/2.x and SDXL single "
+                                  "files (UNets, inpainting UNets, VAEs, text encoders and ControlNets).")
 
 
 # ----------------------------------------------------------------------------- architectures
 
 def context_dim(state: StateDict, prefix: str) -> Optional[int]:
-    """The cross-attention (text) width of a UNet or ControlNet: 768 for SD1, 1024 for SD2."""
+    """The cross-attention (text) width of a UNet or ControlNet: 768 for SD1, 1024 for SD2, 2048 for SDXL."""
     w = _first(state, re.escape(prefix) + r".*attn2\.to_k\.weight")
     return None if w is None else int(w.shape[1])
 
@@ -378,7 +403,11 @@ def unet_shape_config(state: StateDict, prefix: str, controlnet: bool = False) -
     proj = next((get(f"input_blocks.{lv[0]}.1.proj_in.weight") for lv, a in zip(levels, attn) if a), None)
     layers = [len(lv) for lv in levels]
     depth = [len({k.split(".transformer_blocks.")[1].split(".")[0] for k in state
-                  if k.startswith(f"{prefix}input_blocks.{lv[0]}.1.transformer_blocks.")}) or 1 for lv in levels]
+                  if k.startswith(f"{prefix}input_blocks.{lv[0]}.1.transformer_blocks.")}) if a else None
+             for lv, a in zip(levels, attn)]
+    # Levels without attention: the attention levels' depth when they share one (SDXL refiner: 4), else 1.
+    fill = depth[attn.index(True)] if len({d for d in depth if d is not None}) == 1 else 1
+    depth = [fill if d is None else d for d in depth]
     cfg = {
         "in_channels": int(conv_in.shape[1]),
         "block_out_channels": tuple(int(get(f"input_blocks.{lv[0]}.0.out_layers.3.weight").shape[0]) for lv in levels),
@@ -390,6 +419,9 @@ def unet_shape_config(state: StateDict, prefix: str, controlnet: bool = False) -
         "cross_attention_dim": context_dim(state, prefix),
         "use_linear_projection": proj is not None and proj.ndim == 2,
     }
+    added = get("label_emb.0.0.weight")
+    if added is not None:  # SDXL: the pooled text embedding and the size sinusoids, concatenated
+        cfg.update(addition_embed_type="text_time", projection_class_embeddings_input_dim=int(added.shape[1]))
     if controlnet:
         hint = sorted(int(k[len(prefix):].split(".")[1]) for k in state
                       if k.startswith(prefix + "input_hint_block.") and k.endswith(".weight"))
@@ -426,12 +458,16 @@ def vae_shape_config(state: StateDict, prefix: str) -> Dict[str, Any]:
 
 
 def text_encoder_shape_config(state: StateDict, layout: Layout) -> Dict[str, Any]:
-    """The config fields a CLIP text encoder's tensors determine (OpenCLIP: every resblock counted)."""
-    p = layout.prefix
+    """The config fields a CLIP text encoder's tensors determine (OpenCLIP: every resblock counted; with
+    SDXL's `text_projection`, its width)."""
+    p, extra = layout.prefix, {}
     if layout.kind == "openclip":
         tokens, positions = state[p + "token_embedding.weight"], state[p + "positional_embedding"]
         layers = {int(k[len(p):].split(".")[2]) for k in state if k.startswith(p + "transformer.resblocks.")}
         fc1 = state[p + "transformer.resblocks.0.mlp.c_fc.weight"]
+        projection = state.get(p + "text_projection")
+        if layout.component == TEXT_ENCODER_2 and projection is not None:
+            extra = {"projection_dim": int(projection.shape[1])}
     else:
         t = p + ("text_model." if layout.kind == "clip" else "")
         tokens = state[t + "embeddings.token_embedding.weight"]
@@ -440,59 +476,10 @@ def text_encoder_shape_config(state: StateDict, layout: Layout) -> Dict[str, Any
         fc1 = state[t + "encoder.layers.0.mlp.fc1.weight"]
     return {"vocab_size": int(tokens.shape[0]), "hidden_size": int(tokens.shape[1]),
             "max_position_embeddings": int(positions.shape[0]), "num_hidden_layers": len(layers),
-            "intermediate_size": int(fc1.shape[0])}
+            "intermediate_size": int(fc1.shape[0]), **extra}
 
 
 # ----------------------------------------------------------------------------- known families
-
-_SD_SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
-                "beta_schedule": "scaled_linear", "set_alpha_to_one": False, "steps_offset": 1}
-SD_UNET_CHANNELS = (320, 640, 1280, 1280)
-SD_VAE_CHANNELS = (128, 256, 512, 512)
-# The step count of Stability's SD 2.x 512-base (epsilon) release, which diffusers also reads this way.
-SD2_BASE_GLOBAL_STEP = 875000
-
-
-@dataclasses.dataclass(frozen=True)
-class Family:
-    """Defaults for what tensors cannot tell, for one known family (as its reference diffusers folder has)."""
-
-    name: str
-    text_width: int  # the cross-attention / text-encoder width that identifies it
-    unet: Mapping[str, Any]  # non-shape UNet config
-    text_encoder: Mapping[str, Any]  # non-shape CLIPTextModel config
-    tokenizer_pad: str  # the reference tokenizer's pad token
-    reference: str  # the diffusers repo whose folders these defaults follow
-
-    def scheduler(self, in_channels: int, global_step: Optional[int]) -> Dict[str, Any]:
-        """The reference scheduler config (SD2's 768-v text-to-image model predicts v; the rest epsilon)."""
-        if self.text_width == 1024 and in_channels == 4 and global_step != SD2_BASE_GLOBAL_STEP:
-            return {"_class_name": "DDIMScheduler", **_SD_SCHEDULE, "clip_sample": False,
-                    "prediction_type": "v_prediction"}
-        return {"_class_name": "PNDMScheduler", **_SD_SCHEDULE, "skip_prk_steps": True, "prediction_type": "epsilon"}
-
-    def image_size(self, in_channels: int, global_step: Optional[int]) -> int:
-        v = self.text_width == 1024 and in_channels == 4 and global_step != SD2_BASE_GLOBAL_STEP
-        return 768 if v else 512
-
-
-FAMILIES = (
-    Family("Stable Diffusion 1.x", 768,
-           unet={"attention_head_dim": 8, "norm_num_groups": 32, "norm_eps": 1e-5, "act_fn": "silu",
-                 "flip_sin_to_cos": True, "freq_shift": 0},
-           text_encoder={"num_attention_heads": 12, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5,
-                         "projection_dim": 768},
-           tokenizer_pad="<|endoftext|>", reference="stable-diffusion-v1-5/stable-diffusion-v1-5"),
-    Family("Stable Diffusion 2.x", 1024,
-           unet={"attention_head_dim": (5, 10, 20, 20), "norm_num_groups": 32, "norm_eps": 1e-5, "act_fn": "silu",
-                 "flip_sin_to_cos": True, "freq_shift": 0, "upcast_attention": True},
-           text_encoder={"num_attention_heads": 16, "hidden_act": "gelu", "layer_norm_eps": 1e-5,
-                         "projection_dim": 512},
-           tokenizer_pad="!", reference="stabilityai/stable-diffusion-2-1"),
-)
-_SD_VAE = {"norm_num_groups": 32, "act_fn": "silu", "scaling_factor": 0.18215}
-_SD_CONTROLNET_EMBEDDING = (16, 32, 96, 256)
-
 
 def family_of(state: StateDict, layouts: Mapping[str, Layout]) -> Optional[Family]:
     """The known family whose sizes the file has, or None (then a config folder is needed)."""
@@ -501,14 +488,15 @@ def family_of(state: StateDict, layouts: Mapping[str, Layout]) -> Optional[Famil
         return None
     width = context_dim(state, layout.prefix)
     shape = unet_shape_config(state, layout.prefix, controlnet=layout.kind == "controlnet")
-    if shape["block_out_channels"] != SD_UNET_CHANNELS or shape["layers_per_block"] != 2:
+    if shape["layers_per_block"] != 2:
         return None
-    return next((f for f in FAMILIES if f.text_width == width), None)
+    return next((f for f in FAMILIES if f.text_width == width and shape["block_out_channels"] == f.unet_channels),
+                None)
 
 
 # ----------------------------------------------------------------------------- configs
 
-SUBFOLDERS = {UNET: "unet", VAE: "vae", TEXT_ENCODER: "text_encoder", CONTROLNET: "controlnet"}
+SUBFOLDERS = {c: c for c in (UNET, VAE, TEXT_ENCODER, TEXT_ENCODER_2, CONTROLNET)}
 
 
 def folder_config(config: Union[str, os.PathLike], component: str) -> Optional[Dict[str, Any]]:
@@ -552,7 +540,8 @@ def component_config(state: StateDict, layout: Layout, config: Optional[Union[st
     base = folder_config(config, layout.component) if config is not None else None
     if base is not None:
         out = dict(base)
-        if layout.kind == "openclip" and out.get("num_hidden_layers") == shape["num_hidden_layers"] - 1:
+        if layout.component == TEXT_ENCODER and layout.kind == "openclip" and \
+                out.get("num_hidden_layers") == shape["num_hidden_layers"] - 1:
             shape["num_hidden_layers"] -= 1  # SD2 uses the penultimate layer; the file keeps the last one
         wrong = [f"{k}: file {v!r}, config {out[k]!r}" for k, v in shape.items()
                  if k in out and k != "in_channels" and not _same(v, out[k])]
@@ -571,16 +560,20 @@ def component_config(state: StateDict, layout: Layout, config: Optional[Union[st
     if layout.kind in ("unet", "controlnet"):
         out = {**family.unet, **shape}
         if layout.kind == "controlnet":
-            out.setdefault("conditioning_embedding_out_channels", _SD_CONTROLNET_EMBEDDING)
+            out.setdefault("conditioning_embedding_out_channels", SD_CONTROLNET_EMBEDDING)
         return out
     if layout.kind == "vae":
         if shape["block_out_channels"] != SD_VAE_CHANNELS:
             raise CheckpointError(f"{source}: its VAE ({_summary(shape)}) is not Stable Diffusion's; pass config= a "
                                   "local diffusers folder of the same architecture.")
-        return {**_SD_VAE, **shape}
-    if layout.kind == "openclip":
-        shape["num_hidden_layers"] -= 1  # SD2 conditions on the penultimate layer
-    return {**family.text_encoder, **shape, "pad_token_id": 1, "bos_token_id": 49406, "eos_token_id": 49407}
+        return {**(family.vae if family is not None else SD_VAE), **shape}
+    if layout.component == TEXT_ENCODER and layout.kind == "openclip":
+        shape["num_hidden_layers"] -= 1  # SD2 conditions on the penultimate layer; SDXL keeps every layer
+    defaults = family.text_encoder_2 if layout.component == TEXT_ENCODER_2 else family.text_encoder
+    if defaults is None:
+        raise CheckpointError(f"{source}: the {family.name} family has no {layout.component}; pass config= a local "
+                              "diffusers folder of the same architecture.")
+    return {**defaults, **shape, "pad_token_id": 1, "bos_token_id": 49406, "eos_token_id": 49407}
 
 
 def _summary(shape: Mapping[str, Any]) -> str:
@@ -602,6 +595,8 @@ def expected_keys(model) -> Dict[str, Tuple[int, ...]]:
 def _apply(value: np.ndarray, transform: Transform) -> np.ndarray:
     if transform == "conv1x1":
         return value.reshape(value.shape[:2]) if value.ndim == 4 and value.shape[2:] == (1, 1) else value
+    if transform == "transpose":
+        return value.T if value.ndim == 2 else value
     if isinstance(transform, tuple):
         return np.split(value, 3, axis=0)[transform[1]] if value.shape[0] % 3 == 0 else value
     return value
@@ -626,8 +621,8 @@ class Problems:
                 items = sorted(items)
                 shown = items[:20] + ([f"... and {len(items) - 20} more"] if len(items) > 20 else [])
                 lines.append(f"  {title} ({len(items)}):\n    " + "\n    ".join(shown))
-        lines.append("Check that the file is a Stable Diffusion 1.x/2.x checkpoint and that config= (if given) "
-                     "belongs to it.")
+        lines.append("Check that the file is a Stable Diffusion 1.x/2.x or SDXL checkpoint and that config= (if "
+                     "given) belongs to it.")
         raise CheckpointError("\n".join(lines))
 
 
@@ -670,6 +665,8 @@ def to_original(tensors: Mapping[str, np.ndarray], layout: Layout, config: Mappi
         value = np.asarray(value)
         if transform == "conv1x1":
             out[key] = value[:, :, None, None]
+        elif transform == "transpose":
+            out[key] = value.T
         elif isinstance(transform, tuple):
             thirds.setdefault(key, [None] * 3)[transform[1]] = value
         else:
@@ -698,57 +695,22 @@ def unused_keys(state: StateDict, used: set, prefixes: Sequence[str], layouts: M
             and not _ignored(k)]
 
 
-# ----------------------------------------------------------------------------- the built-in tokenizer
-
-CLIP_MERGES = Path(__file__).resolve().parents[1] / "assets" / "clip_bpe_merges.txt.gz"
-
-
-def _byte_chars() -> List[str]:
-    """The characters CLIP's byte-level BPE stands for bytes with (GPT-2's table), in vocabulary order:
-    the printable bytes as themselves, then the other bytes as chr(256), chr(257), ... in byte order."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    others = [b for b in range(256) if b not in printable]
-    return [chr(b) for b in printable] + [chr(256 + i) for i in range(len(others))]
-
-
-def clip_tokenizer(pad_token: str = "<|endoftext|>", max_length: int = 77):
-    """The CLIP ViT-L/14 (and OpenCLIP ViT-H) BPE tokenizer, built from the bundled merges list.
-
-    Its vocabulary is CLIP's: the 256 byte characters, the same with the end-of-word mark `</w>`, the
-    48894 merges in order, then <|startoftext|> (49406) and <|endoftext|> (49407). SD1 pads with
-    <|endoftext|>, SD2 with "!".
-    """
-    import gzip
-    import tempfile
-
-    from transformers import CLIPTokenizer
-
-    merges = gzip.decompress(CLIP_MERGES.read_bytes()).decode("utf-8").splitlines()
-    chars = _byte_chars()
-    tokens = chars + [c + "</w>" for c in chars] + ["".join(m.split()) for m in merges]
-    vocab = {t: i for i, t in enumerate(tokens + ["<|startoftext|>", "<|endoftext|>"])}
-    with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "vocab.json").write_text(json.dumps(vocab))
-        (Path(tmp) / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-        return CLIPTokenizer(str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt"), pad_token=pad_token,
-                             model_max_length=max_length)
-
-
 # ----------------------------------------------------------------------------- loading
 
 def _model_class(component: str):
-    from flax_inpaint.models.clip import FlaxCLIPTextModel
+    from flax_inpaint.models.clip import FlaxCLIPTextModel, FlaxCLIPTextModelWithProjection
     from flax_inpaint.models.controlnet import FlaxControlNetModel
     from flax_inpaint.models.unet import FlaxUNet2DConditionModel
     from flax_inpaint.models.vae import FlaxAutoencoderKL
 
     return {UNET: FlaxUNet2DConditionModel, VAE: FlaxAutoencoderKL, TEXT_ENCODER: FlaxCLIPTextModel,
-            CONTROLNET: FlaxControlNetModel}[component]
+            TEXT_ENCODER_2: FlaxCLIPTextModelWithProjection, CONTROLNET: FlaxControlNetModel}[component]
 
 
 def component_of(model_class) -> str:
-    """The component a model class loads from a single file."""
-    for component in (UNET, VAE, TEXT_ENCODER, CONTROLNET):
+    """The component a model class loads from a single file (CLIPTextModelWithProjection: SDXL's
+    text_encoder_2, checked before its base class CLIPTextModel)."""
+    for component in (UNET, VAE, TEXT_ENCODER_2, TEXT_ENCODER, CONTROLNET):
         if issubclass(model_class, _model_class(component)):
             return component
     raise TypeError(f"{model_class.__name__} has no single-file layout.")
@@ -768,10 +730,13 @@ class Loaded:
 
 def load(source: Union[str, os.PathLike, Mapping[str, Any]], components: Sequence[str],
          config: Optional[Union[str, os.PathLike]] = None, *, image_size: Optional[int] = None,
-         num_in_channels: Optional[int] = None, runtime=None, whole_file: bool = True) -> Loaded:
+         num_in_channels: Optional[int] = None, runtime=None, whole_file: bool = True,
+         optional: Sequence[str] = (), sdxl: Optional[bool] = None) -> Loaded:
     """Read `components` (e.g. ("unet", "vae", "text_encoder")) of a single file into our Flax models.
 
-    A component the file lacks comes from `config=`'s folder weights, else it is an error. With
+    A component the file lacks comes from `config=`'s folder weights, else it is an error (components in
+    `optional`, e.g. the text_encoder the SDXL refiner lacks, are then left out). `sdxl` (pipelines: True
+    or False) must say whether the file is an SDXL one, else the error names the pipeline to use. With
     `whole_file` every tensor of the file must be used or be a known leftover; otherwise only those
     under the loaded components' prefixes. `image_size` sets the UNet's sample_size (image_size / the
     VAE factor) and the VAE's; `num_in_channels` must agree with the file's UNet.
@@ -784,12 +749,16 @@ def load(source: Union[str, os.PathLike, Mapping[str, Any]], components: Sequenc
     if not any(c in layouts for c in components):
         raise CheckpointError(f"{name} holds none of {list(components)}: it is {describe(state)}.")
     family = family_of(state, layouts)
+    if sdxl is not None:
+        check_pipeline_kind(state, layouts, family, sdxl, name)
     step = extras.get("global_step")
     models, params, configs, problems, used = {}, {}, {}, Problems(), set()
     for component in components:
         cls = _model_class(component)
         layout = layouts.get(component)
         if layout is None:
+            if component in optional and (config is None or not (Path(config) / SUBFOLDERS[component]).is_dir()):
+                continue
             models[component], params[component] = _from_config_folder(cls, component, config, name, state)
             configs[component] = models[component].config
             continue
@@ -833,21 +802,24 @@ def _from_config_folder(cls, component: str, config, name: str, state: StateDict
     return cls.from_pretrained(sub)
 
 
-def load_tokenizer(loaded: Loaded, config: Optional[Union[str, os.PathLike]]):
-    """`config=`'s tokenizer, else the known family's built-in CLIP tokenizer."""
-    folder = Path(config) / "tokenizer" if config is not None else None
+def load_tokenizer(loaded: Loaded, config: Optional[Union[str, os.PathLike]], name: str = "tokenizer"):
+    """`config=`'s tokenizer (`name`: "tokenizer", or SDXL's "tokenizer_2"), else the known family's built-in
+    CLIP tokenizer (padding as the family's reference tokenizer does)."""
+    folder = Path(config) / name if config is not None else None
     if folder is not None and folder.is_dir():
         import transformers
 
         cls_name = "CLIPTokenizer"
         index = Path(config) / "model_index.json"
         if index.is_file():
-            cls_name = json.loads(index.read_text()).get("tokenizer", [None, cls_name])[1] or cls_name
+            cls_name = (json.loads(index.read_text()).get(name) or [None, cls_name])[1] or cls_name
         return getattr(transformers, cls_name).from_pretrained(folder)
-    if loaded.family is None:
-        raise CheckpointError(f"{loaded.source}: no tokenizer: the file is not of a known family and config= has no "
-                              "tokenizer/ folder; pass config= (a diffusers folder) or tokenizer=.")
-    return clip_tokenizer(loaded.family.tokenizer_pad)
+    family = loaded.family
+    pad = None if family is None else family.tokenizer_2_pad if name == "tokenizer_2" else family.tokenizer_pad
+    if pad is None:
+        raise CheckpointError(f"{loaded.source}: no {name}: the file is not of a known family with one and config= "
+                              f"has no {name}/ folder; pass config= (a diffusers folder) or {name}=.")
+    return clip_tokenizer(pad)
 
 
 def load_scheduler(loaded: Loaded, config: Optional[Union[str, os.PathLike]], prediction_type: Optional[str]):
@@ -868,29 +840,56 @@ def load_scheduler(loaded: Loaded, config: Optional[Union[str, os.PathLike]], pr
 
 
 def load_model(model_class, source, config=None, **kwargs) -> Tuple[Any, Any]:
-    """(model, params) of one model class (UNet, VAE, CLIP text encoder or ControlNet) from a single file:
-    a full pipeline file (only that component's tensors are read) or a standalone one."""
+    """(model, params) of one model class (UNet, VAE, CLIP text encoder, SDXL's CLIPTextModelWithProjection or
+    ControlNet) from a single file: a full pipeline file (only that component's tensors are read) or a
+    standalone one."""
     component = component_of(model_class)
     loaded = load(source, (component,), config, whole_file=False, **kwargs)
     return loaded.models[component], loaded.params[component]
 
 
+def is_sdxl(state: StateDict, layouts: Mapping[str, Layout]) -> bool:
+    """Whether a file is SDXL's: a second (OpenCLIP) text encoder, or a UNet with size conditioning."""
+    return TEXT_ENCODER_2 in layouts or f"{UNET_PREFIX}label_emb.0.0.weight" in state
+
+
+def check_pipeline_kind(state: StateDict, layouts: Mapping[str, Layout], family: Optional[Family], sdxl: bool,
+                        source: str) -> None:
+    """Refuse an SDXL file for an SD 1.x/2.x pipeline and the reverse, naming what the file is."""
+    if is_sdxl(state, layouts) == sdxl:
+        return
+    what = family.name if family is not None else "Stable Diffusion 1.x/2.x" if sdxl else "SDXL"
+    if sdxl:
+        raise CheckpointError(f"{source} is a {what} checkpoint (one text encoder, no size conditioning), not an SDXL "
+                              "one; load it with an SD 1.x/2.x pipeline such as FlaxStableDiffusionInpaintPipeline.")
+    raise CheckpointError(f"{source} is an {what} checkpoint (two text encoders, size conditioning); load it with an "
+                          "SDXL pipeline (FlaxStableDiffusionXL*Pipeline.from_single_file).")
+
+
 def load_pipeline(source, config=None, *, prediction_type: Optional[str] = None, image_size: Optional[int] = None,
                   num_in_channels: Optional[int] = None, tokenizer=None, scheduler=None, runtime=None,
-                  with_controlnet: bool = False) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+                  with_controlnet: bool = False, sdxl: bool = False,
+                  tokenizer_2=None) -> Tuple[Dict[str, Any], Dict[str, Any]]:
     """(pipeline constructor arguments, params) from a single file: UNet, VAE and text encoder from the
     file (or `config=`'s folder weights where the file lacks one), and with `with_controlnet` the file's
-    ControlNet too; tokenizer and scheduler as given, else from `config=`, else the family's defaults."""
-    components = (UNET, VAE, TEXT_ENCODER) + ((CONTROLNET,) if with_controlnet else ())
+    ControlNet too; tokenizer and scheduler as given, else from `config=`, else the family's defaults.
+
+    With `sdxl` (the SDXL pipelines) the file must be SDXL's: the arguments add text_encoder_2 and
+    tokenizer_2; the refiner's file has no text_encoder, so text_encoder and tokenizer are then None (unless
+    `config=` has them). The models' configs are on the models (`kwargs["unet"].config`, ...)."""
+    texts = (TEXT_ENCODER, TEXT_ENCODER_2) if sdxl else (TEXT_ENCODER,)
+    components = (UNET, VAE) + texts + ((CONTROLNET,) if with_controlnet else ())
     loaded = load(source, components, config, image_size=image_size, num_in_channels=num_in_channels,
-                  runtime=runtime)
-    if tokenizer is None:
-        tokenizer = load_tokenizer(loaded, config)
+                  runtime=runtime, optional=(TEXT_ENCODER,) if sdxl else (), sdxl=sdxl)
+    tokenizers = {"tokenizer": tokenizer, "tokenizer_2": tokenizer_2} if sdxl else {"tokenizer": tokenizer}
+    for name, component in zip(tokenizers, texts):
+        if tokenizers[name] is None and component in loaded.models:
+            tokenizers[name] = load_tokenizer(loaded, config, name)
     if scheduler is None:
         scheduler = load_scheduler(loaded, config, prediction_type)
     elif prediction_type is not None:
         scheduler = type(scheduler).from_config(scheduler.config, prediction_type=prediction_type)
-    kwargs = {**loaded.models, "tokenizer": tokenizer, "scheduler": scheduler}
+    kwargs = {**{c: loaded.models.get(c) for c in texts}, **loaded.models, **tokenizers, "scheduler": scheduler}
     return kwargs, {**loaded.params, "scheduler": scheduler.create_state()}
 
 
@@ -904,7 +903,8 @@ class FromSingleFileMixin:
                          dtype: Any = jnp.float32, param_dtype: Optional[Any] = None, attention: str = "auto",
                          **components):
         """Load `(pipeline, params)` from one `.safetensors`/`.ckpt` file in the original Stable Diffusion layout
-        (SD 1.x, SD 2.x, their inpainting models); see `flax_inpaint.loaders.single_file`.
+        (SD 1.x, SD 2.x, their inpainting models; SDXL base, refiner and inpainting for pipeline classes that
+        take `text_encoder_2`, which may also be given `tokenizer_2=`); see `flax_inpaint.loaders.single_file`.
 
         The architecture is read from the tensors, or from `config` (a local diffusers folder), which also
         supplies the tokenizer and scheduler; without it the known families' defaults are used (nothing is
@@ -912,10 +912,14 @@ class FromSingleFileMixin:
         size; no safety checker is loaded. `save_pretrained` then writes a diffusers folder, so the file is
         converted once. Other keyword arguments are passed to the constructor (e.g. `controlnet=`).
         """
+        sdxl = "text_encoder_2" in inspect.signature(cls.__init__).parameters
+        if not sdxl and "tokenizer_2" in components:
+            raise TypeError(f"tokenizer_2= is SDXL's second tokenizer; {cls.__name__} has one text encoder.")
         kwargs, params = load_pipeline(
             path, config, prediction_type=prediction_type, image_size=image_size, num_in_channels=num_in_channels,
             tokenizer=tokenizer, scheduler=scheduler, runtime=Runtime(dtype, param_dtype or dtype, attention),
-            with_controlnet=cls._controlnet_in_file(path, components))
+            with_controlnet=cls._controlnet_in_file(path, components), sdxl=sdxl,
+            tokenizer_2=components.pop("tokenizer_2", None))
         return cls(**kwargs, **components, dtype=dtype), params
 
     @classmethod

@@ -1,6 +1,12 @@
 """Pipelines: text-to-image, image-to-image and inpainting (also ControlNet-guided) on one compiled
 sampling program."""
+from flax_inpaint.pipelines.auto import (
+    FlaxAutoPipelineForImage2Image,
+    FlaxAutoPipelineForInpainting,
+    FlaxAutoPipelineForText2Image,
+)
 from flax_inpaint.pipelines.controlnet import (
+    FlaxStableDiffusionControlNetImg2ImgPipeline,
     FlaxStableDiffusionControlNetInpaintPipeline,
     FlaxStableDiffusionControlNetPipeline,
     make_inpaint_condition,
@@ -15,7 +21,11 @@ from flax_inpaint.pipelines.stable_diffusion import (
 )
 
 __all__ = [
+    "FlaxAutoPipelineForImage2Image",
+    "FlaxAutoPipelineForInpainting",
+    "FlaxAutoPipelineForText2Image",
     "FlaxDiffusionPipeline",
+    "FlaxStableDiffusionControlNetImg2ImgPipeline",
     "FlaxStableDiffusionControlNetInpaintPipeline",
     "FlaxStableDiffusionControlNetPipeline",
     "FlaxStableDiffusionImg2ImgPipeline",

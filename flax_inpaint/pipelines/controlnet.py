@@ -1,4 +1,4 @@
-"""ControlNet pipelines: text-to-image and inpainting guided by control images (diffusers' API).
+"""ControlNet pipelines: text-to-image, img2img and inpainting guided by control images (diffusers' API).
 
 They are the Stable Diffusion pipelines with one or more `FlaxControlNetModel`s in the static
 `Components` of `sampling.generate`: every step, each net sees the scaled latents (never an
@@ -24,7 +24,11 @@ from jax.sharding import Mesh
 from flax_inpaint.image_processor import CropCoords, ImageInput, VaeImageProcessor
 from flax_inpaint.models.controlnet import FlaxControlNetModel
 from flax_inpaint.pipelines.sampling import Components
-from flax_inpaint.pipelines.stable_diffusion import FlaxDiffusionPipeline, FlaxStableDiffusionInpaintPipeline
+from flax_inpaint.pipelines.stable_diffusion import (
+    FlaxDiffusionPipeline,
+    FlaxStableDiffusionImg2ImgPipeline,
+    FlaxStableDiffusionInpaintPipeline,
+)
 
 ControlNets = Union[FlaxControlNetModel, Sequence[FlaxControlNetModel]]
 
@@ -276,4 +280,43 @@ class FlaxStableDiffusionControlNetInpaintPipeline(_ControlNetMixin, FlaxStableD
         `prepare_inputs`: NCHW at the mask's size; a list with one per ControlNet for several).
         `controlnet_conditioning_scale` and `control_guidance_start/end` are floats or lists with one
         per ControlNet; with strength < 1 the guidance windows are fractions of the steps that run."""
+        return self._call(locals())
+
+
+class FlaxStableDiffusionControlNetImg2ImgPipeline(_ControlNetMixin, FlaxStableDiffusionImg2ImgPipeline):
+    """Image-to-image guided by one or more ControlNets (diffusers' StableDiffusionControlNetImg2ImgPipeline):
+    the img2img pipeline plus the keyword `control_image`. Defaults as diffusers': strength 0.8,
+    controlnet_conditioning_scale 0.8."""
+
+    _pipeline_class = "StableDiffusionControlNetImg2ImgPipeline"
+
+    def prepare_inputs(self, prompt, image, control_image, height: Optional[int] = None,
+                       width: Optional[int] = None):
+        """(prompt_ids, images NCHW in [-1, 1], control images at the images' size; see
+        `prepare_control_image`, a list with one per ControlNet for several)."""
+        ids, images = super().prepare_inputs(prompt, image, height, width)
+        return ids, images, self.prepare_control_image(control_image, images.shape[2], images.shape[3])
+
+    def img2img(self, prompt, image, control_image, params, prng_seed, *, height: Optional[int] = None,
+                width: Optional[int] = None, **kwargs):
+        """PyTorch-style convenience: strings and PIL images in, images out (one device). `control_image`:
+        images for the control image processor (a list with one per ControlNet for several). Other
+        arguments as `FlaxStableDiffusionImg2ImgPipeline.img2img` and this pipeline's `__call__`."""
+        height, width = self.image_processor.get_default_height_width(image, height, width)
+        control = self.prepare_control_image(control_image, height, width)
+        return super().img2img(prompt, image, params, prng_seed, height=height, width=width, control_image=control,
+                               **kwargs)
+
+    def __call__(self, prompt_ids, image, params, prng_seed, strength: float = 0.8,
+                 num_inference_steps: int = 50, height: Optional[int] = None, width: Optional[int] = None,
+                 guidance_scale=7.5, noise=None, neg_prompt_ids=None, return_dict: bool = True,
+                 jit: bool = False, *, control_image, controlnet_conditioning_scale=0.8, guess_mode: bool = False,
+                 control_guidance_start=0.0, control_guidance_end=1.0, num_images_per_prompt: int = 1,
+                 prompt_embeds=None, negative_prompt_embeds=None, clip_skip: Optional[int] = None,
+                 eta: float = 0.0, output_type: str = "np", mesh: Optional[Mesh] = None, ip_adapter_image=None,
+                 ip_adapter_image_embeds=None, **hooks):
+        """Image to image as `FlaxStableDiffusionImg2ImgPipeline.__call__`, guided by `control_image` (from
+        `prepare_inputs`: NCHW at the image's size; a list with one per ControlNet for several).
+        `controlnet_conditioning_scale` and `control_guidance_start/end` are floats or lists with one per
+        ControlNet; the guidance windows are fractions of the steps that run at `strength`."""
         return self._call(locals())

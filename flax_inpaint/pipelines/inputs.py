@@ -100,12 +100,15 @@ def build(pipe, jit: bool, *, prompt_ids, num_inference_steps: int, guidance_sca
                                           per_prompt=True)
     latents = _check_latents(pipe, "noise" if noise is not None else "latents", noise if noise is not None else latents,
                              lead, opts)
+    start = strength_fields(pipe.scheduler, num_inference_steps, strength)
+    if image_required:  # img2img noises the image at strength 1 too (add_noise, as diffusers' img2img pipelines)
+        start["strength_is_max"] = np.bool_(False)
     batch = Batch(
         **_text_fields(pipe, prompt_ids, neg_prompt_ids, prompt_embeds, negative_prompt_embeds, lead, opts.do_cfg,
                        guidance_scale),
         image=_nhwc(image), image_latents=_nhwc(image_latents), mask=_nhwc(mask), masked_image=_nhwc(masked_image),
         masked_image_latents=_nhwc(masked_image_latents), latents=_nhwc(latents),
-        eta=np.float32(eta), **strength_fields(pipe.scheduler, num_inference_steps, strength),
+        eta=np.float32(eta), **start,
         **_image_prompt(pipe, params or {}, ip_adapter_image, ip_adapter_image_embeds, lead, opts.do_cfg),
     )
     if control_image is not None:

@@ -405,6 +405,19 @@ class FlaxStableDiffusionImg2ImgPipeline(FlaxDiffusionPipeline):
         """(prompt_ids, images NCHW in [-1, 1])."""
         return self.tokenize(prompt), self.image_processor.preprocess(image, height, width)
 
+    def img2img(self, prompt, image, params, prng_seed, *, negative_prompt=None, height: Optional[int] = None,
+                width: Optional[int] = None, output_type: str = "pil", **kwargs):
+        """PyTorch-style convenience: strings and PIL images in, images out (one device); one `image` may
+        serve every prompt. Other keyword arguments go to `__call__` (strength, num_inference_steps, ...)."""
+        ids, images = self.tokenize(prompt), self.image_processor.preprocess(image, height, width)
+        n = ids.shape[0]
+        if images.shape[0] not in (1, n):
+            raise ValueError(f"{images.shape[0]} images for {n} prompts; pass one, or one per prompt.")
+        neg = None if negative_prompt is None else self.tokenize(
+            [negative_prompt] * n if isinstance(negative_prompt, str) else negative_prompt)
+        return self(ids, np.broadcast_to(images, (n,) + images.shape[1:]), params, prng_seed, neg_prompt_ids=neg,
+                    output_type=output_type, **kwargs)
+
     def __call__(self, prompt_ids, image, params, prng_seed, strength: float = 0.8,
                  num_inference_steps: int = 50, height: Optional[int] = None, width: Optional[int] = None,
                  guidance_scale=7.5, noise=None, neg_prompt_ids=None, return_dict: bool = True,
