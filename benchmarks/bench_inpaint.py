@@ -38,9 +38,11 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
 import flax
+import flax.jax_utils
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax.training import common_utils
 from jax.experimental.pallas import tpu as pltpu
 from PIL import Image
 
@@ -312,6 +314,7 @@ class Ours:
             scheduler=sched, dtype=runtime.dtype,
         )
         self.key = jax.random.PRNGKey(seed)
+        self._replicated = None  # the params through flax's replicate, for jit=True
 
     def inputs(self, batch: int, size: int) -> Dict[str, np.ndarray]:
         image, mask = scene(size)
@@ -319,12 +322,21 @@ class Ours:
         return {"prompt_ids": ids, "neg_prompt_ids": self.pipe.tokenize([""] * batch), "mask": masks,
                 "masked_image": masked}
 
-    def run(self, inputs, steps: int, guidance: float, **hooks) -> np.ndarray:
+    def run(self, inputs, steps: int, guidance: float, jit: bool = False, **hooks) -> np.ndarray:
         """NHWC images in [0, 1] as a host array (so the call has finished); `hooks`: the pipeline's per-step
-        keywords (progress, host_callbacks)."""
-        return self.pipe(inputs["prompt_ids"], inputs["mask"], inputs["masked_image"], self.params, self.key,
-                         num_inference_steps=steps, guidance_scale=guidance,
-                         neg_prompt_ids=inputs["neg_prompt_ids"], **hooks).images
+        keywords (progress, host_callbacks). `jit`: diffusers' pmap calling convention (inputs sharded over the
+        local devices, params replicated once, a key per device)."""
+        params, key, names = self.params, self.key, ("prompt_ids", "mask", "masked_image", "neg_prompt_ids")
+        if jit:
+            if self._replicated is None:
+                self._replicated = flax.jax_utils.replicate(self.params)
+            n = jax.local_device_count()
+            params, key = self._replicated, jax.random.split(key, n)
+            inputs = {k: common_utils.shard(inputs[k]) for k in names}
+        images = self.pipe(inputs["prompt_ids"], inputs["mask"], inputs["masked_image"], params, key,
+                           num_inference_steps=steps, guidance_scale=guidance,
+                           neg_prompt_ids=inputs["neg_prompt_ids"], jit=jit, **hooks).images
+        return images.reshape(-1, *images.shape[-3:])
 
     def program(self, inputs, steps: int, guidance: float, size: int, runtime=None):
         """(the jitted sampling program, its arguments) for one pipeline call, the models running with
@@ -459,7 +471,7 @@ def bench_ours(args, preset: Preset, common: Dict[str, Any], clock: CompileClock
         out = {}
 
         def call():
-            out["images"] = ours.run(inputs, args.steps, args.guidance, **hooks)
+            out["images"] = ours.run(inputs, args.steps, args.guidance, jit=args.jit, **hooks)
 
         first = once(call)
         compile_s = clock.seconds - before
@@ -801,6 +813,8 @@ def parse_args(argv=None, torch_side: bool = False) -> argparse.Namespace:
         p.add_argument("--psnr", action="store_true", help="PSNR of --dtype images against float32 ones")
         p.add_argument("--nan-check", action="store_true", help="finite images with every scheduler")
         p.add_argument("--flops-only", action="store_true", help="only TFLOP per image (lowering, no run)")
+        p.add_argument("--jit", action="store_true",
+                       help="call with jit=True: diffusers' pmap convention (sharded inputs, replicated params)")
         p.add_argument("--progress", action="store_true", help="with a per-step progress bar (a host callback)")
         p.add_argument("--preview", type=int, default=0, metavar="K",
                        help="with latent-to-RGB preview PNGs every K steps (the latents go to the host every step)")
@@ -852,8 +866,8 @@ def parse_args(argv=None, torch_side: bool = False) -> argparse.Namespace:
 def common_fields(args) -> Dict[str, Any]:
     return {"preset": args.preset, "height": args.size, "width": args.size, "steps": args.steps,
             "scheduler": args.scheduler, "guidance_scale": args.guidance, "dtype": args.dtype,
-            "progress": getattr(args, "progress", False), "preview_every": getattr(args, "preview", 0),
-            "preview_vae": getattr(args, "preview_vae", False),
+            "jit": getattr(args, "jit", False), "progress": getattr(args, "progress", False),
+            "preview_every": getattr(args, "preview", 0), "preview_vae": getattr(args, "preview_vae", False),
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
 
 

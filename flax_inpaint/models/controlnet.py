@@ -232,10 +232,10 @@ class FlaxControlNetModel(FlaxModelMixin, UNetEncoderConfig):
         def to_nchw(x):
             return jnp.transpose(x, (0, 3, 1, 2))
 
-        down, mid = self.nhwc(
-            to_nhwc(sample), timesteps, encoder_hidden_states, to_nhwc(controlnet_cond),
-            conditioning_scale, guess_mode, added_cond_kwargs,
-        )
+        sample, controlnet_cond = to_nhwc(sample), to_nhwc(controlnet_cond)
+        self._check_inputs(sample, encoder_hidden_states, controlnet_cond)
+        down, mid = self.nhwc(sample, timesteps, encoder_hidden_states, controlnet_cond, conditioning_scale,
+                              guess_mode, added_cond_kwargs)
         down, mid = tuple(to_nchw(r) for r in down), to_nchw(mid)
         return FlaxControlNetOutput(down, mid) if return_dict else (down, mid)
 
@@ -257,11 +257,13 @@ class FlaxControlNetModel(FlaxModelMixin, UNetEncoderConfig):
         conditioning_scale may be traced (a per-step gate); guess_mode is static: it scales the
         residuals from 0.1 (conv_in's) up to 1 (the mid block's) on a log scale. With
         global_pool_conditions the residuals are averaged over space ([B, 1, 1, C]). added_cond_kwargs:
-        as in `__call__` (SDXL).
+        as in `__call__` (SDXL). Its callers check their inputs (`__call__`, the pipelines' `inputs.build`):
+        only shapes are asserted here.
         """
         rt, n = self.runtime, len(self.block_out_channels)
         added = check_added_cond(self, added_cond_kwargs, sample.shape[0])
-        self._check_inputs(sample, encoder_hidden_states, controlnet_cond)
+        assert sample.shape[-1] == self.in_channels and controlnet_cond.shape[-1] == self.conditioning_channels, (
+            sample.shape, controlnet_cond.shape)
         context = encoder_hidden_states.astype(rt.dtype)
         cond = controlnet_cond.astype(rt.dtype)
         if self.controlnet_conditioning_channel_order == "bgr":
@@ -293,7 +295,7 @@ class FlaxControlNetModel(FlaxModelMixin, UNetEncoderConfig):
         return tuple(out[:-1]), out[-1]
 
     def _check_inputs(self, sample, context, cond) -> None:
-        """Fail before any compute on inputs that cannot fit this configuration."""
+        """Fail before any compute on inputs of `__call__` (NHWC by now) that cannot fit this configuration."""
         check_sample_and_context(self, sample, context)
         b, f, (hgt, wid) = sample.shape[0], self.cond_downscale, sample.shape[1:3]
         embedded = cond.shape[1:3]

@@ -756,11 +756,11 @@ class FlaxUNet2DConditionModel(FlaxModelMixin, UNetEncoderConfig):
             return None if x is None else jnp.transpose(x, (0, 2, 3, 1))
 
         down = down_block_additional_residuals
-        out = self.nhwc(
-            to_nhwc(sample), timesteps, encoder_hidden_states,
-            None if down is None else [to_nhwc(r) for r in down],
-            to_nhwc(mid_block_additional_residual), added_cond_kwargs, ip_hidden_states, ip_adapter_scale,
-        )
+        sample, mid = to_nhwc(sample), to_nhwc(mid_block_additional_residual)
+        down = None if down is None else [to_nhwc(r) for r in down]
+        self._check_inputs(sample, encoder_hidden_states, down, mid, ip_hidden_states, ip_adapter_scale)
+        out = self.nhwc(sample, timesteps, encoder_hidden_states, down, mid, added_cond_kwargs, ip_hidden_states,
+                        ip_adapter_scale)
         out = jnp.transpose(out, (0, 3, 1, 2))
         return FlaxUNet2DConditionOutput(sample=out) if return_dict else (out,)
 
@@ -787,11 +787,14 @@ class FlaxUNet2DConditionModel(FlaxModelMixin, UNetEncoderConfig):
         adapters' `to_k_ip_j` / `to_v_ip_j` (loaders/ip_adapter.py). ip_adapter_scale: broadcastable to
         [cross-attention layers, adapters] (`cross_attention_paths` order), default 1; an argument, so
         new scales do not recompile.
+
+        Its callers check their inputs (`__call__`, the pipelines' `inputs.build`): only shapes are asserted here.
         """
         rt, n = self.runtime, len(self.block_out_channels)
         batch = sample.shape[0]
         added = check_added_cond(self, added_cond_kwargs, batch)
-        self._check_inputs(sample, timesteps, encoder_hidden_states, down_residuals, mid_residual)
+        assert sample.shape[-1] == self.in_channels and encoder_hidden_states.shape[0] == batch, (
+            sample.shape, encoder_hidden_states.shape)
         context = encoder_hidden_states.astype(rt.dtype)
         ip = self._ip_tokens(ip_hidden_states, ip_adapter_scale, batch)
         ip_blocks = [path[0] for path in cross_attention_paths(self)]  # the block of each scale row
@@ -844,40 +847,16 @@ class FlaxUNet2DConditionModel(FlaxModelMixin, UNetEncoderConfig):
         return conv(self.out_channels, rt, k_out, padding=(k_out - 1) // 2, name="conv_out")(h)
 
     def _ip_tokens(self, hidden_states, scale, batch: int) -> Optional[IPAdapterTokens]:
-        """The IP-Adapter inputs checked and shaped: tokens [B, n, dim] each, scales [layers, adapters]."""
+        """The IP-Adapter inputs shaped: tokens [B, n, dim] each, scales [layers, adapters]."""
         if hidden_states is None:
-            if scale is not None:
-                raise ValueError("ip_adapter_scale was given without ip_hidden_states; pass both or neither.")
             return None
-        if isinstance(hidden_states, jax.Array) or not isinstance(hidden_states, Sequence) or not hidden_states:
-            raise TypeError("ip_hidden_states must be a list with one token array per IP-Adapter, as diffusers' "
-                            "image_embeds; wrap a single adapter's array in a list.")
-        paths = cross_attention_paths(self)
-        if not paths:
-            raise ValueError("ip_hidden_states was given, but this UNet has no cross-attention layers to use it.")
-        params = flax.traverse_util.flatten_dict(flax.core.unfreeze(self.variables.get("params", {})))
-        last = paths[0] + (f"to_k_ip_{len(hidden_states) - 1}", "kernel")
-        if not self.is_initializing() and last not in params:
-            raise ValueError(f"ip_hidden_states has {len(hidden_states)} arrays, but the params hold fewer "
-                             "IP-Adapters; add them with flax_inpaint.loaders.ip_adapter.load_ip_adapter.")
-        dim, layers = _at(self, "cross_attention_dim", 0), len(paths)
-        tokens = []
-        for j, t in enumerate(hidden_states):
-            if t.ndim not in (3, 4) or t.shape[0] != batch or t.shape[-1] != dim:
-                raise ValueError(f"ip_hidden_states[{j}] has shape {t.shape}; expected [{batch}, tokens, {dim}] "
-                                 f"or [{batch}, images, tokens, {dim}].")
-            tokens.append(t.reshape(batch, -1, dim))
-        shape = (layers, len(tokens))
+        dim, layers = _at(self, "cross_attention_dim", 0), len(cross_attention_paths(self))
+        tokens = tuple(t.reshape(batch, -1, dim) for t in hidden_states)
         scale = jnp.float32(1.0) if scale is None else jnp.asarray(scale, jnp.float32)
-        try:
-            scale = jnp.broadcast_to(scale, shape)
-        except ValueError:
-            raise ValueError(f"ip_adapter_scale has shape {scale.shape}; expected one broadcastable to "
-                             f"[cross-attention layers, adapters] = {list(shape)}.") from None
-        return IPAdapterTokens(tuple(tokens), scale)
+        return IPAdapterTokens(tokens, jnp.broadcast_to(scale, (layers, len(tokens))))
 
-    def _check_inputs(self, sample, timesteps, context, down_residuals, mid_residual) -> None:
-        """Fail before any compute on inputs that cannot fit this configuration."""
+    def _check_inputs(self, sample, context, down_residuals, mid_residual, ip_hidden_states, ip_adapter_scale):
+        """Fail before any compute on inputs of `__call__` (NHWC by now) that cannot fit this configuration."""
         n = len(self.block_out_channels)
         check_sample_and_context(self, sample, context)
         if (down_residuals is None) != (mid_residual is None):
@@ -891,6 +870,39 @@ class FlaxUNet2DConditionModel(FlaxModelMixin, UNetEncoderConfig):
                 f"Got {len(down_residuals)} down-block residuals; this UNet has {skips} skip connections "
                 "(conv_in's, one per down-block layer, one per downsampler)."
             )
+        self._check_ip(ip_hidden_states, ip_adapter_scale, sample.shape[0])
+
+    def _check_ip(self, hidden_states, scale, batch: int) -> None:
+        """IP-Adapter tokens: one [B, tokens, dim] (or [B, images, tokens, dim]) array per adapter the params
+        hold, and scales broadcastable to [cross-attention layers, adapters]."""
+        if hidden_states is None:
+            if scale is not None:
+                raise ValueError("ip_adapter_scale was given without ip_hidden_states; pass both or neither.")
+            return
+        if isinstance(hidden_states, jax.Array) or not isinstance(hidden_states, Sequence) or not hidden_states:
+            raise TypeError("ip_hidden_states must be a list with one token array per IP-Adapter, as diffusers' "
+                            "image_embeds; wrap a single adapter's array in a list.")
+        paths = cross_attention_paths(self)
+        if not paths:
+            raise ValueError("ip_hidden_states was given, but this UNet has no cross-attention layers to use it.")
+        params = flax.traverse_util.flatten_dict(flax.core.unfreeze(self.variables.get("params", {})))
+        last = paths[0] + (f"to_k_ip_{len(hidden_states) - 1}", "kernel")
+        if not self.is_initializing() and last not in params:
+            raise ValueError(f"ip_hidden_states has {len(hidden_states)} arrays, but the params hold fewer "
+                             "IP-Adapters; add them with flax_inpaint.loaders.ip_adapter.load_ip_adapter.")
+        dim = _at(self, "cross_attention_dim", 0)
+        for j, t in enumerate(hidden_states):
+            if t.ndim not in (3, 4) or t.shape[0] != batch or t.shape[-1] != dim:
+                raise ValueError(f"ip_hidden_states[{j}] has shape {t.shape}; expected [{batch}, tokens, {dim}] "
+                                 f"or [{batch}, images, tokens, {dim}].")
+        shape = (len(paths), len(hidden_states))
+        try:
+            fits = scale is None or np.broadcast_shapes(np.shape(scale), shape) == shape
+        except ValueError:
+            fits = False
+        if not fits:
+            raise ValueError(f"ip_adapter_scale has shape {np.shape(scale)}; expected one broadcastable to "
+                             f"[cross-attention layers, adapters] = {list(shape)}.")
 
 
 def check_sample_and_context(cfg: UNetEncoderConfig, sample: jax.Array, context: jax.Array) -> None:

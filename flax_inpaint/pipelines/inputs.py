@@ -59,14 +59,15 @@ def build(pipe, jit: bool, *, prompt_ids, num_inference_steps: int, guidance_sca
           controlnet_conditioning_scale=1.0, control_guidance_start=0.0, control_guidance_end=1.0,
           guess_mode: bool = False, ip_adapter_image=None, ip_adapter_image_embeds=None, inpainting: bool = False,
           image_required: bool = False, control_name: str = "control_image", denoising_start: Optional[float] = None,
-          denoising_end: Optional[float] = None, **sdxl) -> Prepared:
+          denoising_end: Optional[float] = None, params=None, **sdxl) -> Prepared:
     """Check every input of a pipeline call against the pipeline's components and each other.
 
     `inpainting`: mask and masked_image (or masked_image_latents) are inputs; `image_required`: `image`
     (img2img) must be given; `noise` is img2img's name for `latents`; `control_name` is what the
     pipeline calls its control images (the ControlNet text-to-image pipeline: "image"). `denoising_start` /
     `denoising_end` (SDXL's "ensemble of experts") start / end the loop at a fraction of the schedule;
-    `sdxl`: the SDXL pipelines' pooled embeddings and size conditioning (see `_sdxl_fields`).
+    `sdxl`: the SDXL pipelines' pooled embeddings and size conditioning (see `_sdxl_fields`); `params`: the
+    call's params (an image prompt needs one IP-Adapter loaded in them per image).
     """
     spatial = _Spatial(height, width)
     if inpainting:
@@ -117,7 +118,7 @@ def build(pipe, jit: bool, *, prompt_ids, num_inference_steps: int, guidance_sca
         image=_nhwc(image), image_latents=_nhwc(image_latents), mask=_nhwc(mask), masked_image=_nhwc(masked_image),
         masked_image_latents=_nhwc(masked_image_latents), latents=_nhwc(latents),
         eta=np.float32(eta), **loop,
-        **_image_prompt(pipe, ip_adapter_image, ip_adapter_image_embeds, lead, opts.do_cfg),
+        **_image_prompt(pipe, params or {}, ip_adapter_image, ip_adapter_image_embeds, lead, opts.do_cfg),
     )
     if control_image is not None:
         batch, opts = _with_control(pipe, batch, opts, lead, control_name, control_image,
@@ -365,24 +366,30 @@ def _check_latents(pipe, name: str, latents, lead: tuple, opts: Options, per_pro
 
 # -- IP-Adapter image prompts --------------------------------------------------------------------
 
-def _image_prompt(pipe, ip_adapter_image, ip_adapter_image_embeds, lead: tuple, do_cfg: bool) -> dict:
+def _image_prompt(pipe, params, ip_adapter_image, ip_adapter_image_embeds, lead: tuple, do_cfg: bool) -> dict:
     """Batch fields of an IP-Adapter image prompt: reference images (a PIL image or HWC array per adapter,
     or a list of them for several images; diffusers' `ip_adapter_image`) or embeddings (diffusers'
-    `ip_adapter_image_embeds`: a list with one array per adapter, [negative; positive] halves with CFG)."""
+    `ip_adapter_image_embeds`: a list with one array per adapter, [negative; positive] halves with CFG),
+    one per IP-Adapter loaded in `params`."""
     if ip_adapter_image is not None and ip_adapter_image_embeds is not None:
         raise ValueError("Pass ip_adapter_image or ip_adapter_image_embeds, not both.")
+    if ip_adapter_image is None and ip_adapter_image_embeds is None:
+        return {}
+    if ip_adapter_image_embeds is not None and not isinstance(ip_adapter_image_embeds, (list, tuple)):
+        raise ValueError("ip_adapter_image_embeds must be a list with one array per IP-Adapter (as diffusers'); got "
+                         f"{type(ip_adapter_image_embeds).__name__}.")
+    given = ip_adapter_image_embeds if ip_adapter_image is None else (
+        ip_adapter_image if isinstance(ip_adapter_image, list) else [ip_adapter_image])
+    loaded = len(params.get("ip_adapter", {}).get("image_proj", ()))
+    if len(given) != loaded:
+        raise ValueError(f"{len(given)} IP-Adapter image prompts (ip_adapter_image / ip_adapter_image_embeds) "
+                         f"for {loaded} loaded IP-Adapters: pass one per adapter (pipe.load_ip_adapter).")
     if ip_adapter_image is not None:
         if pipe.image_encoder is None:
             raise ValueError("ip_adapter_image needs an image encoder: load a model folder with an image_encoder "
                              "folder, or from_pretrained(..., image_encoder=<its folder>); or pass "
                              "ip_adapter_image_embeds.")
-        per_adapter = ip_adapter_image if isinstance(ip_adapter_image, list) else [ip_adapter_image]
-        return {"ip_adapter_images": tuple(_reference_images(x, k) for k, x in enumerate(per_adapter))}
-    if ip_adapter_image_embeds is None:
-        return {}
-    if not isinstance(ip_adapter_image_embeds, (list, tuple)):
-        raise ValueError("ip_adapter_image_embeds must be a list with one array per IP-Adapter (as diffusers'); got "
-                         f"{type(ip_adapter_image_embeds).__name__}.")
+        return {"ip_adapter_images": tuple(_reference_images(x, k) for k, x in enumerate(given))}
     rows = int(np.prod(lead))
     pos, neg = [], []
     for k, e in enumerate(ip_adapter_image_embeds):

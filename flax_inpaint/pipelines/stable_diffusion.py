@@ -306,7 +306,7 @@ class FlaxDiffusionPipeline(FromSingleFileMixin, LoraLoaderMixin, TextualInversi
         run = {k: args.pop(k) for k in ("params", "prng_seed", "jit", "mesh", "return_dict")}
         hooks = CallHooks(**args.pop("hooks", {}))
         args["num_inference_steps"] = hooks.num_inference_steps(self.scheduler, args["num_inference_steps"])
-        prepared = build(self, run["jit"], **args, **self._inputs)
+        prepared = build(self, run["jit"], **args, **self._inputs, params=run["params"])
         return self._run(prepared, args["output_type"], hooks=hooks, **run)
 
     def _program_params(self, params):
@@ -319,7 +319,6 @@ class FlaxDiffusionPipeline(FromSingleFileMixin, LoraLoaderMixin, TextualInversi
         batch, opts = hooks.apply(self, batch, opts, params)
         params = self._program_params(params)
         comps = self._components()
-        image_prompt = batch.ip_adapter_images is not None or batch.ip_adapter_image_embeds is not None
         encoders = [n for n in ("text_encoder", "text_encoder_2") if getattr(self, n, None) is not None]
         needed = ["unet", "vae", "scheduler"] + encoders * (batch.prompt_ids is not None) \
             + ["safety_checker"] * (self.safety_checker is not None) \
@@ -329,12 +328,6 @@ class FlaxDiffusionPipeline(FromSingleFileMixin, LoraLoaderMixin, TextualInversi
             raise ValueError(f"params has no {missing}: a component passed to from_pretrained (or the constructor) as "
                              f"an object brings no params; set params[{missing[0]!r}] to its params (from its "
                              "from_pretrained), as with diffusers.")
-        if image_prompt:
-            given = batch.ip_adapter_images or batch.ip_adapter_image_embeds
-            loaded = len(params.get("ip_adapter", {}).get("image_proj", ()))
-            if len(given) != loaded:
-                raise ValueError(f"{len(given)} IP-Adapter image prompts (ip_adapter_image / ip_adapter_image_embeds) "
-                                 f"for {loaded} loaded IP-Adapters: pass one per adapter (pipe.load_ip_adapter).")
         keys, mesh = call_layout(prng_seed, params, jit, mesh, lead)
         with hooks.session(batch, lead) as batch:  # host callbacks registered until the images are here
             if jit:  # the [devices, per_device] rows as one batch
@@ -362,11 +355,22 @@ def call_layout(prng_seed, params, jit: bool, mesh: Optional[Mesh], lead: tuple)
             raise ValueError(f"prng_seed must hold one key per device ({n}); got shape {np.shape(prng_seed)}. "
                              "Use jax.random.split(key, jax.local_device_count()).")
         _check_replicated(params, n)
-        return keys, Mesh(np.array(jax.local_devices()), ("devices",))
+        return keys, _pmap_mesh(params)
     if keys.shape[0] not in (1, lead[0]):
         raise ValueError(f"prng_seed has shape {np.shape(prng_seed)}; pass one key (jax.random.key(seed)) or "
                          f"one key per prompt, e.g. jax.random.split(key, {lead[0]}) (this process's rows).")
     return keys, mesh or Mesh(np.array(jax.devices()[:1]), ("data",))
+
+
+def _pmap_mesh(params) -> Mesh:
+    """The mesh of a jit=True call: the one `params` were replicated over where that is a 1-D mesh of the local
+    devices in order (flax's `replicate`), so they are used where they lie instead of placed again every call;
+    else a new mesh over the local devices."""
+    devices = jax.local_devices()
+    mesh = getattr(getattr(jax.tree_util.tree_leaves(params)[0], "sharding", None), "mesh", None)
+    if isinstance(mesh, Mesh) and mesh.devices.ndim == 1 and list(mesh.devices) == devices:
+        return mesh
+    return Mesh(np.array(devices), ("devices",))
 
 
 def merge_devices(x) -> np.ndarray:
@@ -561,6 +565,8 @@ class FlaxStableDiffusionInpaintPipeline(FlaxDiffusionPipeline):
 
 def _check_replicated(params, n: int):
     """With jit=True every params leaf needs a leading axis of `n` copies (flax.jax_utils.replicate)."""
+    if all(np.shape(leaf)[:1] == (n,) for leaf in jax.tree_util.tree_leaves(params)):
+        return
     for path, leaf in jax.tree_util.tree_leaves_with_path(params):
         if np.shape(leaf)[:1] != (n,):
             raise ValueError(

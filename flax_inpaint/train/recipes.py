@@ -100,12 +100,28 @@ def vae_loss(vae: FlaxAutoencoderKL, params, frozen, batch: Batch, key: jax.Arra
     return rec + KL_WEIGHT * kl, {"rec": rec, "kl": kl}
 
 
+# Jitted at module level with the model static (linen modules compare by config): a resumed or later stage
+# reuses the program an earlier one compiled for the same VAE and shapes.
+@functools.partial(jax.jit, static_argnums=0)
+def _posterior_sample(vae: FlaxAutoencoderKL, params, images: jax.Array, key: jax.Array) -> jax.Array:
+    return vae.apply({"params": params}, images, method=vae.encode).latent_dist.sample(key)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _posterior_moments(vae: FlaxAutoencoderKL, params, images: jax.Array, masks: jax.Array):
+    """(mean, std) of the posteriors of `images` and of `images * (masks < 0.5)`, NHWC."""
+    def posterior(x):
+        dist = vae.apply({"params": params}, x, method=vae.encode).latent_dist
+        return dist.mean, dist.std
+
+    return (*posterior(images), *posterior(images * (masks < 0.5)))
+
+
 def latent_scaling_factor(vae: FlaxAutoencoderKL, params, seed: int, batches: int = 4) -> float:
     """1 / std of the posterior samples over a few batches, so scaled latents have unit variance
     (how Stable Diffusion's 0.18215 was chosen)."""
-    draw = jax.jit(lambda p, x, k: vae.apply({"params": p}, x, method=vae.encode).latent_dist.sample(k))
     make = vae_batches(seed + 1, 64)
-    samples = [np.asarray(draw(params, make(i)["image"], jax.random.key(i))) for i in range(batches)]
+    samples = [np.asarray(_posterior_sample(vae, params, make(i)["image"], jax.random.key(i))) for i in range(batches)]
     return float(1.0 / np.std(np.concatenate(samples)))
 
 
@@ -163,20 +179,11 @@ def encode_scenes(vae: FlaxAutoencoderKL, vae_params, seed: int, n: int, task: s
     The losses sample both posteriors afresh each step.
     """
     factor = vae.downscale
-
-    @jax.jit
-    def moments(params, images, masks):
-        def posterior(x):
-            dist = vae.apply({"params": params}, x, method=vae.encode).latent_dist
-            return dist.mean, dist.std  # NHWC
-
-        return (*posterior(images), *posterior(images * (masks < 0.5)))
-
     parts: Dict[str, list] = {}
     for start in range(0, n, chunk):
         scenes, masks = _scenes_and_masks(_rng(seed, start, 1), chunk, task)
         images = np.transpose(scenes.images * 2 - 1, (0, 3, 1, 2))
-        stats = moments(vae_params, images, masks[:, None])
+        stats = _posterior_moments(vae, vae_params, images, masks[:, None])
         arrays = dict(zip(("mean", "std", "masked_mean", "masked_std"), map(np.asarray, stats)))
         arrays.update(mask=masks[:, ::factor, ::factor, None], caption=np.asarray(scenes.captions))
         if task == "controlnet":
