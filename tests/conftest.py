@@ -19,6 +19,19 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("FLAX_INPAINT_CACHE", str(tmp_path_factory.mktemp("flax_cache")))
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """After each test file, drop JAX's caches of compiled programs: a worker runs hundreds of files, and
+    keeping every file's executables (and their LLVM state) alive only grows its memory."""
+    yield
+    import gc
+
+    import jax
+
+    jax.clear_caches()
+    gc.collect()
+
+
 def pytest_configure(config):
     try:
         import torch
