@@ -155,6 +155,22 @@ def test_prompt_embeds_match_diffusers(sdxl):
     check(out, ref, (1, SIZE, SIZE, 3))
 
 
+def test_clip_skip_and_eta_match_diffusers(sdxl):
+    """clip_skip=1 takes both encoders' hidden states one layer earlier (the negatives stay at the penultimate
+    layer, as diffusers encodes them); eta is accepted and unused by Euler, as in diffusers."""
+    latents = noise(1, seed=4)
+    with torch.no_grad():
+        ref = sdxl.torch["base"]("a red cat", negative_prompt="ca", height=SIZE, width=SIZE, latents=latents,
+                                 num_inference_steps=2, clip_skip=1, eta=0.5, output_type="np").images
+    pipe, params = sdxl.ours["base"]
+    out = pipe.text2img("a red cat", params, jax.random.key(0), negative_prompt="ca", height=SIZE, width=SIZE,
+                        latents=latents.numpy(), num_inference_steps=2, clip_skip=1, eta=0.5, output_type="np").images
+    check(out, ref, (1, SIZE, SIZE, 3))
+    plain = pipe.text2img("a red cat", params, jax.random.key(0), negative_prompt="ca", height=SIZE, width=SIZE,
+                          latents=latents.numpy(), num_inference_steps=2, output_type="np").images
+    assert np.abs(np.asarray(plain) - np.asarray(out)).max() > 1e-3  # the earlier layer really is used
+
+
 INPAINT_CASES = {  # pipeline, strength, negative prompt, denoising_end
     "9ch": ("inpaint", 1.0, None, None),
     "9ch_strength": ("inpaint", 0.6, "blurry", None),
