@@ -19,7 +19,6 @@ on which other images share its batch (or its device, when sharded).
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +33,7 @@ from jax.sharding import Mesh
 from flax_inpaint.diffusers_compat import BaseOutput, FrozenConfig
 from flax_inpaint.io import read_config, resolve_folder, write_bytes_atomic
 from flax_inpaint.pipelines import callbacks, loading
-from flax_inpaint.pipelines.inputs import batch_dims, check_ids
+from flax_inpaint.pipelines.inputs import batch_dims, check_ids, takes_eta
 from flax_inpaint.pipelines.sampling import decode_latents, encode_image, encode_text, in_groups, place
 from flax_inpaint.pipelines.stable_diffusion import (
     FlaxDiffusionPipeline,
@@ -700,11 +699,10 @@ class FlaxStableDiffusionDiffEditPipeline(FlaxDiffusionPipeline):
         if mask.min() < 0 or mask.max() > 1:
             raise ValueError("mask_image must lie in [0, 1].")
         mask = np.broadcast_to((mask >= 0.5).astype(np.float32), lead + mask.shape[k:])
-        takes_eta = "eta" in inspect.signature(self.scheduler.step).parameters
         host = callbacks.make_host_callbacks(callback, callback_steps, n if progress else None,
                                              self._progress_bar_config, host_callbacks)
         opts = DiffEditOptions(steps, do_cfg, num_iterations=n, decode=output_type != "latent",
-                               scheduler_takes_eta=takes_eta, **callbacks.host_switches(host))
+                               scheduler_takes_eta=takes_eta(type(self.scheduler)), **callbacks.host_switches(host))
         begin = begin_index_for_strength(steps, inpaint_strength, self.scheduler.order)
         wide = dict(guidance_scale=np.float32(guidance_scale), begin_index=np.int32(begin), eta=np.float32(eta))
         with callbacks.host_session(lead, host) as ids:  # until the program is done

@@ -196,8 +196,14 @@ def _options(pipe, num_inference_steps, height, width, guidance_scale, output_ty
         do_cfg=bool(np.any(np.asarray(guidance_scale) > 1.0)),
         output_type="latent" if output_type == "latent" else "np",
         clip_skip=clip_skip, num_images_per_prompt=num_images_per_prompt,
-        scheduler_takes_eta="eta" in inspect.signature(pipe.scheduler.step).parameters,
+        scheduler_takes_eta=takes_eta(type(pipe.scheduler)),
     )
+
+
+@functools.lru_cache(maxsize=None)
+def takes_eta(scheduler_class: type) -> bool:
+    """Whether a scheduler's `step` takes `eta` (DDIM): read once per class, not per call (~0.1 ms)."""
+    return "eta" in inspect.signature(scheduler_class.step).parameters
 
 
 def batch_dims(pipe, prompt_ids, prompt_embeds, jit: bool, ids_ndim: int = 1) -> tuple:

@@ -2,8 +2,8 @@
 
 Every pipeline's `__call__` hands its arguments to `inputs.build` (checked once, into a `Batch`), then
 `sampling.run`, the one execution path: `jax.jit` of the sampling program over a device mesh.
-  * `jit=False`: a mesh of one device; `mesh=Mesh(...)`: global arrays sharded along the mesh's data
-    axis (multi-host);
+  * `jit=False`: one device (the params'), no mesh; `mesh=Mesh(...)`: global arrays sharded along the
+    mesh's data axis (multi-host);
   * `jit=True`: diffusers' pmap calling convention (inputs [devices, per_device, ...], replicated
     params, one key per device), adapted onto a mesh over the local devices: rows merged, params
     used where each device holds its copy, outputs split back to [devices, per_device, ...]; each
@@ -343,7 +343,8 @@ class FlaxDiffusionPipeline(FromSingleFileMixin, LoraLoaderMixin, TextualInversi
         return FlaxStableDiffusionPipelineOutput(images, nsfw) if return_dict else (images, nsfw)
 
 
-def call_layout(prng_seed, params, jit: bool, mesh: Optional[Mesh], lead: tuple) -> Tuple[jax.Array, Mesh]:
+def call_layout(prng_seed, params, jit: bool, mesh: Optional[Mesh],
+                lead: tuple) -> Tuple[jax.Array, Optional[Mesh]]:
     """A call's keys and mesh (see the module docstring), its `prng_seed` and `params` checked against
     `jit` and `lead`, the batch dims of its inputs."""
     if jit and mesh is not None:
@@ -359,7 +360,7 @@ def call_layout(prng_seed, params, jit: bool, mesh: Optional[Mesh], lead: tuple)
     if keys.shape[0] not in (1, lead[0]):
         raise ValueError(f"prng_seed has shape {np.shape(prng_seed)}; pass one key (jax.random.key(seed)) or "
                          f"one key per prompt, e.g. jax.random.split(key, {lead[0]}) (this process's rows).")
-    return keys, mesh or Mesh(np.array(jax.devices()[:1]), ("data",))
+    return keys, mesh
 
 
 def _pmap_mesh(params) -> Mesh:
@@ -391,8 +392,10 @@ def _is_typed(prng_seed) -> bool:
 
 def _keys(prng_seed) -> jax.Array:
     """`prng_seed` as typed keys [K]: one key (typed, or raw jax.random.PRNGKey data) or a batch of them."""
-    keys = prng_seed if _is_typed(prng_seed) else jax.random.wrap_key_data(np.asarray(prng_seed))
-    return keys.reshape(-1) if keys.ndim == 0 else keys
+    if _is_typed(prng_seed):
+        return prng_seed.reshape(-1) if prng_seed.ndim == 0 else prng_seed
+    data = np.asarray(prng_seed)  # one eager op (the wrap), not two: each costs ~0.1 ms a call
+    return jax.random.wrap_key_data(data[None] if data.ndim == 1 else data)
 
 
 def pipeline_class(name: str) -> type:
