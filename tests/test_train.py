@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -172,11 +173,22 @@ def test_recipes_train_resume_and_export_loadable_folders(tmp_path):
     jax.tree_util.tree_map(np.testing.assert_array_equal, plain_params["text_encoder"], params["text_encoder"])
 
 
-def test_txt2img_unet_starts_as_the_inpainting_unet_on_its_latent_channels():
+@pytest.fixture(scope="module")
+def tiny_unet():
+    """The 9-channel TINY_UNET with random params drawn on the host (N(0, 1 / fan_in)): the two tests below
+    hold for any weights, and `init_weights` would compile a ~1100-kernel program (~20 s of CPU) per call
+    just to draw them."""
+    unet = FlaxUNet2DConditionModel.from_config(TINY_UNET)
+    rng = np.random.default_rng(0)
+    flat = {path: (rng.standard_normal(s.shape) / np.sqrt(np.prod(s.shape[:-1]))).astype(s.dtype)
+            for path, s in unet.param_shapes().items()}
+    return unet, flax.traverse_util.unflatten_dict(flat)
+
+
+def test_txt2img_unet_starts_as_the_inpainting_unet_on_its_latent_channels(tiny_unet):
     """unet_from_inpaint drops conv_in's mask and masked-image rows: on inputs whose extra channels
     are zero the two UNets agree exactly."""
-    unet = FlaxUNet2DConditionModel.from_config(TINY_UNET)
-    params = unet.init_weights(jax.random.key(0))
+    unet, params = tiny_unet
     plain, plain_params = recipes.unet_from_inpaint(unet, params)
     x = jax.random.normal(jax.random.key(1), (2, 16, 16, 4))
     context = jax.random.normal(jax.random.key(2), (2, 5, TINY_UNET["cross_attention_dim"]))
@@ -188,13 +200,10 @@ def test_txt2img_unet_starts_as_the_inpainting_unet_on_its_latent_channels():
     np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-6)  # the dropped rows multiplied zeros
 
 
-def test_controlnet_starts_as_the_unets_encoder_and_changes_nothing():
+def test_controlnet_starts_as_the_unets_encoder_and_changes_nothing(tiny_unet):
     """Copied encoder (conv_in restricted to the latent channels) and zero convolutions: a fresh
     ControlNet's residuals are all zero, so the UNet's prediction is unchanged."""
-    from flax_inpaint.models.unet import FlaxUNet2DConditionModel
-
-    unet = FlaxUNet2DConditionModel.from_config(TINY_UNET)
-    unet_params = unet.init_weights(jax.random.key(0))
+    unet, unet_params = tiny_unet
     net, params = controlnet_from_unet(unet, unet_params, recipes.CONTROLNET_EMBEDDING, jax.random.key(1))
     np.testing.assert_array_equal(params["conv_in"]["kernel"], unet_params["conv_in"]["kernel"][:, :, :4])
     np.testing.assert_array_equal(params["down_blocks_1"]["attentions_0"]["proj_in"]["kernel"],

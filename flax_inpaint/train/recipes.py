@@ -36,7 +36,7 @@ from flax_inpaint.schedulers import FlaxDDIMScheduler
 from flax_inpaint.schedulers.common import make_alphas_cumprod
 from flax_inpaint.train import data
 from flax_inpaint.train.controlnet import controlnet_from_unet
-from flax_inpaint.train.loop import Batch, FitResult, TrainConfig, fit
+from flax_inpaint.train.loop import Batch, FitResult, TrainConfig, checkpoint_path, fit
 
 IMAGE_SIZE = 64
 LATENT_SIZE = IMAGE_SIZE // 4  # the VAE's three levels downsample twice
@@ -76,6 +76,14 @@ TXT2IMG_SCENES = 8192
 
 def _rng(seed: int, step: int, stream: int) -> np.random.Generator:
     return np.random.default_rng([seed, stream, step])
+
+
+def _init_unless_resuming(init: Callable[[], Any], out_dir: Path, name: str):
+    """`init()`, or zeros of its shapes when stage `name` resumes from its checkpoint in `out_dir`, which
+    `fit` restores over them: a resumed stage does not compile the random initialisation it would discard."""
+    if checkpoint_path(out_dir, name).is_file():
+        return jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), jax.eval_shape(init))
+    return init()
 
 
 # ----------------------------------------------------------------------------- VAE
@@ -131,7 +139,8 @@ def train_vae(out_dir: Path, config: TrainConfig = VAE_TRAINING, model_config: D
     (vae, params, FitResult)."""
     out_dir = Path(out_dir)
     vae = FlaxAutoencoderKL.from_config(model_config)
-    params = vae.init_weights(jax.random.key(config.seed))
+    params = _init_unless_resuming(lambda: vae.init_weights(jax.random.key(config.seed)), out_dir / "checkpoints",
+                                   "vae")
     result = fit("vae", functools.partial(vae_loss, vae), params, vae_batches(config.seed, config.batch_size),
                  config, out_dir / "checkpoints", progress=progress)
     vae = vae.clone(scaling_factor=latent_scaling_factor(vae, result.params, config.seed))
@@ -312,7 +321,9 @@ def train_inpaint(out_dir: Path, config: TrainConfig = INPAINT_TRAINING, scenes:
     )
     unet = FlaxUNet2DConditionModel.from_config(unet_config)
     key_unet, key_text = jax.random.split(jax.random.key(config.seed))
-    params = {"unet": unet.init_weights(key_unet), "text_encoder": text_encoder.init_weights(key_text)}
+    params = _init_unless_resuming(
+        lambda: {"unet": unet.init_weights(key_unet), "text_encoder": text_encoder.init_weights(key_text)},
+        out_dir / "checkpoints", "inpaint")
     frozen = {"alphas_cumprod": make_alphas_cumprod(ddim_scheduler())}
     models = Models(unet, text_encoder, vae)
     dataset = encode_scenes(vae, vae_params, config.seed, scenes)
