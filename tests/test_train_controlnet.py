@@ -457,11 +457,21 @@ def _argv(models_dir, data, out, *extra, base="base4"):
             "--seed", "5", "--report_to", "none", *extra]
 
 
-def _env(devices: int):
+@pytest.fixture(scope="module")
+def xla_cache(tmp_path_factory):
+    """A persistent compilation cache for this file's commands: a program that several runs compile alike
+    (the new ControlNet's init; the uninterrupted run's step again in the killed and in the resumed run) is
+    compiled once. The same program runs either way; only the compile time is saved. (The processes of a
+    2-process run cannot share theirs: on CPU each process's device topology enters the cache key.)"""
+    return tmp_path_factory.mktemp("xla_cache")
+
+
+def _env(devices: int, cache: Path):
     env = dict(os.environ)
     env["XLA_FLAGS"] = " ".join([f for f in env.get("XLA_FLAGS", "").split()
                                  if "device_count" not in f] + [f"--xla_force_host_platform_device_count={devices}"])
     env["PYTHONPATH"] = str(REPO)
+    env["JAX_COMPILATION_CACHE_DIR"] = str(cache)
     return env
 
 
@@ -474,7 +484,7 @@ def _params(folder: Path):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(models_dir, example_data, tmp_path_factory):
+def uninterrupted(models_dir, example_data, xla_cache, tmp_path_factory):
     """8 steps, 2 micro-batches each, on 4 devices, with validation and TensorBoard (in a subprocess
     with 4 fake devices, like the interrupted runs)."""
     out = tmp_path_factory.mktemp("uninterrupted") / "out"
@@ -483,7 +493,7 @@ def uninterrupted(models_dir, example_data, tmp_path_factory):
                  "--validation_prompt", "a red cat", "--validation_image",
                  str(example_data / "conditioning_images" / "0.png"), "--num_validation_images", "2")
     argv[argv.index("--report_to") + 1] = "tensorboard"
-    done = subprocess.run(_cmd(*argv), env=_env(4), capture_output=True, text=True, timeout=600)
+    done = subprocess.run(_cmd(*argv), env=_env(4, xla_cache), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return out, done
 
@@ -521,11 +531,11 @@ def test_the_command_writes_a_controlnet_that_diffusers_and_our_pipeline_load(un
     assert image.shape[-3:] == (32, 32, 3) and np.isfinite(image).all()
 
 
-def test_sigkill_and_resume_end_with_the_same_params(uninterrupted, models_dir, example_data, tmp_path):
+def test_sigkill_and_resume_end_with_the_same_params(uninterrupted, models_dir, example_data, xla_cache, tmp_path):
     out = tmp_path / "out"
     argv = _argv(models_dir, example_data, out, "--max_train_steps", "8", "--gradient_accumulation_steps", "2",
                  "--checkpointing_steps", "1")
-    proc = subprocess.Popen(_cmd(*argv), env=_env(4), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(_cmd(*argv), env=_env(4, xla_cache), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 300
         while not (out / "checkpoint-3").is_dir():
@@ -538,8 +548,8 @@ def test_sigkill_and_resume_end_with_the_same_params(uninterrupted, models_dir, 
     assert not (out / "config.json").exists()  # it was stopped before the end
     steps = [n for n, _ in tc.list_checkpoints(out)]
     assert 3 <= steps[-1] < 8
-    resumed = subprocess.run(_cmd(*argv, "--resume_from_checkpoint", "latest"), env=_env(4), capture_output=True,
-                             text=True, timeout=600)
+    resumed = subprocess.run(_cmd(*argv, "--resume_from_checkpoint", "latest"), env=_env(4, xla_cache),
+                             capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resuming {out / f'checkpoint-{steps[-1]}'}" in resumed.stderr
     expected, got = _params(uninterrupted[0]), _params(out)
@@ -553,7 +563,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_of_two_devices_train_like_one_of_four(models_dir, example_data, tmp_path):
+def test_two_processes_of_two_devices_train_like_one_of_four(models_dir, example_data, xla_cache, tmp_path):
     # adam_epsilon 1e-2: with 1e-8, Adam's m / sqrt(v) is the sign of a near-zero gradient, so the last-ulp
     # differences of the two all-reduce orders (below) become +-lr steps in a few of the 160k elements
     # (measured: 23 off by more than 1e-5 relative). With 1e-2 the update is ~ lr * g / eps and they stay ulps.
@@ -563,12 +573,12 @@ def test_two_processes_of_two_devices_train_like_one_of_four(models_dir, example
                   str(example_data / "conditioning_images" / "0.png"), "--num_validation_images", "1"]
     single = subprocess.Popen(_cmd(*_argv(models_dir, example_data, tmp_path / "one", *base, *validation,
                                           base="base9")),
-                              env=_env(4), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                              env=_env(4, xla_cache), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     port = _free_port()
     procs = [subprocess.Popen(_cmd(*_argv(models_dir, example_data, tmp_path / "two", *base, base="base9"),
                                    "--coordinator_address", f"localhost:{port}", "--num_processes", "2",
                                    "--process_id", str(i)),
-                              env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                              env=_env(2, xla_cache), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for i in range(2)]
     for p in [single, *procs]:
         _, err = p.communicate(timeout=600)
