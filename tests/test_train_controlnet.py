@@ -38,6 +38,7 @@ from flax_inpaint.train.loop import TrainState
 from tests import tiny_sd
 
 SIZE = 32  # pixels: the tiny VAE's factor 4 gives the tiny UNet's 8x8 latents
+BATCH = 4  # examples in the one-step tests' batch: the accumulation test's large batch (2 micro-batches of 2)
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -100,6 +101,13 @@ def _setup(folder: Path, controlnet_folder: Path, prediction_type="epsilon", snr
 
 def _draws(models, batch):
     return tc.draw(7, jnp.asarray(batch["position"]), (SIZE // 4, SIZE // 4, 4), 1000)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _loss_and_grads(models, params, frozen, batch, draws):
+    """The loss and the ControlNet's gradients, jitted once per (models, shapes): the fp32 base4 epsilon
+    program on a batch of BATCH is compiled once for the one-step, accumulation and bf16 tests."""
+    return jax.value_and_grad(functools.partial(tc.controlnet_loss, models))(params, frozen, batch, draws)
 
 
 def _rel(a, b) -> float:
@@ -169,11 +177,10 @@ def _torch_step(models_dir, base: str, batch, draws, prediction_type, snr_gamma)
 ])
 def test_one_step_equals_diffusers_train_controlnet_in_pytorch(models_dir, base, prediction_type, snr_gamma):
     models, params, frozen, tokenizer = _setup(models_dir[base], models_dir["controlnet"], prediction_type, snr_gamma)
-    batch = _batch(tokenizer, 3, masks=base == "base9")
+    batch = _batch(tokenizer, BATCH, masks=base == "base9")
     draws = _draws(models, batch)
-    assert len(set(np.asarray(draws.timesteps).tolist())) == 3
-    loss, grads = jax.jit(jax.value_and_grad(functools.partial(tc.controlnet_loss, models)))(
-        params, frozen, batch, draws)
+    assert len(set(np.asarray(draws.timesteps).tolist())) == BATCH
+    loss, grads = _loss_and_grads(models, params, frozen, batch, draws)
     ref_loss, ref_grads = _torch_step(models_dir, base, batch, draws, prediction_type, snr_gamma)
 
     # fp32 on both sides; the loss is a mean of ~1e3 squared errors, each a few ulps apart
@@ -193,27 +200,25 @@ def test_one_step_equals_diffusers_train_controlnet_in_pytorch(models_dir, base,
 
 def test_accumulating_k_micro_batches_equals_one_k_times_larger_batch(models_dir):
     models, params, frozen, tokenizer = _setup(models_dir["base4"], models_dir["controlnet"])
-    big = _batch(tokenizer, 6)
-    k = 3
-
-    def run(optimizer, batches):
-        state = TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
-        step = jax.jit(functools.partial(tc.train_step, models, optimizer, 7))
-        losses = []
-        for b in batches:
-            state, loss = step(state, frozen, b)
-            losses.append(float(loss))
-        return state.opt_state, losses
+    big = _batch(tokenizer, BATCH)
+    k = 2
+    # The large batch's loss and gradient with the draws train_step makes (seed 7), by the one-step tests' program.
+    big_loss, grad = _loss_and_grads(models, params, frozen, big, _draws(models, big))
 
     # An optimiser that keeps the gradient it is given as its state (and leaves the params alone):
     # the gradients themselves are compared, not params minus gradients rounded to the params' ulps.
     keep = optax.GradientTransformation(lambda p: jax.tree_util.tree_map(jnp.zeros_like, p),
                                         lambda g, state, params=None: (jax.tree_util.tree_map(jnp.zeros_like, g), g))
-    grad, (big_loss,) = run(keep, [big])
-    micro = [{key: v[i::k] for key, v in big.items()} for i in range(k)]  # rows 0,3 / 1,4 / 2,5
-    accumulated, losses = run(optax.MultiSteps(keep, k), micro)
+    optimizer = optax.MultiSteps(keep, k)
+    state = TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
+    step = jax.jit(functools.partial(tc.train_step, models, optimizer, 7))
+    losses = []
+    for i in range(k):  # rows 0,2 / 1,3
+        state, loss = step(state, frozen, {key: v[i::k] for key, v in big.items()})
+        losses.append(float(loss))
+    accumulated = state.opt_state
     assert int(accumulated.gradient_step) == 1  # the mean gradient was applied once, after k micro-batches
-    assert abs(np.mean(losses) - big_loss) <= 1e-5 * big_loss
+    assert abs(np.mean(losses) - float(big_loss)) <= 1e-5 * float(big_loss)
     pairs = zip(jax.tree_util.tree_leaves(accumulated.inner_opt_state), jax.tree_util.tree_leaves(grad))
     errors = [_rel(a, b) for a, b in pairs if np.any(b)]
     assert errors and max(errors) <= 1e-5
@@ -252,17 +257,17 @@ def test_gradient_checkpointing_remats_the_blocks_and_changes_nothing(models_dir
 
 
 def test_bf16_loss_is_within_1e_2_of_fp32(models_dir):
-    losses = []
-    for dtype in (jnp.float32, jnp.bfloat16):
-        models, params, frozen, tokenizer = _setup(models_dir["base4"], models_dir["controlnet"], dtype=dtype)
-        if dtype == jnp.bfloat16:  # what --mixed_precision bf16 does: bf16 compute and frozen weights
-            frozen = {k: tc._cast(v, jnp.bfloat16) if k != "alphas_cumprod" else v for k, v in frozen.items()}
-            assert models.unet.runtime.dtype == jnp.bfloat16
-            assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(params))  # fp32 master weights
-        batch = _batch(tokenizer, 4)
-        losses.append(float(jax.jit(functools.partial(tc.controlnet_loss, models))(
-            params, frozen, batch, _draws(models, batch))))
-    assert abs(losses[1] - losses[0]) <= 1e-2 * losses[0]
+    models, params, frozen, tokenizer = _setup(models_dir["base4"], models_dir["controlnet"])
+    batch = _batch(tokenizer, BATCH)
+    draws = _draws(models, batch)
+    fp32 = float(_loss_and_grads(models, params, frozen, batch, draws)[0])  # the one-step tests' program
+    models, params, frozen, _ = _setup(models_dir["base4"], models_dir["controlnet"], dtype=jnp.bfloat16)
+    # what --mixed_precision bf16 does: bf16 compute and frozen weights
+    frozen = {k: tc._cast(v, jnp.bfloat16) if k != "alphas_cumprod" else v for k, v in frozen.items()}
+    assert models.unet.runtime.dtype == jnp.bfloat16
+    assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(params))  # fp32 master weights
+    bf16 = float(jax.jit(functools.partial(tc.controlnet_loss, models))(params, frozen, batch, draws))
+    assert abs(bf16 - fp32) <= 1e-2 * fp32
 
 
 # ----------------------------------------------------------------------------- lr schedules
