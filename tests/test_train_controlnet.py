@@ -8,6 +8,7 @@ Tiny random models (tests/tiny_sd.py): VAE factor 4, so 32 px images give the UN
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import os
@@ -84,16 +85,13 @@ def _batch(tokenizer, n: int, seed: int = 0, masks: bool = False):
     return batch
 
 
-def _setup(folder: Path, controlnet_folder: Path, prediction_type="epsilon", snr_gamma=None, dtype=jnp.float32,
-           remat=False):
+def _setup(folder: Path, controlnet_folder: Path, prediction_type="epsilon", snr_gamma=None, dtype=jnp.float32):
     """Models, ControlNet params, frozen arrays and tokenizer. The ControlNet's params stay float32
     (master weights) below float64."""
     comps, params, _ = load_components(folder, dtype=dtype, param_dtype=dtype)
     net, net_params = FlaxControlNetModel.from_pretrained(controlnet_folder, dtype=dtype,
                                                           param_dtype=jnp.promote_types(dtype, jnp.float32))
-    rt = {"remat": remat}
-    models = tc.Models(tc._with_runtime(comps["unet"], **rt), comps["vae"], comps["text_encoder"],
-                       tc._with_runtime(net, **rt), prediction_type, snr_gamma)
+    models = tc.Models(comps["unet"], comps["vae"], comps["text_encoder"], net, prediction_type, snr_gamma)
     frozen = {k: params[k] for k in ("unet", "vae", "text_encoder")}
     frozen["alphas_cumprod"] = make_alphas_cumprod(comps["scheduler"])
     return models, net_params, frozen, comps["tokenizer"]
@@ -238,17 +236,17 @@ def test_gradient_checkpointing_remats_the_blocks_and_changes_nothing(models_dir
     tensor between two compilations of the same function (jit vs eager, measured), because remat's
     recomputation is fused differently and float32 sums over the batch and the image reassociate. In
     float64 that floor is ~1e-15, so what remains is whatever remat changes in the computation."""
-    batch = None
     grads = {}
     with _float64():
+        models, params, frozen, tokenizer = _setup(models_dir["base4"], models_dir["controlnet"], dtype=jnp.float64)
+        batch = _batch(tokenizer, 2)
+        args = (params, frozen, batch, _draws(models, batch))
         for remat in (False, True):
-            models, params, frozen, tokenizer = _setup(models_dir["base4"], models_dir["controlnet"],
-                                                       dtype=jnp.float64, remat=remat)
-            batch = batch or _batch(tokenizer, 2)
-            fn = jax.value_and_grad(functools.partial(tc.controlnet_loss, models))
-            args = (params, frozen, batch, _draws(models, batch))
-            assert ("remat" in str(jax.make_jaxpr(fn)(*args))) == remat
-            grads[remat] = jax.device_get(jax.jit(fn)(*args))
+            models = dataclasses.replace(models, unet=tc._with_runtime(models.unet, remat=remat),
+                                         controlnet=tc._with_runtime(models.controlnet, remat=remat))
+            traced = jax.jit(jax.value_and_grad(functools.partial(tc.controlnet_loss, models))).trace(*args)
+            assert ("remat" in str(traced.jaxpr)) == remat
+            grads[remat] = jax.device_get(traced.lower().compile()(*args))
     (loss, g), (loss_remat, g_remat) = grads[False], grads[True]
     assert all(x.dtype == np.float64 for x in jax.tree_util.tree_leaves(g))
     assert abs(float(loss_remat) - float(loss)) <= 1e-6 * abs(float(loss))
