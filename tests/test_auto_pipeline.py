@@ -27,6 +27,7 @@ from flax_inpaint import (
     FlaxStableDiffusionPipeline,
 )
 from flax_inpaint.io import CheckpointError
+from flax_inpaint.loaders import single_file as sf
 
 AUTOS = {"text2image": (FlaxAutoPipelineForText2Image, AutoPipelineForText2Image),
          "image2image": (FlaxAutoPipelineForImage2Image, AutoPipelineForImage2Image),
@@ -112,9 +113,9 @@ def test_errors(loaded):
         FlaxAutoPipelineForText2Image.pipeline_class_for("StableDiffusionDiffEditPipeline")
 
 
-def test_sdxl_family_and_single_files(tmp_path_factory):
+def test_sdxl_family_and_single_files(tmp_path_factory, monkeypatch):
     """An SDXL pipeline moves between tasks as diffusers' from_pipe moves its torch twin; from_single_file picks
-    the family from the file's tensors (SDXL or SD 1.x)."""
+    the family from the file's tensors (SDXL or SD 1.x), reading a pickle's tensors once."""
     import tiny_loaders as tl
 
     root = tmp_path_factory.mktemp("auto-sdxl")
@@ -126,8 +127,15 @@ def test_sdxl_family_and_single_files(tmp_path_factory):
         assert ours.unet is base.unet and ours.text_encoder_2 is base.text_encoder_2
     sdxl_file = tl.write_file(tl.sdxl_original_state(torch_base), root / "sdxl.safetensors")
     sd_folder, torch_sd = tl.make_sd(root, "sd1", in_channels=9)
-    sd_file = tl.write_file(tl.original_state(torch_sd, "sd1"), root / "sd1.safetensors")
+    sd_state = tl.original_state(torch_sd, "sd1")
+    sd_file = tl.write_file(sd_state, root / "sd1.safetensors")
+    ckpt = tl.write_file(sd_state, root / "sd1.ckpt")
+    converted = []
+    monkeypatch.setattr(sf, "_to_numpy", lambda v, f=sf._to_numpy: converted.append(1) or f(v))
     for path, config, name in ((sdxl_file, folder, "StableDiffusionXLInpaintPipeline"),
-                               (sd_file, sd_folder, "StableDiffusionInpaintPipeline")):
+                               (sd_file, sd_folder, "StableDiffusionInpaintPipeline"),
+                               (ckpt, sd_folder, "StableDiffusionInpaintPipeline")):
+        converted.clear()
         pipe, _ = FlaxAutoPipelineForInpainting.from_single_file(path, config=config)
         assert type(pipe).__name__ == "Flax" + name
+    assert len(converted) == len(sd_state)  # the pickle's family told from its names: each tensor read once

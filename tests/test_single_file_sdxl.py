@@ -160,11 +160,13 @@ SGM = {
                     num_classes="sequential"),
 }
 VAE_DDCONFIG = dict(ch=128, ch_mult=[1, 2, 4, 4], num_res_blocks=2, in_channels=3, out_ch=3, z_channels=4)
-# The released text encoders' configs (SDXL's text_encoder: CLIP ViT-L; text_encoder_2: OpenCLIP ViT-bigG).
+# The released text encoders' configs (SDXL's text_encoder: CLIP ViT-L; text_encoder_2: OpenCLIP ViT-bigG), with
+# their token ids (eos_token_id=2, written before transformers' fix: CLIP then pools at the highest token id).
+TOKEN_IDS = dict(bos_token_id=0, eos_token_id=2, pad_token_id=1)
 CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
-              hidden_act="quick_gelu")
+              hidden_act="quick_gelu", **TOKEN_IDS)
 BIGG = dict(hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32, hidden_act="gelu",
-            projection_dim=1280)
+            projection_dim=1280, **TOKEN_IDS)
 
 
 def zero_state(model_class, config, prefix, layout_kind, component, keep=lambda k: True):

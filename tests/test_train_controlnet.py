@@ -8,6 +8,7 @@ Tiny random models (tests/tiny_sd.py): VAE factor 4, so 32 px images give the UN
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import os
@@ -38,6 +39,7 @@ from flax_inpaint.train.loop import TrainState
 from tests import tiny_sd
 
 SIZE = 32  # pixels: the tiny VAE's factor 4 gives the tiny UNet's 8x8 latents
+BATCH = 4  # examples in the one-step tests' batch: the accumulation test's large batch (2 micro-batches of 2)
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -83,16 +85,13 @@ def _batch(tokenizer, n: int, seed: int = 0, masks: bool = False):
     return batch
 
 
-def _setup(folder: Path, controlnet_folder: Path, prediction_type="epsilon", snr_gamma=None, dtype=jnp.float32,
-           remat=False):
+def _setup(folder: Path, controlnet_folder: Path, prediction_type="epsilon", snr_gamma=None, dtype=jnp.float32):
     """Models, ControlNet params, frozen arrays and tokenizer. The ControlNet's params stay float32
     (master weights) below float64."""
     comps, params, _ = load_components(folder, dtype=dtype, param_dtype=dtype)
     net, net_params = FlaxControlNetModel.from_pretrained(controlnet_folder, dtype=dtype,
                                                           param_dtype=jnp.promote_types(dtype, jnp.float32))
-    rt = {"remat": remat}
-    models = tc.Models(tc._with_runtime(comps["unet"], **rt), comps["vae"], comps["text_encoder"],
-                       tc._with_runtime(net, **rt), prediction_type, snr_gamma)
+    models = tc.Models(comps["unet"], comps["vae"], comps["text_encoder"], net, prediction_type, snr_gamma)
     frozen = {k: params[k] for k in ("unet", "vae", "text_encoder")}
     frozen["alphas_cumprod"] = make_alphas_cumprod(comps["scheduler"])
     return models, net_params, frozen, comps["tokenizer"]
@@ -100,6 +99,13 @@ def _setup(folder: Path, controlnet_folder: Path, prediction_type="epsilon", snr
 
 def _draws(models, batch):
     return tc.draw(7, jnp.asarray(batch["position"]), (SIZE // 4, SIZE // 4, 4), 1000)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _loss_and_grads(models, params, frozen, batch, draws):
+    """The loss and the ControlNet's gradients, jitted once per (models, shapes): the fp32 base4 epsilon
+    program on a batch of BATCH is compiled once for the one-step, accumulation and bf16 tests."""
+    return jax.value_and_grad(functools.partial(tc.controlnet_loss, models))(params, frozen, batch, draws)
 
 
 def _rel(a, b) -> float:
@@ -169,11 +175,10 @@ def _torch_step(models_dir, base: str, batch, draws, prediction_type, snr_gamma)
 ])
 def test_one_step_equals_diffusers_train_controlnet_in_pytorch(models_dir, base, prediction_type, snr_gamma):
     models, params, frozen, tokenizer = _setup(models_dir[base], models_dir["controlnet"], prediction_type, snr_gamma)
-    batch = _batch(tokenizer, 3, masks=base == "base9")
+    batch = _batch(tokenizer, BATCH, masks=base == "base9")
     draws = _draws(models, batch)
-    assert len(set(np.asarray(draws.timesteps).tolist())) == 3
-    loss, grads = jax.jit(jax.value_and_grad(functools.partial(tc.controlnet_loss, models)))(
-        params, frozen, batch, draws)
+    assert len(set(np.asarray(draws.timesteps).tolist())) == BATCH
+    loss, grads = _loss_and_grads(models, params, frozen, batch, draws)
     ref_loss, ref_grads = _torch_step(models_dir, base, batch, draws, prediction_type, snr_gamma)
 
     # fp32 on both sides; the loss is a mean of ~1e3 squared errors, each a few ulps apart
@@ -193,27 +198,25 @@ def test_one_step_equals_diffusers_train_controlnet_in_pytorch(models_dir, base,
 
 def test_accumulating_k_micro_batches_equals_one_k_times_larger_batch(models_dir):
     models, params, frozen, tokenizer = _setup(models_dir["base4"], models_dir["controlnet"])
-    big = _batch(tokenizer, 6)
-    k = 3
-
-    def run(optimizer, batches):
-        state = TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
-        step = jax.jit(functools.partial(tc.train_step, models, optimizer, 7))
-        losses = []
-        for b in batches:
-            state, loss = step(state, frozen, b)
-            losses.append(float(loss))
-        return state.opt_state, losses
+    big = _batch(tokenizer, BATCH)
+    k = 2
+    # The large batch's loss and gradient with the draws train_step makes (seed 7), by the one-step tests' program.
+    big_loss, grad = _loss_and_grads(models, params, frozen, big, _draws(models, big))
 
     # An optimiser that keeps the gradient it is given as its state (and leaves the params alone):
     # the gradients themselves are compared, not params minus gradients rounded to the params' ulps.
     keep = optax.GradientTransformation(lambda p: jax.tree_util.tree_map(jnp.zeros_like, p),
                                         lambda g, state, params=None: (jax.tree_util.tree_map(jnp.zeros_like, g), g))
-    grad, (big_loss,) = run(keep, [big])
-    micro = [{key: v[i::k] for key, v in big.items()} for i in range(k)]  # rows 0,3 / 1,4 / 2,5
-    accumulated, losses = run(optax.MultiSteps(keep, k), micro)
+    optimizer = optax.MultiSteps(keep, k)
+    state = TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
+    step = jax.jit(functools.partial(tc.train_step, models, optimizer, 7))
+    losses = []
+    for i in range(k):  # rows 0,2 / 1,3
+        state, loss = step(state, frozen, {key: v[i::k] for key, v in big.items()})
+        losses.append(float(loss))
+    accumulated = state.opt_state
     assert int(accumulated.gradient_step) == 1  # the mean gradient was applied once, after k micro-batches
-    assert abs(np.mean(losses) - big_loss) <= 1e-5 * big_loss
+    assert abs(np.mean(losses) - float(big_loss)) <= 1e-5 * float(big_loss)
     pairs = zip(jax.tree_util.tree_leaves(accumulated.inner_opt_state), jax.tree_util.tree_leaves(grad))
     errors = [_rel(a, b) for a, b in pairs if np.any(b)]
     assert errors and max(errors) <= 1e-5
@@ -233,17 +236,17 @@ def test_gradient_checkpointing_remats_the_blocks_and_changes_nothing(models_dir
     tensor between two compilations of the same function (jit vs eager, measured), because remat's
     recomputation is fused differently and float32 sums over the batch and the image reassociate. In
     float64 that floor is ~1e-15, so what remains is whatever remat changes in the computation."""
-    batch = None
     grads = {}
     with _float64():
+        models, params, frozen, tokenizer = _setup(models_dir["base4"], models_dir["controlnet"], dtype=jnp.float64)
+        batch = _batch(tokenizer, 2)
+        args = (params, frozen, batch, _draws(models, batch))
         for remat in (False, True):
-            models, params, frozen, tokenizer = _setup(models_dir["base4"], models_dir["controlnet"],
-                                                       dtype=jnp.float64, remat=remat)
-            batch = batch or _batch(tokenizer, 2)
-            fn = jax.value_and_grad(functools.partial(tc.controlnet_loss, models))
-            args = (params, frozen, batch, _draws(models, batch))
-            assert ("remat" in str(jax.make_jaxpr(fn)(*args))) == remat
-            grads[remat] = jax.device_get(jax.jit(fn)(*args))
+            models = dataclasses.replace(models, unet=tc._with_runtime(models.unet, remat=remat),
+                                         controlnet=tc._with_runtime(models.controlnet, remat=remat))
+            traced = jax.jit(jax.value_and_grad(functools.partial(tc.controlnet_loss, models))).trace(*args)
+            assert ("remat" in str(traced.jaxpr)) == remat
+            grads[remat] = jax.device_get(traced.lower().compile()(*args))
     (loss, g), (loss_remat, g_remat) = grads[False], grads[True]
     assert all(x.dtype == np.float64 for x in jax.tree_util.tree_leaves(g))
     assert abs(float(loss_remat) - float(loss)) <= 1e-6 * abs(float(loss))
@@ -252,17 +255,17 @@ def test_gradient_checkpointing_remats_the_blocks_and_changes_nothing(models_dir
 
 
 def test_bf16_loss_is_within_1e_2_of_fp32(models_dir):
-    losses = []
-    for dtype in (jnp.float32, jnp.bfloat16):
-        models, params, frozen, tokenizer = _setup(models_dir["base4"], models_dir["controlnet"], dtype=dtype)
-        if dtype == jnp.bfloat16:  # what --mixed_precision bf16 does: bf16 compute and frozen weights
-            frozen = {k: tc._cast(v, jnp.bfloat16) if k != "alphas_cumprod" else v for k, v in frozen.items()}
-            assert models.unet.runtime.dtype == jnp.bfloat16
-            assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(params))  # fp32 master weights
-        batch = _batch(tokenizer, 4)
-        losses.append(float(jax.jit(functools.partial(tc.controlnet_loss, models))(
-            params, frozen, batch, _draws(models, batch))))
-    assert abs(losses[1] - losses[0]) <= 1e-2 * losses[0]
+    models, params, frozen, tokenizer = _setup(models_dir["base4"], models_dir["controlnet"])
+    batch = _batch(tokenizer, BATCH)
+    draws = _draws(models, batch)
+    fp32 = float(_loss_and_grads(models, params, frozen, batch, draws)[0])  # the one-step tests' program
+    models, params, frozen, _ = _setup(models_dir["base4"], models_dir["controlnet"], dtype=jnp.bfloat16)
+    # what --mixed_precision bf16 does: bf16 compute and frozen weights
+    frozen = {k: tc._cast(v, jnp.bfloat16) if k != "alphas_cumprod" else v for k, v in frozen.items()}
+    assert models.unet.runtime.dtype == jnp.bfloat16
+    assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(params))  # fp32 master weights
+    bf16 = float(jax.jit(functools.partial(tc.controlnet_loss, models))(params, frozen, batch, draws))
+    assert abs(bf16 - fp32) <= 1e-2 * fp32
 
 
 # ----------------------------------------------------------------------------- lr schedules
@@ -457,11 +460,21 @@ def _argv(models_dir, data, out, *extra, base="base4"):
             "--seed", "5", "--report_to", "none", *extra]
 
 
-def _env(devices: int):
+@pytest.fixture(scope="module")
+def xla_cache(tmp_path_factory):
+    """A persistent compilation cache for this file's commands: a program that several runs compile alike
+    (the new ControlNet's init; the uninterrupted run's step again in the killed and in the resumed run) is
+    compiled once. The same program runs either way; only the compile time is saved. (The processes of a
+    2-process run cannot share theirs: on CPU each process's device topology enters the cache key.)"""
+    return tmp_path_factory.mktemp("xla_cache")
+
+
+def _env(devices: int, cache: Path):
     env = dict(os.environ)
     env["XLA_FLAGS"] = " ".join([f for f in env.get("XLA_FLAGS", "").split()
                                  if "device_count" not in f] + [f"--xla_force_host_platform_device_count={devices}"])
     env["PYTHONPATH"] = str(REPO)
+    env["JAX_COMPILATION_CACHE_DIR"] = str(cache)
     return env
 
 
@@ -474,7 +487,7 @@ def _params(folder: Path):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(models_dir, example_data, tmp_path_factory):
+def uninterrupted(models_dir, example_data, xla_cache, tmp_path_factory):
     """8 steps, 2 micro-batches each, on 4 devices, with validation and TensorBoard (in a subprocess
     with 4 fake devices, like the interrupted runs)."""
     out = tmp_path_factory.mktemp("uninterrupted") / "out"
@@ -483,7 +496,7 @@ def uninterrupted(models_dir, example_data, tmp_path_factory):
                  "--validation_prompt", "a red cat", "--validation_image",
                  str(example_data / "conditioning_images" / "0.png"), "--num_validation_images", "2")
     argv[argv.index("--report_to") + 1] = "tensorboard"
-    done = subprocess.run(_cmd(*argv), env=_env(4), capture_output=True, text=True, timeout=600)
+    done = subprocess.run(_cmd(*argv), env=_env(4, xla_cache), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return out, done
 
@@ -521,11 +534,11 @@ def test_the_command_writes_a_controlnet_that_diffusers_and_our_pipeline_load(un
     assert image.shape[-3:] == (32, 32, 3) and np.isfinite(image).all()
 
 
-def test_sigkill_and_resume_end_with_the_same_params(uninterrupted, models_dir, example_data, tmp_path):
+def test_sigkill_and_resume_end_with_the_same_params(uninterrupted, models_dir, example_data, xla_cache, tmp_path):
     out = tmp_path / "out"
     argv = _argv(models_dir, example_data, out, "--max_train_steps", "8", "--gradient_accumulation_steps", "2",
                  "--checkpointing_steps", "1")
-    proc = subprocess.Popen(_cmd(*argv), env=_env(4), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(_cmd(*argv), env=_env(4, xla_cache), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 300
         while not (out / "checkpoint-3").is_dir():
@@ -538,8 +551,8 @@ def test_sigkill_and_resume_end_with_the_same_params(uninterrupted, models_dir, 
     assert not (out / "config.json").exists()  # it was stopped before the end
     steps = [n for n, _ in tc.list_checkpoints(out)]
     assert 3 <= steps[-1] < 8
-    resumed = subprocess.run(_cmd(*argv, "--resume_from_checkpoint", "latest"), env=_env(4), capture_output=True,
-                             text=True, timeout=600)
+    resumed = subprocess.run(_cmd(*argv, "--resume_from_checkpoint", "latest"), env=_env(4, xla_cache),
+                             capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resuming {out / f'checkpoint-{steps[-1]}'}" in resumed.stderr
     expected, got = _params(uninterrupted[0]), _params(out)
@@ -553,7 +566,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_of_two_devices_train_like_one_of_four(models_dir, example_data, tmp_path):
+def test_two_processes_of_two_devices_train_like_one_of_four(models_dir, example_data, xla_cache, tmp_path):
     # adam_epsilon 1e-2: with 1e-8, Adam's m / sqrt(v) is the sign of a near-zero gradient, so the last-ulp
     # differences of the two all-reduce orders (below) become +-lr steps in a few of the 160k elements
     # (measured: 23 off by more than 1e-5 relative). With 1e-2 the update is ~ lr * g / eps and they stay ulps.
@@ -563,12 +576,12 @@ def test_two_processes_of_two_devices_train_like_one_of_four(models_dir, example
                   str(example_data / "conditioning_images" / "0.png"), "--num_validation_images", "1"]
     single = subprocess.Popen(_cmd(*_argv(models_dir, example_data, tmp_path / "one", *base, *validation,
                                           base="base9")),
-                              env=_env(4), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                              env=_env(4, xla_cache), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     port = _free_port()
     procs = [subprocess.Popen(_cmd(*_argv(models_dir, example_data, tmp_path / "two", *base, base="base9"),
                                    "--coordinator_address", f"localhost:{port}", "--num_processes", "2",
                                    "--process_id", str(i)),
-                              env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                              env=_env(2, xla_cache), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for i in range(2)]
     for p in [single, *procs]:
         _, err = p.communicate(timeout=600)

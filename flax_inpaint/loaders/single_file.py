@@ -34,6 +34,7 @@ import inspect
 import json
 import os
 import re
+import zipfile
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -255,34 +256,63 @@ def read_checkpoint(source: Union[str, os.PathLike, Mapping[str, Any]]) -> Tuple
     if isinstance(source, Mapping):
         raw, name = source, "the state dict"
     else:
-        path = Path(source)
-        if not path.is_file():
-            raise CheckpointError(f"{str(source)!r} is not a file; pass the path of a .safetensors or .ckpt file.")
-        name = str(path)
+        path = _checked_file(source)
         if path.suffix == ".safetensors":
             return read_safetensors(path), {}
-        try:
-            import torch
-        except ImportError:
-            raise CheckpointError(f"{path.name} is a pickled PyTorch file; install torch to read it, or convert "
-                                  "it to .safetensors.") from None
-        try:
-            raw = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise CheckpointError(f"{path}: cannot be read safely with torch.load(weights_only=True) ({e}). "
-                                  "Re-save it as .safetensors.") from e
+        raw, name = _torch_load(path), str(path)
+    tensors, extras = _flatten(raw, name)
+    return {k: _to_numpy(v) for k, v in tensors.items()}, {k: _to_python(v) for k, v in extras.items()}
+
+
+def checkpoint_names(source: Union[str, os.PathLike]) -> set:
+    """The tensor names of a single file without reading their data where the format allows it: a
+    .safetensors header, a (zip-format) pickle memory-mapped; an old-format pickle is read whole."""
+    path = _checked_file(source)
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(path, "np") as f:
+            return set(f.keys())
+    return set(_flatten(_torch_load(path, mmap=True), str(path))[0])
+
+
+def _checked_file(source: Union[str, os.PathLike]) -> Path:
+    path = Path(source)
+    if not path.is_file():
+        raise CheckpointError(f"{str(source)!r} is not a file; pass the path of a .safetensors or .ckpt file.")
+    return path
+
+
+def _torch_load(path: Path, mmap: bool = False):
+    """A pickle through `torch.load(weights_only=True)`; `mmap`: tensors mapped, not read (zip-format files; an
+    old-format file, which cannot be mapped, is read)."""
+    try:
+        import torch
+    except ImportError:
+        raise CheckpointError(f"{path.name} is a pickled PyTorch file; install torch to read it, or convert "
+                              "it to .safetensors.") from None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
+    except Exception as e:
+        raise CheckpointError(f"{path}: cannot be read safely with torch.load(weights_only=True) ({e}). "
+                              "Re-save it as .safetensors.") from e
+
+
+def _flatten(raw, name: str) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """(tensors, other values) of a loaded state dict, unwrapped from "state_dict" wrappers, nested dicts
+    flattened to dotted keys."""
     extras: Dict[str, Any] = {}
     while isinstance(raw, Mapping) and isinstance(raw.get("state_dict"), Mapping):
         extras.update((k, v) for k, v in raw.items() if k != "state_dict")
         raw = raw["state_dict"]
-    tensors: StateDict = {}
+    tensors: Dict[str, Any] = {}
 
     def walk(tree, prefix=""):
         for key, value in tree.items():
             if isinstance(value, Mapping):
                 walk(value, f"{prefix}{key}.")
             elif hasattr(value, "shape") and hasattr(value, "dtype"):
-                tensors[f"{prefix}{key}"] = _to_numpy(value)
+                tensors[f"{prefix}{key}"] = value
             else:
                 extras[f"{prefix}{key}"] = value
 
@@ -291,7 +321,7 @@ def read_checkpoint(source: Union[str, os.PathLike, Mapping[str, Any]]) -> Tuple
     walk(raw)
     if not tensors:
         raise CheckpointError(f"{name} holds no tensors.")
-    return tensors, {k: _to_python(v) for k, v in extras.items()}
+    return tensors, extras
 
 
 def _to_numpy(value) -> np.ndarray:
@@ -573,7 +603,9 @@ def component_config(state: StateDict, layout: Layout, config: Optional[Union[st
     if defaults is None:
         raise CheckpointError(f"{source}: the {family.name} family has no {layout.component}; pass config= a local "
                               "diffusers folder of the same architecture.")
-    return {**defaults, **shape, "pad_token_id": 1, "bos_token_id": 49406, "eos_token_id": 49407}
+    # the token ids of the released text encoders' configs (SD1/2, SDXL): with eos_token_id=2 CLIP pools at the
+    # highest token id (transformers' rule for configs from before its fix), as diffusers' pipelines then do
+    return {**defaults, **shape, "pad_token_id": 1, "bos_token_id": 0, "eos_token_id": 2}
 
 
 def _summary(shape: Mapping[str, Any]) -> str:
@@ -854,16 +886,8 @@ def is_sdxl(state: StateDict, layouts: Mapping[str, Layout]) -> bool:
 
 
 def file_is_sdxl(source: Union[str, os.PathLike]) -> bool:
-    """Whether a single file holds an SDXL model (which pipeline family loads it): a .safetensors file from its
-    header alone, a pickle by reading it."""
-    path = Path(source)
-    if path.suffix == ".safetensors" and path.is_file():
-        from safetensors import safe_open
-
-        with safe_open(path, "np") as f:
-            names = set(f.keys())
-    else:
-        names = set(read_checkpoint(source)[0])
+    """Whether a single file holds an SDXL model (which pipeline family loads it), from its tensor names."""
+    names = checkpoint_names(source)
     return is_sdxl(names, find_layouts(names))
 
 

@@ -8,6 +8,7 @@ base before nn.Module.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import warnings
@@ -68,6 +69,13 @@ class PretrainedMixin:
         {"_class_name", "_diffusers_version", "_name_or_path", "_use_default_values",
          "transformers_version", "architectures", "torch_dtype", "dtype"}
     )
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, list) or (isinstance(value, tuple) and any(isinstance(v, list) for v in value)):
+                object.__setattr__(self, f.name, _frozen(value))  # before linen freezes the module
+        super().__post_init__()
 
     # -- config ---------------------------------------------------------------------------------
     @classmethod
@@ -131,11 +139,11 @@ class PretrainedMixin:
     # -- params ---------------------------------------------------------------------------------
     def init_weights(self, rng: jax.Array) -> Params:
         """Randomly initialised params (on the default device), in runtime.param_dtype."""
-        return jax.jit(lambda r: self.init(r, *self.dummy_inputs())["params"])(rng)
+        return _jitted_init(self)(rng)
 
     def param_shapes(self) -> Dict[Tuple[str, ...], jax.ShapeDtypeStruct]:
-        shapes = jax.eval_shape(lambda r: self.init(r, *self.dummy_inputs())["params"], jax.random.key(0))
-        return flax.traverse_util.flatten_dict(flax.core.unfreeze(shapes))
+        """{flat param path: shape and dtype} of this model (its config and runtime), traced once per model."""
+        return dict(_param_shapes(self))
 
     def convert_torch_state_dict(self, state: Mapping[str, np.ndarray]) -> Params:
         return convert_state_dict(state, self.param_shapes(), self.torch_rename)
@@ -273,6 +281,26 @@ class PretrainedMixin:
                 write_bytes_atomic(file, flax.serialization.msgpack_serialize(tree))
             else:
                 write_safetensors_atomic(file, tree)
+
+
+def _frozen(value: Any) -> Any:
+    """Lists (also nested ones, as config.json holds them) as tuples, so a module stays hashable."""
+    return tuple(_frozen(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+# Linen modules are frozen dataclasses, equal and hashed by their fields (the config and the runtime), so
+# these caches hold one entry per model definition: loading, converting, checking or initialising an
+# equal model again neither traces nor compiles. The compiled init programs are kept for a few models
+# only (a large model's is large); the shapes, small, for more.
+@functools.lru_cache(maxsize=8)
+def _jitted_init(model: PretrainedMixin):
+    return jax.jit(lambda rng: model.init(rng, *model.dummy_inputs())["params"])
+
+
+@functools.lru_cache(maxsize=128)
+def _param_shapes(model: PretrainedMixin) -> Dict[Tuple[str, ...], jax.ShapeDtypeStruct]:
+    shapes = jax.eval_shape(_jitted_init(model), jax.random.key(0))  # the trace init_weights reuses
+    return flax.traverse_util.flatten_dict(flax.core.unfreeze(shapes))
 
 
 class FlaxModelMixin(PretrainedMixin, ConfigMixin):

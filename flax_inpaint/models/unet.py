@@ -8,7 +8,6 @@ shared parts from either model.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any, Mapping, Optional, Sequence, Tuple, Union
 
@@ -337,11 +336,6 @@ ADDITION_EMBED_TYPES = (None, "text_time")
 PerBlock = Union[int, Tuple[Union[int, Tuple[int, ...]], ...]]
 
 
-def _frozen(value: Any) -> Any:
-    """Lists (also nested ones, as config.json holds them) as tuples, so a module stays hashable."""
-    return tuple(_frozen(v) for v in value) if isinstance(value, (list, tuple)) else value
-
-
 class UNetEncoderConfig(nn.Module):
     """The config keys of a UNet's encoder half, declared once for `FlaxUNet2DConditionModel` and
     `FlaxControlNetModel` (which inherit them): time and SDXL add-embeddings, conv_in, down blocks,
@@ -379,13 +373,6 @@ class UNetEncoderConfig(nn.Module):
     addition_time_embed_dim: Optional[int] = None
     projection_class_embeddings_input_dim: Optional[int] = None
     runtime: Runtime = Runtime()
-
-    def __post_init__(self):
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, list) or (isinstance(value, tuple) and any(isinstance(v, list) for v in value)):
-                object.__setattr__(self, f.name, _frozen(value))  # before linen freezes the module
-        super().__post_init__()
 
     @property
     def time_embed_dim(self) -> int:
