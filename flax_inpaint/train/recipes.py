@@ -378,16 +378,17 @@ def train_txt2img(out_dir: Path, config: TrainConfig = TXT2IMG_TRAINING, scenes:
 
 
 def train_controlnet(out_dir: Path, config: TrainConfig = CONTROLNET_TRAINING, scenes: int = CONTROLNET_SCENES,
-                     progress: bool = True):
+                     embedding_channels: Sequence[int] = CONTROLNET_EMBEDDING, progress: bool = True):
     """Train a ControlNet on fill-the-circle (outline -> filled circle in the prompted colour) on top
     of `out_dir/tiny-shapes-inpaint` (frozen) and save it to `out_dir/tiny-shapes-controlnet`;
-    returns (controlnet, params, FitResult)."""
+    returns (controlnet, params, FitResult). `embedding_channels`: the conditioning embedding's widths,
+    one more than the VAE's stride-2 downsamplings."""
     from flax_inpaint.pipelines import FlaxStableDiffusionInpaintPipeline
 
     out_dir = Path(out_dir)
     pipe, pipe_params = FlaxStableDiffusionInpaintPipeline.from_pretrained(
         out_dir / "tiny-shapes-inpaint", safety_checker=None)
-    controlnet, params = controlnet_from_unet(pipe.unet, pipe_params["unet"], CONTROLNET_EMBEDDING,
+    controlnet, params = controlnet_from_unet(pipe.unet, pipe_params["unet"], embedding_channels,
                                               jax.random.key(config.seed))
     models = Models(pipe.unet, pipe.text_encoder, pipe.vae, controlnet)
     frozen = {"unet": pipe_params["unet"], "text_encoder": pipe_params["text_encoder"],
