@@ -290,11 +290,14 @@ def _frozen(value: Any) -> Any:
 
 # Linen modules are frozen dataclasses, equal and hashed by their fields (the config and the runtime), so
 # these caches hold one entry per model definition: loading, converting, checking or initialising an
-# equal model again neither traces nor compiles. The compiled init programs are kept for a few models
-# only (a large model's is large); the shapes, small, for more.
+# equal model again neither traces nor compiles. The jitted inits, each holding its compiled program, are
+# kept for a few models; the shapes, small, for more.
 @functools.lru_cache(maxsize=8)
 def _jitted_init(model: PretrainedMixin):
-    return jax.jit(lambda rng: model.init(rng, *model.dummy_inputs())["params"])
+    def init_params(rng):
+        return model.init(rng, *model.dummy_inputs())["params"]
+
+    return jax.jit(init_params)
 
 
 @functools.lru_cache(maxsize=128)
