@@ -291,21 +291,10 @@ def build_scheduler(preset: Preset, name: str):
     return getattr(flax_inpaint, cls_name).from_config(preset.scheduler, **overrides)
 
 
-def init_weights(model, key):
-    """`model.init_weights(key)`. On a CPU the init program compiles at XLA's backend optimisation level 1:
-    2-3x less compile time than the default level (the tiny preset's three inits took 40 CPU seconds, most
-    of a run), and the same weights bit for bit on the tiny preset's models (level 1 keeps the fused
-    multiply-adds). Initialising runs once, so its slower code does not matter."""
-    if jax.default_backend() != "cpu":
-        return model.init_weights(key)
-    lowered = jax.jit(model.init_weights).lower(key)
-    return lowered.compile(compiler_options={"xla_backend_optimization_level": 1})(key)
-
-
 def init_params(models, key, abstract: bool = False):
     """{"unet", "vae", "text_encoder"} params in each model's param_dtype (shapes only if `abstract`)."""
     keys = jax.random.split(key, 3)
-    init = (lambda m, k: jax.eval_shape(m.init_weights, k)) if abstract else init_weights
+    init = (lambda m, k: jax.eval_shape(m.init_weights, k)) if abstract else (lambda m, k: m.init_weights(k))
     return {name: init(m, k) for name, m, k in zip(("unet", "vae", "text_encoder"), models, keys)}
 
 
@@ -671,7 +660,7 @@ def sdxl_vae_nan_check(args, preset: Preset, common):
     decoded: one record as the pipeline will run it (`upcasted()`: float32 activations, `force_upcast`) and
     one with half-precision activations (what an fp16-fix VAE, force_upcast=False, runs)."""
     vae = FlaxAutoencoderKL.from_config(preset.vae, runtime=runtime_for(args))
-    params = init_weights(vae, jax.random.key(args.seed))
+    params = vae.init_weights(jax.random.key(args.seed))
     image = jax.random.uniform(jax.random.key(args.seed + 1), (min(args.batch), 3, args.size, args.size),
                                minval=-1.0, maxval=1.0)
     for model in (vae.upcasted(), vae.clone(force_upcast=False)):
