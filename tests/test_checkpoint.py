@@ -158,8 +158,7 @@ TRACE_EVENT = "/jax/core/compile/jaxpr_trace_duration"
 
 def test_init_and_param_shapes_trace_and_compile_once_per_model():
     """Every conversion, load and check asks for param_shapes: an equal model (same config and runtime)
-    reuses the init that param_shapes traced, compiled once; another param_dtype is another model. On a
-    CPU that init compiles at a lower XLA optimisation level, which must not change the params."""
+    reuses the init that param_shapes traced, compiled once; another param_dtype is another model."""
     seen = []
 
     def listener(event, duration, fun_name="", **_):
@@ -173,19 +172,16 @@ def test_init_and_param_shapes_trace_and_compile_once_per_model():
         again = TinyNet(out_channels=12).init_weights(jax.random.key(1))
         assert TinyNet(out_channels=12).param_shapes() == shapes
         assert seen == [TRACE_EVENT, COMPILE_EVENT]
-        bf16 = TinyNet(out_channels=12, runtime=Runtime(param_dtype=jnp.bfloat16)).init_weights(jax.random.key(1))
-        assert seen[2:] == [TRACE_EVENT, COMPILE_EVENT]
+        bf16 = TinyNet(out_channels=12, runtime=Runtime(param_dtype=jnp.bfloat16)).param_shapes()
+        assert seen[2:] == [TRACE_EVENT]
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
+    assert {s.dtype for s in bf16.values()} == {jnp.dtype(jnp.bfloat16)} and bf16.keys() == shapes.keys()
     traced = jax.eval_shape(TinyNet(out_channels=12).init_weights, jax.random.key(1))  # inside another trace
     for tree in (first, traced):
         flat = flax.traverse_util.flatten_dict(tree)
         assert {k: (v.shape, v.dtype) for k, v in flat.items()} == {k: (s.shape, s.dtype) for k, s in shapes.items()}
     jax.tree_util.tree_map(np.testing.assert_array_equal, first, again)
-    assert {x.dtype for x in jax.tree_util.tree_leaves(bf16)} == {jnp.dtype(jnp.bfloat16)}
-    model = TinyNet(out_channels=12)  # a plain jit, at XLA's default level: the same bits as init_weights' program
-    plain = jax.jit(lambda rng: model.init(rng, *model.dummy_inputs())["params"])(jax.random.key(1))
-    jax.tree_util.tree_map(np.testing.assert_array_equal, first, plain)
 
 
 def test_weight_format_precedence(tmp_path):
