@@ -883,11 +883,11 @@ def main(argv=None) -> int:
         jax.config.update("jax_compilation_cache_dir", args.cache_dir)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    clock = CompileClock()
     common.update(jax_context(), attention=args.attention, persistent_cache=bool(args.cache_dir))
-    if args.flops_only:
+    if args.flops_only:  # nothing compiles (and tests call it in-process: no listeners left behind)
         flops_only(args, preset, common)
         return 0
+    clock = CompileClock()
     if args.compile_only:
         compile_only(args, preset, common, clock)
         return 0

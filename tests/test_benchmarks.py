@@ -56,12 +56,20 @@ def run_script(*args: str) -> list:
     return [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
 
 
-def test_flops_lowered_for_tpu_count_the_flash_kernels():
+def test_flops_lowered_for_tpu_count_the_flash_kernels(monkeypatch, capsys):
     """Lowered for TPU on the CPU: at 64x64 pixels with the kernel taking 256-token sequences, each UNet
-    pass runs 3 kernels (down block 1 layer, up block 2), whose own cost estimates add to XLA's count."""
-    cpu, = run_script("--steps", "2", "--size", "64", "--flops-only", "--flash-min-length", "256")
-    tpu, = run_script("--steps", "2", "--size", "64", "--flops-only", "--flash-min-length", "256",
-                      "--platform", "tpu")
+    pass runs 3 kernels (down block 1 layer, up block 2), whose own cost estimates add to XLA's count.
+    In-process (nothing compiles): the two runs share one interpreter."""
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    import bench_inpaint as bench
+
+    def run(*args):
+        assert bench.main(["--preset", "tiny", "--batch", "1", "--steps", "2", "--size", "64", "--flops-only",
+                           "--flash-min-length", "256", *args]) == 0
+        return [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.strip()]
+
+    cpu, = run()
+    tpu, = run("--platform", "tpu")
     assert (cpu["lowered_for"], cpu["attention"]) == ("cpu", "xla") and "kernel_calls_per_unet_pass" not in cpu
     assert (tpu["lowered_for"], tpu["attention"]) == ("tpu", "pallas")
     assert tpu["kernel_calls_per_unet_pass"] == 3 and tpu["kernel_tflop_per_image"] > 0

@@ -17,6 +17,7 @@ from flax_inpaint.models import conversion, modeling
 from flax_inpaint.models.modeling import PretrainedMixin
 from flax_inpaint.models.layers import ResnetBlock2D
 from flax_inpaint.runtime import Runtime
+from flax_inpaint.sweep import COMPILE_EVENT
 
 
 class TinyNet(nn.Module, PretrainedMixin):
@@ -150,6 +151,37 @@ def test_second_load_uses_msgpack_cache(tmp_path, monkeypatch):
     _, second = TinyNet.from_pretrained(folder)
     assert calls == []
     jax.tree_util.tree_map(np.testing.assert_array_equal, first, second)
+
+
+TRACE_EVENT = "/jax/core/compile/jaxpr_trace_duration"
+
+
+def test_init_and_param_shapes_trace_and_compile_once_per_model():
+    """Every conversion, load and check asks for param_shapes: an equal model (same config and runtime)
+    reuses the init that param_shapes traced, compiled once; another param_dtype is another model."""
+    seen = []
+
+    def listener(event, duration, fun_name="", **_):
+        if "init_params" in fun_name and event in (TRACE_EVENT, COMPILE_EVENT):
+            seen.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        shapes = TinyNet(out_channels=12).param_shapes()
+        first = TinyNet(out_channels=12).init_weights(jax.random.key(1))
+        again = TinyNet(out_channels=12).init_weights(jax.random.key(1))
+        assert TinyNet(out_channels=12).param_shapes() == shapes
+        assert seen == [TRACE_EVENT, COMPILE_EVENT]
+        bf16 = TinyNet(out_channels=12, runtime=Runtime(param_dtype=jnp.bfloat16)).param_shapes()
+        assert seen[2:] == [TRACE_EVENT]
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert {s.dtype for s in bf16.values()} == {jnp.dtype(jnp.bfloat16)} and bf16.keys() == shapes.keys()
+    traced = jax.eval_shape(TinyNet(out_channels=12).init_weights, jax.random.key(1))  # inside another trace
+    for tree in (first, traced):
+        flat = flax.traverse_util.flatten_dict(tree)
+        assert {k: (v.shape, v.dtype) for k, v in flat.items()} == {k: (s.shape, s.dtype) for k, s in shapes.items()}
+    jax.tree_util.tree_map(np.testing.assert_array_equal, first, again)
 
 
 def test_weight_format_precedence(tmp_path):

@@ -13,7 +13,7 @@ import json
 import os
 import warnings
 from pathlib import Path
-from typing import Any, ClassVar, Dict, Mapping, Optional, Tuple
+from typing import Any, Callable, ClassVar, Dict, Mapping, Optional, Tuple
 
 import flax
 import jax
@@ -138,8 +138,10 @@ class PretrainedMixin:
 
     # -- params ---------------------------------------------------------------------------------
     def init_weights(self, rng: jax.Array) -> Params:
-        """Randomly initialised params (on the default device), in runtime.param_dtype."""
-        return _jitted_init(self)(rng)
+        """Randomly initialised params (on the default device), in runtime.param_dtype. The init program
+        compiles once per model definition (config and runtime); see `_jitted_init`."""
+        top_level, nested = _jitted_init(self)
+        return (nested if isinstance(rng, jax.core.Tracer) else top_level)(rng)
 
     def param_shapes(self) -> Dict[Tuple[str, ...], jax.ShapeDtypeStruct]:
         """{flat param path: shape and dtype} of this model (its config and runtime), traced once per model."""
@@ -290,16 +292,24 @@ def _frozen(value: Any) -> Any:
 
 # Linen modules are frozen dataclasses, equal and hashed by their fields (the config and the runtime), so
 # these caches hold one entry per model definition: loading, converting, checking or initialising an
-# equal model again neither traces nor compiles. The compiled init programs are kept for a few models
-# only (a large model's is large); the shapes, small, for more.
+# equal model again neither traces nor compiles. The jitted inits, each holding its compiled program, are
+# kept for a few models; the shapes, small, for more.
 @functools.lru_cache(maxsize=8)
-def _jitted_init(model: PretrainedMixin):
-    return jax.jit(lambda rng: model.init(rng, *model.dummy_inputs())["params"])
+def _jitted_init(model: PretrainedMixin) -> Tuple[Callable, Callable]:
+    """The model's init jitted for top-level calls, and for calls inside another trace (which JAX allows no
+    compiler options). On a CPU the first compiles at XLA's backend optimisation level 1, which keeps the
+    fused multiply-adds: the same params bit for bit as the default level (checked on the tiny test models in
+    fp32 and bf16, and on SD1.5's VAE and text encoder) in 1.1-3.5x less compile time, running about as fast."""
+    def init_params(rng):
+        return model.init(rng, *model.dummy_inputs())["params"]
+
+    options = {"xla_backend_optimization_level": 1} if jax.default_backend() == "cpu" else None
+    return jax.jit(init_params, compiler_options=options), jax.jit(init_params)
 
 
 @functools.lru_cache(maxsize=128)
 def _param_shapes(model: PretrainedMixin) -> Dict[Tuple[str, ...], jax.ShapeDtypeStruct]:
-    shapes = jax.eval_shape(_jitted_init(model), jax.random.key(0))  # the trace init_weights reuses
+    shapes = jax.eval_shape(_jitted_init(model)[0], jax.random.key(0))  # the trace init_weights reuses
     return flax.traverse_util.flatten_dict(flax.core.unfreeze(shapes))
 
 
