@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionXLPipeline
+from flax.jax_utils import replicate
+from flax.training.common_utils import shard
 from jax.sharding import Mesh
 from safetensors.numpy import save_file
 from safetensors.torch import load_file as load_torch_file
@@ -211,9 +213,10 @@ def test_ip_adapter_inpaint_matches_diffusers(ip):
     check(got, want)
 
 
-def test_ip_adapter_inpaint_on_a_mesh_matches_single_device_calls(ip):
+def test_ip_adapter_inpaint_on_a_mesh_and_with_pmap_convention_matches_single_device_calls(ip):
     """mesh= over 8 fake devices, 8 prompts with their own noise: each row's images are those of a one-device
-    call on it alone (the latents are given and the VAE posterior is near-deterministic)."""
+    call on it alone (the latents are given and the VAE posterior is near-deterministic); jit=True (inputs
+    [devices, 1, ...], replicated params, one key per device) gives the same images."""
     _, pipe, params = ip["inpaint", "plain"]
     n = jax.device_count()
     image, mask = sample_image_and_mask(SIZE)
@@ -229,6 +232,10 @@ def test_ip_adapter_inpaint_on_a_mesh_matches_single_device_calls(ip):
                    **opts).images
         np.testing.assert_allclose(out[rows], one, atol=1e-5, rtol=0)
     assert np.abs(out[0] - out[1]).max() > 1e-2  # other prompts and noise
+    pmapped = pipe(shard(ids), shard(masks), shard(masked), replicate(params), keys, jit=True, image=shard(images),
+                   latents=shard(latents), **opts).images
+    assert pmapped.shape == (n, 1, *out.shape[1:])
+    np.testing.assert_allclose(pmapped[:, 0], out, atol=1e-5, rtol=0)
 
 
 def test_single_file_settings_without_a_pipeline_config(sdxl, tmp_path):
