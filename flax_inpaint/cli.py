@@ -67,52 +67,54 @@ def _asset(name: str) -> Path:
     return ASSETS / name
 
 
-def _fail(message: str) -> "None":
+def fail(message: str) -> "None":
+    """End the command with one line on stderr naming the problem (exit status 2)."""
     print(f"flax-inpaint: error: {message}", file=sys.stderr)
     raise SystemExit(2)
 
 
-def _say(message: str) -> None:
+def say(message: str) -> None:
+    """A progress line on stderr (stdout stays for results)."""
     print(message, file=sys.stderr, flush=True)
 
 
-def _load_image(path: str, arg: str):
+def load_image(path: str, arg: str):
     from PIL import Image
 
     p = Path(path)
     if not p.is_file():
         what = "is a folder" if p.is_dir() else "does not exist"
-        _fail(f"{arg} {path!r} {what}; pass the path of a PNG/JPEG file.")
+        fail(f"{arg} {path!r} {what}; pass the path of a PNG/JPEG file.")
     try:
         with Image.open(p) as im:
             return im.convert("L" if arg == "--mask" else "RGB")
     except (OSError, ValueError) as e:  # not an image, truncated, unreadable
-        _fail(f"{arg} {path!r} is not a readable image ({e}); pass a PNG/JPEG file.")
+        fail(f"{arg} {path!r} is not a readable image ({e}); pass a PNG/JPEG file.")
 
 
 def check_folder(path: Path, option: str) -> None:
     """Fail unless `path` is, or can be created as, a folder we may write into."""
     if path.exists() and not path.is_dir():
-        _fail(f"{option} {str(path)!r} is a file, not a folder; pass a folder path (it is created if missing).")
+        fail(f"{option} {str(path)!r} is a file, not a folder; pass a folder path (it is created if missing).")
     existing = path
     while not existing.exists():
         existing = existing.parent
     if not existing.is_dir():
-        _fail(f"{option} {str(path)!r} cannot be created: {str(existing)!r} is a file; pass another folder.")
+        fail(f"{option} {str(path)!r} cannot be created: {str(existing)!r} is a file; pass another folder.")
     if not os.access(existing, os.W_OK | os.X_OK):
-        _fail(f"{option} {str(path)!r}: {str(existing)!r} is not writable; pass a folder you can write to.")
+        fail(f"{option} {str(path)!r}: {str(existing)!r} is not writable; pass a folder you can write to.")
 
 
 def _check_png(path: Path, option: str) -> None:
     """Fail unless `path` can be written as a PNG file."""
     if path.suffix.lower() != ".png":
-        _fail(f"{option} {str(path)!r} must end in .png (a PNG file is written).")
+        fail(f"{option} {str(path)!r} must end in .png (a PNG file is written).")
     if path.is_dir():
-        _fail(f"{option} {str(path)!r} is a folder; pass a file path such as {str(path / 'demo.png')!r}.")
+        fail(f"{option} {str(path)!r} is a folder; pass a file path such as {str(path / 'demo.png')!r}.")
     check_folder(path.parent, f"{option} {str(path)!r}: its folder")
 
 
-def _check_cache() -> None:
+def check_cache() -> None:
     """Fail unless the params cache that loading writes converted weights into is usable."""
     from flax_inpaint.io import default_cache_dir
 
@@ -130,22 +132,22 @@ def _load(model: Optional[str], dtype: str, scheduler: Optional[str], single_fil
     from flax_inpaint.pipelines.loading import model_error, with_scheduler
 
     if (model is None) == (single_file is None):
-        _fail("give --model (a diffusers folder or hub id) or --single-file (a .safetensors/.ckpt), not both or "
-              "neither.")
-    _check_cache()
-    _say(f"loading {model or single_file} ({dtype}) ...")
+        fail("give --model (a diffusers folder or hub id) or --single-file (a .safetensors/.ckpt), not both or "
+             "neither.")
+    check_cache()
+    say(f"loading {model or single_file} ({dtype}) ...")
     try:
         pipe, params = options.load(FlaxAutoPipelineForInpainting, model, single_file, config,
                                     dtype=getattr(jnp, dtype))
     except (ValueError, OSError) as e:  # CheckpointError, a bad config, or a component the loader cannot read
-        _fail(model_error("--model", model, e) if single_file is None else
-              f"--single-file {single_file!r} could not be loaded: {e}\nFix --single-file (a Stable Diffusion "
-              "1.x/2.x or SDXL checkpoint in the original layout) or pass --config a local diffusers folder of its "
-              "architecture.")
+        fail(model_error("--model", model, e) if single_file is None else
+             f"--single-file {single_file!r} could not be loaded: {e}\nFix --single-file (a Stable Diffusion "
+             "1.x/2.x or SDXL checkpoint in the original layout) or pass --config a local diffusers folder of its "
+             "architecture.")
     try:
         params = options.apply(pipe, params, loras, embeddings)
     except (ValueError, OSError) as e:
-        _fail(f"--lora / --textual-inversion could not be loaded: {e}")
+        fail(f"--lora / --textual-inversion could not be loaded: {e}")
     return with_scheduler(pipe, params, scheduler)
 
 
@@ -156,7 +158,7 @@ def _check_scheduler(name: Optional[str]) -> None:
         try:
             scheduler_class(name)
         except ValueError as e:
-            _fail(f"--scheduler {name!r}: {e}")
+            fail(f"--scheduler {name!r}: {e}")
 
 
 def _check_steps(pipe, steps: int, strength: float) -> None:
@@ -165,11 +167,11 @@ def _check_steps(pipe, steps: int, strength: float) -> None:
     try:
         strength_fields(pipe.scheduler, steps, strength)
     except ValueError:
-        _fail(f"--strength {strength} with --steps {steps} leaves no denoising step; raise --strength or --steps "
-              "(steps x strength must reach 1).")
+        fail(f"--strength {strength} with --steps {steps} leaves no denoising step; raise --strength or --steps "
+             "(steps x strength must reach 1).")
 
 
-def _write_png(image, path: Path, option: str) -> None:
+def write_png(image, path: Path, option: str) -> None:
     """Save atomically: a killed run never leaves a half-written PNG."""
     from flax_inpaint.io import write_bytes_atomic
 
@@ -178,7 +180,7 @@ def _write_png(image, path: Path, option: str) -> None:
     try:
         write_bytes_atomic(path, buf.getvalue())
     except OSError as e:  # e.g. the disk is full
-        _fail(f"{option}: could not write {str(path)!r} ({e.strerror or e}); free space or pass another {option}.")
+        fail(f"{option}: could not write {str(path)!r} ({e.strerror or e}); free space or pass another {option}.")
 
 
 def _inpaint(pipe, params, image, mask, prompts: Sequence[str], negative: Optional[str], steps: int,
@@ -204,16 +206,16 @@ def _inpaint(pipe, params, image, mask, prompts: Sequence[str], negative: Option
 
     f = pipe.vae_scale_factor
     if size and size % f:
-        _fail(f"--size {size} must be a multiple of {f} (the model's VAE scale factor); pass e.g. "
-              f"{max(f, size - size % f)}.")
+        fail(f"--size {size} must be a multiple of {f} (the model's VAE scale factor); pass e.g. "
+             f"{max(f, size - size % f)}.")
     if not size and min(image.size) < f:
-        _fail(f"--image is {image.width}x{image.height}; the model needs at least {f}x{f} pixels (its VAE factor): "
-              "pass a larger image or --size.")
+        fail(f"--image is {image.width}x{image.height}; the model needs at least {f}x{f} pixels (its VAE factor): "
+             "pass a larger image or --size.")
     height, width = (size, size) if size else (image.height - image.height % f, image.width - image.width % f)
     if overlay and (width, height) != image.size:
-        _fail(f"--overlay pastes the unmasked pixels of --image back, so the output must be the image's size "
-              f"{image.width}x{image.height}, but it is {width}x{height} (--size, or flooring to a multiple of "
-              f"{f}); drop --overlay or --size, or resize the image.")
+        fail(f"--overlay pastes the unmasked pixels of --image back, so the output must be the image's size "
+             f"{image.width}x{image.height}, but it is {width}x{height} (--size, or flooring to a multiple of "
+             f"{f}); drop --overlay or --size, or resize the image.")
     batch = batch or len(prompts)
     images, nsfw = [], []
     quiet = None if progress is None else not progress  # tqdm: None disables the bar off a terminal
@@ -251,9 +253,9 @@ def cmd_demo(args) -> None:
     _check_png(Path(args.out), "--out")
     folder = _asset(DEMO_MODEL)
     if not (folder / "model_index.json").is_file():
-        _fail(f"the bundled demo model is missing from {folder}; reinstall flax-inpaint.")
-    image = _load_image(str(_asset("sample_image.png")), "--image")
-    mask = _load_image(str(_asset("sample_mask.png")), "--mask")
+        fail(f"the bundled demo model is missing from {folder}; reinstall flax-inpaint.")
+    image = load_image(str(_asset("sample_image.png")), "--image")
+    mask = load_image(str(_asset("sample_mask.png")), "--mask")
     pipe, params = _load(str(folder), "float32", None)
     images, _, seconds = _inpaint(pipe, params, image, mask, [args.prompt], None, args.steps, args.guidance,
                                   1.0, [args.seed], None, True)
@@ -262,7 +264,7 @@ def cmd_demo(args) -> None:
     size = (image.width * args.scale, image.height * args.scale)  # nearest: every model pixel stays visible
     panels = [im.convert("RGB").resize(size, Image.NEAREST) for im in (image, mask, images[0])]
     grid = make_image_grid(panels, rows=1, cols=3)
-    _write_png(grid, Path(args.out), "--out")
+    write_png(grid, Path(args.out), "--out")
     print(f"wrote {args.out} (image | mask | result) for {args.prompt!r} in {seconds:.1f} s")
 
 
@@ -270,26 +272,26 @@ def cmd_inpaint(args) -> None:
     """`inpaint`, and `img2img` (the same options without --mask and --overlay)."""
     img2img = args.command == "img2img"
     if args.preview_vae and not args.preview:
-        _fail("--preview-vae decodes the previews of --preview DIR; pass --preview DIR too.")
-    image = _load_image(args.image, "--image")
-    mask = None if img2img else _load_image(args.mask, "--mask")
+        fail("--preview-vae decodes the previews of --preview DIR; pass --preview DIR too.")
+    image = load_image(args.image, "--image")
+    mask = None if img2img else load_image(args.mask, "--mask")
     if (args.controlnet is None) != (args.control_image is None) or (
             args.controlnet_scale is not None and args.controlnet is None):
-        _fail("--controlnet DIR and --control-image IMG go together (--controlnet-scale S with them); pass both or "
-              "neither.")
-    control_image = None if args.control_image is None else _load_image(args.control_image, "--control-image")
+        fail("--controlnet DIR and --control-image IMG go together (--controlnet-scale S with them); pass both or "
+             "neither.")
+    control_image = None if args.control_image is None else load_image(args.control_image, "--control-image")
     if (args.ip_adapter is None) != (args.ip_image is None) or (args.ip_scale is not None and args.ip_adapter is None):
-        _fail("--ip-adapter FILE and --ip-image IMG go together (--ip-scale S with them); pass both or neither.")
-    ip_image = None if args.ip_image is None else _load_image(args.ip_image, "--ip-image")
+        fail("--ip-adapter FILE and --ip-image IMG go together (--ip-scale S with them); pass both or neither.")
+    ip_image = None if args.ip_image is None else load_image(args.ip_image, "--ip-image")
     if args.ip_adapter is not None and not Path(args.ip_adapter).is_file():
-        _fail(f"--ip-adapter {args.ip_adapter!r} is not a file; pass an IP-Adapter .safetensors/.bin file "
-              "(e.g. ip-adapter_sd15.safetensors).")
+        fail(f"--ip-adapter {args.ip_adapter!r} is not a file; pass an IP-Adapter .safetensors/.bin file "
+             "(e.g. ip-adapter_sd15.safetensors).")
     if mask is not None and image.size != mask.size:
-        _fail(f"--image is {image.size[0]}x{image.size[1]} but --mask is {mask.size[0]}x{mask.size[1]}; "
-              "they must be the same size.")
+        fail(f"--image is {image.size[0]}x{image.size[1]} but --mask is {mask.size[0]}x{mask.size[1]}; "
+             "they must be the same size.")
     if args.seed + args.batch > 2**32:
-        _fail(f"--seed {args.seed} with --batch {args.batch} uses seeds up to {args.seed + args.batch - 1}; "
-              "seeds must lie in [0, 2**32).")
+        fail(f"--seed {args.seed} with --batch {args.batch} uses seeds up to {args.seed + args.batch - 1}; "
+             "seeds must lie in [0, 2**32).")
     out_dir = Path(args.out)
     check_folder(out_dir, "--out")
     _check_scheduler(args.scheduler)
@@ -297,8 +299,8 @@ def cmd_inpaint(args) -> None:
     pipe, params = _load(args.model, args.dtype, args.scheduler, args.single_file, args.config, args.lora,
                          args.textual_inversion)
     if img2img and pipe.unet.in_channels != 4:
-        _fail(f"img2img needs a text-to-image model (a 4-channel UNet), but {args.model or args.single_file!r} is an "
-              "inpainting model (9 channels); use `flax-inpaint inpaint` with it, or pass another --model.")
+        fail(f"img2img needs a text-to-image model (a 4-channel UNet), but {args.model or args.single_file!r} is an "
+             "inpainting model (9 channels); use `flax-inpaint inpaint` with it, or pass another --model.")
     _check_steps(pipe, args.steps, args.strength)
     if ip_image is not None:
         pipe, params = _with_ip_adapter(pipe, params, Path(args.ip_adapter), args.ip_scale, args.dtype)
@@ -310,12 +312,12 @@ def cmd_inpaint(args) -> None:
 
     def save(first: int, images: list) -> None:
         for name, im in zip(names[first:], images):
-            _write_png(im, out_dir / name, "--out")
+            write_png(im, out_dir / name, "--out")
 
     if args.preview:
         check_folder(Path(args.preview), "--preview")
-    _say(f"{'generating' if img2img else 'inpainting'} {len(prompts)} image(s) in batches of {args.batch}, "
-         f"{args.steps} steps (the first batch compiles) ...")
+    say(f"{'generating' if img2img else 'inpainting'} {len(prompts)} image(s) in batches of {args.batch}, "
+        f"{args.steps} steps (the first batch compiles) ...")
     images, nsfw, seconds = _inpaint(pipe, params, image, mask, prompts, args.negative_prompt, args.steps,
                                      args.guidance, args.strength, seeds, args.size, not img2img and args.overlay,
                                      args.batch, progress=False if args.no_progress else None, save=save,
@@ -336,12 +338,12 @@ def _load_controlnet(controlnet: Optional[str], dtype: str):
 
     if controlnet is None:
         return None
-    _say(f"loading the ControlNet {controlnet} ...")
+    say(f"loading the ControlNet {controlnet} ...")
     try:
         return FlaxControlNetModel.from_pretrained(controlnet, dtype=getattr(jnp, dtype))
     except (ValueError, OSError) as e:
-        _fail(f"--controlnet {controlnet!r} could not be loaded ({_first_line(e)}); pass a diffusers ControlNet folder "
-              "(config.json and its weights) or a hub repo id in the local hub cache or reachable online.")
+        fail(f"--controlnet {controlnet!r} could not be loaded ({_first_line(e)}); pass a diffusers ControlNet folder "
+             "(config.json and its weights) or a hub repo id in the local hub cache or reachable online.")
 
 
 def _for_task(pipe, params, img2img: bool, controlnet, option: str):
@@ -355,7 +357,7 @@ def _for_task(pipe, params, img2img: bool, controlnet, option: str):
     try:
         return auto.from_pipe(pipe, controlnet=controlnet[0]), {**params, "controlnet": controlnet[1]}
     except ValueError as e:  # made for another VAE, or no such ControlNet pipeline for the family
-        _fail(f"--controlnet {option!r} does not fit the model: {e}")
+        fail(f"--controlnet {option!r} does not fit the model: {e}")
 
 
 def _with_ip_adapter(pipe, params, path: Path, scale: Optional[float], dtype: str):
@@ -368,20 +370,20 @@ def _with_ip_adapter(pipe, params, path: Path, scale: Optional[float], dtype: st
     if pipe.image_encoder is None:
         folder = path.parent / "image_encoder"
         if not folder.is_dir():
-            _fail(f"--ip-adapter {str(path)!r}: the model has no image_encoder and there is no {str(folder)!r}; put "
-                  "the adapter's CLIP image encoder folder there (as in h94/IP-Adapter's models/).")
+            fail(f"--ip-adapter {str(path)!r}: the model has no image_encoder and there is no {str(folder)!r}; put "
+                 "the adapter's CLIP image encoder folder there (as in h94/IP-Adapter's models/).")
         try:
             encoder, encoder_params = FlaxCLIPVisionModelWithProjection.from_pretrained(folder,
                                                                                         dtype=getattr(jnp, dtype))
         except (ValueError, OSError) as e:
-            _fail(f"--ip-adapter {str(path)!r}: its image encoder {str(folder)!r} could not be loaded: "
-                  f"{_first_line(e)}")
+            fail(f"--ip-adapter {str(path)!r}: its image encoder {str(folder)!r} could not be loaded: "
+                 f"{_first_line(e)}")
         pipe, params = type(pipe).from_pipe(pipe, image_encoder=encoder), {**params, "image_encoder": encoder_params}
     try:
         params = pipe.load_ip_adapter(params, path)
         return pipe, pipe.set_ip_adapter_scale(params, 1.0 if scale is None else scale)
     except (ValueError, OSError) as e:
-        _fail(f"--ip-adapter {str(path)!r} could not be loaded: {_first_line(e)}")
+        fail(f"--ip-adapter {str(path)!r} could not be loaded: {_first_line(e)}")
 
 
 def cmd_sweep(args) -> None:
@@ -391,27 +393,27 @@ def cmd_sweep(args) -> None:
     spec = SweepSpec.from_file(args.spec, out=out)
     out_option = "--out" if args.out is not None else f"the 'out' of {args.spec}"
     check_folder(spec.out, out_option)
-    _check_cache()
+    check_cache()
     if args.per_device_batch is not None:
         spec = dataclasses.replace(spec, per_device_batch=args.per_device_batch)
     cluster = {k: getattr(args, k) for k in ("coordinator_address", "num_processes", "process_id")}
     if (args.process_id is None) != (args.num_processes is None) or (
             args.process_id is not None and not 0 <= args.process_id < args.num_processes):
-        _fail(f"--process-id {args.process_id} with --num-processes {args.num_processes}: give both, with the "
-              "process id in 0 .. num-processes - 1.")
+        fail(f"--process-id {args.process_id} with --num-processes {args.num_processes}: give both, with the "
+             "process id in 0 .. num-processes - 1.")
     if args.distributed or any(v is not None for v in cluster.values()):
         import jax
 
         try:
             jax.distributed.initialize(**{k: v for k, v in cluster.items() if v is not None})
         except Exception as e:  # no cluster found, an unreachable coordinator, a timeout
-            _fail(f"--distributed: jax.distributed.initialize() failed ({_first_line(e)}); pass "
-                  "--coordinator-address HOST:PORT, --num-processes and --process-id, or run on a TPU pod or "
-                  "under SLURM.")
+            fail(f"--distributed: jax.distributed.initialize() failed ({_first_line(e)}); pass "
+                 "--coordinator-address HOST:PORT, --num-processes and --process-id, or run on a TPU pod or "
+                 "under SLURM.")
     try:
         summary = run_sweep(spec, progress=False if args.no_progress else None)
     except SweepLockError as e:
-        _fail(f"{out_option}: {e}")
+        fail(f"{out_option}: {e}")
     print(f"sweep {args.spec}: {summary.total} result(s) in {summary.out}, {summary.already_done} found, "
           f"{summary.computed} computed; contact sheet {summary.contact_sheet}")
 
@@ -424,8 +426,8 @@ def cmd_convert(args) -> None:
     out = None if args.out is None else Path(args.out)
     if out is not None:
         if out.is_dir() and any(out.iterdir()):
-            _fail(f"--out {args.out!r} already exists and is not empty; pass a new folder (convert writes a "
-                  "whole pipeline folder) or delete it.")
+            fail(f"--out {args.out!r} already exists and is not empty; pass a new folder (convert writes a "
+                 "whole pipeline folder) or delete it.")
         check_folder(out, "--out")
     pipe, params = _load(args.model, args.dtype, None, args.single_file, args.config)
     if args.single_file is None:
@@ -445,8 +447,8 @@ def cmd_bench(args, rest: List[str]) -> None:
     """Run benchmarks/bench_inpaint.py (a source checkout's) with the remaining arguments."""
     script = Path(args.script) if args.script else BENCH_SCRIPT
     if not script.is_file():
-        _fail(f"the benchmark script is not at {script}: `flax-inpaint bench` runs benchmarks/bench_inpaint.py of a "
-              "source checkout; pass --script PATH/TO/bench_inpaint.py.")
+        fail(f"the benchmark script is not at {script}: `flax-inpaint bench` runs benchmarks/bench_inpaint.py of a "
+             "source checkout; pass --script PATH/TO/bench_inpaint.py.")
     spec = importlib.util.spec_from_file_location("bench_inpaint", script)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # its dataclasses look their module up there
@@ -461,7 +463,9 @@ def _number(kind, text):
         raise argparse.ArgumentTypeError(f"must be {'an int' if kind is int else 'a number'}, got {text!r}") from None
 
 
-def _positive(kind, most=None):
+# argparse types shared by the commands (here, cli_diffedit, train.controlnet): one clear line on bad input.
+def positive(kind, most=None):
+    """`kind` (int or float) > 0, and <= `most` when given."""
     def parse(text):
         value = _number(kind, text)
         if value <= 0 or (most is not None and value > most):
@@ -470,21 +474,24 @@ def _positive(kind, most=None):
     return parse
 
 
-def _finite(text):
+def finite(text):
+    """A finite float."""
     value = _number(float, text)
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
     return value
 
 
-def _unit(text):
+def unit(text):
+    """A float in [0, 1] (strengths, proportions)."""
     value = _number(float, text)
     if not 0.0 <= value <= 1.0:
         raise argparse.ArgumentTypeError(f"must lie in [0, 1], got {text}")
     return value
 
 
-def _seed(text):
+def uint32(text):
+    """An int in [0, 2**32): a seed."""
     value = _number(int, text)
     if not 0 <= value < 2**32:
         raise argparse.ArgumentTypeError(f"must lie in [0, 2**32), got {text}")
@@ -534,15 +541,15 @@ def _add_generation_options(inp, img2img: bool) -> None:
     inp.add_argument("--negative-prompt", default=None, help="what to steer away from (with --guidance > 1)")
     inp.add_argument("--scheduler", default=None, help="diffusers class name, e.g. DDIMScheduler; "
                                                        "default: the model's")
-    inp.add_argument("--steps", type=_positive(int), default=50, help="denoising steps")
-    inp.add_argument("--guidance", type=_finite, default=7.5, help="classifier-free guidance scale (<= 1: off)")
-    inp.add_argument("--strength", type=_unit, default=0.8 if img2img else 1.0,
+    inp.add_argument("--steps", type=positive(int), default=50, help="denoising steps")
+    inp.add_argument("--guidance", type=finite, default=7.5, help="classifier-free guidance scale (<= 1: off)")
+    inp.add_argument("--strength", type=unit, default=0.8 if img2img else 1.0,
                      help="how much of --image is noised away (1: all)" if img2img else
                      "1 repaints from noise; lower keeps more of --image")
-    inp.add_argument("--seed", type=_seed, default=0, help="seed of the first image of each prompt")
-    inp.add_argument("--batch", type=_positive(int), default=1,
+    inp.add_argument("--seed", type=uint32, default=0, help="seed of the first image of each prompt")
+    inp.add_argument("--batch", type=positive(int), default=1,
                      help="images per prompt, sampled together in one call")
-    inp.add_argument("--size", type=_positive(int), default=None,
+    inp.add_argument("--size", type=positive(int), default=None,
                      help="square output size, a multiple of the model's VAE scale factor; default: the image's size "
                           "floored to that factor")
     inp.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
@@ -553,18 +560,18 @@ def _add_generation_options(inp, img2img: bool) -> None:
     inp.add_argument("--no-progress", action="store_true", help="no progress bar (there is none off a terminal)")
     inp.add_argument("--preview", default=None, metavar="DIR",
                      help="write latent-to-RGB previews (batch<b>_<image>-step<s>.png) while sampling")
-    inp.add_argument("--preview-every", type=_positive(int), default=5, help="steps between previews")
+    inp.add_argument("--preview-every", type=positive(int), default=5, help="steps between previews")
     inp.add_argument("--preview-vae", action="store_true",
                      help="decode the previews with the VAE (full size; the decoder runs every --preview-every steps)")
     inp.add_argument("--ip-adapter", default=None, metavar="FILE",
                      help="IP-Adapter weights (.safetensors/.bin; plain or plus): prompt with --ip-image too")
     inp.add_argument("--ip-image", default=None, metavar="IMG", help="the IP-Adapter's reference image")
-    inp.add_argument("--ip-scale", type=_finite, default=None, metavar="S", help="IP-Adapter scale (default 1)")
+    inp.add_argument("--ip-scale", type=finite, default=None, metavar="S", help="IP-Adapter scale (default 1)")
     inp.add_argument("--controlnet", default=None, metavar="DIR",
                      help="a ControlNet (diffusers folder or hub id) guiding the model: with --control-image too")
     inp.add_argument("--control-image", default=None, metavar="IMG",
                      help="the ControlNet's control image (e.g. edges or depth), resized to the output size")
-    inp.add_argument("--controlnet-scale", type=_finite, default=None, metavar="S",
+    inp.add_argument("--controlnet-scale", type=finite, default=None, metavar="S",
                      help=f"ControlNet conditioning scale (default {0.8 if img2img else 0.5}, as diffusers')")
     inp.set_defaults(func=cmd_inpaint)
 
@@ -592,10 +599,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="inpaint the bundled sample with the bundled tiny model", formatter_class=fmt,
                           description="Inpaint the bundled sample image with the bundled tiny model; no download.")
     demo.add_argument("--prompt", default="a red circle on a blue background")
-    demo.add_argument("--seed", type=_seed, default=0)
-    demo.add_argument("--steps", type=_positive(int), default=25)
-    demo.add_argument("--guidance", type=_finite, default=4.0, help="classifier-free guidance scale")
-    demo.add_argument("--scale", type=_positive(int, most=32), default=4,
+    demo.add_argument("--seed", type=uint32, default=0)
+    demo.add_argument("--steps", type=positive(int), default=25)
+    demo.add_argument("--guidance", type=finite, default=4.0, help="classifier-free guidance scale")
+    demo.add_argument("--scale", type=positive(int, most=32), default=4,
                       help="enlarge each 64x64 panel this many times")
     demo.add_argument("--out", default="demo.png", help="PNG grid: image | mask | result")
     demo.set_defaults(func=cmd_demo)
@@ -619,14 +626,14 @@ def build_parser() -> argparse.ArgumentParser:
                     "Rerunning the same command after a kill computes only what is missing.")
     sw.add_argument("spec", help="sweep spec file (.json; .yaml with PyYAML)")
     sw.add_argument("--out", default=None, help="output folder; default: the spec's 'out'")
-    sw.add_argument("--per-device-batch", type=_positive(int), default=None,
+    sw.add_argument("--per-device-batch", type=positive(int), default=None,
                     help="images per device per call; default: the spec's (1)")
     multi = sw.add_argument_group(
         "multi-host", "Run the same command in every process; each feeds its part of every batch and process 0 "
                       "writes. On TPU pods and SLURM, --distributed alone finds the cluster.")
     multi.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() first")
     multi.add_argument("--coordinator-address", default=None, help="host:port of process 0 (implies --distributed)")
-    multi.add_argument("--num-processes", type=_positive(int), default=None, help="how many processes take part")
+    multi.add_argument("--num-processes", type=positive(int), default=None, help="how many processes take part")
     multi.add_argument("--process-id", type=int, default=None, help="this process's index, 0 .. num-processes - 1")
     sw.add_argument("--no-progress", action="store_true", help="no progress bar")
     sw.set_defaults(func=cmd_sweep)
@@ -703,17 +710,17 @@ def run_command(command: str, body: Callable[[], None]) -> None:
     except _Terminated:
         _stop(143, "terminated (SIGTERM)", command)
     except ValueError as e:  # raised below the CLI (a spec, a checkpoint); the message names the value
-        _fail(str(e))
+        fail(str(e))
     except OSError as e:  # a file that vanished or cannot be written (e.g. a full disk)
-        _fail(f"{e.filename!r}: {e.strerror}." if e.filename else _first_line(e))
+        fail(f"{e.filename!r}: {e.strerror}." if e.filename else _first_line(e))
     except Exception as e:
         if os.environ.get(TRACEBACK_ENV):
             raise
         if isinstance(e, MemoryError) or "RESOURCE_EXHAUSTED" in str(e):
             # XLA's message may say "Failed to get configs ... Example failure:" first, the size on a later line
             said = next((line.strip() for line in str(e).splitlines() if "Out of memory" in line), _first_line(e))
-            _fail(f"out of memory ({said}); {MEMORY_HINT.get(command, 'lower the batch size')}.")
-        _fail(f"unexpected {_first_line(e)}; this is a bug: rerun with {TRACEBACK_ENV}=1 and report the traceback.")
+            fail(f"out of memory ({said}); {MEMORY_HINT.get(command, 'lower the batch size')}.")
+        fail(f"unexpected {_first_line(e)}; this is a bug: rerun with {TRACEBACK_ENV}=1 and report the traceback.")
     finally:
         warnings.showwarning = shown
         if in_main_thread:

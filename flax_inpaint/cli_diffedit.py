@@ -10,7 +10,7 @@ import argparse
 from pathlib import Path
 
 from flax_inpaint.cli import (
-    _check_cache, _fail, _finite, _load_image, _positive, _say, _seed, _unit, _write_png, check_folder,
+    check_cache, fail, finite, load_image, positive, say, uint32, unit, write_png, check_folder,
 )
 
 DIFFEDIT_MODEL = "tiny-shapes-txt2img"
@@ -35,16 +35,16 @@ def add_parser(sub, formatter_class) -> None:
     p.add_argument("--source-prompt", required=True, help="what the image shows, e.g. 'a bowl of fruits'")
     p.add_argument("--target-prompt", required=True, help="what it should show, e.g. 'a bowl of pears'")
     p.add_argument("--negative-prompt", default=None, help="what the edit steers away from (with --guidance > 1)")
-    p.add_argument("--steps", type=_positive(int), default=50, help="DDIM steps of all three stages")
-    p.add_argument("--guidance", type=_finite, default=7.5, help="guidance of the mask and the edit (<= 1: off)")
-    p.add_argument("--invert-guidance", type=_finite, default=7.5, help="guidance of the inversion (<= 1: off)")
-    p.add_argument("--inpaint-strength", type=_unit, default=0.8, help="share of the steps inverted and regenerated")
-    p.add_argument("--mask-encode-strength", type=_unit, default=0.5, help="noise level the mask is computed at")
-    p.add_argument("--mask-thresholding-ratio", type=_positive(float), default=3.0,
+    p.add_argument("--steps", type=positive(int), default=50, help="DDIM steps of all three stages")
+    p.add_argument("--guidance", type=finite, default=7.5, help="guidance of the mask and the edit (<= 1: off)")
+    p.add_argument("--invert-guidance", type=finite, default=7.5, help="guidance of the inversion (<= 1: off)")
+    p.add_argument("--inpaint-strength", type=unit, default=0.8, help="share of the steps inverted and regenerated")
+    p.add_argument("--mask-encode-strength", type=unit, default=0.5, help="noise level the mask is computed at")
+    p.add_argument("--mask-thresholding-ratio", type=positive(float), default=3.0,
                    help="the map is clamped at this many times its mean, then thresholded at half")
-    p.add_argument("--num-maps-per-mask", type=_positive(int), default=10, help="noise draws averaged per mask")
-    p.add_argument("--seed", type=_seed, default=0)
-    p.add_argument("--size", type=_positive(int), default=None,
+    p.add_argument("--num-maps-per-mask", type=positive(int), default=10, help="noise draws averaged per mask")
+    p.add_argument("--seed", type=uint32, default=0)
+    p.add_argument("--size", type=positive(int), default=None,
                    help="square size the image is resized to, a multiple of the model's VAE scale factor; default: "
                         "the image's size floored to that factor")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute and params dtype")
@@ -59,36 +59,36 @@ def cmd_diffedit(args: argparse.Namespace) -> None:
     from PIL import Image
 
     from flax_inpaint import make_image_grid
-    from flax_inpaint.pipelines.diffedit import FlaxStableDiffusionDiffEditPipeline
+    from flax_inpaint.pipelines.diffedit import FlaxStableDiffusionDiffEditPipeline, strength_steps
     from flax_inpaint.pipelines.loading import model_error
 
-    image = _load_image(args.image, "--image")
-    out_dir = Path(args.out)
-    check_folder(out_dir, "--out")
-    _check_cache()
-    _say(f"loading {args.model} ({args.dtype}) ...")
-    try:
-        pipe, params = FlaxStableDiffusionDiffEditPipeline.from_pretrained(args.model, dtype=getattr(jnp, args.dtype))
-    except (ValueError, OSError) as e:  # CheckpointError, a bad config, a 9-channel (inpainting) UNet
-        _fail(model_error("--model", args.model, e).replace("inpainting folder", "text-to-image folder"))
     for option, value in (("--inpaint-strength", args.inpaint_strength),
                           ("--mask-encode-strength", args.mask_encode_strength)):
         try:
-            pipe._strength(option, value, args.steps)
+            strength_steps(option, value, args.steps)
         except ValueError:
-            _fail(f"{option} {value} with --steps {args.steps} runs no step; raise {option} or --steps "
-                  "(steps x strength must reach 1).")
+            fail(f"{option} {value} with --steps {args.steps} runs no step; raise {option} or --steps "
+                 "(steps x strength must reach 1).")
+    image = load_image(args.image, "--image")
+    out_dir = Path(args.out)
+    check_folder(out_dir, "--out")
+    check_cache()
+    say(f"loading {args.model} ({args.dtype}) ...")
+    try:
+        pipe, params = FlaxStableDiffusionDiffEditPipeline.from_pretrained(args.model, dtype=getattr(jnp, args.dtype))
+    except (ValueError, OSError) as e:  # CheckpointError, a bad config, a 9-channel (inpainting) UNet
+        fail(model_error("--model", args.model, e).replace("inpainting folder", "text-to-image folder"))
     f = pipe.vae_scale_factor
     if args.size is not None and args.size % f:
-        _fail(f"--size {args.size} must be a multiple of {f} (the model's VAE scale factor); pass e.g. "
-              f"{max(f, args.size - args.size % f)}.")
+        fail(f"--size {args.size} must be a multiple of {f} (the model's VAE scale factor); pass e.g. "
+             f"{max(f, args.size - args.size % f)}.")
     if args.size is None and min(image.size) < f:
-        _fail(f"--image is {image.width}x{image.height}; the model needs at least {f}x{f} pixels (its VAE factor): "
-              "pass a larger image or --size.")
+        fail(f"--image is {image.width}x{image.height}; the model needs at least {f}x{f} pixels (its VAE factor): "
+             "pass a larger image or --size.")
     size = (args.size, args.size) if args.size else (image.width - image.width % f, image.height - image.height % f)
     image = image.resize(size, Image.BICUBIC) if size != image.size else image
 
-    _say(f"DiffEdit {args.source_prompt!r} -> {args.target_prompt!r}, {args.steps} steps (each stage compiles) ...")
+    say(f"DiffEdit {args.source_prompt!r} -> {args.target_prompt!r}, {args.steps} steps (each stage compiles) ...")
     mask, edited = pipe.edit(image, params, jax.random.key(args.seed), source_prompt=[args.source_prompt],
                              target_prompt=[args.target_prompt], num_inference_steps=args.steps,
                              guidance_scale=args.guidance, invert_guidance_scale=args.invert_guidance,
@@ -100,5 +100,5 @@ def cmd_diffedit(args: argparse.Namespace) -> None:
     result = pipe.numpy_to_pil(edited)[0]
     side = make_image_grid([image, mask_image.convert("RGB"), result], rows=1, cols=3)
     for name, im in zip(OUTPUTS, (mask_image, result, side)):
-        _write_png(im, out_dir / name, "--out")
+        write_png(im, out_dir / name, "--out")
     print(f"wrote {', '.join(OUTPUTS)} to {out_dir} (masked {mask.mean():.0%} of the image)")

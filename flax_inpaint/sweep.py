@@ -681,15 +681,19 @@ def _record(spec: SweepSpec, rid: str, c: Config, g: _Group, nsfw: Optional[bool
 def _compute_diffedit(spec: SweepSpec, todo: List[Tuple[str, Config]], pipeline, mesh: Optional[Mesh],
                       progress: Optional[bool], store: Optional[ResultStore], done: Dict[str, dict]) -> Dict[str, int]:
     """`_compute` for `"pipeline": "diffedit"`: the three DiffEdit steps (`edit`), one configuration per call
-    on one device (the DiffEdit pipeline has no mesh path yet), so `mesh` and `per_device_batch` are unused.
-    The groups add the strength, which sets the number of inverted latents; manifest lines add the
-    share of the image the mask covered ("mask_fraction")."""
+    on one device, so `mesh` and `per_device_batch` are unused. The groups add the strength, which sets the
+    number of inverted latents; manifest lines add the share of the image the mask covered ("mask_fraction")."""
     from tqdm import tqdm
 
-    from flax_inpaint.pipelines.diffedit import FlaxStableDiffusionDiffEditPipeline
+    from flax_inpaint.pipelines.diffedit import FlaxStableDiffusionDiffEditPipeline, strength_steps
 
     if jax.process_count() > 1:
         raise SweepSpecError("'pipeline': 'diffedit' runs in one process; run the sweep without --distributed.")
+    for _, c in todo:  # before loading the model
+        try:
+            strength_steps("strength", c.strength, c.steps)
+        except ValueError as e:
+            raise SweepSpecError(f"configuration {dataclasses.asdict(c)}: {e}") from None
     if pipeline is None:
         import jax.numpy as jnp
 
@@ -701,10 +705,6 @@ def _compute_diffedit(spec: SweepSpec, todo: List[Tuple[str, Config]], pipeline,
     f = pipe.vae_scale_factor
     groups: Dict[Tuple[_Group, float], List[Tuple[str, Config]]] = defaultdict(list)
     for rid, c in todo:
-        try:
-            pipe._strength("strength", c.strength, c.steps)
-        except ValueError as e:
-            raise SweepSpecError(f"configuration {dataclasses.asdict(c)}: {e}") from None
         groups[_Group(*_output_size(spec, c, f), c.steps, None, c.guidance > 1), c.strength].append((rid, c))
     compiles: Dict[str, int] = {}
     quiet = True if store is None else None if progress is None else not progress

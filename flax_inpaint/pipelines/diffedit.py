@@ -367,6 +367,19 @@ def edit_program(m: DiffEditModels, opts: DiffEditOptions, params, prompt: Promp
     return m.safety_checker.apply({"params": params["safety_checker"]}, images, method=m.safety_checker.check_images)
 
 
+def strength_steps(name: str, value: float, num_inference_steps: int) -> int:
+    """How many of `num_inference_steps` DiffEdit runs at strength `value` (its inpaint_strength or
+    mask_encode_strength, named `name` in the error); raises ValueError when `value` is out of [0, 1] or runs
+    no step (the CLI and sweeps check their options with it before loading a model)."""
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name}={value!r} must lie in [0, 1].")
+    n = num_inference_steps - begin_index_for_strength(num_inference_steps, value)
+    if n < 1:
+        raise ValueError(f"{name}={value} with num_inference_steps={num_inference_steps} runs no step; raise one "
+                         "of them (need int(num_inference_steps * strength) >= 1).")
+    return n
+
+
 def grouped(program: Callable) -> Callable:
     """`program` over the key groups of `sampling.in_groups`, jitted: (models, opts, params, rows, wide,
     keys, stacked_axis), with `rows` its batched keyword arguments (batch first) and `wide` the others."""
@@ -535,17 +548,6 @@ class FlaxStableDiffusionDiffEditPipeline(FlaxDiffusionPipeline):
             raise ValueError(f"num_inference_steps={num_inference_steps!r} must be an int >= 1.")
         return int(num_inference_steps)
 
-    @staticmethod
-    def _strength(name: str, value: float, steps: int) -> int:
-        """The number of steps run at `value` in [0, 1], which must be >= 1."""
-        if not 0.0 <= value <= 1.0:
-            raise ValueError(f"{name}={value!r} must lie in [0, 1].")
-        n = steps - begin_index_for_strength(steps, value)
-        if n < 1:
-            raise ValueError(f"{name}={value} with num_inference_steps={steps} runs no step; raise one of them "
-                             "(need int(num_inference_steps * strength) >= 1).")
-        return n
-
     def _launch(self, program: Callable, opts: DiffEditOptions, params, prng_seed, jit: bool, mesh, lead: tuple,
                 rows: dict, wide: dict):
         """One of the three programs on the call's devices (sampling's layout, as the other pipelines run):
@@ -582,7 +584,7 @@ class FlaxStableDiffusionDiffEditPipeline(FlaxDiffusionPipeline):
         if output_type not in ("np", "pil"):
             raise ValueError(f"output_type={output_type!r}; use 'np' or 'pil'.")
         steps = self._steps(num_inference_steps)
-        self._strength("mask_encode_strength", mask_encode_strength, steps)
+        strength_steps("mask_encode_strength", mask_encode_strength, steps)
         do_cfg = guidance_scale > 1.0
         source, lead = self._prompt("source_prompt", source_prompt, source_prompt_embeds, source_negative_prompt,
                                     source_negative_prompt_embeds, do_cfg, jit)
@@ -626,7 +628,7 @@ class FlaxStableDiffusionDiffEditPipeline(FlaxDiffusionPipeline):
         see the class docstring.
         """
         steps = self._steps(num_inference_steps)
-        n = self._strength("inpaint_strength", inpaint_strength, steps)
+        n = strength_steps("inpaint_strength", inpaint_strength, steps)
         if output_type not in ("np", "pil"):
             raise ValueError(f"output_type={output_type!r}; use 'np' or 'pil'.")
         for name, v in (("num_reg_steps", num_reg_steps), ("num_auto_corr_rolls", num_auto_corr_rolls)):
@@ -680,7 +682,7 @@ class FlaxStableDiffusionDiffEditPipeline(FlaxDiffusionPipeline):
         if output_type not in ("np", "pil", "latent"):
             raise ValueError(f"output_type={output_type!r}; use 'np', 'pil' or 'latent'.")
         steps = self._steps(num_inference_steps)
-        n = self._strength("inpaint_strength", inpaint_strength, steps)
+        n = strength_steps("inpaint_strength", inpaint_strength, steps)
         do_cfg = guidance_scale > 1.0
         prompt, lead = self._prompt("prompt", prompt, prompt_embeds, negative_prompt, negative_prompt_embeds, do_cfg,
                                     jit)

@@ -45,7 +45,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from flax_inpaint.cli import _positive, _unit  # the CLI's argument types
+from flax_inpaint.cli import positive, unit  # the CLI's argument types
 from flax_inpaint.io import CheckpointError, write_bytes_atomic
 from flax_inpaint.models.controlnet import FlaxControlNetModel
 from flax_inpaint.pipelines.sampling import encode_text
@@ -528,7 +528,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="ControlNet to start from; default: initialised from the UNet's encoder")
     model.add_argument("--revision", default=None, help="hub revision of the base model")
     model.add_argument("--variant", default=None, help="weight file variant of the base model, e.g. fp16")
-    model.add_argument("--conditioning_embedding_out_channels", type=_positive(int), nargs="+", default=None,
+    model.add_argument("--conditioning_embedding_out_channels", type=positive(int), nargs="+", default=None,
                        help="widths of a new ControlNet's control image embedding (one more than the VAE's "
                             "halvings); default: diffusers' 16 32 96 256, cut to the VAE")
     model.add_argument("--output_dir", default="controlnet-model", help="trained ControlNet, checkpoints, logs")
@@ -546,27 +546,27 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--conditioning_image_column", default="conditioning_image",
                       help="column of the ControlNet conditioning image")
     data.add_argument("--caption_column", default="text", help="column of a caption or a list of captions")
-    data.add_argument("--max_train_samples", type=_positive(int), default=None,
+    data.add_argument("--max_train_samples", type=positive(int), default=None,
                       help="train on this many rows (a seeded random subset)")
-    data.add_argument("--resolution", type=_positive(int), default=None,
+    data.add_argument("--resolution", type=positive(int), default=None,
                       help="images are resized (shorter side) and centre-cropped to this size (default 512; 64 "
                            "for --make-example-dataset)")
-    data.add_argument("--proportion_empty_prompts", type=_unit, default=0.0,
+    data.add_argument("--proportion_empty_prompts", type=unit, default=0.0,
                       help="share of captions replaced by the empty prompt")
-    data.add_argument("--whole_image_mask_proportion", type=_unit, default=0.75,
+    data.add_argument("--whole_image_mask_proportion", type=unit, default=0.75,
                       help="9-channel inpainting base models: share of whole-image masks; the others mask a random "
                            "box")
     data.add_argument("--dataloader_num_workers", type=int, default=0, help="threads decoding images (0: one)")
     data.add_argument("--make-example-dataset", dest="make_example_dataset", metavar="DIR", default=None,
                       help="write a fill50k-like folder of circles, their outlines and captions to DIR, then exit")
-    data.add_argument("--num_examples", type=_positive(int), default=2048, help="rows of --make-example-dataset")
+    data.add_argument("--num_examples", type=positive(int), default=2048, help="rows of --make-example-dataset")
 
     opt = p.add_argument_group("optimisation")
-    opt.add_argument("--train_batch_size", type=_positive(int), default=4, help="batch size per device")
-    opt.add_argument("--num_train_epochs", type=_positive(int), default=1)
-    opt.add_argument("--max_train_steps", type=_positive(int), default=None,
+    opt.add_argument("--train_batch_size", type=positive(int), default=4, help="batch size per device")
+    opt.add_argument("--num_train_epochs", type=positive(int), default=1)
+    opt.add_argument("--max_train_steps", type=positive(int), default=None,
                      help="optimiser steps; overrides --num_train_epochs")
-    opt.add_argument("--gradient_accumulation_steps", type=_positive(int), default=1,
+    opt.add_argument("--gradient_accumulation_steps", type=positive(int), default=1,
                      help="micro-batches per optimiser step (optax.MultiSteps)")
     opt.add_argument("--gradient_checkpointing", action="store_true",
                      help="recompute the UNet's and ControlNet's block activations in the backward pass (less memory)")
@@ -587,15 +587,15 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--snr_gamma", type=float, default=None, help="min-SNR loss weighting gamma (5.0 is typical)")
 
     log = p.add_argument_group("checkpoints, validation and logs")
-    log.add_argument("--checkpointing_steps", type=_positive(int), default=500,
+    log.add_argument("--checkpointing_steps", type=positive(int), default=500,
                      help="save output_dir/checkpoint-N every this many steps")
-    log.add_argument("--checkpoints_total_limit", type=_positive(int), default=None,
+    log.add_argument("--checkpoints_total_limit", type=positive(int), default=None,
                      help="keep at most this many checkpoints")
     log.add_argument("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint-N folder")
     log.add_argument("--validation_prompt", nargs="+", default=None, help="prompts of the validation images")
     log.add_argument("--validation_image", nargs="+", default=None, help="their conditioning images")
-    log.add_argument("--num_validation_images", type=_positive(int), default=4, help="images per pair")
-    log.add_argument("--validation_steps", type=_positive(int), default=100, help="validate every this many steps")
+    log.add_argument("--num_validation_images", type=positive(int), default=4, help="images per pair")
+    log.add_argument("--validation_steps", type=positive(int), default=100, help="validate every this many steps")
     log.add_argument("--report_to", default="tensorboard", choices=("tensorboard", "wandb", "all", "none"))
     log.add_argument("--logging_dir", default="logs", help="TensorBoard folder inside output_dir")
     log.add_argument("--tracker_project_name", default="train_controlnet", help="wandb project")
@@ -606,7 +606,7 @@ def build_parser() -> argparse.ArgumentParser:
                       "finds the cluster.")
     multi.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() first")
     multi.add_argument("--coordinator_address", default=None, help="host:port of process 0 (implies --distributed)")
-    multi.add_argument("--num_processes", type=_positive(int), default=None)
+    multi.add_argument("--num_processes", type=positive(int), default=None)
     multi.add_argument("--process_id", type=int, default=None)
     return p
 
