@@ -816,7 +816,7 @@ def load(source: Union[str, os.PathLike, Mapping[str, Any]], components: Sequenc
 
 def _with_sample_size(models, configs, size: int, explicit: bool):
     """Models whose sample_size reflects `size` pixels (a family default only fills unset sizes)."""
-    factor = 2 ** (len(configs[VAE]["block_out_channels"]) - 1) if VAE in configs else 8
+    factor = models[VAE].downscale if VAE in models else 8
     wanted = {UNET: size // factor, VAE: size}
     for component, sample in wanted.items():
         if component in models and (explicit or "sample_size" not in configs[component]):

@@ -476,7 +476,7 @@ class FlaxStableDiffusionInpaintPipeline(FlaxDiffusionPipeline):
 
         Images become NCHW floats in [-1, 1], masks N1HW in {0, 1} (grayscale, binarised at 0.5) and
         masked_images = images * (masks < 0.5), at height x width (default: the image's size floored to
-        a multiple of 8). With `padding_mask_crop`, only the mask's padded bounding box is processed
+        a multiple of `vae_scale_factor`). With `padding_mask_crop`, only the mask's padded bounding box is processed
         (see `inpaint`, which also pastes the result back).
         """
         inputs = self._preprocess(image, mask, height, width, padding_mask_crop)
