@@ -317,9 +317,9 @@ PROMPTS = ["a red cat", "a cat"] * (N_DEV // 2)
 
 
 @pytest.fixture(scope="module")
-def per_example(cn):
+def per_example_inputs(cn):
     """The 9-channel inpaint pipeline (one ControlNet, a non-default scale and window) on eight prompts
-    with their own control images, latents and guidance."""
+    with their own control images, latents and guidance: `call(inputs, key=..., **kwargs)`."""
     pipe, params = cn.ours[9]
     ids, masked, mask, image, _ = pipe.prepare_inputs(PROMPTS, cn.image, cn.mask, cn.edges)
     inputs = dict(ids=ids, mask=mask, masked=masked, image=image, **random_examples(0, nets=1))
@@ -328,9 +328,17 @@ def per_example(cn):
     def call(x, **kwargs):
         return pipe(x["ids"], x["mask"], x["masked"], kwargs.pop("params", params), kwargs.pop("key"),
                     control_image=x["control"], image=x["image"], latents=x["latents"],
-                    guidance_scale=x["guidance"], **opts, **kwargs).images
+                    guidance_scale=x["guidance"], **{**opts, **kwargs}).images
 
-    return with_single_device_rows(call, inputs, params)
+    return SimpleNamespace(inputs=inputs, call=call, params=params)
+
+
+@pytest.fixture(scope="module")
+def per_example(per_example_inputs):
+    """per_example_inputs with each example's single-device images (a fixture of its own: the
+    no-recompile test needs only the inputs)."""
+    ex = per_example_inputs
+    return with_single_device_rows(ex.call, ex.inputs, ex.params)
 
 
 @pytest.fixture(scope="module")
@@ -347,10 +355,17 @@ def per_example_t2i(cn):
     return with_single_device_rows(call, inputs, params)
 
 
+def replicated(params):
+    """flax's `replicate` (diffusers' pmap convention) of a host copy of `params`: the same stacked layout over
+    the devices, but replicate stacks numpy arrays with np.stack where jax arrays take jnp.stack, which compiles
+    two small programs per parameter shape (~20 s of this file's time)."""
+    return replicate(jax.device_get(params))
+
+
 @pytest.mark.parametrize("examples", ["per_example", "per_example_t2i"], ids=["inpaint-1-net", "t2i-2-nets"])
 def test_pmap_over_8_devices_matches_single_device(request, examples):
     ex = request.getfixturevalue(examples)
-    out = ex.call(shard(ex.inputs), params=replicate(ex.params), jit=True,
+    out = ex.call(shard(ex.inputs), params=replicated(ex.params), jit=True,
                   key=jax.random.split(jax.random.key(0), N_DEV))
     assert out.shape == (N_DEV, 1, 32, 32, 3)
     np.testing.assert_allclose(out.reshape(ex.singles.shape), ex.singles, atol=DEVICE_ATOL, rtol=0)
@@ -366,20 +381,18 @@ def test_mesh_over_8_devices_matches_single_device(request, examples):
     np.testing.assert_allclose(out, ex.singles, atol=DEVICE_ATOL, rtol=0)
 
 
-def test_scales_and_inputs_do_not_recompile_on_pmap_and_mesh(cn, per_example):
+def test_scales_and_inputs_do_not_recompile_on_pmap_and_mesh(cn, per_example_inputs):
     """On the pmap convention and on a mesh too, new ControlNet scales and windows, strength, prompts,
-    seeds, masks and guidance reuse the compiled program."""
-    pipe, params = cn.ours[9]
-    x, replicated, mesh = per_example.inputs, replicate(params), Mesh(np.array(jax.devices()), ("data",))
+    seeds, masks and guidance reuse the compiled program (the latents given, as in the tests above, whose
+    programs these are)."""
+    ex, (pipe, _) = per_example_inputs, cn.ours[9]
+    x, copies, mesh = ex.inputs, replicated(ex.params), Mesh(np.array(jax.devices()), ("data",))
 
     def both(seed, x, **kwargs):
-        common = dict(num_inference_steps=STEPS, latents=None, **kwargs)
-        s = shard(x)
-        pmapped = pipe(s["ids"], s["mask"], s["masked"], replicated, jax.random.split(jax.random.key(seed), N_DEV),
-                       jit=True, control_image=s["control"], image=s["image"], guidance_scale=s["guidance"], **common)
-        meshed = pipe(x["ids"], x["mask"], x["masked"], params, jax.random.key(seed), mesh=mesh,
-                      control_image=x["control"], image=x["image"], guidance_scale=x["guidance"], **common)
-        return pmapped.images, meshed.images
+        pmapped = ex.call(shard(x), params=copies, key=jax.random.split(jax.random.key(seed), N_DEV), jit=True,
+                          **kwargs)
+        meshed = ex.call(x, key=jax.random.key(seed), mesh=mesh, **kwargs)
+        return pmapped, meshed
 
     first = both(0, x)
     other = dict(x, ids=pipe.tokenize(PROMPTS[::-1]), mask=x["mask"][:, :, ::-1].copy(), guidance=x["guidance"][::-1])
