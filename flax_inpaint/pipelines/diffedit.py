@@ -428,8 +428,9 @@ class FlaxStableDiffusionDiffEditPipeline(FlaxDiffusionPipeline):
     `shard` each, `jax.random.split(key, devices)` keys, `replicate(params)`), outputs with that device
     axis, each device's those of a one-device call on its rows with its key. Without `jit`, `prng_seed`
     may hold one key per prompt. Prompts, seeds, guidance, strengths, thresholds and lambdas are traced,
-    while step counts, num_maps_per_mask, num_reg_steps / num_auto_corr_rolls and the number of inverted
-    latents (inpaint_strength in `invert`, whose output's shape it sets) are static.
+    while step counts, num_maps_per_mask, num_reg_steps / num_auto_corr_rolls (the latter only with
+    num_reg_steps > 0) and the number of inverted latents (inpaint_strength in `invert`, whose output's
+    shape it sets) are static.
     """
 
     _pipeline_class = "StableDiffusionDiffEditPipeline"
@@ -638,12 +639,14 @@ class FlaxStableDiffusionDiffEditPipeline(FlaxDiffusionPipeline):
         prompt, lead = self._prompt("prompt", prompt, prompt_embeds, negative_prompt, negative_prompt_embeds, do_cfg,
                                     jit)
         image = self._pixels(image, lead)
-        reg = Regulariser(int(num_reg_steps), int(num_auto_corr_rolls),
-                          auto_corr=lambda_auto_corr > 0 and num_auto_corr_rolls > 0, kl=lambda_kl > 0,
-                          prediction_type=self.inverse_scheduler.prediction_type)
+        reg = Regulariser()  # without regularisation steps the other settings are unused: one program for any
+        if num_reg_steps:
+            reg = Regulariser(int(num_reg_steps), int(num_auto_corr_rolls),
+                              auto_corr=lambda_auto_corr > 0 and num_auto_corr_rolls > 0, kl=lambda_kl > 0,
+                              prediction_type=self.inverse_scheduler.prediction_type)
         if auto_corr_rolls is not None:
             levels = auto_corr_levels(image.shape[-2] // self.vae_scale_factor)
-            want = lead[:-1] + (n, reg.num_reg_steps, reg.num_auto_corr_rolls, lead[-1], self.vae.latent_channels,
+            want = lead[:-1] + (n, int(num_reg_steps), int(num_auto_corr_rolls), lead[-1], self.vae.latent_channels,
                                 levels)
             if np.shape(auto_corr_rolls) != want:
                 raise ValueError(f"auto_corr_rolls has shape {np.shape(auto_corr_rolls)}; expected {want}.")
