@@ -19,7 +19,6 @@ from diffusers import (
     StableDiffusionControlNetInpaintPipeline,
     StableDiffusionControlNetPipeline,
 )
-from flax.jax_utils import replicate
 from flax.training.common_utils import shard
 from jax.sharding import Mesh
 
@@ -355,17 +354,10 @@ def per_example_t2i(cn):
     return with_single_device_rows(call, inputs, params)
 
 
-def replicated(params):
-    """flax's `replicate` (diffusers' pmap convention) of a host copy of `params`: the same stacked layout over
-    the devices, but replicate stacks numpy arrays with np.stack where jax arrays take jnp.stack, which compiles
-    two small programs per parameter shape (~20 s of this file's time)."""
-    return replicate(jax.device_get(params))
-
-
 @pytest.mark.parametrize("examples", ["per_example", "per_example_t2i"], ids=["inpaint-1-net", "t2i-2-nets"])
 def test_pmap_over_8_devices_matches_single_device(request, examples):
     ex = request.getfixturevalue(examples)
-    out = ex.call(shard(ex.inputs), params=replicated(ex.params), jit=True,
+    out = ex.call(shard(ex.inputs), params=tiny_sd.replicated(ex.params), jit=True,
                   key=jax.random.split(jax.random.key(0), N_DEV))
     assert out.shape == (N_DEV, 1, 32, 32, 3)
     np.testing.assert_allclose(out.reshape(ex.singles.shape), ex.singles, atol=DEVICE_ATOL, rtol=0)
@@ -386,7 +378,7 @@ def test_scales_and_inputs_do_not_recompile_on_pmap_and_mesh(cn, per_example_inp
     seeds, masks and guidance reuse the compiled program (the latents given, as in the tests above, whose
     programs these are)."""
     ex, (pipe, _) = per_example_inputs, cn.ours[9]
-    x, copies, mesh = ex.inputs, replicated(ex.params), Mesh(np.array(jax.devices()), ("data",))
+    x, copies, mesh = ex.inputs, tiny_sd.replicated(ex.params), Mesh(np.array(jax.devices()), ("data",))
 
     def both(seed, x, **kwargs):
         pmapped = ex.call(shard(x), params=copies, key=jax.random.split(jax.random.key(seed), N_DEV), jit=True,

@@ -22,7 +22,6 @@ import jax
 import numpy as np
 import pytest
 import torch
-from flax.jax_utils import replicate
 from flax.training.common_utils import shard
 from jax.sharding import Mesh
 from diffusers import DDIMInverseScheduler, StableDiffusionDiffEditPipeline
@@ -34,7 +33,7 @@ from flax_inpaint.pipelines.diffedit import (
     auto_corr_loss,
     kl_divergence,
 )
-from tests.tiny_sd import count_compiles, make_pipeline, sample_image_and_mask
+from tests.tiny_sd import count_compiles, make_pipeline, replicated, sample_image_and_mask
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::DeprecationWarning")
 
@@ -361,8 +360,7 @@ def batch8(pipes):
     assert jax.local_device_count() == N_DEV
     src, images = pipe.prepare_inputs(["a cat", "a dog"] * (N_DEV // 2), [image(k % 2) for k in range(N_DEV)])
     tgt = pipe.tokenize(["a red", "a cat", "a dog", "a red"] * (N_DEV // 4))
-    # flax's replicate stacks numpy leaves on the host; jax leaves cost a compiled stack per leaf shape (~13 s CPU)
-    keys, rep = jax.random.split(KEY, N_DEV), replicate(jax.device_get(params))
+    keys, rep = jax.random.split(KEY, N_DEV), replicated(params)
     mask, guidance_map = pipe.generate_mask(shard(images), rep, keys, source_prompt=shard(src),
                                             target_prompt=shard(tgt), return_map=True, jit=True, **MASK_KW)
     inv = pipe.invert(shard(images), rep, keys, prompt=shard(src), jit=True, **INV_KW).latents

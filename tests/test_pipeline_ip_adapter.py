@@ -22,7 +22,6 @@ from diffusers import (
     StableDiffusionInpaintPipeline,
     StableDiffusionPipeline,
 )
-from flax.jax_utils import replicate
 from flax.training.common_utils import shard
 from jax.sharding import Mesh
 from PIL import Image
@@ -147,7 +146,7 @@ def test_pmap_matches_single_device_calls(sd):
     keys = jax.random.split(jax.random.key(0), n)
     noise = np.random.default_rng(0).standard_normal((n, 4, 8, 8), np.float32)
     opts = dict(ip_adapter_image=reference_image(1), num_inference_steps=3, guidance_scale=7.5)
-    out = sd.pipe(shard(ids), shard(masks), shard(masked), replicate(params), keys, jit=True, image=shard(images),
+    out = sd.pipe(shard(ids), shard(masks), shard(masked), tiny_sd.replicated(params), keys, jit=True, image=shard(images),
                   latents=shard(noise), **opts).images
     for d in (0, n - 1):  # the program of the inpaint parity test
         rows = slice(d, d + 1)

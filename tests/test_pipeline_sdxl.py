@@ -18,7 +18,6 @@ from diffusers import (
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from flax.jax_utils import replicate
 from flax.training.common_utils import shard
 from jax.sharding import Mesh
 
@@ -30,7 +29,7 @@ from flax_inpaint import (
 )
 from test_sdxl_conditioning import WIDTHS, text_and_vae
 from test_sdxl_models import POOLED, SDXL, TIME_DIM
-from tiny_sd import MAX_LENGTH, SD_SCHEDULE, count_compiles, sample_image_and_mask
+from tiny_sd import MAX_LENGTH, SD_SCHEDULE, count_compiles, replicated, sample_image_and_mask
 
 ATOL = 1e-3
 SIZE = 32  # pixels; the VAE halves them: latents [4, 16, 16]
@@ -272,7 +271,7 @@ def test_pmap_and_mesh_give_one_devices_images(sdxl):
     ids = pipe.prepare_inputs(["a red cat", "cat"] * (N_DEV // 2))
     kw = dict(num_inference_steps=1, height=SIZE, width=SIZE, original_size=(64, 48), guidance_scale=3.0)
     keys = jax.random.split(jax.random.key(0), N_DEV)
-    pmapped = pipe(shard(ids), replicate(params), keys, jit=True, **kw).images
+    pmapped = pipe(shard(ids), replicated(params), keys, jit=True, **kw).images
     meshed = pipe(ids, params, keys, mesh=Mesh(np.array(jax.devices()), ("data",)), **kw).images
     assert pmapped.shape == (N_DEV, 1, SIZE, SIZE, 3) and meshed.shape == (N_DEV, SIZE, SIZE, 3)
     for d in (0, N_DEV - 1):

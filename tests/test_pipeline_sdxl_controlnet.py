@@ -39,7 +39,7 @@ from flax_inpaint import (
 from test_pipeline_sdxl import SIZE, check, noise
 from test_sdxl_conditioning import WIDTHS, _text_config
 from test_sdxl_models import CONTROLNETS, POOLED, SDXL, perturb_norms
-from tiny_sd import MAX_LENGTH, SD_SCHEDULE, count_compiles, make_tokenizer, sample_image_and_mask
+from tiny_sd import MAX_LENGTH, SD_SCHEDULE, count_compiles, make_tokenizer, replicated, sample_image_and_mask
 
 DEVICE_ATOL = 1e-5
 STEPS = 2
@@ -234,13 +234,6 @@ def test_img2img_matches_diffusers(cn):
 PROMPTS = ["a red cat", "a cat"] * (N_DEV // 2)
 
 
-def device_copies(params):
-    """params with a leading axis of N_DEV copies, the layout flax.jax_utils.replicate gives (tests/
-    test_pipeline_controlnet.py uses replicate itself); numpy copies here, since replicate compiles two small
-    programs per parameter shape (about 60 shapes: ~15 s of the test's time)."""
-    return jax.tree_util.tree_map(lambda x: np.broadcast_to(np.asarray(x), (N_DEV, *np.shape(x))), params)
-
-
 @pytest.fixture(scope="module")
 def per_example(cn):
     """The 9-channel inpaint pipeline on eight prompts with their own control images, latents and guidance;
@@ -267,7 +260,7 @@ def test_pmap_and_mesh_give_one_devices_images(per_example):
     """jit=True (diffusers' pmap convention over 8 fake devices) gives each device the images of a one-device
     call on its rows with its key; a mesh call (latents given) those of the one-device calls."""
     ex = per_example
-    pmapped = ex.call(shard(ex.inputs), jax.random.split(jax.random.key(0), N_DEV), params=device_copies(ex.params),
+    pmapped = ex.call(shard(ex.inputs), jax.random.split(jax.random.key(0), N_DEV), params=replicated(ex.params),
                       jit=True)
     assert pmapped.shape == (N_DEV, 1, SIZE, SIZE, 3)
     mesh = Mesh(np.array(jax.devices()), ("data",))
@@ -287,9 +280,9 @@ def test_new_values_do_not_recompile(cn, per_example):
                  guidance=x["guidance"][::-1].copy())
     one = jax.tree_util.tree_map(lambda v: v[1:2], other)
     mesh = Mesh(np.array(jax.devices()), ("data",))
-    replicated = device_copies(ex.params)
+    stacked = replicated(ex.params)
     first = ex.call(x, jax.random.key(0), mesh=mesh)
-    ex.call(shard(x), jax.random.split(jax.random.key(0), N_DEV), params=replicated, jit=True)
+    ex.call(shard(x), jax.random.split(jax.random.key(0), N_DEV), params=stacked, jit=True)
     t2i, t2i_params = cn.ours["t2i2"]
     latents = noise(1, seed=3).numpy()  # as the parity test, whose program this reuses
     t2i_first = t2i.text2img("a red cat", [cn.edges, cn.image], t2i_params, jax.random.key(0),
@@ -298,7 +291,7 @@ def test_new_values_do_not_recompile(cn, per_example):
                original_size=(64, 24))
     with count_compiles() as compiles:
         changed = ex.call(other, jax.random.key(1), mesh=mesh, **new)
-        ex.call(shard(other), jax.random.split(jax.random.key(1), N_DEV), params=replicated, jit=True, **new)
+        ex.call(shard(other), jax.random.split(jax.random.key(1), N_DEV), params=stacked, jit=True, **new)
         ex.call(one, jax.random.key(3), **new)
         t2i_changed = t2i.text2img("cat", [cn.image, cn.edges], t2i_params, jax.random.key(1),
                                    num_inference_steps=STEPS, latents=-latents, output_type="np",

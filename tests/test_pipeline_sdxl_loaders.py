@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionXLPipeline
-from flax.jax_utils import replicate
 from flax.training.common_utils import shard
 from jax.sharding import Mesh
 from safetensors.numpy import save_file
@@ -28,7 +27,7 @@ from flax_inpaint import FlaxStableDiffusionXLImg2ImgPipeline, FlaxStableDiffusi
     FlaxStableDiffusionXLPipeline
 from test_ip_adapter import ENCODER, ip_attention, plain_image_proj, plus_image_proj, save_published
 from test_pipeline_ip_adapter import reference_image
-from tiny_sd import count_compiles, sample_image_and_mask
+from tiny_sd import count_compiles, replicated, sample_image_and_mask
 
 ATOL = 1e-3
 SIZE = tl.SIZE
@@ -232,7 +231,7 @@ def test_ip_adapter_inpaint_on_a_mesh_and_with_pmap_convention_matches_single_de
                    **opts).images
         np.testing.assert_allclose(out[rows], one, atol=1e-5, rtol=0)
     assert np.abs(out[0] - out[1]).max() > 1e-2  # other prompts and noise
-    pmapped = pipe(shard(ids), shard(masks), shard(masked), replicate(params), keys, jit=True, image=shard(images),
+    pmapped = pipe(shard(ids), shard(masks), shard(masked), replicated(params), keys, jit=True, image=shard(images),
                    latents=shard(latents), **opts).images
     assert pmapped.shape == (n, 1, *out.shape[1:])
     np.testing.assert_allclose(pmapped[:, 0], out, atol=1e-5, rtol=0)

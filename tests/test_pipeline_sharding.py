@@ -15,7 +15,6 @@ from types import SimpleNamespace
 import jax
 import numpy as np
 import pytest
-from flax.jax_utils import replicate
 from flax.training.common_utils import shard
 from jax.sharding import Mesh
 
@@ -36,7 +35,7 @@ def sd(tmp_path_factory):
     ids, masked, masks, images = pipe.prepare_inputs(["a red cat", "a cat"] * (N_DEV // 2), image, mask,
                                                      return_image=True)
     guidance = np.linspace(2.0, 9.0, N_DEV).astype(np.float32)
-    return SimpleNamespace(pipe=pipe, params=params, replicated=replicate(params), ids=ids, masked=masked,
+    return SimpleNamespace(pipe=pipe, params=params, replicated=tiny_sd.replicated(params), ids=ids, masked=masked,
                            mask=masks, image=images, guidance=guidance)
 
 

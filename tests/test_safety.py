@@ -9,7 +9,6 @@ import json
 import warnings
 from types import SimpleNamespace
 
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -236,7 +235,7 @@ def test_pmap_and_mesh_match_one_device(checker_folder):
     want_images, want_flags = jax.jit(check)(params, jnp.asarray(images))
     assert want_flags.any() and not want_flags.all()
 
-    replicated = flax.jax_utils.replicate(params)
+    replicated = tiny_sd.replicated(params)
     out, flags = jax.pmap(check)(replicated, images.reshape(n, -1, *images.shape[1:]))
     np.testing.assert_array_equal(np.asarray(flags).reshape(-1), want_flags)
     np.testing.assert_array_equal(np.asarray(out).reshape(images.shape), want_images)
@@ -476,7 +475,7 @@ def test_inpaint_pipeline_flags_match_diffusers_under_pmap_and_mesh(sd, tmp_path
 
     pipe, params = FlaxStableDiffusionInpaintPipeline.from_pretrained(tmp_path)
     ids, masked, masks = pipe.prepare_inputs(prompts, image, mask)
-    out = pipe(shard(ids), shard(masks), shard(masked), flax.jax_utils.replicate(params),
+    out = pipe(shard(ids), shard(masks), shard(masked), tiny_sd.replicated(params),
                jax.random.split(jax.random.key(0), n), latents=shard(noise.numpy()), jit=True, **CALL)
     assert np.shape(out.nsfw_content_detected) == (n, 1)
     assert_matches_reference(out, ref)

@@ -12,6 +12,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import torch
+from flax.jax_utils import replicate
 from diffusers import (
     AutoencoderKL,
     ControlNetModel,
@@ -162,3 +163,10 @@ def count_compiles(only: str = ""):
         yield compiles
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
+
+
+def replicated(params):
+    """diffusers' pmap-convention params: flax's `replicate` of a host copy of `params`, the layout it gives
+    device arrays too. From device arrays it stacks with jnp.stack, compiling two small programs per
+    parameter shape (~13-20 s of CPU per test file, since conftest drops compiled programs after each)."""
+    return replicate(jax.device_get(params))
