@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
-from flax.jax_utils import replicate
 from flax.training.common_utils import shard
 from jax.sharding import Mesh
 
@@ -178,10 +177,8 @@ def run_path(batch8, path: str, **kw):
     common = dict(num_inference_steps=3, guidance_scale=7.5, **kw)
     if path == "pmap":
         keys = jax.random.split(jax.random.key(0), 8)
-        # replicate() of host copies: the same stacked, sharded arrays as of the params themselves, without
-        # its one jitted jnp.stack per leaf shape of jax arrays (~100 compiles, ~13 s of CPU)
-        params = replicate(jax.device_get(params))
-        return pipe(shard(ids), shard(masks), shard(masked), params, keys, jit=True, **common).images
+        return pipe(shard(ids), shard(masks), shard(masked), tiny_sd.replicated(params), keys, jit=True,
+                    **common).images
     key = jax.random.split(jax.random.key(0), 8) if path == "per-prompt" else jax.random.key(0)
     mesh = Mesh(np.array(jax.devices()), ("data",)) if path == "mesh" else None
     return pipe(ids, masks, masked, params, key, mesh=mesh, **common).images
