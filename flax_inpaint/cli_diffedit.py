@@ -59,7 +59,8 @@ def cmd_diffedit(args: argparse.Namespace) -> None:
     from PIL import Image
 
     from flax_inpaint import make_image_grid
-    from flax_inpaint.pipelines.diffedit import FlaxStableDiffusionDiffEditPipeline, strength_steps
+    from flax_inpaint.pipelines.diffedit import FlaxStableDiffusionDiffEditPipeline
+    from flax_inpaint.pipelines.inputs import strength_steps
     from flax_inpaint.pipelines.loading import model_error
 
     for option, value in (("--inpaint-strength", args.inpaint_strength),

@@ -62,7 +62,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from PIL import Image, ImageDraw
 
 from flax_inpaint.io import write_bytes_atomic
-from flax_inpaint.pipelines.inputs import seed_keys, strength_fields
+from flax_inpaint.pipelines.inputs import seed_keys, strength_fields, strength_steps
 from flax_inpaint.pipelines.loading import model_error, with_scheduler
 from flax_inpaint.runtime import data_mesh
 
@@ -685,7 +685,7 @@ def _compute_diffedit(spec: SweepSpec, todo: List[Tuple[str, Config]], pipeline,
     number of inverted latents; manifest lines add the share of the image the mask covered ("mask_fraction")."""
     from tqdm import tqdm
 
-    from flax_inpaint.pipelines.diffedit import FlaxStableDiffusionDiffEditPipeline, strength_steps
+    from flax_inpaint.pipelines.diffedit import FlaxStableDiffusionDiffEditPipeline
 
     if jax.process_count() > 1:
         raise SweepSpecError("'pipeline': 'diffedit' runs in one process; run the sweep without --distributed.")

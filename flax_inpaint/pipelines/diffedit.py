@@ -33,7 +33,7 @@ from jax.sharding import Mesh
 from flax_inpaint.diffusers_compat import BaseOutput, FrozenConfig
 from flax_inpaint.io import read_config, resolve_folder, write_bytes_atomic
 from flax_inpaint.pipelines import callbacks, loading
-from flax_inpaint.pipelines.inputs import batch_dims, check_ids, takes_eta
+from flax_inpaint.pipelines.inputs import batch_dims, check_ids, strength_steps, takes_eta
 from flax_inpaint.pipelines.sampling import decode_latents, encode_image, encode_text, in_groups, place
 from flax_inpaint.pipelines.stable_diffusion import (
     FlaxDiffusionPipeline,
@@ -367,19 +367,6 @@ def edit_program(m: DiffEditModels, opts: DiffEditOptions, params, prompt: Promp
     return m.safety_checker.apply({"params": params["safety_checker"]}, images, method=m.safety_checker.check_images)
 
 
-def strength_steps(name: str, value: float, num_inference_steps: int) -> int:
-    """How many of `num_inference_steps` DiffEdit runs at strength `value` (its inpaint_strength or
-    mask_encode_strength, named `name` in the error); raises ValueError when `value` is out of [0, 1] or runs
-    no step (the CLI and sweeps check their options with it before loading a model)."""
-    if not 0.0 <= value <= 1.0:
-        raise ValueError(f"{name}={value!r} must lie in [0, 1].")
-    n = num_inference_steps - begin_index_for_strength(num_inference_steps, value)
-    if n < 1:
-        raise ValueError(f"{name}={value} with num_inference_steps={num_inference_steps} runs no step; raise one "
-                         "of them (need int(num_inference_steps * strength) >= 1).")
-    return n
-
-
 def grouped(program: Callable) -> Callable:
     """`program` over the key groups of `sampling.in_groups`, jitted: (models, opts, params, rows, wide,
     keys, stacked_axis), with `rows` its batched keyword arguments (batch first) and `wide` the others."""
@@ -639,11 +626,10 @@ class FlaxStableDiffusionDiffEditPipeline(FlaxDiffusionPipeline):
         prompt, lead = self._prompt("prompt", prompt, prompt_embeds, negative_prompt, negative_prompt_embeds, do_cfg,
                                     jit)
         image = self._pixels(image, lead)
-        reg = Regulariser()  # without regularisation steps the other settings are unused: one program for any
-        if num_reg_steps:
-            reg = Regulariser(int(num_reg_steps), int(num_auto_corr_rolls),
-                              auto_corr=lambda_auto_corr > 0 and num_auto_corr_rolls > 0, kl=lambda_kl > 0,
-                              prediction_type=self.inverse_scheduler.prediction_type)
+        # without regularisation steps the other settings are unused: one program for any of them
+        reg = Regulariser(int(num_reg_steps), int(num_auto_corr_rolls),
+                          auto_corr=lambda_auto_corr > 0 and num_auto_corr_rolls > 0, kl=lambda_kl > 0,
+                          prediction_type=self.inverse_scheduler.prediction_type) if num_reg_steps else Regulariser()
         if auto_corr_rolls is not None:
             levels = auto_corr_levels(image.shape[-2] // self.vae_scale_factor)
             want = lead[:-1] + (n, int(num_reg_steps), int(num_auto_corr_rolls), lead[-1], self.vae.latent_channels,

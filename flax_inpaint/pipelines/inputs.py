@@ -31,18 +31,24 @@ class Prepared:
     lead: tuple
 
 
-def strength_fields(scheduler, num_inference_steps: int, strength: float) -> dict:
-    """The Batch fields of `strength` (first loop iteration, whether sampling starts from pure noise);
-    raises ValueError when it is out of [0, 1] or leaves no denoising step (the CLI and sweeps check
-    their options with it before loading anything else)."""
+def strength_steps(name: str, strength: float, num_inference_steps: int) -> int:
+    """How many of `num_inference_steps` denoising steps run at `strength` (diffusers' img2img rule); raises
+    ValueError naming the argument `name` when it is out of [0, 1] or runs no step. The CLI and sweeps check
+    their options with it before loading anything else."""
     if not 0.0 <= strength <= 1.0:
-        raise ValueError(f"strength={strength!r} must lie in [0, 1].")
+        raise ValueError(f"{name}={strength!r} must lie in [0, 1].")
+    n = num_inference_steps - begin_index_for_strength(num_inference_steps, strength)
+    if n < 1:
+        raise ValueError(f"{name}={strength} with num_inference_steps={num_inference_steps} runs no denoising "
+                         f"step; raise {name} or num_inference_steps (need int(num_inference_steps * strength) >= 1).")
+    return n
+
+
+def strength_fields(scheduler, num_inference_steps: int, strength: float) -> dict:
+    """The Batch fields of `strength` (first loop iteration, whether sampling starts from pure noise), checked
+    by `strength_steps`."""
+    strength_steps("strength", strength, num_inference_steps)
     begin = begin_index_for_strength(num_inference_steps, strength, scheduler.order)
-    if num_inference_steps - begin // scheduler.order < 1:
-        raise ValueError(
-            f"strength={strength} with num_inference_steps={num_inference_steps} runs no denoising "
-            f"step; raise strength or num_inference_steps (need int(steps * strength) >= 1)."
-        )
     return dict(begin_index=np.int32(begin), strength_is_max=np.bool_(strength == 1.0))
 
 
